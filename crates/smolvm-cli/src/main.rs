@@ -1,0 +1,32 @@
+//! `smolvm`: the command-line interface over the `smolvm` library.
+//!
+//! This crate only parses arguments, calls the library and prints results (a table for people,
+//! `--json` for programs). `anyhow` lives here and nowhere else.
+
+mod cli;
+mod cmd;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = cli::Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SMOLVM_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(match cli.verbose {
+            0 => "smolvm=info",
+            1 => "smolvm=debug",
+            _ => "smolvm=trace",
+        })
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    match cmd::run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("smolvm: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! SSH bring-up: root's authorized key from the command line, a fresh host key, sshd.
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+
+use crate::log;
+
+const SSHD: &str = "/usr/sbin/sshd";
+/// The one host key sshd loads (the image's `sshd_config.d/smolvm.conf` names only this one).
+const HOST_KEY: &str = "/etc/ssh/ssh_host_ed25519_key";
+/// How long sshd may take to listen. Generous: under an emulated CPU, exec plus config parsing
+/// takes a good fraction of a second; on KVM it is a few milliseconds.
+const SSHD_LISTEN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Installs the authorized key (if any), creates a host key, starts sshd and waits until it
+/// accepts connections. Returns the host public key line.
+pub fn bring_up(authorized_key_b64: Option<&str>) -> io::Result<String> {
+    match authorized_key_b64 {
+        None => log::info!("no smolvm.authorized_key_b64 on the command line; root has no SSH key"),
+        Some(b64) => {
+            if let Err(e) = install_authorized_keys(b64) {
+                log::error!("smolvm.authorized_key_b64: {e}; root has no SSH key");
+            }
+        }
+    }
+    let public = generate_host_key()?;
+    start_sshd()?;
+    Ok(public)
+}
+
+/// Decodes and checks the keys, then writes `/root/.ssh/authorized_keys` (0600, dir 0700).
+fn install_authorized_keys(b64: &str) -> Result<(), String> {
+    let keys = decode_authorized_keys(b64)?;
+    let dir = Path::new("/root/.ssh");
+    fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| e.to_string())?;
+    write_private(&dir.join("authorized_keys"), keys.as_bytes())
+        .map_err(|e| format!("write authorized_keys: {e}"))
+}
+
+/// Base64 of one or more `authorized_keys` lines; each must look like an OpenSSH public key.
+pub fn decode_authorized_keys(b64: &str) -> Result<String, String> {
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .map_err(|e| format!("not valid base64 ({e})"))?;
+    let text = String::from_utf8(raw).map_err(|_| "decodes to non-UTF-8 bytes".to_string())?;
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    if lines.is_empty() {
+        return Err("decodes to no key".into());
+    }
+    for l in &lines {
+        if ssh_key::PublicKey::from_openssh(l).is_err() {
+            let shown: String = l.chars().take(40).collect();
+            return Err(format!("{shown:?}... is not an OpenSSH public key line"));
+        }
+    }
+    Ok(lines.join("\n") + "\n")
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let _ = fs::remove_file(path);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)
+}
+
+/// One ed25519 key: the only type we offer, and the fastest to generate (no `ssh-keygen -A`,
+/// which makes RSA and ECDSA keys too and costs seconds under emulation).
+fn generate_host_key() -> io::Result<String> {
+    let key = ssh_key::PrivateKey::random(&mut rand_core::OsRng, ssh_key::Algorithm::Ed25519)
+        .map_err(|e| io::Error::other(format!("generate ed25519 host key: {e}")))?;
+    let private = key
+        .to_openssh(ssh_key::LineEnding::LF)
+        .map_err(|e| io::Error::other(format!("encode host key: {e}")))?;
+    let public = key
+        .public_key()
+        .to_openssh()
+        .map_err(|e| io::Error::other(format!("encode public key: {e}")))?;
+    fs::create_dir_all("/etc/ssh")?;
+    write_private(Path::new(HOST_KEY), private.as_bytes())?;
+    fs::write(format!("{HOST_KEY}.pub"), format!("{public}\n"))?;
+    Ok(public)
+}
+
+fn start_sshd() -> io::Result<()> {
+    // Privilege separation directory; /run is a fresh tmpfs.
+    fs::create_dir_all("/run/sshd")?;
+    fs::set_permissions("/run/sshd", fs::Permissions::from_mode(0o755))?;
+    let mut cmd = Command::new(SSHD);
+    cmd.args(["-D", "-e"]).stdin(Stdio::null());
+    // SAFETY: the closure runs between fork and exec and calls only sigprocmask, which is
+    // async-signal-safe. PID 1 blocks the signals it waits for; children must not inherit that.
+    unsafe {
+        cmd.pre_exec(crate::supervisor::unblock_signals_in_child);
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| io::Error::other(format!("start {SSHD}: {e}")))?;
+    let start = Instant::now();
+    loop {
+        if listening_on_port_22() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            return Err(io::Error::other(format!(
+                "sshd exited during start-up ({status}); its messages are above"
+            )));
+        }
+        if start.elapsed() > SSHD_LISTEN_TIMEOUT {
+            return Err(io::Error::other(format!(
+                "sshd did not listen on port 22 within {SSHD_LISTEN_TIMEOUT:?}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// True once a socket listens on TCP port 22. Read from `/proc/net/tcp{,6}` rather than by
+/// connecting, which would make sshd log a spurious "connection closed" on the console.
+fn listening_on_port_22() -> bool {
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|p| {
+        fs::read_to_string(p)
+            .map(|t| has_listener(&t, 22))
+            .unwrap_or(false)
+    })
+}
+
+/// Parses `/proc/net/tcp` text: `sl local_address rem_address st ...`, where the local address
+/// ends in `:PORT` (hex) and state `0A` is LISTEN.
+fn has_listener(table: &str, port: u16) -> bool {
+    let want = format!(":{port:04X}");
+    table.lines().skip(1).any(|l| {
+        let mut f = l.split_whitespace();
+        let (local, state) = (f.nth(1), f.nth(1));
+        local.is_some_and(|a| a.ends_with(&want)) && state == Some("0A")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn finds_a_listener_in_proc_net_tcp() {
+        let t = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0\n";
+        assert!(has_listener(t, 22));
+        assert!(!has_listener(t, 2222));
+        assert!(!has_listener(&t.replace(" 0A ", " 01 "), 22));
+    }
+
+    use super::*;
+
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl test";
+
+    fn b64(s: &str) -> String {
+        base64::engine::general_purpose::STANDARD.encode(s)
+    }
+
+    #[test]
+    fn decodes_valid_keys() {
+        assert_eq!(
+            decode_authorized_keys(&b64(KEY)).unwrap(),
+            format!("{KEY}\n")
+        );
+        let two = format!("{KEY}\n\n# comment\n{KEY}\n");
+        assert_eq!(
+            decode_authorized_keys(&b64(&two)).unwrap().lines().count(),
+            2
+        );
+    }
+
+    #[test]
+    fn rejects_malformed_values_with_a_reason() {
+        assert!(decode_authorized_keys("!!!")
+            .unwrap_err()
+            .contains("base64"));
+        assert!(decode_authorized_keys(&b64("\n"))
+            .unwrap_err()
+            .contains("no key"));
+        assert!(decode_authorized_keys(&b64("ssh-ed25519 garbage"))
+            .unwrap_err()
+            .contains("not an OpenSSH"));
+    }
+}

@@ -1,0 +1,37 @@
+//! zstd compression of release assets, cached by input digest (`-19` is slow: a minute or two
+//! for a rootfs, and the same input always compresses to the same output).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::cache::{self, RecipeHash};
+use super::run::run;
+use super::{BuildEnv, BuildError};
+
+/// The zstd settings of every `.zst` asset. `--long` (a 128 MiB window) finds repeats far
+/// apart in a filesystem image; decoders accept that window by default.
+pub(crate) const ZSTD_ARGS: &[&str] = &["-19", "--long=27"];
+
+/// Returns `<cache>/zst/<key>/out.zst` for `input` (whose SHA-256 is `input_sha256`).
+pub(crate) fn zstd_cached(
+    env: &BuildEnv,
+    input: &Path,
+    input_sha256: &str,
+) -> Result<(PathBuf, bool), BuildError> {
+    let mut h = RecipeHash::new("zstd");
+    h.text("input", input_sha256)
+        .text("args", &ZSTD_ARGS.join(" "));
+    let (dir, hit) = cache::entry(env, "zst", &h.key(), |tmp| {
+        run(
+            Command::new("zstd")
+                .args(ZSTD_ARGS)
+                .arg(format!("-T{}", env.jobs))
+                .args(["-q", "-f"])
+                .arg(input)
+                .arg("-o")
+                .arg(tmp.join("out.zst")),
+            "is zstd installed (scripts/install-host-deps.sh) and is there free space?",
+        )
+    })?;
+    Ok((dir.join("out.zst"), hit))
+}

@@ -1,0 +1,13 @@
+//! smolvm: disposable, hardware-isolated Linux sandboxes for AI agents.
+//!
+//! This crate is the SDK: all host logic lives here, and the `smolvm` CLI is a thin layer over
+//! it. Modules:
+//!
+//! - [`images`]: what a smolvm image *is* (assets, the release manifest, the pins compiled into
+//!   the binary) and how the project builds and pins its own releases;
+//! - [`digest`], [`lock`], [`timefmt`]: small shared utilities.
+
+pub mod digest;
+pub mod images;
+pub mod lock;
+pub mod timefmt;

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Installs what building the images and running sandboxes needs on a Debian 12 host.
+#
+# Why this is a script and not a README paragraph: CI and every new machine start from a fresh
+# image, so the project must install its own tools. It is idempotent and quick when all is there.
+#
+# Repositories: we add the `bookworm-backports` and `trixie` suites using the *same URIs* as the
+# host's existing Debian entry (no host name is written here). `trixie` is pinned low so that it
+# only supplies what we ask for by name (the 6.12 kernel source).
+set -euo pipefail
+
+need_root() { [ "$(id -u)" = 0 ] || { echo "install-host-deps: run as root (apt-get is needed)" >&2; exit 1; }; }
+
+PKGS_BASE=(mmdebstrap e2fsprogs zstd xz-utils bc flex bison libelf-dev libssl-dev make gcc
+           cpio lz4 openssh-client python3 iproute2 util-linux ca-certificates curl dwarves)
+PKG_QEMU=qemu-system-x86
+
+missing=()
+for p in "${PKGS_BASE[@]}" "$PKG_QEMU"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+need_root
+echo "install-host-deps: installing ${missing[*]}" >&2
+
+src=/etc/apt/sources.list.d/debian.sources
+uri=""
+if [ -r "$src" ]; then
+  uri=$(awk '/^URIs:/ {print $2; exit}' "$src")
+fi
+if [ -z "$uri" ] && [ -r /etc/apt/sources.list ]; then
+  uri=$(awk '$1=="deb" && $3 ~ /^bookworm$/ {print $2; exit}' /etc/apt/sources.list)
+fi
+if [ -z "$uri" ]; then
+  echo "install-host-deps: cannot find the host's Debian mirror in $src or /etc/apt/sources.list" >&2
+  exit 1
+fi
+
+extra=/etc/apt/sources.list.d/smolvm-extra.sources
+if [ ! -e "$extra" ]; then
+  cat >"$extra" <<SRC
+Types: deb
+URIs: $uri
+Suites: bookworm-backports trixie
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+  cat >/etc/apt/preferences.d/smolvm-trixie <<'PIN'
+# smolvm: take packages from trixie only when asked for by name or with -t trixie.
+Package: *
+Pin: release n=trixie
+Pin-Priority: 100
+PIN
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+# Third-party sources on the host may be unreachable; Debian's own must work.
+apt-get update -o APT::Update::Error-Mode=any >/dev/null 2>&1 || apt-get update >/dev/null || true
+apt-get install -y --no-install-recommends "${PKGS_BASE[@]}"
+# Debian 12's QEMU 7.2 conflicts with the backported qemu-utils 10 that such hosts carry.
+apt-get install -y --no-install-recommends -t bookworm-backports "$PKG_QEMU"
