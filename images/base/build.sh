@@ -36,6 +36,9 @@ fi
 chroot "$root" dpkg-query -W -f='${Package}\t${Version}\n' > "$out.packages"
 
 echo "base: stripping" >&2
+# dpkg's path filters skip files, not the directories that held them.
+find "$root"/usr/share/doc "$root"/usr/share/man "$root"/usr/share/info "$root"/usr/share/locale \
+  -mindepth 1 -depth -type d -empty -delete 2>/dev/null || true
 # Headers are removed once, not filtered for good: a user who installs a compiler in the
 # guest gets working headers back from the packages.
 rm -rf "$root"/usr/include/*

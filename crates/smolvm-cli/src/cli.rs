@@ -12,6 +12,25 @@ use clap::{Args, Parser, Subcommand};
     long_about = "smolvm boots small Linux virtual machines from images this project builds itself \
 (a Debian kernel and a Debian trixie base rootfs), every byte pinned by SHA-256 in the binary.",
     after_help = "\
+QUICK START:
+  smolvm create --name box                 boot a sandbox (downloads and verifies the images once)
+  smolvm exec box -- uname -a              run a command; exit code, stdout, stderr pass through
+  smolvm cp ./file box:/root/file          copy in (or box:/path ./local to copy out)
+  smolvm ssh box                           interactive shell (strict host key, managed key)
+  smolvm delete box                        stop it and remove its disk
+
+LIFECYCLE:
+  list | status NAME | stop NAME | start NAME | delete NAME [--force] | logs NAME
+  expose NAME GUEST_PORT [HOST_PORT]       forward 127.0.0.1:HOST_PORT to the guest
+  env set NAME K=V | env list NAME | env unset NAME K   variables for login shells in the guest
+  doctor                                   what this host can run (KVM or TCG, and why)
+
+IMAGE SOURCES (defaults: the release pinned in this binary):
+  SMOLVM_IMAGES_URL=http://host/dir        download <dir>/<tag>/<asset> instead (a mirror)
+  SMOLVM_IMAGES_MANIFEST=<path|url>        use another release's manifest.json (warns)
+  smolvm image import DIR/<tag>            load a locally built release into the cache
+  smolvm image list | pull | verify | prune
+
 IMAGES (for maintainers and air-gapped hosts):
   smolvm image build all --out dist      build kernel + base rootfs, write dist/<tag>/ (a release)
   smolvm image build kernel --out DIR    only the guest kernel (vmlinux ELF + bzImage)
@@ -20,6 +39,7 @@ IMAGES (for maintainers and air-gapped hosts):
   smolvm image show                      the pins compiled into this binary
 
 Builds are cached by recipe hash under /var/cache/smolvm/build (SMOLVM_BUILD_CACHE).
+State lives in SMOLVM_HOME (default ~/.local/share/smolvm, images in ~/.cache/smolvm).
 Logs: -v / -vv, or SMOLVM_LOG=debug. Every command takes --json for machine-readable output."
 )]
 pub struct Cli {
@@ -35,9 +55,109 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Build, pin and inspect the kernel and rootfs images.
+    /// Create and boot a sandbox; returns when it is ready.
+    Create(CreateArgs),
+    /// List sandboxes.
+    #[command(alias = "ls")]
+    List,
+    /// Show one sandbox: state, resources, ports, boot phases.
+    Status { name: String },
+    /// Run a command in a sandbox; its exit code, stdout and stderr pass through.
+    Exec {
+        name: String,
+        /// Allocate a terminal (for interactive programs).
+        #[arg(short, long)]
+        tty: bool,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Open a shell in a sandbox over SSH, or run a command (after `--`) with a terminal.
+    Ssh {
+        name: String,
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Copy files: `smolvm cp ./local NAME:/path` or `smolvm cp NAME:/path ./local`.
+    Cp { from: String, to: String },
+    /// Power a sandbox off cleanly (forced after --timeout seconds).
+    Stop {
+        name: String,
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Boot a stopped sandbox again, with its disk as it was.
+    Start {
+        name: String,
+        #[arg(long, default_value_t = 180)]
+        timeout: u64,
+    },
+    /// Delete a sandbox (stopping it first; --force kills it).
+    #[command(alias = "rm")]
+    Delete {
+        names: Vec<String>,
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Print a sandbox's console log (kernel and init messages).
+    Logs { name: String },
+    /// Forward 127.0.0.1:HOST_PORT (default: a free port) to GUEST_PORT in the sandbox.
+    Expose {
+        name: String,
+        guest_port: u16,
+        host_port: Option<u16>,
+    },
+    /// Environment variables for login shells in a sandbox.
+    #[command(subcommand)]
+    Env(EnvCommand),
+    /// Check this host: QEMU, accelerator (KVM or TCG, and why), tools, directories.
+    Doctor,
+    /// Build, pin, fetch and inspect the kernel and rootfs images.
     #[command(subcommand)]
     Image(ImageCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Sandbox name (default: a generated sbx-xxxxxx).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Memory in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub memory: u32,
+    /// Virtual CPUs.
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
+    /// Writable disk space in MiB (the base image is shared and read-only).
+    #[arg(long = "disk-size", default_value_t = 2048)]
+    pub disk_size: u64,
+    /// nat: outbound access through the host; none: no route out.
+    #[arg(long, default_value = "nat", value_parser = ["nat", "none"])]
+    pub network: String,
+    /// auto: KVM where it works, else TCG (software emulation, slower).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
+    pub accel: String,
+    /// Seconds to wait for the guest to become ready.
+    #[arg(long, default_value_t = 180)]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EnvCommand {
+    /// Set variables: `smolvm env set NAME KEY=VALUE...`.
+    Set {
+        name: String,
+        #[arg(required = true)]
+        vars: Vec<String>,
+    },
+    /// List the variables set on a sandbox.
+    List { name: String },
+    /// Remove variables.
+    Unset {
+        name: String,
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -55,6 +175,16 @@ pub enum ImageCommand {
     },
     /// Show the release pinned in this binary: tag, URLs, sizes, SHA-256.
     Show,
+    /// Download and verify the kernel and base rootfs into the cache (as create would).
+    Pull,
+    /// List the verified images in the cache.
+    List,
+    /// Re-hash every cached image; bad ones are removed.
+    Verify,
+    /// Remove cached images no sandbox uses, and partial downloads.
+    Prune,
+    /// Load a locally built release (DIR/<tag>) into the cache after checking its SHA256SUMS.
+    Import { release_dir: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]

@@ -5,6 +5,7 @@
 
 mod cli;
 mod cmd;
+mod progress;
 
 use clap::Parser;
 
@@ -23,7 +24,7 @@ fn main() -> std::process::ExitCode {
         .with_target(false)
         .init();
     match cmd::run(cli) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => std::process::ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
             eprintln!("smolvm: error: {e:#}");
             std::process::ExitCode::FAILURE

@@ -4,6 +4,7 @@
 //! handing over and sshd listening is time the user waits for `smolvm create`. In order:
 //!
 //! 1. [`mounts`]: proc, sys, dev, devpts, run, tmp (and cgroup2), so that everything else works;
+//!    then [`rootfs`]: the overlay of the shared base and the sandbox's own disk, if asked for;
 //! 2. [`net`]: hostname, `lo`, and the interface from the kernel's `ip=` argument, via netlink;
 //! 3. [`ssh`]: root's `authorized_keys` from `smolvm.authorized_key_b64`, a fresh ed25519 host
 //!    key, sshd started and awaited;
@@ -17,6 +18,7 @@ mod clock;
 mod log;
 mod mounts;
 mod net;
+mod rootfs;
 mod ssh;
 mod supervisor;
 
@@ -39,12 +41,17 @@ fn main() {
     supervisor::block_signals();
 
     mounts::mount_pseudo_filesystems();
-    phases.mounts = clock::boottime_us();
-
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_else(|e| {
         log::error!("cannot read /proc/cmdline: {e}; booting with defaults");
         String::new()
     });
+    if let Some(upper) = cmdline::get(&cmdline, cmdline::UPPER) {
+        if let Err(e) = rootfs::switch_to_overlay(upper) {
+            // The base is read-only: the guest still boots and can be inspected, but writes fail.
+            log::error!("overlay root on {upper} failed: {e}; staying on the read-only base");
+        }
+    }
+    phases.mounts = clock::boottime_us();
     std::env::set_var(
         "PATH",
         "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",

@@ -9,6 +9,12 @@ pub const AUTHORIZED_KEY_B64: &str = "smolvm.authorized_key_b64";
 /// The guest's hostname. Overrides the hostname field of `ip=`.
 pub const HOSTNAME: &str = "smolvm.hostname";
 
+/// The block device holding the sandbox's writable layer (e.g. `/dev/vdb`), an ext4 filesystem.
+/// When present, the root device (the shared, read-only base) becomes the lower layer of an
+/// overlayfs whose upper layer lives on this device, and the init switches root into it. Without
+/// it, the root device itself is the writable root.
+pub const UPPER: &str = "smolvm.upper";
+
 /// The kernel's own static IP syntax, which the init parses itself (the kernel is built without
 /// `CONFIG_IP_PNP`): `ip=<client>:<server>:<gateway>:<netmask>:<hostname>:<device>:<autoconf>:<dns0>:<dns1>`.
 pub const IP: &str = "ip";
@@ -78,5 +84,6 @@ mod tests {
         // These strings are part of the boot ABI: old guests read them.
         assert_eq!(AUTHORIZED_KEY_B64, "smolvm.authorized_key_b64");
         assert_eq!(HOSTNAME, "smolvm.hostname");
+        assert_eq!(UPPER, "smolvm.upper");
     }
 }

@@ -5,9 +5,14 @@
 //!
 //! - [`images`]: what a smolvm image *is* (assets, the release manifest, the pins compiled into
 //!   the binary) and how the project builds and pins its own releases;
+//! - [`vm`]: running guests (accelerator choice);
 //! - [`digest`], [`lock`], [`timefmt`]: small shared utilities.
 
 pub mod digest;
 pub mod images;
 pub mod lock;
+pub mod paths;
+pub mod sandbox;
+pub mod state;
 pub mod timefmt;
+pub mod vm;

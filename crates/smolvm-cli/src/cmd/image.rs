@@ -6,11 +6,13 @@ use std::path::Path;
 use anyhow::Context;
 use serde_json::json;
 use smolvm::images::build::{self, BuildEnv, Report};
+use smolvm::images::source::ImageSource;
 use smolvm::images::tag::Tag;
-use smolvm::images::{pin, ReleasePins};
+use smolvm::images::{pin, Manifest, ReleasePins};
 
 use super::{print_json, say};
 use crate::cli::{BuildArgs, BuildCommand, ImageCommand};
+use crate::progress::Progress;
 
 pub fn run(cmd: ImageCommand, json: bool) -> anyhow::Result<()> {
     match cmd {
@@ -37,6 +39,120 @@ pub fn run(cmd: ImageCommand, json: bool) -> anyhow::Result<()> {
                 toml_path.display()
             ));
             say("rebuild smolvm (cargo build) to compile the new pins in");
+            Ok(())
+        }
+        ImageCommand::Pull => {
+            let sm = super::sandbox::open()?;
+            let src = ImageSource::from_env()?;
+            if let Some(w) = &src.pins_overridden {
+                eprintln!("{w}");
+            }
+            let mut progress = Progress::new(json);
+            let images = sm.ensure_images(&src, &mut |e| progress.event(e))?;
+            if json {
+                return print_json(
+                    &json!({ "tag": images.tag, "kernel": images.kernel, "rootfs": images.rootfs }),
+                );
+            }
+            say(format!(
+                "release {}: kernel and base rootfs verified in {}",
+                images.tag,
+                sm.home().images().display()
+            ));
+            Ok(())
+        }
+        ImageCommand::List => {
+            let sm = super::sandbox::open()?;
+            let images = sm.images().list();
+            if json {
+                return print_json(&images);
+            }
+            say(format!(
+                "{:<64} {:>12} {:>12}",
+                "SHA256 (content)", "SIZE", "ON DISK"
+            ));
+            for i in images {
+                say(format!(
+                    "{:<64} {:>12} {:>12}",
+                    i.sha256, i.size, i.allocated
+                ));
+            }
+            Ok(())
+        }
+        ImageCommand::Verify => {
+            let sm = super::sandbox::open()?;
+            let mut bad = Vec::new();
+            for i in sm.images().list() {
+                let good = sm
+                    .images()
+                    .verify(&i)
+                    .with_context(|| format!("verify {}", i.path.display()))?;
+                if !json {
+                    say(format!(
+                        "{} {}",
+                        if good { "ok     " } else { "REMOVED" },
+                        i.sha256
+                    ));
+                }
+                if !good {
+                    bad.push(i.sha256);
+                }
+            }
+            if json {
+                print_json(&json!({ "removed": bad }))?;
+            }
+            anyhow::ensure!(bad.is_empty(), "{} cached image(s) failed verification and were removed; `smolvm image pull` fetches them again", bad.len());
+            Ok(())
+        }
+        ImageCommand::Prune => {
+            let sm = super::sandbox::open()?;
+            let keep = sm.db().images_in_use()?;
+            let mut freed = sm.images().remove_partials();
+            let mut removed = Vec::new();
+            for i in sm.images().list() {
+                if !keep.contains(&i.sha256) {
+                    sm.images().remove(&i.sha256)?;
+                    freed += i.allocated;
+                    removed.push(i.sha256);
+                }
+            }
+            if json {
+                return print_json(&json!({ "removed": removed, "bytes_freed": freed }));
+            }
+            say(format!(
+                "removed {} image(s), freed {freed} bytes",
+                removed.len()
+            ));
+            Ok(())
+        }
+        ImageCommand::Import { release_dir } => {
+            let sm = super::sandbox::open()?;
+            let manifest = Manifest::load(&release_dir.join("manifest.json"))?;
+            pin::verify_release_dir(&release_dir, &manifest)?;
+            for a in &manifest.assets {
+                sm.images()
+                    .import(a, &release_dir.join(&a.name))
+                    .with_context(|| format!("import {}", a.name))?;
+            }
+            let pinned = ReleasePins::compiled()
+                .map(|p| p.assets == manifest.assets)
+                .unwrap_or(false);
+            if json {
+                return print_json(
+                    &json!({ "tag": manifest.tag, "assets": manifest.assets.len(), "matches_pins": pinned }),
+                );
+            }
+            say(format!(
+                "imported {} ({} assets, SHA256SUMS checked)",
+                manifest.tag,
+                manifest.assets.len()
+            ));
+            if !pinned {
+                say(format!(
+                    "this release is not the one pinned in this binary; use it with SMOLVM_IMAGES_MANIFEST={}",
+                    release_dir.join("manifest.json").display()
+                ));
+            }
             Ok(())
         }
         ImageCommand::Show => {

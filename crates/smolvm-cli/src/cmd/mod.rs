@@ -1,12 +1,32 @@
-//! One module per command group.
+//! One module per command group. Each returns the process exit code.
 
+mod doctor;
 mod image;
+mod sandbox;
 
 use crate::cli::{Cli, Command};
 
-pub fn run(cli: Cli) -> anyhow::Result<()> {
+pub fn run(cli: Cli) -> anyhow::Result<i32> {
+    let json = cli.json;
     match cli.command {
-        Command::Image(c) => image::run(c, cli.json),
+        Command::Create(a) => sandbox::create(a, json),
+        Command::List => sandbox::list(json),
+        Command::Status { name } => sandbox::status(&name, json),
+        Command::Exec { name, tty, command } => sandbox::exec(&name, tty, &command),
+        Command::Ssh { name, command } => sandbox::ssh(&name, &command),
+        Command::Cp { from, to } => sandbox::cp(&from, &to),
+        Command::Stop { name, timeout } => sandbox::stop(&name, timeout, json),
+        Command::Start { name, timeout } => sandbox::start(&name, timeout, json),
+        Command::Delete { names, force } => sandbox::delete(&names, force, json),
+        Command::Logs { name } => sandbox::logs(&name),
+        Command::Expose {
+            name,
+            guest_port,
+            host_port,
+        } => sandbox::expose(&name, guest_port, host_port, json),
+        Command::Env(c) => sandbox::env(c, json),
+        Command::Doctor => doctor::run(json),
+        Command::Image(c) => image::run(c, json).map(|()| 0),
     }
 }
 

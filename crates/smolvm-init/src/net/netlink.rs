@@ -92,10 +92,8 @@ impl Route {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
-        Ok(Route {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-            seq: 0,
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Route { fd, seq: 0 })
     }
 
     /// Sets `IFF_UP` on the interface.

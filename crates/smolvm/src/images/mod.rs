@@ -7,9 +7,11 @@
 
 pub mod asset;
 pub mod build;
+pub mod fetch;
 pub mod manifest;
 pub mod pin;
 pub mod pins;
+pub mod source;
 pub mod tag;
 
 pub use asset::{Asset, AssetKind, Blob, Format};

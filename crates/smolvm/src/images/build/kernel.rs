@@ -120,7 +120,7 @@ pub fn build_kernel(env: &BuildEnv) -> Result<(KernelBuild, bool), BuildError> {
     let (dir, hit) = cache::entry(env, "kernel", &h.key(), |tmp| {
         let deb = fetch_source(env, &src)?;
         tracing::info!(
-            "kernel: building {SOURCE_PACKAGE} {} with {} jobs (tens of minutes on 2 cores)",
+            "kernel: building {SOURCE_PACKAGE} {} with {} jobs (minutes: the config is small)",
             src.version,
             env.jobs
         );

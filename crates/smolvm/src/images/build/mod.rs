@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-pub use base::{build_base, BaseBuild, BASE_ROOTFS_FILE};
+pub use base::{build_base, build_base_into, BaseBuild, BASE_ROOTFS_FILE};
 pub use init::build_init;
 pub use kernel::{build_kernel, KernelBuild, KERNEL_BZIMAGE_FILE, KERNEL_ELF_FILE};
 pub use release::{build_release, source_date_epoch, ReleaseBuild};

@@ -1,0 +1,236 @@
+//! The sandbox lifecycle commands.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::json;
+use smolvm::sandbox::{AccelChoice, CreateEvent, CreateOptions, Network, SandboxInfo, Smolvm};
+
+use super::{print_json, say};
+use crate::cli::{CreateArgs, EnvCommand};
+use crate::progress::Progress;
+
+pub fn open() -> anyhow::Result<Smolvm> {
+    Smolvm::open().context("open smolvm's state (SMOLVM_HOME)")
+}
+
+pub fn create(args: CreateArgs, json: bool) -> anyhow::Result<i32> {
+    let sm = open()?;
+    let opts = CreateOptions {
+        name: args.name,
+        memory_mib: args.memory,
+        cpus: args.cpus,
+        disk_mib: args.disk_size,
+        network: if args.network == "none" {
+            Network::None
+        } else {
+            Network::Nat
+        },
+        accel: match args.accel.as_str() {
+            "kvm" => AccelChoice::Kvm,
+            "tcg" => AccelChoice::Tcg,
+            _ => AccelChoice::Auto,
+        },
+        ready_timeout: Duration::from_secs(args.timeout),
+    };
+    let mut progress = Progress::new(json);
+    let start = Instant::now();
+    let info = sm.create(&opts, &mut |e| match e {
+        CreateEvent::Notice(n) => eprintln!("{n}"),
+        CreateEvent::Fetch(f) => progress.event(f),
+        CreateEvent::Booting { accel } => tracing::debug!("booting ({accel})"),
+    })?;
+    let seconds = start.elapsed().as_secs_f64();
+    if json {
+        print_json(&json!({ "sandbox": info, "seconds": seconds }))?;
+    } else {
+        say(format!(
+            "{} is ready ({seconds:.1} s, {}). Try: smolvm exec {} -- uname -a",
+            info.name, info.accel, info.name
+        ));
+    }
+    Ok(0)
+}
+
+fn row_line(s: &SandboxInfo) -> String {
+    format!(
+        "{:<20} {:<9} {:>6} {:>4} {:>7} {:<5} {:<4} {}",
+        s.name,
+        s.status.to_string(),
+        s.memory_mib,
+        s.cpus,
+        s.disk_mib,
+        s.network,
+        s.accel,
+        s.ssh_port
+            .map(|p| format!("127.0.0.1:{p}"))
+            .unwrap_or_else(|| "-".into())
+    )
+}
+
+pub fn list(json: bool) -> anyhow::Result<i32> {
+    let all = open()?.list()?;
+    if json {
+        print_json(&all)?;
+        return Ok(0);
+    }
+    say(format!(
+        "{:<20} {:<9} {:>6} {:>4} {:>7} {:<5} {:<4} {}",
+        "NAME", "STATUS", "MEM", "CPUS", "DISK", "NET", "ACC", "SSH"
+    ));
+    for s in &all {
+        say(row_line(s));
+    }
+    Ok(0)
+}
+
+pub fn status(name: &str, json: bool) -> anyhow::Result<i32> {
+    let s = open()?.info(name)?;
+    if json {
+        print_json(&s)?;
+        return Ok(0);
+    }
+    say(format!("name:     {}", s.name));
+    say(format!("status:   {}", s.status));
+    say(format!(
+        "resources: {} MiB memory, {} vCPU, {} MiB disk, network {}, accel {}",
+        s.memory_mib, s.cpus, s.disk_mib, s.network, s.accel
+    ));
+    say(format!("images:   {}", s.image_tag));
+    if let Some(p) = s.ssh_port {
+        say(format!("ssh:      127.0.0.1:{p} (smolvm ssh {})", s.name));
+    }
+    for (g, h) in &s.forwards {
+        say(format!("forward:  127.0.0.1:{h} -> guest :{g}"));
+    }
+    if let Some(b) = s.boot_us {
+        let ms = |us: u64| us as f64 / 1000.0;
+        say(format!(
+            "boot:     kernel {:.0} ms, mounts +{:.0} ms, network +{:.0} ms, sshd +{:.0} ms",
+            ms(b.init),
+            ms(b.mounts.saturating_sub(b.init)),
+            ms(b.network.saturating_sub(b.mounts)),
+            ms(b.sshd.saturating_sub(b.network))
+        ));
+    }
+    say(format!("dir:      {}", s.dir.display()));
+    Ok(0)
+}
+
+fn exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
+
+pub fn exec(name: &str, tty: bool, command: &[String]) -> anyhow::Result<i32> {
+    let mut cmd = open()?.ssh_command(name, command, tty)?;
+    let status = cmd.status().context("run ssh")?;
+    // ssh's own failures exit 255; the command's exit code passes through otherwise.
+    if status.code() == Some(255) {
+        eprintln!("smolvm: ssh to {name} failed (exit 255); check `smolvm status {name}` and `smolvm logs {name}`");
+    }
+    Ok(exit_code(status))
+}
+
+pub fn ssh(name: &str, command: &[String]) -> anyhow::Result<i32> {
+    let status = open()?
+        .ssh_command(name, command, true)?
+        .status()
+        .context("run ssh")?;
+    Ok(exit_code(status))
+}
+
+pub fn cp(from: &str, to: &str) -> anyhow::Result<i32> {
+    let out = open()?.cp_command(from, to)?.output().context("run scp")?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "cp {from} {to}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(0)
+}
+
+pub fn stop(name: &str, timeout: u64, json: bool) -> anyhow::Result<i32> {
+    open()?.stop(name, Duration::from_secs(timeout))?;
+    done(json, name, "stopped")
+}
+
+pub fn start(name: &str, timeout: u64, json: bool) -> anyhow::Result<i32> {
+    open()?.start(name, Duration::from_secs(timeout))?;
+    done(json, name, "running")
+}
+
+pub fn delete(names: &[String], force: bool, json: bool) -> anyhow::Result<i32> {
+    let sm = open()?;
+    for n in names {
+        sm.delete(n, force)?;
+        done(json, n, "deleted")?;
+    }
+    Ok(0)
+}
+
+fn done(json: bool, name: &str, what: &str) -> anyhow::Result<i32> {
+    if json {
+        print_json(&json!({ "name": name, "status": what }))?;
+    } else {
+        say(format!("{name} {what}"));
+    }
+    Ok(0)
+}
+
+pub fn logs(name: &str) -> anyhow::Result<i32> {
+    let path = open()?.console_log(name)?;
+    let text = std::fs::read(&path).with_context(|| format!("read {}", path.display()))?;
+    std::io::Write::write_all(&mut std::io::stdout(), &text)?;
+    Ok(0)
+}
+
+pub fn expose(name: &str, guest: u16, host: Option<u16>, json: bool) -> anyhow::Result<i32> {
+    let port = open()?.expose(name, guest, host)?;
+    if json {
+        print_json(
+            &json!({ "name": name, "guest_port": guest, "host": format!("127.0.0.1:{port}") }),
+        )?;
+    } else {
+        say(format!("127.0.0.1:{port} -> {name}:{guest}"));
+    }
+    Ok(0)
+}
+
+pub fn env(cmd: EnvCommand, json: bool) -> anyhow::Result<i32> {
+    let sm = open()?;
+    match cmd {
+        EnvCommand::Set { name, vars } => {
+            for v in &vars {
+                let (k, val) = v
+                    .split_once('=')
+                    .with_context(|| format!("{v:?}: expected KEY=VALUE"))?;
+                sm.env_set(&name, k, val)?;
+            }
+        }
+        EnvCommand::Unset { name, keys } => {
+            for k in &keys {
+                sm.env_unset(&name, k)?;
+            }
+        }
+        EnvCommand::List { name } => {
+            let vars = sm.env_list(&name)?;
+            if json {
+                print_json(
+                    &vars
+                        .iter()
+                        .map(|(k, v)| json!({ "key": k, "value": v }))
+                        .collect::<Vec<_>>(),
+                )?;
+            } else {
+                for (k, v) in vars {
+                    say(format!("{k}={v}"));
+                }
+            }
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,110 @@
+//! The sandbox's root: the shared read-only base, with the sandbox's own writable disk on top.
+//!
+//! Every sandbox boots the same base image, attached read-only and shared by all of them; what
+//! a sandbox writes goes to its own small disk. The init composes the two with overlayfs and
+//! switches root into the result, so the base is never copied (creating a sandbox costs an
+//! empty sparse file) and never modified.
+//!
+//! Layout once switched (all under `/run`, a tmpfs, so invisible to the disk):
+//! `/run/smolvm/lower` the base (a read-only bind of the kernel's root), `/run/smolvm/upper`
+//! the sandbox disk, holding `root/` (the overlay's upper directory) and `work/`.
+
+use std::ffi::CString;
+use std::io;
+
+use crate::log;
+
+const LOWER: &str = "/run/smolvm/lower";
+const UPPER_MNT: &str = "/run/smolvm/upper";
+const NEW_ROOT: &str = "/mnt";
+/// Top-level mounts carried into the new root (submounts such as /dev/pts move with them).
+const CARRIED: [&str; 5] = ["/dev", "/proc", "/sys", "/run", "/tmp"];
+
+fn c(s: &str) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
+}
+
+fn mount(
+    src: &str,
+    target: &str,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> io::Result<()> {
+    let (src, target) = (c(src)?, c(target)?);
+    let fstype = fstype.map(c).transpose()?;
+    let data = data.map(c).transpose()?;
+    // SAFETY: every pointer is either null or a valid NUL-terminated string that outlives the call.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ref().map_or(std::ptr::null(), |f| f.as_ptr()),
+            flags,
+            data.as_ref()
+                .map_or(std::ptr::null(), |d| d.as_ptr().cast()),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn step<T>(what: &str, r: io::Result<T>) -> Result<T, String> {
+    r.map_err(|e| format!("{what}: {e}"))
+}
+
+/// Mounts `upper_dev` and switches root into `overlay(lower = /, upper = upper_dev)`.
+/// Called after the pseudo-filesystems are mounted (they are moved into the new root).
+pub fn switch_to_overlay(upper_dev: &str) -> Result<(), String> {
+    for d in [LOWER, UPPER_MNT] {
+        step(&format!("create {d}"), std::fs::create_dir_all(d))?;
+    }
+    // A non-recursive bind of the base: only the base filesystem, none of the mounts on it.
+    step(
+        "bind the base",
+        mount("/", LOWER, None, libc::MS_BIND, None),
+    )?;
+    let ro = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY;
+    step(
+        "make the base bind read-only",
+        mount("none", LOWER, None, ro, None),
+    )?;
+    step(
+        &format!("mount {upper_dev} (ext4)"),
+        mount(upper_dev, UPPER_MNT, Some("ext4"), libc::MS_NOATIME, None),
+    )?;
+    for d in ["root", "work"] {
+        step(
+            &format!("create {UPPER_MNT}/{d}"),
+            std::fs::create_dir_all(format!("{UPPER_MNT}/{d}")),
+        )?;
+    }
+    let opts = format!("lowerdir={LOWER},upperdir={UPPER_MNT}/root,workdir={UPPER_MNT}/work");
+    step(
+        "mount the overlay root",
+        mount("overlay", NEW_ROOT, Some("overlay"), 0, Some(&opts)),
+    )?;
+    for m in CARRIED {
+        let target = format!("{NEW_ROOT}{m}");
+        step(
+            &format!("move {m}"),
+            mount(m, &target, None, libc::MS_MOVE, None),
+        )?;
+    }
+    step("enter the new root", std::env::set_current_dir(NEW_ROOT))?;
+    step(
+        "move the new root onto /",
+        mount(".", "/", None, libc::MS_MOVE, None),
+    )?;
+    let dot = step("chroot", c("."))?;
+    // SAFETY: `dot` is a valid NUL-terminated path.
+    if unsafe { libc::chroot(dot.as_ptr()) } != 0 {
+        return Err(format!("chroot: {}", io::Error::last_os_error()));
+    }
+    step("chdir /", std::env::set_current_dir("/"))?;
+    log::info!("root is overlay(base, {upper_dev})");
+    Ok(())
+}

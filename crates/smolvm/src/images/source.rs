@@ -1,0 +1,190 @@
+//! Which assets to use and where to download them from.
+//!
+//! By default: the pins compiled into the binary, downloaded from the release URL they name.
+//! Two environment variables change that, for air-gapped hosts, mirrors and tests:
+//!
+//! - `SMOLVM_IMAGES_URL=<prefix>`: download `<prefix>/<tag>/<asset>` instead. That is the layout
+//!   `smolvm image build all --out DIR` writes, so serving `DIR` over HTTP makes a mirror.
+//! - `SMOLVM_IMAGES_MANIFEST=<path|url>`: use another release's `manifest.json` (an unpublished
+//!   or newer release) instead of the compiled-in pins. Its assets are still checked against its
+//!   own SHA-256 values, but those are no longer pinned by this binary: a warning says so.
+
+use std::path::Path;
+
+use super::asset::{Asset, AssetKind, Format};
+use super::manifest::{Manifest, ManifestError};
+use super::pins::ReleasePins;
+
+/// Environment variable names.
+pub const ENV_IMAGES_URL: &str = "SMOLVM_IMAGES_URL";
+pub const ENV_IMAGES_MANIFEST: &str = "SMOLVM_IMAGES_MANIFEST";
+
+/// Where the asset list comes from, and where assets are downloaded from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageSource {
+    pub tag: String,
+    pub assets: Vec<Asset>,
+    /// `{tag}`/`{asset}` template, or `<prefix>/{tag}/{asset}` from `SMOLVM_IMAGES_URL`.
+    url_template: String,
+    /// Set when the compiled-in pins are not in force: the one-line warning to print.
+    pub pins_overridden: Option<String>,
+}
+
+/// Why the image source could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("the compiled-in pins are invalid: {0}")]
+    Pins(String),
+    #[error("{ENV_IMAGES_MANIFEST}: {0}")]
+    Manifest(#[from] ManifestError),
+    #[error("{ENV_IMAGES_MANIFEST}={url}: download failed: {reason}")]
+    ManifestDownload { url: String, reason: String },
+    #[error("the release {tag} has no {what} asset for x86_64")]
+    Missing { tag: String, what: &'static str },
+}
+
+impl ImageSource {
+    /// From the environment (see the module docs), else the compiled-in pins.
+    pub fn from_env() -> Result<ImageSource, SourceError> {
+        let manifest = std::env::var(ENV_IMAGES_MANIFEST)
+            .ok()
+            .filter(|v| !v.is_empty());
+        let prefix = std::env::var(ENV_IMAGES_URL).ok().filter(|v| !v.is_empty());
+        ImageSource::resolve(manifest.as_deref(), prefix.as_deref())
+    }
+
+    /// As [`ImageSource::from_env`], with the values given.
+    pub fn resolve(
+        manifest: Option<&str>,
+        url_prefix: Option<&str>,
+    ) -> Result<ImageSource, SourceError> {
+        let pins = ReleasePins::compiled().map_err(|e| SourceError::Pins(e.to_string()))?;
+        let mut src = match manifest {
+            None => ImageSource {
+                tag: pins.tag.clone(),
+                assets: pins.assets.clone(),
+                url_template: pins.url_template.clone(),
+                pins_overridden: None,
+            },
+            Some(loc) => {
+                let m = load_manifest(loc)?;
+                ImageSource {
+                    pins_overridden: Some(format!(
+                        "warning: {ENV_IMAGES_MANIFEST}={loc}: using release {} from that manifest; the images pinned in this binary ({}) are overridden",
+                        m.tag, pins.tag
+                    )),
+                    tag: m.tag,
+                    assets: m.assets,
+                    // Assets of a manifest given by URL sit next to it.
+                    url_template: match loc.rsplit_once('/') {
+                        Some((dir, _)) if is_url(loc) => format!("{dir}/{{asset}}"),
+                        _ => pins.url_template.clone(),
+                    },
+                }
+            }
+        };
+        if let Some(prefix) = url_prefix {
+            src.url_template = format!("{}/{{tag}}/{{asset}}", prefix.trim_end_matches('/'));
+        }
+        Ok(src)
+    }
+
+    /// The download URL of an asset.
+    pub fn url(&self, asset: &Asset) -> String {
+        self.url_template
+            .replace("{tag}", &self.tag)
+            .replace("{asset}", &asset.name)
+    }
+
+    fn find(
+        &self,
+        kind: AssetKind,
+        format: Format,
+        what: &'static str,
+    ) -> Result<&Asset, SourceError> {
+        self.assets
+            .iter()
+            .find(|a| a.kind == kind && a.format == format && a.arch == "x86_64")
+            .ok_or_else(|| SourceError::Missing {
+                tag: self.tag.clone(),
+                what,
+            })
+    }
+
+    /// The PVH ELF kernel (QEMU `microvm`, Firecracker).
+    pub fn kernel(&self) -> Result<&Asset, SourceError> {
+        self.find(AssetKind::Kernel, Format::Elf, "kernel (ELF)")
+    }
+
+    /// The base rootfs.
+    pub fn base_rootfs(&self) -> Result<&Asset, SourceError> {
+        self.find(AssetKind::Rootfs, Format::Ext4, "base rootfs")
+    }
+}
+
+fn is_url(s: &str) -> bool {
+    s.starts_with("http://") || s.starts_with("https://")
+}
+
+fn load_manifest(loc: &str) -> Result<Manifest, SourceError> {
+    if !is_url(loc) {
+        return Ok(Manifest::load(Path::new(loc))?);
+    }
+    let fail = |reason: String| SourceError::ManifestDownload {
+        url: loc.to_string(),
+        reason,
+    };
+    let text = super::fetch::http_agent()
+        .get(loc)
+        .call()
+        .map_err(|e| fail(e.to_string()))?
+        .body_mut()
+        .with_config()
+        .limit(1 << 20)
+        .read_to_string()
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(Manifest::parse(&text, loc)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compiled_pins_and_prefix_override() {
+        let src = ImageSource::resolve(None, None).unwrap();
+        assert!(src.pins_overridden.is_none());
+        let base = src.base_rootfs().unwrap().clone();
+        assert!(src
+            .url(&base)
+            .contains(&format!("/releases/download/{}/", src.tag)));
+        let mirrored = ImageSource::resolve(None, Some("http://127.0.0.1:8000/")).unwrap();
+        assert_eq!(
+            mirrored.url(&base),
+            format!("http://127.0.0.1:8000/{}/{}", src.tag, base.name)
+        );
+    }
+
+    #[test]
+    fn a_manifest_path_overrides_the_pins_with_a_warning() {
+        let dir = tempfile::tempdir().unwrap();
+        let pins = ReleasePins::compiled().unwrap();
+        let m = Manifest {
+            tag: "images-2030.01.02.3".into(),
+            created: "x".into(),
+            assets: pins.assets.clone(),
+        };
+        let path = dir.path().join("manifest.json");
+        std::fs::write(&path, m.to_json()).unwrap();
+        let src = ImageSource::resolve(path.to_str(), Some("http://127.0.0.1:1")).unwrap();
+        assert_eq!(src.tag, "images-2030.01.02.3");
+        assert!(src
+            .pins_overridden
+            .as_deref()
+            .unwrap()
+            .contains("overridden"));
+        assert!(src
+            .url(src.kernel().unwrap())
+            .starts_with("http://127.0.0.1:1/images-2030.01.02.3/"));
+    }
+}

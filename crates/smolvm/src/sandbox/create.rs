@@ -1,0 +1,253 @@
+//! `smolvm create`: resolve and verify the images, make the sandbox's disk, boot, wait for the
+//! guest's readiness line, pin its host key. Nothing half-made survives a failure.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+
+use super::boot::{boot, BootError};
+use super::{disk, names, ssh, AccelChoice, Network, SandboxError, SandboxInfo, Smolvm};
+use crate::images::fetch::{FetchError, FetchEvent};
+use crate::images::source::{ImageSource, SourceError};
+use crate::state::{SandboxRow, StateError};
+use crate::timefmt::now_secs;
+use crate::vm::accel::{detect, Accel, HostFacts};
+use crate::vm::qemu::{kernel_cmdline, QemuConfig};
+
+/// What `create` is asked for.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Default: a generated `sbx-xxxxxx`.
+    pub name: Option<String>,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// The sandbox's writable space (its own disk; the base is shared and read-only).
+    pub disk_mib: u64,
+    pub network: Network,
+    pub accel: AccelChoice,
+    pub ready_timeout: Duration,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            name: None,
+            memory_mib: 512,
+            cpus: 1,
+            disk_mib: 2048,
+            network: Network::Nat,
+            accel: AccelChoice::Auto,
+            ready_timeout: super::DEFAULT_READY_TIMEOUT,
+        }
+    }
+}
+
+/// Progress of a create, for the CLI to show (or not).
+#[derive(Debug, Clone)]
+pub enum CreateEvent {
+    /// A one-line notice (pins overridden, TCG fallback).
+    Notice(String),
+    Fetch(FetchEvent),
+    /// The VM is starting.
+    Booting {
+        accel: String,
+    },
+}
+
+/// Why `create` failed. Each message says what failed and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    #[error(transparent)]
+    Name(#[from] names::NameError),
+    #[error("a sandbox named {0:?} already exists (smolvm delete it, or choose another --name)")]
+    Exists(String),
+    #[error("invalid options: {0}")]
+    Options(String),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error(
+        "--accel kvm was asked for, but KVM cannot be used here: {0}; use --accel auto or tcg"
+    )]
+    NoKvm(String),
+    #[error("preparing the sandbox: {0}")]
+    Prepare(String),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+}
+
+/// The verified images a boot needs.
+#[derive(Debug, Clone)]
+pub struct BootImages {
+    pub tag: String,
+    pub kernel: PathBuf,
+    pub kernel_sha256: String,
+    pub rootfs: PathBuf,
+    pub rootfs_sha256: String,
+}
+
+impl Smolvm {
+    /// `ensure_kernel` and `ensure_rootfs`: the source's kernel and base rootfs, downloaded
+    /// and verified once, from the cache after that.
+    pub fn ensure_images(
+        &self,
+        src: &ImageSource,
+        on: &mut dyn FnMut(FetchEvent),
+    ) -> Result<BootImages, CreateError> {
+        let kernel = src.kernel()?;
+        let rootfs = src.base_rootfs()?;
+        let kernel_path = self.images().ensure(kernel, &src.url(kernel), on)?;
+        let rootfs_path = self.images().ensure(rootfs, &src.url(rootfs), on)?;
+        Ok(BootImages {
+            tag: src.tag.clone(),
+            kernel: kernel_path,
+            kernel_sha256: kernel.content_sha256().to_string(),
+            rootfs: rootfs_path,
+            rootfs_sha256: rootfs.content_sha256().to_string(),
+        })
+    }
+
+    /// Creates and boots a sandbox; returns when SSH in the guest is ready.
+    pub fn create(
+        &self,
+        opts: &CreateOptions,
+        on: &mut dyn FnMut(CreateEvent),
+    ) -> Result<SandboxInfo, CreateError> {
+        let name = match &opts.name {
+            Some(n) => {
+                names::validate(n)?;
+                n.clone()
+            }
+            None => names::generate(),
+        };
+        if opts.memory_mib < 128 || opts.cpus == 0 || opts.cpus > 64 || opts.disk_mib < 64 {
+            return Err(CreateError::Options(
+                "need --memory >= 128, --cpus 1..64, --disk-size >= 64".into(),
+            ));
+        }
+        if self.db().get(&name)?.is_some() {
+            return Err(CreateError::Exists(name));
+        }
+        let src = ImageSource::from_env()?;
+        if let Some(w) = &src.pins_overridden {
+            on(CreateEvent::Notice(w.clone()));
+        }
+        let accel = match (opts.accel, detect(&HostFacts::probe())) {
+            (AccelChoice::Tcg, _) => Accel::Tcg {
+                reason: "--accel tcg".into(),
+            },
+            (AccelChoice::Kvm, Accel::Tcg { reason }) => return Err(CreateError::NoKvm(reason)),
+            (_, Accel::Kvm) => Accel::Kvm,
+            (AccelChoice::Auto, tcg @ Accel::Tcg { .. }) => {
+                if let Accel::Tcg { reason } = &tcg {
+                    on(CreateEvent::Notice(format!(
+                        "notice: using software emulation (TCG), which is slower: {reason}"
+                    )));
+                }
+                tcg
+            }
+        };
+        let images = self.ensure_images(&src, &mut |e| on(CreateEvent::Fetch(e)))?;
+
+        let _lock = self.lock(&name)?;
+        let row = SandboxRow {
+            name: name.clone(),
+            created_at: now_secs(),
+            state: "creating".into(),
+            memory_mib: opts.memory_mib,
+            cpus: opts.cpus,
+            disk_mib: opts.disk_mib,
+            network: match opts.network {
+                Network::Nat => "nat".into(),
+                Network::None => "none".into(),
+            },
+            accel: accel.qemu_name().into(),
+            ssh_port: None,
+            pid: None,
+            pid_start: None,
+            tag: images.tag.clone(),
+            kernel_sha256: images.kernel_sha256.clone(),
+            rootfs_sha256: images.rootfs_sha256.clone(),
+            host_key: None,
+            boot_json: None,
+        };
+        if !self.db().insert(&row)? {
+            return Err(CreateError::Exists(name));
+        }
+        let started = Instant::now();
+        match self.provision_and_boot(row, &images, &accel, opts, on) {
+            Ok(()) => {
+                tracing::debug!("created {name} in {:?}", started.elapsed());
+                Ok(self.info(&name)?)
+            }
+            Err(e) => {
+                // Nothing half-made is left: the VM, the directory and the row go.
+                self.discard(&name);
+                Err(e)
+            }
+        }
+    }
+
+    fn provision_and_boot(
+        &self,
+        mut row: SandboxRow,
+        images: &BootImages,
+        accel: &Accel,
+        opts: &CreateOptions,
+        on: &mut dyn FnMut(CreateEvent),
+    ) -> Result<(), CreateError> {
+        let dir = self.dir(&row.name);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| CreateError::Prepare(format!("create {}: {e}", dir.display())))?;
+        disk::create_upper(&dir.join("disk.ext4"), opts.disk_mib).map_err(CreateError::Prepare)?;
+        let key = ssh::ensure_key(&self.home().keys()).map_err(CreateError::Prepare)?;
+        let pubkey = std::fs::read_to_string(key.with_extension("pub"))
+            .map_err(|e| CreateError::Prepare(format!("read the public key: {e}")))?;
+        let key_b64 = base64::engine::general_purpose::STANDARD.encode(pubkey.trim());
+        on(CreateEvent::Booting {
+            accel: accel.qemu_name().into(),
+        });
+        let isolated = opts.network == Network::None;
+        let cfg = QemuConfig {
+            name: row.name.clone(),
+            accel: accel.clone(),
+            memory_mib: opts.memory_mib,
+            cpus: opts.cpus,
+            kernel: images.kernel.clone(),
+            cmdline: kernel_cmdline(&row.name, accel, isolated, &key_b64),
+            base: images.rootfs.clone(),
+            upper: dir.join("disk.ext4"),
+            ssh_port: 0,
+            forwards: Vec::new(),
+            isolated,
+            dir: dir.clone(),
+        };
+        let booted = boot(cfg, opts.ready_timeout)?;
+        ssh::write_known_hosts(
+            &dir.join("known_hosts"),
+            booted.ssh_port,
+            &booted.ready.host_key,
+        )
+        .map_err(|e| CreateError::Prepare(format!("write known_hosts: {e}")))?;
+        tracing::debug!(
+            "{} ready in {:?}: {:?}",
+            row.name,
+            booted.elapsed,
+            booted.ready.boot_us
+        );
+        row.state = "running".into();
+        row.ssh_port = Some(booted.ssh_port);
+        row.pid = Some(booted.pid);
+        row.pid_start = booted.pid_start;
+        row.host_key = Some(booted.ready.host_key.clone());
+        row.boot_json = serde_json::to_string(&booted.ready.boot_us).ok();
+        self.db().update(&row)?;
+        Ok(())
+    }
+}

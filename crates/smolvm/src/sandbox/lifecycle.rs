@@ -1,0 +1,310 @@
+//! stop, start, delete, expose and env: changes to an existing sandbox, each under its lock.
+
+use std::io::Write;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use super::boot::{boot, BootError};
+use super::{remove_all, SandboxError, Smolvm, Status};
+use crate::state::StateError;
+use crate::vm::accel::Accel;
+use crate::vm::process;
+use crate::vm::qemu::{self, kernel_cmdline, QemuConfig};
+use crate::vm::qmp::Qmp;
+
+/// Why a lifecycle operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error("sandbox {name}: {reason}")]
+    Failed { name: String, reason: String },
+}
+
+fn failed(name: &str, reason: impl Into<String>) -> LifecycleError {
+    LifecycleError::Failed {
+        name: name.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Waits up to `timeout` for `pid` to exit.
+fn wait_exit(pid: i32, started: Option<u64>, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let Ok(fd) = process::pidfd(pid) else {
+        return !process::is_alive(pid, started);
+    };
+    loop {
+        if !process::is_alive(pid, started) {
+            return true;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let mut p = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut p, 1, left.as_millis().min(1000) as i32) };
+    }
+}
+
+impl Smolvm {
+    /// Stops the VM: the guest's init is asked to power off cleanly (sync, unmount); after
+    /// `timeout` the VM is terminated.
+    pub fn stop(&self, name: &str, timeout: Duration) -> Result<(), LifecycleError> {
+        let _lock = self.lock(name)?;
+        self.stop_locked(name, timeout)
+    }
+
+    fn stop_locked(&self, name: &str, timeout: Duration) -> Result<(), LifecycleError> {
+        let mut row = self.row(name)?;
+        if Self::status_of(&row) == Status::Running {
+            let pid = row.pid.unwrap_or(0);
+            // SIGTERM to PID 1 makes smolvm-init stop everything, sync, unmount, power off.
+            let graceful = self
+                .ssh_command(name, &["kill".into(), "-TERM".into(), "1".into()], false)
+                .ok()
+                .and_then(|mut c| {
+                    c.stdin(Stdio::null())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status()
+                        .ok()
+                });
+            if graceful.is_none() || !wait_exit(pid, row.pid_start, timeout) {
+                tracing::warn!("{name}: no clean power-off within {timeout:?}; terminating the VM");
+                if let Ok(mut q) = Qmp::connect(&qemu::qmp_socket(&self.dir(name))) {
+                    let _ = q.execute("quit", None);
+                }
+                if !wait_exit(pid, row.pid_start, Duration::from_secs(5)) {
+                    let _ = process::signal(pid, libc::SIGKILL);
+                    wait_exit(pid, row.pid_start, Duration::from_secs(5));
+                }
+            }
+        }
+        row.state = "stopped".into();
+        row.pid = None;
+        row.pid_start = None;
+        row.ssh_port = None;
+        self.db().update(&row)?;
+        let _ = std::fs::remove_file(self.dir(name).join("ssh.ctl"));
+        Ok(())
+    }
+
+    /// Boots a stopped (or crashed) sandbox again, on the disk it had.
+    pub fn start(&self, name: &str, timeout: Duration) -> Result<(), LifecycleError> {
+        let _lock = self.lock(name)?;
+        let mut row = self.row(name)?;
+        if Self::status_of(&row) == Status::Running {
+            return Ok(());
+        }
+        let missing = |what: &str, sha: &str| {
+            failed(name, format!("its {what} image (sha256 {sha}) is no longer cached; run `smolvm image pull` for release {}", row.tag))
+        };
+        let kernel = self
+            .images()
+            .lookup_sha(&row.kernel_sha256)
+            .ok_or_else(|| missing("kernel", &row.kernel_sha256))?;
+        let rootfs = self
+            .images()
+            .lookup_sha(&row.rootfs_sha256)
+            .ok_or_else(|| missing("rootfs", &row.rootfs_sha256))?;
+        let accel = match row.accel.as_str() {
+            "kvm" => Accel::Kvm,
+            _ => Accel::Tcg {
+                reason: "as created".into(),
+            },
+        };
+        let pubkey = std::fs::read_to_string(self.home().keys().join("id_ed25519.pub"))
+            .map_err(|e| failed(name, format!("read the SSH public key: {e}")))?;
+        let key_b64 =
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, pubkey.trim());
+        let dir = self.dir(name);
+        let isolated = row.network == "none";
+        let forwards = self
+            .db()
+            .forwards(name)?
+            .into_iter()
+            .map(|(g, h)| (h, g))
+            .collect();
+        let cfg = QemuConfig {
+            name: name.to_string(),
+            cmdline: kernel_cmdline(name, &accel, isolated, &key_b64),
+            accel,
+            memory_mib: row.memory_mib,
+            cpus: row.cpus,
+            kernel,
+            base: rootfs,
+            upper: dir.join("disk.ext4"),
+            ssh_port: 0,
+            forwards,
+            isolated,
+            dir: dir.clone(),
+        };
+        let booted = boot(cfg, timeout)?;
+        super::ssh::write_known_hosts(
+            &dir.join("known_hosts"),
+            booted.ssh_port,
+            &booted.ready.host_key,
+        )
+        .map_err(|e| failed(name, format!("write known_hosts: {e}")))?;
+        row.state = "running".into();
+        row.pid = Some(booted.pid);
+        row.pid_start = booted.pid_start;
+        row.ssh_port = Some(booted.ssh_port);
+        row.host_key = Some(booted.ready.host_key);
+        row.boot_json = serde_json::to_string(&booted.ready.boot_us).ok();
+        self.db().update(&row)?;
+        Ok(())
+    }
+
+    /// Deletes a sandbox: its VM (stopped cleanly, or killed with `force`), disk and record.
+    pub fn delete(&self, name: &str, force: bool) -> Result<(), LifecycleError> {
+        let _lock = self.lock(name)?;
+        let row = self.row(name)?;
+        if Self::status_of(&row) == Status::Running {
+            if force {
+                if let Some(pid) = row.pid {
+                    let _ = process::signal(pid, libc::SIGKILL);
+                    wait_exit(pid, row.pid_start, Duration::from_secs(5));
+                }
+            } else {
+                self.stop_locked(name, Duration::from_secs(30))?;
+            }
+        }
+        remove_all(&self.dir(name));
+        self.db().delete(name)?;
+        let _ = std::fs::remove_file(self.home().sandboxes().join(format!(".{name}.lock")));
+        Ok(())
+    }
+
+    /// Used when `create` fails: kill whatever started and forget the sandbox.
+    pub(super) fn discard(&self, name: &str) {
+        if let Ok(Some(row)) = self.db().get(name) {
+            if let Some(pid) = row.pid.filter(|p| process::is_alive(*p, row.pid_start)) {
+                let _ = process::signal(pid, libc::SIGKILL);
+            }
+        }
+        // A VM that was starting has a pid file but no row entry yet.
+        if let Ok(pid) = std::fs::read_to_string(qemu::pid_file(&self.dir(name))) {
+            if let Ok(pid) = pid.trim().parse::<i32>() {
+                let _ = process::signal(pid, libc::SIGKILL);
+            }
+        }
+        remove_all(&self.dir(name));
+        let _ = self.db().delete(name);
+    }
+
+    /// Forwards 127.0.0.1:`host_port` (default: a free port) to the guest's `guest_port`.
+    /// Returns the host port. Kept across stop/start.
+    pub fn expose(
+        &self,
+        name: &str,
+        guest_port: u16,
+        host_port: Option<u16>,
+    ) -> Result<u16, LifecycleError> {
+        let _lock = self.lock(name)?;
+        self.running(name)?;
+        let host_port = match host_port {
+            Some(p) => p,
+            None => std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .map_err(|e| failed(name, format!("find a free port: {e}")))?,
+        };
+        let mut qmp = Qmp::connect(&qemu::qmp_socket(&self.dir(name)))
+            .map_err(|e| failed(name, format!("QMP: {e}")))?;
+        let out = qmp
+            .hmp(&format!(
+                "hostfwd_add net0 tcp:127.0.0.1:{host_port}-:{guest_port}"
+            ))
+            .map_err(|e| failed(name, format!("QMP: {e}")))?;
+        if !out.trim().is_empty() {
+            return Err(failed(
+                name,
+                format!(
+                    "forward 127.0.0.1:{host_port} -> {guest_port}: {}",
+                    out.trim()
+                ),
+            ));
+        }
+        self.db().forward_add(name, guest_port, host_port)?;
+        Ok(host_port)
+    }
+
+    /// Sets an environment variable for login shells in the sandbox (persisted on the host and
+    /// written to the guest's `/etc/profile.d/smolvm-env.sh` when it runs).
+    pub fn env_set(&self, name: &str, key: &str, value: &str) -> Result<(), LifecycleError> {
+        let valid = !key.is_empty()
+            && !key.starts_with(|c: char| c.is_ascii_digit())
+            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(failed(
+                name,
+                format!("{key:?} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)"),
+            ));
+        }
+        let _lock = self.lock(name)?;
+        self.row(name)?;
+        self.db().env_set(name, key, value)?;
+        self.push_env(name)
+    }
+
+    pub fn env_unset(&self, name: &str, key: &str) -> Result<bool, LifecycleError> {
+        let _lock = self.lock(name)?;
+        self.row(name)?;
+        let removed = self.db().env_unset(name, key)?;
+        self.push_env(name)?;
+        Ok(removed)
+    }
+
+    pub fn env_list(&self, name: &str) -> Result<Vec<(String, String)>, LifecycleError> {
+        self.row(name)?;
+        Ok(self.db().env(name)?)
+    }
+
+    /// Writes the environment file in the guest, if it runs (else on its next `env` change).
+    fn push_env(&self, name: &str) -> Result<(), LifecycleError> {
+        if Self::status_of(&self.row(name)?) != Status::Running {
+            return Ok(());
+        }
+        let body: String = self
+            .db()
+            .env(name)?
+            .iter()
+            .map(|(k, v)| format!("export {k}={}\n", super::ssh::shell_quote(v)))
+            .collect();
+        let script = "umask 022; cat > /etc/profile.d/smolvm-env.sh.tmp && mv /etc/profile.d/smolvm-env.sh.tmp /etc/profile.d/smolvm-env.sh";
+        let mut cmd = self.ssh_command(name, &["sh".into(), "-c".into(), script.into()], false)?;
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| failed(name, format!("ssh: {e}")))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(body.as_bytes());
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| failed(name, format!("ssh: {e}")))?;
+        if !out.status.success() {
+            return Err(failed(
+                name,
+                format!(
+                    "write the environment file: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}

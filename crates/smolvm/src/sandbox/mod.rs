@@ -1,0 +1,310 @@
+//! Sandboxes: create, list, exec, stop, start, delete: the product, as a library.
+//!
+//! [`Smolvm`] is the handle an SDK user holds: it owns the host directories ([`Home`]), the
+//! state database and the image cache. Each sandbox is a row in the database plus a directory
+//! `<home>/sandboxes/<name>/` with its writable disk, console log, QMP socket and known_hosts.
+//! Operations that change a sandbox hold its lock file, so two commands on one sandbox never
+//! interleave; reads (list, status, exec) need no lock.
+
+mod boot;
+mod create;
+pub mod disk;
+mod lifecycle;
+pub mod names;
+pub mod ssh;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+use smolvm_protocol::ready::BootPhases;
+
+pub use create::{CreateError, CreateEvent, CreateOptions};
+pub use lifecycle::LifecycleError;
+
+use crate::images::fetch::ImageCache;
+use crate::lock::FileLock;
+use crate::paths::Home;
+use crate::state::{Db, SandboxRow, StateError};
+use crate::vm::process;
+
+/// The network a sandbox gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    /// User-mode NAT: the guest reaches out through the host; nothing reaches in but forwards.
+    Nat,
+    /// No route out; the host still reaches the guest's SSH and exposed ports.
+    None,
+}
+
+/// The accelerator a user asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccelChoice {
+    /// KVM where it works, else TCG with a one-line notice.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// A sandbox's state as seen now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Creating,
+    Running,
+    Stopped,
+    /// The database says running, but the VMM is gone.
+    Crashed,
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Status::Creating => "creating",
+            Status::Running => "running",
+            Status::Stopped => "stopped",
+            Status::Crashed => "crashed",
+        })
+    }
+}
+
+/// What `list` and `status` report.
+#[derive(Debug, Clone, Serialize)]
+pub struct SandboxInfo {
+    pub name: String,
+    pub status: Status,
+    pub created_at: i64,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub disk_mib: u64,
+    pub network: String,
+    pub accel: String,
+    pub ssh_port: Option<u16>,
+    pub pid: Option<i32>,
+    pub image_tag: String,
+    pub boot_us: Option<BootPhases>,
+    pub forwards: Vec<(u16, u16)>,
+    pub dir: PathBuf,
+}
+
+/// Errors shared by every operation on an existing sandbox.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("no sandbox named {0:?} (smolvm list shows them)")]
+    NotFound(String),
+    #[error("sandbox {name} is {status}, not running: {hint}")]
+    NotRunning {
+        name: String,
+        status: Status,
+        hint: &'static str,
+    },
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+/// The handle to one smolvm installation.
+#[derive(Debug)]
+pub struct Smolvm {
+    home: Home,
+    db: Db,
+    images: ImageCache,
+}
+
+impl Smolvm {
+    /// Opens the installation named by the environment (`SMOLVM_HOME`, else XDG).
+    pub fn open() -> Result<Smolvm, StateError> {
+        Smolvm::open_at(Home::from_env())
+    }
+
+    pub fn open_at(home: Home) -> Result<Smolvm, StateError> {
+        let db = Db::open(&home.database())?;
+        let images = ImageCache::new(home.images());
+        Ok(Smolvm { home, db, images })
+    }
+
+    pub fn home(&self) -> &Home {
+        &self.home
+    }
+
+    pub fn images(&self) -> &ImageCache {
+        &self.images
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    fn dir(&self, name: &str) -> PathBuf {
+        self.home.sandboxes().join(name)
+    }
+
+    /// Serialises changes to one sandbox across processes. The lock file sits beside the
+    /// sandbox directory so that `delete` can remove the directory while holding it.
+    fn lock(&self, name: &str) -> Result<FileLock, SandboxError> {
+        let path = self.home.sandboxes().join(format!(".{name}.lock"));
+        FileLock::exclusive(&path).map_err(|source| SandboxError::Io {
+            what: format!("lock {}", path.display()),
+            source,
+        })
+    }
+
+    fn row(&self, name: &str) -> Result<SandboxRow, SandboxError> {
+        self.db
+            .get(name)?
+            .ok_or_else(|| SandboxError::NotFound(name.to_string()))
+    }
+
+    fn status_of(row: &SandboxRow) -> Status {
+        match row.state.as_str() {
+            "running" if row.pid.is_some_and(|p| process::is_alive(p, row.pid_start)) => {
+                Status::Running
+            }
+            "running" => Status::Crashed,
+            "creating" => Status::Creating,
+            _ => Status::Stopped,
+        }
+    }
+
+    fn info_of(&self, row: &SandboxRow) -> Result<SandboxInfo, SandboxError> {
+        let status = Self::status_of(row);
+        let live = status == Status::Running;
+        Ok(SandboxInfo {
+            name: row.name.clone(),
+            status,
+            created_at: row.created_at,
+            memory_mib: row.memory_mib,
+            cpus: row.cpus,
+            disk_mib: row.disk_mib,
+            network: row.network.clone(),
+            accel: row.accel.clone(),
+            ssh_port: row.ssh_port.filter(|_| live),
+            pid: row.pid.filter(|_| live),
+            image_tag: row.tag.clone(),
+            boot_us: row
+                .boot_json
+                .as_deref()
+                .and_then(|j| serde_json::from_str(j).ok()),
+            forwards: self.db.forwards(&row.name)?,
+            dir: self.dir(&row.name),
+        })
+    }
+
+    /// Every sandbox, oldest first.
+    pub fn list(&self) -> Result<Vec<SandboxInfo>, SandboxError> {
+        self.db.list()?.iter().map(|r| self.info_of(r)).collect()
+    }
+
+    /// One sandbox.
+    pub fn info(&self, name: &str) -> Result<SandboxInfo, SandboxError> {
+        let row = self.row(name)?;
+        self.info_of(&row)
+    }
+
+    /// The console log of a sandbox (kernel and init messages).
+    pub fn console_log(&self, name: &str) -> Result<PathBuf, SandboxError> {
+        self.row(name)?;
+        Ok(crate::vm::qemu::console_log(&self.dir(name)))
+    }
+
+    /// Where the sandbox's SSH files are: (key, known_hosts, control socket).
+    fn ssh_paths(&self, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+        let dir = self.dir(name);
+        (
+            self.home.keys().join("id_ed25519"),
+            dir.join("known_hosts"),
+            dir.join("ssh.ctl"),
+        )
+    }
+
+    /// A running sandbox's row, or a clear error.
+    fn running(&self, name: &str) -> Result<SandboxRow, SandboxError> {
+        let row = self.row(name)?;
+        match Self::status_of(&row) {
+            Status::Running => Ok(row),
+            status => Err(SandboxError::NotRunning {
+                name: name.to_string(),
+                status,
+                hint: match status {
+                    Status::Crashed => "its VM exited; see smolvm logs, then smolvm delete it (or smolvm start it again)",
+                    Status::Creating => "wait for smolvm create to finish",
+                    _ => "smolvm start it first",
+                },
+            }),
+        }
+    }
+
+    /// An `ssh` command into a running sandbox: strict host key, the managed key. With `argv`
+    /// it runs that command (each word quoted); without, an interactive login shell. `tty`
+    /// forces a terminal (`-t`).
+    pub fn ssh_command(
+        &self,
+        name: &str,
+        argv: &[String],
+        tty: bool,
+    ) -> Result<std::process::Command, SandboxError> {
+        let row = self.running(name)?;
+        let (key, known, control) = self.ssh_paths(name);
+        let mut c = std::process::Command::new("ssh");
+        c.args(ssh::common_options(&key, &known, &control));
+        c.args(["-p", &row.ssh_port.unwrap_or(22).to_string()]);
+        if tty {
+            c.arg("-t");
+        }
+        c.arg("root@127.0.0.1");
+        if !argv.is_empty() {
+            c.arg("--").arg(ssh::remote_command(argv));
+        }
+        Ok(c)
+    }
+
+    /// An `scp` command copying `from` to `to`, where a `NAME:/path` side names a sandbox path.
+    pub fn cp_command(&self, from: &str, to: &str) -> Result<std::process::Command, SandboxError> {
+        let remote = |s: &str| -> Option<(String, String)> {
+            let (n, p) = s.split_once(':')?;
+            (names::validate(n).is_ok() && p.starts_with('/'))
+                .then(|| (n.to_string(), p.to_string()))
+        };
+        let (name, from_arg, to_arg) = match (remote(from), remote(to)) {
+            (Some((n, p)), None) => (n, format!("root@127.0.0.1:{p}"), to.to_string()),
+            (None, Some((n, p))) => (n, from.to_string(), format!("root@127.0.0.1:{p}")),
+            _ => return Err(SandboxError::Io {
+                what: format!("cp {from} {to}"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "exactly one side must be NAME:/absolute/path (e.g. smolvm cp ./f box:/root/f)",
+                ),
+            }),
+        };
+        let row = self.running(&name)?;
+        let (key, known, control) = self.ssh_paths(&name);
+        let mut c = std::process::Command::new("scp");
+        c.args(ssh::common_options(&key, &known, &control));
+        c.args([
+            "-q",
+            "-r",
+            "-p",
+            "-P",
+            &row.ssh_port.unwrap_or(22).to_string(),
+        ]);
+        c.arg(from_arg).arg(to_arg);
+        Ok(c)
+    }
+}
+
+/// Removes `path` if it exists, ignoring "not found".
+fn remove_all(path: &Path) {
+    if path.is_dir() {
+        let _ = std::fs::remove_dir_all(path);
+    } else {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Guest readiness timeout: generous under emulation, where a boot takes seconds.
+pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(180);

@@ -1,0 +1,115 @@
+//! SSH to a sandbox: the managed key pair, strict host-key pinning, command quoting.
+//!
+//! Every connection is strict: the guest's host key, read from its readiness line, is written
+//! to the sandbox's own `known_hosts`, and ssh runs with `StrictHostKeyChecking=yes` against
+//! that file only (no user or global known_hosts, no user config).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The managed key pair under `<home>/keys/`, created on first use.
+pub fn ensure_key(keys_dir: &Path) -> Result<PathBuf, String> {
+    let key = keys_dir.join("id_ed25519");
+    if key.exists() && key.with_extension("pub").exists() {
+        return Ok(key);
+    }
+    std::fs::create_dir_all(keys_dir).map_err(|e| format!("create {}: {e}", keys_dir.display()))?;
+    let _ = std::fs::set_permissions(
+        keys_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    );
+    // Generated under a temporary name and renamed: a concurrent create never sees half a key.
+    let tmp = keys_dir.join(format!(".id_ed25519.{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_file(tmp.with_extension(format!("{}.pub", std::process::id())));
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "smolvm"])
+        .arg("-f")
+        .arg(&tmp)
+        .output()
+        .map_err(|e| format!("run ssh-keygen ({e}); install openssh-client"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ssh-keygen: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let tmp_pub = PathBuf::from(format!("{}.pub", tmp.display()));
+    if key.exists() && key.with_extension("pub").exists() {
+        // Another process won the race; use its key.
+        let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_file(&tmp_pub);
+        return Ok(key);
+    }
+    std::fs::rename(&tmp_pub, key.with_extension("pub"))
+        .map_err(|e| format!("install public key: {e}"))?;
+    std::fs::rename(&tmp, &key).map_err(|e| format!("install private key: {e}"))?;
+    Ok(key)
+}
+
+/// Writes the sandbox's `known_hosts` with the guest's host key for `[127.0.0.1]:port`.
+pub fn write_known_hosts(path: &Path, port: u16, host_key: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("[127.0.0.1]:{port} {}\n", host_key.trim()))?;
+    std::fs::rename(tmp, path)
+}
+
+/// The options every ssh/scp invocation gets.
+pub fn common_options(key: &Path, known_hosts: &Path, control: &Path) -> Vec<String> {
+    let mut v: Vec<String> = Vec::new();
+    let mut o = |s: String| {
+        v.push("-o".into());
+        v.push(s);
+    };
+    o(format!("IdentityFile={}", key.display()));
+    o("IdentitiesOnly=yes".into());
+    o("StrictHostKeyChecking=yes".into());
+    o(format!("UserKnownHostsFile={}", known_hosts.display()));
+    o("GlobalKnownHostsFile=/dev/null".into());
+    o("BatchMode=yes".into());
+    o("LogLevel=ERROR".into());
+    o("ConnectTimeout=30".into());
+    // One TCP+SSH handshake per sandbox, reused by later commands for five minutes.
+    o("ControlMaster=auto".into());
+    o(format!("ControlPath={}", control.display()));
+    o("ControlPersist=300".into());
+    v
+}
+
+/// Quotes one word for a POSIX shell.
+pub fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b))
+    {
+        return s.to_string();
+    }
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The remote command line for an argv: each word quoted, so it reaches the guest unchanged.
+pub fn remote_command(argv: &[String]) -> String {
+    argv.iter()
+        .map(|a| shell_quote(a))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_survives_a_shell() {
+        let argv: Vec<String> = ["echo", "a b", "it's", "$HOME", "", "x;y"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let cmd = remote_command(&argv);
+        let out = Command::new("sh").arg("-c").arg(&cmd).output().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "a b it's $HOME  x;y\n"
+        );
+    }
+}

@@ -1,0 +1,61 @@
+//! Schema migrations, applied in order; `PRAGMA user_version` records how far a database is.
+//! Append new steps; never edit a released one.
+
+use std::path::Path;
+
+use rusqlite::Connection;
+
+use super::StateError;
+
+const STEPS: &[&str] = &[
+    // 1: sandboxes, their environment variables and port forwards.
+    "CREATE TABLE sandboxes (
+        name TEXT PRIMARY KEY,
+        created_at INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        memory_mib INTEGER NOT NULL,
+        cpus INTEGER NOT NULL,
+        disk_mib INTEGER NOT NULL,
+        network TEXT NOT NULL,
+        accel TEXT NOT NULL,
+        ssh_port INTEGER,
+        pid INTEGER,
+        pid_start INTEGER,
+        tag TEXT NOT NULL,
+        kernel_sha256 TEXT NOT NULL,
+        rootfs_sha256 TEXT NOT NULL,
+        host_key TEXT,
+        boot_json TEXT
+     );
+     CREATE TABLE env (
+        sandbox TEXT NOT NULL REFERENCES sandboxes(name) ON DELETE CASCADE,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (sandbox, key)
+     );
+     CREATE TABLE forwards (
+        sandbox TEXT NOT NULL REFERENCES sandboxes(name) ON DELETE CASCADE,
+        guest_port INTEGER NOT NULL,
+        host_port INTEGER NOT NULL,
+        PRIMARY KEY (sandbox, guest_port)
+     );",
+];
+
+pub(super) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StateError> {
+    let known = STEPS.len() as i64;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let current: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if current > known {
+        return Err(StateError::TooNew {
+            path: path.display().to_string(),
+            found: current,
+            known,
+        });
+    }
+    for (i, sql) in STEPS.iter().enumerate().skip(current as usize) {
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+    }
+    tx.commit()?;
+    Ok(())
+}

@@ -1,0 +1,274 @@
+//! Host state in SQLite: one row per sandbox, with schema migrations.
+//!
+//! SQLite serialises writers across processes (WAL mode, a busy timeout), so two `smolvm`
+//! commands never corrupt the state; per-sandbox operations additionally hold the sandbox's
+//! lock file (see `sandbox::lock`).
+
+mod migrations;
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+
+/// Why the state database failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state database {path}: {source}")]
+    Open {
+        path: String,
+        source: rusqlite::Error,
+    },
+    #[error("state database: {0}")]
+    Query(#[from] rusqlite::Error),
+    #[error("state database {path} has schema version {found}, newer than this smolvm knows ({known}); upgrade smolvm")]
+    TooNew {
+        path: String,
+        found: i64,
+        known: i64,
+    },
+}
+
+/// What was recorded about a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SandboxRow {
+    pub name: String,
+    pub created_at: i64,
+    /// `creating`, `running` or `stopped` (a dead VMM is reported as crashed by the caller).
+    pub state: String,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub disk_mib: u64,
+    pub network: String,
+    pub accel: String,
+    pub ssh_port: Option<u16>,
+    pub pid: Option<i32>,
+    /// The VMM's start time (clock ticks since host boot), so a recycled PID is not mistaken
+    /// for our VMM.
+    pub pid_start: Option<u64>,
+    pub tag: String,
+    pub kernel_sha256: String,
+    pub rootfs_sha256: String,
+    pub host_key: Option<String>,
+    /// The guest's boot phases of the last boot (JSON of `smolvm_protocol::ready::BootPhases`).
+    pub boot_json: Option<String>,
+}
+
+/// The state database.
+#[derive(Debug)]
+pub struct Db {
+    conn: Connection,
+}
+
+const COLUMNS: &str = "name, created_at, state, memory_mib, cpus, disk_mib, network, accel, ssh_port, pid, pid_start, \
+                       tag, kernel_sha256, rootfs_sha256, host_key, boot_json";
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
+    Ok(SandboxRow {
+        name: r.get(0)?,
+        created_at: r.get(1)?,
+        state: r.get(2)?,
+        memory_mib: r.get(3)?,
+        cpus: r.get(4)?,
+        disk_mib: r.get(5)?,
+        network: r.get(6)?,
+        accel: r.get(7)?,
+        ssh_port: r.get(8)?,
+        pid: r.get(9)?,
+        pid_start: r.get::<_, Option<i64>>(10)?.map(|v| v as u64),
+        tag: r.get(11)?,
+        kernel_sha256: r.get(12)?,
+        rootfs_sha256: r.get(13)?,
+        host_key: r.get(14)?,
+        boot_json: r.get(15)?,
+    })
+}
+
+impl Db {
+    /// Opens (creating if needed) and migrates the database at `path`.
+    pub fn open(path: &Path) -> Result<Db, StateError> {
+        let open_err = |source| StateError::Open {
+            path: path.display().to_string(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let conn = Connection::open(path).map_err(open_err)?;
+        conn.busy_timeout(Duration::from_secs(30))
+            .map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(open_err)?;
+        let mut db = Db { conn };
+        migrations::migrate(&mut db.conn, path)?;
+        Ok(db)
+    }
+
+    /// Inserts a new sandbox; `false` if the name is taken.
+    pub fn insert(&self, s: &SandboxRow) -> Result<bool, StateError> {
+        let n = self.conn.execute(
+            &format!("INSERT OR IGNORE INTO sandboxes ({COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16)"),
+            params![
+                s.name, s.created_at, s.state, s.memory_mib, s.cpus, s.disk_mib as i64, s.network, s.accel,
+                s.ssh_port, s.pid, s.pid_start.map(|v| v as i64), s.tag, s.kernel_sha256, s.rootfs_sha256,
+                s.host_key, s.boot_json
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Overwrites the mutable fields of an existing sandbox.
+    pub fn update(&self, s: &SandboxRow) -> Result<(), StateError> {
+        self.conn.execute(
+            "UPDATE sandboxes SET state=?2, ssh_port=?3, pid=?4, pid_start=?5, host_key=?6, boot_json=?7, accel=?8 WHERE name=?1",
+            params![s.name, s.state, s.ssh_port, s.pid, s.pid_start.map(|v| v as i64), s.host_key, s.boot_json, s.accel],
+        )?;
+        Ok(())
+    }
+
+    pub fn get(&self, name: &str) -> Result<Option<SandboxRow>, StateError> {
+        Ok(self
+            .conn
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM sandboxes WHERE name=?1"),
+                [name],
+                row,
+            )
+            .optional()?)
+    }
+
+    pub fn list(&self) -> Result<Vec<SandboxRow>, StateError> {
+        let mut st = self.conn.prepare(&format!(
+            "SELECT {COLUMNS} FROM sandboxes ORDER BY created_at, name"
+        ))?;
+        let rows = st.query_map([], row)?.collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    pub fn delete(&self, name: &str) -> Result<(), StateError> {
+        self.conn
+            .execute("DELETE FROM sandboxes WHERE name=?1", [name])?;
+        Ok(())
+    }
+
+    /// The SHA-256 of every image some sandbox uses (kept by `image prune`).
+    pub fn images_in_use(&self) -> Result<Vec<String>, StateError> {
+        let mut st = self.conn.prepare(
+            "SELECT kernel_sha256 FROM sandboxes UNION SELECT rootfs_sha256 FROM sandboxes",
+        )?;
+        let rows = st
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<Vec<String>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Environment variables set with `smolvm env set`.
+    pub fn env(&self, name: &str) -> Result<Vec<(String, String)>, StateError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT key, value FROM env WHERE sandbox=?1 ORDER BY key")?;
+        let rows = st
+            .query_map([name], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    pub fn env_set(&self, name: &str, key: &str, value: &str) -> Result<(), StateError> {
+        self.conn.execute(
+            "INSERT INTO env (sandbox, key, value) VALUES (?1,?2,?3) ON CONFLICT(sandbox, key) DO UPDATE SET value=excluded.value",
+            params![name, key, value],
+        )?;
+        Ok(())
+    }
+
+    /// Port forwards added with `smolvm expose`: (guest port, host port).
+    pub fn forwards(&self, name: &str) -> Result<Vec<(u16, u16)>, StateError> {
+        let mut st = self.conn.prepare(
+            "SELECT guest_port, host_port FROM forwards WHERE sandbox=?1 ORDER BY guest_port",
+        )?;
+        let rows = st
+            .query_map([name], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    pub fn forward_add(
+        &self,
+        name: &str,
+        guest_port: u16,
+        host_port: u16,
+    ) -> Result<(), StateError> {
+        self.conn.execute(
+            "INSERT INTO forwards (sandbox, guest_port, host_port) VALUES (?1,?2,?3) \
+             ON CONFLICT(sandbox, guest_port) DO UPDATE SET host_port=excluded.host_port",
+            params![name, guest_port, host_port],
+        )?;
+        Ok(())
+    }
+
+    pub fn env_unset(&self, name: &str, key: &str) -> Result<bool, StateError> {
+        Ok(self.conn.execute(
+            "DELETE FROM env WHERE sandbox=?1 AND key=?2",
+            params![name, key],
+        )? == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample(name: &str) -> SandboxRow {
+        SandboxRow {
+            name: name.into(),
+            created_at: 1,
+            state: "creating".into(),
+            memory_mib: 512,
+            cpus: 1,
+            disk_mib: 2048,
+            network: "nat".into(),
+            accel: "tcg".into(),
+            ssh_port: None,
+            pid: None,
+            pid_start: None,
+            tag: "images-2026.12.01.1".into(),
+            kernel_sha256: "k".repeat(64),
+            rootfs_sha256: "r".repeat(64),
+            host_key: None,
+            boot_json: None,
+        }
+    }
+
+    #[test]
+    fn insert_update_list_delete_and_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("state.db")).unwrap();
+        assert!(db.insert(&sample("a")).unwrap());
+        assert!(!db.insert(&sample("a")).unwrap(), "a name is unique");
+        let mut a = db.get("a").unwrap().unwrap();
+        a.state = "running".into();
+        a.ssh_port = Some(2222);
+        a.pid = Some(42);
+        db.update(&a).unwrap();
+        assert_eq!(db.get("a").unwrap().unwrap(), a);
+        db.env_set("a", "K", "1").unwrap();
+        db.env_set("a", "K", "2").unwrap();
+        assert_eq!(
+            db.env("a").unwrap(),
+            vec![("K".to_string(), "2".to_string())]
+        );
+        assert_eq!(db.images_in_use().unwrap().len(), 2);
+        db.delete("a").unwrap();
+        assert!(db.get("a").unwrap().is_none());
+        assert!(
+            db.env("a").unwrap().is_empty(),
+            "env rows go with the sandbox"
+        );
+        // Reopening runs no migration twice.
+        drop(db);
+        Db::open(&dir.path().join("state.db")).unwrap();
+    }
+}

@@ -1,0 +1,8 @@
+//! Running guests: the accelerator choice, the QEMU backend, its control socket, the VMM
+//! process, and the wait for the guest's readiness line.
+
+pub mod accel;
+pub mod process;
+pub mod qemu;
+pub mod qmp;
+pub mod ready;

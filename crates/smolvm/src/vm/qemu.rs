@@ -1,0 +1,176 @@
+//! The QEMU backend: a `microvm` machine, the PVH kernel booted directly, virtio-mmio devices.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use super::accel::Accel;
+
+/// Everything needed to start one guest.
+#[derive(Debug, Clone)]
+pub struct QemuConfig {
+    pub name: String,
+    pub accel: Accel,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub kernel: PathBuf,
+    pub cmdline: String,
+    /// The shared base rootfs, attached read-only (`/dev/vda`).
+    pub base: PathBuf,
+    /// The sandbox's writable disk (`/dev/vdb`).
+    pub upper: PathBuf,
+    /// Host port forwarded (on 127.0.0.1) to the guest's SSH port.
+    pub ssh_port: u16,
+    /// Extra `hostfwd` rules: (host port, guest port) on 127.0.0.1.
+    pub forwards: Vec<(u16, u16)>,
+    /// `--network none`: the guest gets no route out (forwards from the host still work).
+    pub isolated: bool,
+    /// The sandbox directory: console log, QMP socket, pid file, QEMU's own log.
+    pub dir: PathBuf,
+}
+
+/// The QEMU binary (`SMOLVM_QEMU` overrides it).
+pub fn qemu_binary() -> String {
+    std::env::var("SMOLVM_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".to_string())
+}
+
+pub fn console_log(dir: &Path) -> PathBuf {
+    dir.join("console.log")
+}
+pub fn qmp_socket(dir: &Path) -> PathBuf {
+    dir.join("qmp.sock")
+}
+pub fn pid_file(dir: &Path) -> PathBuf {
+    dir.join("qemu.pid")
+}
+pub fn qemu_log(dir: &Path) -> PathBuf {
+    dir.join("qemu.log")
+}
+
+impl QemuConfig {
+    /// The full command. The caller detaches it (own session, output to `qemu.log`).
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(qemu_binary());
+        let cpu = match self.accel {
+            Accel::Kvm => "host",
+            Accel::Tcg { .. } => "max",
+        };
+        let mut netdev = format!("user,id=net0,hostfwd=tcp:127.0.0.1:{}-:22", self.ssh_port);
+        for (host, guest) in &self.forwards {
+            netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
+        }
+        if self.isolated {
+            netdev.push_str(",restrict=on");
+        }
+        let drive = |id: &str, file: &Path, ro: bool| {
+            format!(
+                "id={id},file={},format=raw,if=none,cache=unsafe,aio=threads{}",
+                file.display(),
+                if ro { ",readonly=on" } else { "" }
+            )
+        };
+        c.arg("-name")
+            .arg(format!("smolvm-{},process=smolvm-{}", self.name, self.name))
+            .args([
+                "-machine",
+                "microvm,rtc=on",
+                "-accel",
+                self.accel.qemu_name(),
+                "-cpu",
+                cpu,
+            ])
+            .args([
+                "-m",
+                &self.memory_mib.to_string(),
+                "-smp",
+                &self.cpus.to_string(),
+            ])
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-no-reboot",
+            ])
+            .arg("-kernel")
+            .arg(&self.kernel)
+            .arg("-append")
+            .arg(&self.cmdline)
+            .arg("-chardev")
+            .arg(format!(
+                "file,id=console,path={}",
+                console_log(&self.dir).display()
+            ))
+            .args(["-serial", "chardev:console"])
+            .arg("-drive")
+            .arg(drive("base", &self.base, true))
+            .args(["-device", "virtio-blk-device,drive=base"])
+            .arg("-drive")
+            .arg(drive("upper", &self.upper, false))
+            .args(["-device", "virtio-blk-device,drive=upper"])
+            .arg("-netdev")
+            .arg(netdev)
+            .args(["-device", "virtio-net-device,netdev=net0"])
+            .args(["-device", "virtio-rng-device"])
+            .arg("-qmp")
+            .arg(format!(
+                "unix:{},server=on,wait=off",
+                qmp_socket(&self.dir).display()
+            ))
+            .arg("-pidfile")
+            .arg(pid_file(&self.dir))
+            // Least privilege: QEMU's seccomp filter forbids it to spawn processes, change its
+            // privileges or use obsolete system calls. (`spawn=deny` is also why QEMU is not
+            // asked to `-daemonize`: that forks after the filter is in place.)
+            .args([
+                "-sandbox",
+                "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+            ])
+            .stdin(Stdio::null());
+        c
+    }
+}
+
+/// The guest kernel command line. Nothing secret goes here: it is visible in the host's
+/// process list and in the guest's `/proc/cmdline`. The SSH key is a public key.
+pub fn kernel_cmdline(
+    name: &str,
+    accel: &Accel,
+    isolated: bool,
+    authorized_key_b64: &str,
+) -> String {
+    use smolvm_protocol::cmdline as k;
+    // User-mode networking: the guest is 10.0.2.15, the gateway 10.0.2.2, DNS 10.0.2.3.
+    let ip = if isolated {
+        format!("10.0.2.15:::255.255.255.0:{name}:eth0:off")
+    } else {
+        format!("10.0.2.15::10.0.2.2:255.255.255.0:{name}:eth0:off:10.0.2.3")
+    };
+    let mut s = format!(
+        "console=ttyS0 quiet root=/dev/vda ro rootfstype=ext4 init=/init pci=off panic=-1 \
+         {}=/dev/vdb {}={ip} {}={name} {}={authorized_key_b64}",
+        k::UPPER,
+        k::IP,
+        k::HOSTNAME,
+        k::AUTHORIZED_KEY_B64
+    );
+    if let (Accel::Tcg { .. }, Some(khz)) = (accel, tsc_khz()) {
+        // Under emulation the kernel may fail to calibrate the TSC against the emulated PIT
+        // and hang; telling it the frequency avoids that.
+        s.push_str(&format!(" tsc_early_khz={khz}"));
+    }
+    s
+}
+
+/// The host TSC frequency in kHz, from `/proc/cpuinfo`.
+pub fn tsc_khz() -> Option<u64> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0) as u64)
+}

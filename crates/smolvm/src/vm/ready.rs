@@ -1,0 +1,122 @@
+//! Waiting for the guest's readiness line, pushed on the serial console.
+//!
+//! QEMU writes the console to a file; we watch that file with inotify and the VMM with a pidfd,
+//! and read each new chunk as it is written: no sleeping, no polling of SSH. The wait ends on
+//! the readiness line, on the VMM's exit, or at the deadline.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use smolvm_protocol::ready::Ready;
+
+/// How the wait ended, when not with a readiness line.
+#[derive(Debug, thiserror::Error)]
+pub enum WaitError {
+    #[error("the VM exited during boot")]
+    Exited,
+    #[error("no readiness line within {0:?}")]
+    Timeout(Duration),
+    #[error("the guest printed a malformed readiness line: {0}")]
+    Malformed(String),
+    #[error("watching the console: {0}")]
+    Io(#[from] io::Error),
+}
+
+fn inotify_on(path: &Path) -> io::Result<OwnedFd> {
+    // SAFETY: inotify_init1 takes flags only.
+    let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor was just created and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
+    // SAFETY: valid descriptor and NUL-terminated path.
+    if unsafe { libc::inotify_add_watch(fd.as_raw_fd(), c.as_ptr(), libc::IN_MODIFY) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+fn drain(fd: &OwnedFd) {
+    let mut buf = [0u8; 4096];
+    // SAFETY: reading into a stack buffer of the given length from a non-blocking descriptor.
+    while unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+}
+
+/// Waits for the readiness line in `console` while `vmm` (a pidfd) lives.
+pub fn wait_for_ready(
+    console: &Path,
+    vmm: &OwnedFd,
+    timeout: Duration,
+) -> Result<Ready, WaitError> {
+    let deadline = Instant::now() + timeout;
+    let notify = inotify_on(console)?;
+    let mut file = File::open(console)?;
+    let mut pending = Vec::new();
+    let mut offset = 0u64;
+    loop {
+        // Read whatever is new (also right after the watch was set, so nothing is missed).
+        file.seek(SeekFrom::Start(offset))?;
+        let mut chunk = Vec::new();
+        file.read_to_end(&mut chunk)?;
+        offset += chunk.len() as u64;
+        pending.extend_from_slice(&chunk);
+        while let Some(nl) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=nl).collect();
+            if let Some(r) = Ready::parse_line(&String::from_utf8_lossy(&line)) {
+                return r.map_err(|e| WaitError::Malformed(e.to_string()));
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(WaitError::Timeout(timeout));
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: notify.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: vmm.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: `fds` is a valid array of two pollfd structures.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e.into());
+            }
+        }
+        if fds[1].revents != 0 {
+            // One last read: the line may have been written just before the exit.
+            file.seek(SeekFrom::Start(offset))?;
+            let mut rest = String::new();
+            let _ = file.read_to_string(&mut rest);
+            let all = String::from_utf8_lossy(&pending).into_owned() + &rest;
+            if let Some(Ok(r)) = all.lines().find_map(Ready::parse_line) {
+                return Ok(r);
+            }
+            return Err(WaitError::Exited);
+        }
+        drain(&notify);
+    }
+}
+
+/// The last `lines` lines of the console, for error messages.
+pub fn console_tail(console: &Path, lines: usize) -> String {
+    let text = std::fs::read(console)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

@@ -1,0 +1,271 @@
+//! The release boots: its kernel and base rootfs under plain QEMU, an SSH key injected through
+//! `smolvm.authorized_key_b64`, and `ssh true` with the host key taken from the readiness line
+//! under `StrictHostKeyChecking=yes`.
+//!
+//! Needs QEMU and a built release: `#[ignore]`d for a plain `cargo test`; `scripts/test.sh`
+//! runs it.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use smolvm::images::{AssetKind, Format};
+use smolvm::vm::accel::{detect, Accel, HostFacts};
+use smolvm_protocol::ready::Ready;
+
+/// Kills QEMU if the test panics before it powers off.
+struct Vm(Child);
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The host's TSC frequency in kHz. Under TCG the guest kernel sometimes fails to calibrate
+/// the TSC against the emulated PIT; telling it the frequency avoids that.
+fn tsc_khz() -> Option<u64> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0) as u64)
+}
+
+fn ssh(key: &Path, known_hosts: &Path, port: u16, cmd: &str) -> std::process::Output {
+    Command::new("ssh")
+        .arg("-i")
+        .arg(key)
+        .args(["-p", &port.to_string()])
+        .args([
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=30",
+        ])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
+        .args([
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+        ])
+        .arg("root@127.0.0.1")
+        .arg(cmd)
+        .output()
+        .expect("run ssh")
+}
+
+#[test]
+#[ignore = "boots a real release under QEMU: run scripts/test.sh"]
+fn release_boots_and_serves_strict_ssh() {
+    let release = common::release_dir();
+    let manifest = common::manifest(&release);
+    let work = tempfile::tempdir().unwrap();
+    let kernel = manifest
+        .assets
+        .iter()
+        .find(|a| a.kind == AssetKind::Kernel && a.format == Format::Elf)
+        .unwrap();
+    let rootfs = manifest
+        .assets
+        .iter()
+        .find(|a| a.kind == AssetKind::Rootfs)
+        .unwrap();
+    let kernel = common::unpack(&release, &kernel.name, work.path());
+    let disk = common::unpack(&release, &rootfs.name, work.path());
+
+    let key = work.path().join("id_ed25519");
+    common::run(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", ""])
+            .arg("-f")
+            .arg(&key),
+    );
+    let pubkey = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let key_b64 = base64::engine::general_purpose::STANDARD.encode(pubkey.trim());
+
+    let accel = detect(&HostFacts::probe());
+    let port = free_port();
+    let mut append = format!(
+        "console=ttyS0 root=/dev/vda rw init=/init pci=off \
+         ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off:10.0.2.3 smolvm.authorized_key_b64={key_b64}"
+    );
+    if let (Accel::Tcg { .. }, Some(khz)) = (&accel, tsc_khz()) {
+        append.push_str(&format!(" tsc_early_khz={khz}"));
+    }
+    let started = Instant::now();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args([
+            "-M",
+            "microvm,rtc=on",
+            "-accel",
+            accel.qemu_name(),
+            "-cpu",
+            if accel == Accel::Kvm { "host" } else { "max" },
+        ])
+        .args([
+            "-m",
+            "512",
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-user-config",
+            "-no-reboot",
+            "-display",
+            "none",
+        ])
+        .args(["-serial", "stdio"])
+        .arg("-kernel")
+        .arg(&kernel)
+        .args(["-append", &append])
+        .arg("-drive")
+        .arg(format!(
+            "id=root,file={},format=raw,if=none",
+            disk.display()
+        ))
+        .args(["-device", "virtio-blk-device,drive=root"])
+        .args([
+            "-netdev",
+            &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:22"),
+            "-device",
+            "virtio-net-device,netdev=n0",
+        ])
+        .args(["-device", "virtio-rng-device"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(work.path().join("qemu.stderr")).unwrap())
+        .spawn()
+        .expect("start qemu-system-x86_64 (scripts/install-host-deps.sh installs it)");
+    let stdout = child.stdout.take().unwrap();
+    let mut vm = Vm(child);
+
+    // The console is read line by line on a thread; the readiness line is pushed by the guest.
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut console = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let ready = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                if let Some(r) = Ready::parse_line(&line) {
+                    break r.expect("readiness line parses");
+                }
+                console.push(line);
+            }
+            Err(e) => panic!(
+                "no readiness line ({e:?}: timeout after 300 s, or QEMU exited); console:\n{}\nQEMU stderr:\n{}",
+                console.join("\n"),
+                std::fs::read_to_string(work.path().join("qemu.stderr")).unwrap_or_default()
+            ),
+        }
+    };
+    eprintln!(
+        "ready after {:?} ({}): {:?}",
+        started.elapsed(),
+        accel.qemu_name(),
+        ready.boot_us
+    );
+    assert!(
+        ready.host_key.starts_with("ssh-ed25519 "),
+        "{}",
+        ready.host_key
+    );
+    assert!(
+        ready.boot_us.init <= ready.boot_us.mounts && ready.boot_us.mounts <= ready.boot_us.network
+    );
+    assert!(ready.boot_us.network <= ready.boot_us.sshd);
+
+    // A wrong host key must be refused: this is what makes the pinning meaningful.
+    let wrong = work.path().join("known_hosts.wrong");
+    let other = pubkey
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
+    std::fs::write(&wrong, format!("[127.0.0.1]:{port} {other}\n")).unwrap();
+    let out = ssh(&key, &wrong, port, "true");
+    assert!(
+        !out.status.success(),
+        "ssh accepted a host key that is not the guest's"
+    );
+
+    let known = work.path().join("known_hosts");
+    std::fs::write(&known, format!("[127.0.0.1]:{port} {}\n", ready.host_key)).unwrap();
+    let out = ssh(&key, &known, port, "true");
+    assert!(
+        out.status.success(),
+        "ssh true failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // What the image promises: our init is PID 1, no cloud-init, docs stripped but copyright kept.
+    let probe = "readlink /proc/1/exe; dpkg-query -W cloud-init 2>/dev/null | wc -l; \
+                 ls /usr/share/doc/openssh-server; ls /usr/share/man 2>/dev/null | wc -l; \
+                 ls /etc/ssh/ssh_host_*; hostname; ip -4 -o addr show eth0 | awk '{print $4}'";
+    let out = ssh(&key, &known, port, probe);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "/init",
+            "0",
+            "copyright",
+            "0",
+            "/etc/ssh/ssh_host_ed25519_key",
+            "/etc/ssh/ssh_host_ed25519_key.pub",
+            "smolvm",
+            "10.0.2.15/24"
+        ],
+        "{text}"
+    );
+
+    // SIGTERM to PID 1 is a clean power-off: QEMU exits on its own and the disk is clean.
+    let _ = ssh(&key, &known, port, "kill -TERM 1");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = vm.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "QEMU still running 120 s after SIGTERM to the guest's init"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "QEMU exited with {status}");
+    common::run(Command::new("e2fsck").arg("-fn").arg(&disk));
+}
