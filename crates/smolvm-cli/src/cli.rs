@@ -102,11 +102,7 @@ pub enum Command {
     /// Print a sandbox's console log (kernel and init messages).
     Logs { name: String },
     /// Forward 127.0.0.1:HOST_PORT (default: a free port) to GUEST_PORT in the sandbox.
-    Expose {
-        name: String,
-        guest_port: u16,
-        host_port: Option<u16>,
-    },
+    Expose { name: String, guest_port: u16, host_port: Option<u16> },
     /// Environment variables for login shells in a sandbox.
     #[command(subcommand)]
     Env(EnvCommand),

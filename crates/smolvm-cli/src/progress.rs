@@ -13,26 +13,21 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(json: bool) -> Progress {
-        Progress {
-            enabled: !json && std::io::stderr().is_terminal(),
-            bar: None,
-        }
+        Progress { enabled: !json && std::io::stderr().is_terminal(), bar: None }
     }
 
     pub fn event(&mut self, e: FetchEvent) {
         match e {
-            FetchEvent::Start {
-                name,
-                total,
-                resumed,
-            } => {
+            FetchEvent::Start { name, total, resumed } => {
                 if !self.enabled {
                     return;
                 }
                 let bar = ProgressBar::new(total);
                 bar.set_style(
-                    ProgressStyle::with_template("{msg:32} {bar:30} {bytes:>10}/{total_bytes:10} {bytes_per_sec:>12} ETA {eta}")
-                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                    ProgressStyle::with_template(
+                        "{msg:32} {bar:30} {bytes:>10}/{total_bytes:10} {bytes_per_sec:>12} ETA {eta}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
                 );
                 bar.set_message(name);
                 bar.set_position(resumed);
@@ -43,12 +38,7 @@ impl Progress {
                     b.inc(n);
                 }
             }
-            FetchEvent::Retry {
-                name,
-                attempt,
-                reason,
-                delay,
-            } => {
+            FetchEvent::Retry { name, attempt, reason, delay } => {
                 if let Some(b) = self.bar.take() {
                     b.abandon();
                 }

@@ -26,15 +26,9 @@ use smolvm_protocol::cmdline;
 use smolvm_protocol::ready::{BootPhases, Ready, READY_VERSION};
 
 fn main() {
-    let mut phases = BootPhases {
-        init: clock::boottime_us(),
-        ..BootPhases::default()
-    };
+    let mut phases = BootPhases { init: clock::boottime_us(), ..BootPhases::default() };
     if std::process::id() != 1 {
-        log::error!(
-            "must run as PID 1 (running as pid {}); exiting",
-            std::process::id()
-        );
+        log::error!("must run as PID 1 (running as pid {}); exiting", std::process::id());
         std::process::exit(2);
     }
     // Signals are blocked first so that a SIGTERM during boot is queued, not lost.
@@ -52,10 +46,7 @@ fn main() {
         }
     }
     phases.mounts = clock::boottime_us();
-    std::env::set_var(
-        "PATH",
-        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    );
+    std::env::set_var("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
     std::env::set_var("HOME", "/root");
 
     net::configure(&cmdline);
@@ -66,11 +57,7 @@ fn main() {
 
     match host_key {
         Ok(host_key) => {
-            let ready = Ready {
-                v: READY_VERSION,
-                host_key,
-                boot_us: phases,
-            };
+            let ready = Ready { v: READY_VERSION, host_key, boot_us: phases };
             log::console_line(&ready.to_line());
         }
         Err(e) => log::error!("SSH is not available: {e}; no readiness line will be printed"),

@@ -18,27 +18,9 @@ const NOSUID_NODEV_NOEXEC: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV | li
 /// What a normal Linux userland expects. `/dev` comes first: the kernel mounts devtmpfs itself
 /// only when `CONFIG_DEVTMPFS_MOUNT` is set, which a foreign kernel may lack.
 const MOUNTS: &[Mount] = &[
-    Mount {
-        source: "devtmpfs",
-        target: "/dev",
-        fstype: "devtmpfs",
-        flags: libc::MS_NOSUID,
-        data: "mode=0755",
-    },
-    Mount {
-        source: "proc",
-        target: "/proc",
-        fstype: "proc",
-        flags: NOSUID_NODEV_NOEXEC,
-        data: "",
-    },
-    Mount {
-        source: "sysfs",
-        target: "/sys",
-        fstype: "sysfs",
-        flags: NOSUID_NODEV_NOEXEC,
-        data: "",
-    },
+    Mount { source: "devtmpfs", target: "/dev", fstype: "devtmpfs", flags: libc::MS_NOSUID, data: "mode=0755" },
+    Mount { source: "proc", target: "/proc", fstype: "proc", flags: NOSUID_NODEV_NOEXEC, data: "" },
+    Mount { source: "sysfs", target: "/sys", fstype: "sysfs", flags: NOSUID_NODEV_NOEXEC, data: "" },
     Mount {
         source: "devpts",
         target: "/dev/pts",
@@ -88,15 +70,7 @@ fn mount(m: &Mount) -> io::Result<()> {
     }
     let (src, tgt, fs, data) = (cstr(m.source), cstr(m.target), cstr(m.fstype), cstr(m.data));
     // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            tgt.as_ptr(),
-            fs.as_ptr(),
-            m.flags,
-            data.as_ptr().cast(),
-        )
-    };
+    let rc = unsafe { libc::mount(src.as_ptr(), tgt.as_ptr(), fs.as_ptr(), m.flags, data.as_ptr().cast()) };
     if rc == 0 {
         Ok(())
     } else {
@@ -115,10 +89,7 @@ pub fn mount_pseudo_filesystems() {
         }
     }
     // /dev/ptmx must point at the devpts instance for ptys to work inside the guest.
-    if std::fs::symlink_metadata("/dev/ptmx")
-        .map(|m| !m.file_type().is_symlink())
-        .unwrap_or(true)
-    {
+    if std::fs::symlink_metadata("/dev/ptmx").map(|m| !m.file_type().is_symlink()).unwrap_or(true) {
         let _ = std::fs::remove_file("/dev/ptmx");
         if let Err(e) = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx") {
             log::error!("cannot link /dev/ptmx: {e}");
@@ -138,11 +109,8 @@ pub fn mount_pseudo_filesystems() {
 /// sandbox's disk is clean when the VM powers off.
 pub fn unmount_all() {
     let table = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let targets: Vec<String> = table
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(1))
-        .map(|t| t.replace("\\040", " "))
-        .collect();
+    let targets: Vec<String> =
+        table.lines().filter_map(|l| l.split_whitespace().nth(1)).map(|t| t.replace("\\040", " ")).collect();
     for target in targets.iter().rev().filter(|t| t.as_str() != "/") {
         let t = cstr(target);
         // SAFETY: `t` is a valid NUL-terminated path.

@@ -24,13 +24,7 @@ fn c(s: &str) -> io::Result<CString> {
     CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
 }
 
-fn mount(
-    src: &str,
-    target: &str,
-    fstype: Option<&str>,
-    flags: libc::c_ulong,
-    data: Option<&str>,
-) -> io::Result<()> {
+fn mount(src: &str, target: &str, fstype: Option<&str>, flags: libc::c_ulong, data: Option<&str>) -> io::Result<()> {
     let (src, target) = (c(src)?, c(target)?);
     let fstype = fstype.map(c).transpose()?;
     let data = data.map(c).transpose()?;
@@ -41,8 +35,7 @@ fn mount(
             target.as_ptr(),
             fstype.as_ref().map_or(std::ptr::null(), |f| f.as_ptr()),
             flags,
-            data.as_ref()
-                .map_or(std::ptr::null(), |d| d.as_ptr().cast()),
+            data.as_ref().map_or(std::ptr::null(), |d| d.as_ptr().cast()),
         )
     };
     if rc == 0 {
@@ -63,42 +56,21 @@ pub fn switch_to_overlay(upper_dev: &str) -> Result<(), String> {
         step(&format!("create {d}"), std::fs::create_dir_all(d))?;
     }
     // A non-recursive bind of the base: only the base filesystem, none of the mounts on it.
-    step(
-        "bind the base",
-        mount("/", LOWER, None, libc::MS_BIND, None),
-    )?;
+    step("bind the base", mount("/", LOWER, None, libc::MS_BIND, None))?;
     let ro = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY;
-    step(
-        "make the base bind read-only",
-        mount("none", LOWER, None, ro, None),
-    )?;
-    step(
-        &format!("mount {upper_dev} (ext4)"),
-        mount(upper_dev, UPPER_MNT, Some("ext4"), libc::MS_NOATIME, None),
-    )?;
+    step("make the base bind read-only", mount("none", LOWER, None, ro, None))?;
+    step(&format!("mount {upper_dev} (ext4)"), mount(upper_dev, UPPER_MNT, Some("ext4"), libc::MS_NOATIME, None))?;
     for d in ["root", "work"] {
-        step(
-            &format!("create {UPPER_MNT}/{d}"),
-            std::fs::create_dir_all(format!("{UPPER_MNT}/{d}")),
-        )?;
+        step(&format!("create {UPPER_MNT}/{d}"), std::fs::create_dir_all(format!("{UPPER_MNT}/{d}")))?;
     }
     let opts = format!("lowerdir={LOWER},upperdir={UPPER_MNT}/root,workdir={UPPER_MNT}/work");
-    step(
-        "mount the overlay root",
-        mount("overlay", NEW_ROOT, Some("overlay"), 0, Some(&opts)),
-    )?;
+    step("mount the overlay root", mount("overlay", NEW_ROOT, Some("overlay"), 0, Some(&opts)))?;
     for m in CARRIED {
         let target = format!("{NEW_ROOT}{m}");
-        step(
-            &format!("move {m}"),
-            mount(m, &target, None, libc::MS_MOVE, None),
-        )?;
+        step(&format!("move {m}"), mount(m, &target, None, libc::MS_MOVE, None))?;
     }
     step("enter the new root", std::env::set_current_dir(NEW_ROOT))?;
-    step(
-        "move the new root onto /",
-        mount(".", "/", None, libc::MS_MOVE, None),
-    )?;
+    step("move the new root onto /", mount(".", "/", None, libc::MS_MOVE, None))?;
     let dot = step("chroot", c("."))?;
     // SAFETY: `dot` is a valid NUL-terminated path.
     if unsafe { libc::chroot(dot.as_ptr()) } != 0 {

@@ -41,21 +41,15 @@ fn install_authorized_keys(b64: &str) -> Result<(), String> {
     let dir = Path::new("/root/.ssh");
     fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| e.to_string())?;
-    write_private(&dir.join("authorized_keys"), keys.as_bytes())
-        .map_err(|e| format!("write authorized_keys: {e}"))
+    write_private(&dir.join("authorized_keys"), keys.as_bytes()).map_err(|e| format!("write authorized_keys: {e}"))
 }
 
 /// Base64 of one or more `authorized_keys` lines; each must look like an OpenSSH public key.
 pub fn decode_authorized_keys(b64: &str) -> Result<String, String> {
-    let raw = base64::engine::general_purpose::STANDARD
-        .decode(b64.trim())
-        .map_err(|e| format!("not valid base64 ({e})"))?;
+    let raw =
+        base64::engine::general_purpose::STANDARD.decode(b64.trim()).map_err(|e| format!("not valid base64 ({e})"))?;
     let text = String::from_utf8(raw).map_err(|_| "decodes to non-UTF-8 bytes".to_string())?;
-    let lines: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .collect();
+    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
     if lines.is_empty() {
         return Err("decodes to no key".into());
     }
@@ -70,11 +64,7 @@ pub fn decode_authorized_keys(b64: &str) -> Result<String, String> {
 
 fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let _ = fs::remove_file(path);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
+    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
     f.write_all(bytes)
 }
 
@@ -83,13 +73,9 @@ fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
 fn generate_host_key() -> io::Result<String> {
     let key = ssh_key::PrivateKey::random(&mut rand_core::OsRng, ssh_key::Algorithm::Ed25519)
         .map_err(|e| io::Error::other(format!("generate ed25519 host key: {e}")))?;
-    let private = key
-        .to_openssh(ssh_key::LineEnding::LF)
-        .map_err(|e| io::Error::other(format!("encode host key: {e}")))?;
-    let public = key
-        .public_key()
-        .to_openssh()
-        .map_err(|e| io::Error::other(format!("encode public key: {e}")))?;
+    let private =
+        key.to_openssh(ssh_key::LineEnding::LF).map_err(|e| io::Error::other(format!("encode host key: {e}")))?;
+    let public = key.public_key().to_openssh().map_err(|e| io::Error::other(format!("encode public key: {e}")))?;
     fs::create_dir_all("/etc/ssh")?;
     write_private(Path::new(HOST_KEY), private.as_bytes())?;
     fs::write(format!("{HOST_KEY}.pub"), format!("{public}\n"))?;
@@ -107,23 +93,17 @@ fn start_sshd() -> io::Result<()> {
     unsafe {
         cmd.pre_exec(crate::supervisor::unblock_signals_in_child);
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| io::Error::other(format!("start {SSHD}: {e}")))?;
+    let mut child = cmd.spawn().map_err(|e| io::Error::other(format!("start {SSHD}: {e}")))?;
     let start = Instant::now();
     loop {
         if listening_on_port_22() {
             return Ok(());
         }
         if let Some(status) = child.try_wait()? {
-            return Err(io::Error::other(format!(
-                "sshd exited during start-up ({status}); its messages are above"
-            )));
+            return Err(io::Error::other(format!("sshd exited during start-up ({status}); its messages are above")));
         }
         if start.elapsed() > SSHD_LISTEN_TIMEOUT {
-            return Err(io::Error::other(format!(
-                "sshd did not listen on port 22 within {SSHD_LISTEN_TIMEOUT:?}"
-            )));
+            return Err(io::Error::other(format!("sshd did not listen on port 22 within {SSHD_LISTEN_TIMEOUT:?}")));
         }
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -132,11 +112,9 @@ fn start_sshd() -> io::Result<()> {
 /// True once a socket listens on TCP port 22. Read from `/proc/net/tcp{,6}` rather than by
 /// connecting, which would make sshd log a spurious "connection closed" on the console.
 fn listening_on_port_22() -> bool {
-    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|p| {
-        fs::read_to_string(p)
-            .map(|t| has_listener(&t, 22))
-            .unwrap_or(false)
-    })
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .any(|p| fs::read_to_string(p).map(|t| has_listener(&t, 22)).unwrap_or(false))
 }
 
 /// Parses `/proc/net/tcp` text: `sl local_address rem_address st ...`, where the local address
@@ -162,8 +140,7 @@ mod tests {
 
     use super::*;
 
-    const KEY: &str =
-        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl test";
+    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl test";
 
     fn b64(s: &str) -> String {
         base64::engine::general_purpose::STANDARD.encode(s)
@@ -171,27 +148,15 @@ mod tests {
 
     #[test]
     fn decodes_valid_keys() {
-        assert_eq!(
-            decode_authorized_keys(&b64(KEY)).unwrap(),
-            format!("{KEY}\n")
-        );
+        assert_eq!(decode_authorized_keys(&b64(KEY)).unwrap(), format!("{KEY}\n"));
         let two = format!("{KEY}\n\n# comment\n{KEY}\n");
-        assert_eq!(
-            decode_authorized_keys(&b64(&two)).unwrap().lines().count(),
-            2
-        );
+        assert_eq!(decode_authorized_keys(&b64(&two)).unwrap().lines().count(), 2);
     }
 
     #[test]
     fn rejects_malformed_values_with_a_reason() {
-        assert!(decode_authorized_keys("!!!")
-            .unwrap_err()
-            .contains("base64"));
-        assert!(decode_authorized_keys(&b64("\n"))
-            .unwrap_err()
-            .contains("no key"));
-        assert!(decode_authorized_keys(&b64("ssh-ed25519 garbage"))
-            .unwrap_err()
-            .contains("not an OpenSSH"));
+        assert!(decode_authorized_keys("!!!").unwrap_err().contains("base64"));
+        assert!(decode_authorized_keys(&b64("\n")).unwrap_err().contains("no key"));
+        assert!(decode_authorized_keys(&b64("ssh-ed25519 garbage")).unwrap_err().contains("not an OpenSSH"));
     }
 }

@@ -49,11 +49,7 @@ pub fn parse(cmdline: &str) -> Vec<(&str, &str)> {
 
 /// The value of the last occurrence of `key` (the kernel's rule for repeated parameters).
 pub fn get<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
-    parse(cmdline)
-        .into_iter()
-        .rev()
-        .find(|(k, _)| *k == key)
-        .map(|(_, v)| v)
+    parse(cmdline).into_iter().rev().find(|(k, _)| *k == key).map(|(_, v)| v)
 }
 
 #[cfg(test)]
@@ -67,10 +63,7 @@ mod tests {
         assert_eq!(p[0], ("console", "ttyS0"));
         assert_eq!(p[2], ("rw", ""));
         assert_eq!(get(c, HOSTNAME), Some("my box"));
-        assert_eq!(
-            get(c, IP),
-            Some("10.0.2.15::10.0.2.2:255.255.255.0::eth0:off")
-        );
+        assert_eq!(get(c, IP), Some("10.0.2.15::10.0.2.2:255.255.255.0::eth0:off"));
         assert_eq!(get(c, AUTHORIZED_KEY_B64), None);
     }
 

@@ -55,9 +55,7 @@ impl Ready {
     /// other bytes (a kernel message interleaving), so the prefix is searched, not anchored.
     pub fn parse_line(line: &str) -> Option<Result<Ready, serde_json::Error>> {
         let at = line.find(READY_PREFIX)?;
-        Some(serde_json::from_str(
-            line[at + READY_PREFIX.len()..].trim_end(),
-        ))
+        Some(serde_json::from_str(line[at + READY_PREFIX.len()..].trim_end()))
     }
 }
 
@@ -69,12 +67,7 @@ mod tests {
         Ready {
             v: READY_VERSION,
             host_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE root@smolvm".into(),
-            boot_us: BootPhases {
-                init: 1,
-                mounts: 2,
-                network: 3,
-                sshd: 4,
-            },
+            boot_us: BootPhases { init: 1, mounts: 2, network: 3, sshd: 4 },
         }
     }
 
@@ -89,15 +82,9 @@ mod tests {
     #[test]
     fn parses_with_noise_before_and_cr_after() {
         let line = format!("[    1.0] x{}\r", sample().to_line());
-        assert_eq!(
-            Ready::parse_line(&line).map(Result::ok),
-            Some(Some(sample()))
-        );
+        assert_eq!(Ready::parse_line(&line).map(Result::ok), Some(Some(sample())));
         assert!(Ready::parse_line("no marker").is_none());
-        assert!(matches!(
-            Ready::parse_line("SMOLVM_READY {bad"),
-            Some(Err(_))
-        ));
+        assert!(matches!(Ready::parse_line("SMOLVM_READY {bad"), Some(Err(_))));
     }
 
     #[test]

@@ -30,9 +30,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// True for exactly 64 lowercase hex digits, the only form smolvm writes and accepts.
 pub fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 #[cfg(test)]
@@ -42,10 +40,7 @@ mod tests {
     #[test]
     fn known_vector_and_format_check() {
         let empty = sha256_hex(b"");
-        assert_eq!(
-            empty,
-            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
+        assert_eq!(empty, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
         assert!(is_sha256_hex(&empty));
         assert!(!is_sha256_hex(&empty.to_uppercase()));
         assert!(!is_sha256_hex(&empty[1..]));
@@ -57,9 +52,6 @@ mod tests {
         let p = dir.path().join("f");
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         std::fs::write(&p, &data).unwrap();
-        assert_eq!(
-            sha256_file(&p).unwrap(),
-            (data.len() as u64, sha256_hex(&data))
-        );
+        assert_eq!(sha256_file(&p).unwrap(), (data.len() as u64, sha256_hex(&data)));
     }
 }

@@ -33,19 +33,12 @@ impl FileLock {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)?;
+        let file = OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
         loop {
             // SAFETY: the fd is valid for the lifetime of `file`; flock has no memory effects.
             let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
             if rc == 0 {
-                return Ok(FileLock {
-                    _file: file,
-                    path: path.to_path_buf(),
-                });
+                return Ok(FileLock { _file: file, path: path.to_path_buf() });
             }
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::Interrupted {

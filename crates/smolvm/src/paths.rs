@@ -22,14 +22,9 @@ impl Home {
         if let Some(h) = std::env::var_os("SMOLVM_HOME").filter(|h| !h.is_empty()) {
             return Home::at(Path::new(&h));
         }
-        let home = std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/root"));
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
         let xdg = |var: &str, default: &str| {
-            std::env::var_os(var)
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from)
-                .unwrap_or_else(|| home.join(default))
+            std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from).unwrap_or_else(|| home.join(default))
         };
         Home {
             data: xdg("XDG_DATA_HOME", ".local/share").join("smolvm"),
@@ -39,10 +34,7 @@ impl Home {
 
     /// Everything under one directory.
     pub fn at(dir: &Path) -> Home {
-        Home {
-            data: dir.to_path_buf(),
-            cache: dir.join("cache"),
-        }
+        Home { data: dir.to_path_buf(), cache: dir.join("cache") }
     }
 
     pub fn images(&self) -> PathBuf {

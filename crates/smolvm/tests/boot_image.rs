@@ -31,25 +31,14 @@ impl Drop for Vm {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// The host's TSC frequency in kHz. Under TCG the guest kernel sometimes fails to calibrate
 /// the TSC against the emulated PIT; telling it the frequency avoids that.
 fn tsc_khz() -> Option<u64> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let mhz: f64 = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("cpu MHz"))?
-        .split(':')
-        .nth(1)?
-        .trim()
-        .parse()
-        .ok()?;
+    let mhz: f64 = cpuinfo.lines().find(|l| l.starts_with("cpu MHz"))?.split(':').nth(1)?.trim().parse().ok()?;
     Some((mhz * 1000.0) as u64)
 }
 
@@ -58,22 +47,10 @@ fn ssh(key: &Path, known_hosts: &Path, port: u16, cmd: &str) -> std::process::Ou
         .arg("-i")
         .arg(key)
         .args(["-p", &port.to_string()])
-        .args([
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "ConnectTimeout=30",
-        ])
+        .args(["-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=30"])
         .arg("-o")
         .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
-        .args([
-            "-o",
-            "GlobalKnownHostsFile=/dev/null",
-            "-o",
-            "LogLevel=ERROR",
-        ])
+        .args(["-o", "GlobalKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"])
         .arg("root@127.0.0.1")
         .arg(cmd)
         .output()
@@ -86,26 +63,13 @@ fn release_boots_and_serves_strict_ssh() {
     let release = common::release_dir();
     let manifest = common::manifest(&release);
     let work = tempfile::tempdir().unwrap();
-    let kernel = manifest
-        .assets
-        .iter()
-        .find(|a| a.kind == AssetKind::Kernel && a.format == Format::Elf)
-        .unwrap();
-    let rootfs = manifest
-        .assets
-        .iter()
-        .find(|a| a.kind == AssetKind::Rootfs)
-        .unwrap();
+    let kernel = manifest.assets.iter().find(|a| a.kind == AssetKind::Kernel && a.format == Format::Elf).unwrap();
+    let rootfs = manifest.assets.iter().find(|a| a.kind == AssetKind::Rootfs).unwrap();
     let kernel = common::unpack(&release, &kernel.name, work.path());
     let disk = common::unpack(&release, &rootfs.name, work.path());
 
     let key = work.path().join("id_ed25519");
-    common::run(
-        Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", ""])
-            .arg("-f")
-            .arg(&key),
-    );
+    common::run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", ""]).arg("-f").arg(&key));
     let pubkey = std::fs::read_to_string(key.with_extension("pub")).unwrap();
     let key_b64 = base64::engine::general_purpose::STANDARD.encode(pubkey.trim());
 
@@ -128,26 +92,13 @@ fn release_boots_and_serves_strict_ssh() {
             "-cpu",
             if accel == Accel::Kvm { "host" } else { "max" },
         ])
-        .args([
-            "-m",
-            "512",
-            "-smp",
-            "1",
-            "-nodefaults",
-            "-no-user-config",
-            "-no-reboot",
-            "-display",
-            "none",
-        ])
+        .args(["-m", "512", "-smp", "1", "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none"])
         .args(["-serial", "stdio"])
         .arg("-kernel")
         .arg(&kernel)
         .args(["-append", &append])
         .arg("-drive")
-        .arg(format!(
-            "id=root,file={},format=raw,if=none",
-            disk.display()
-        ))
+        .arg(format!("id=root,file={},format=raw,if=none", disk.display()))
         .args(["-device", "virtio-blk-device,drive=root"])
         .args([
             "-netdev",
@@ -191,44 +142,22 @@ fn release_boots_and_serves_strict_ssh() {
             ),
         }
     };
-    eprintln!(
-        "ready after {:?} ({}): {:?}",
-        started.elapsed(),
-        accel.qemu_name(),
-        ready.boot_us
-    );
-    assert!(
-        ready.host_key.starts_with("ssh-ed25519 "),
-        "{}",
-        ready.host_key
-    );
-    assert!(
-        ready.boot_us.init <= ready.boot_us.mounts && ready.boot_us.mounts <= ready.boot_us.network
-    );
+    eprintln!("ready after {:?} ({}): {:?}", started.elapsed(), accel.qemu_name(), ready.boot_us);
+    assert!(ready.host_key.starts_with("ssh-ed25519 "), "{}", ready.host_key);
+    assert!(ready.boot_us.init <= ready.boot_us.mounts && ready.boot_us.mounts <= ready.boot_us.network);
     assert!(ready.boot_us.network <= ready.boot_us.sshd);
 
     // A wrong host key must be refused: this is what makes the pinning meaningful.
     let wrong = work.path().join("known_hosts.wrong");
-    let other = pubkey
-        .split_whitespace()
-        .take(2)
-        .collect::<Vec<_>>()
-        .join(" ");
+    let other = pubkey.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
     std::fs::write(&wrong, format!("[127.0.0.1]:{port} {other}\n")).unwrap();
     let out = ssh(&key, &wrong, port, "true");
-    assert!(
-        !out.status.success(),
-        "ssh accepted a host key that is not the guest's"
-    );
+    assert!(!out.status.success(), "ssh accepted a host key that is not the guest's");
 
     let known = work.path().join("known_hosts");
     std::fs::write(&known, format!("[127.0.0.1]:{port} {}\n", ready.host_key)).unwrap();
     let out = ssh(&key, &known, port, "true");
-    assert!(
-        out.status.success(),
-        "ssh true failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "ssh true failed: {}", String::from_utf8_lossy(&out.stderr));
 
     // What the image promises: our init is PID 1, no cloud-init, docs stripped but copyright kept.
     let probe = "readlink /proc/1/exe; dpkg-query -W cloud-init 2>/dev/null | wc -l; \
@@ -260,10 +189,7 @@ fn release_boots_and_serves_strict_ssh() {
         if let Some(s) = vm.0.try_wait().unwrap() {
             break s;
         }
-        assert!(
-            Instant::now() < deadline,
-            "QEMU still running 120 s after SIGTERM to the guest's init"
-        );
+        assert!(Instant::now() < deadline, "QEMU still running 120 s after SIGTERM to the guest's init");
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(status.success(), "QEMU exited with {status}");

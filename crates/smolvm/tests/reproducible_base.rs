@@ -20,9 +20,8 @@ fn base_rootfs_is_bit_for_bit_reproducible() {
     let again = tempfile::tempdir_in(&env.cache).unwrap();
     let rebuilt = build_base_into(&env, &init, epoch, again.path()).unwrap();
 
-    let packages = |dir: &std::path::Path| {
-        std::fs::read_to_string(dir.join("base-x86_64-rootfs.ext4.packages")).unwrap()
-    };
+    let packages =
+        |dir: &std::path::Path| std::fs::read_to_string(dir.join("base-x86_64-rootfs.ext4.packages")).unwrap();
     assert_eq!(
         packages(&cached.dir),
         packages(again.path()),
@@ -30,9 +29,5 @@ fn base_rootfs_is_bit_for_bit_reproducible() {
     );
     let (size_a, sha_a) = sha256_file(&cached.ext4()).unwrap();
     let (size_b, sha_b) = sha256_file(&rebuilt).unwrap();
-    assert_eq!(
-        (size_a, &sha_a),
-        (size_b, &sha_b),
-        "two builds of the same package set differ"
-    );
+    assert_eq!((size_a, &sha_a), (size_b, &sha_b), "two builds of the same package set differ");
 }

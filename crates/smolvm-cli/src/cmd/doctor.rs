@@ -11,12 +11,7 @@ use super::{print_json, say};
 
 fn version_of(cmd: &str, arg: &str) -> Option<String> {
     let out = Command::new(cmd).arg(arg).output().ok()?;
-    let text = String::from_utf8_lossy(if out.stdout.is_empty() {
-        &out.stderr
-    } else {
-        &out.stdout
-    })
-    .into_owned();
+    let text = String::from_utf8_lossy(if out.stdout.is_empty() { &out.stderr } else { &out.stdout }).into_owned();
     text.lines().next().map(str::to_string)
 }
 
@@ -26,26 +21,14 @@ pub fn run(json: bool) -> anyhow::Result<i32> {
     let home = Home::from_env();
     let qemu = smolvm::vm::qemu::qemu_binary();
     let tools = [
-        (
-            qemu.as_str(),
-            "--version",
-            "runs the VMs (scripts/install-host-deps.sh)",
-        ),
+        (qemu.as_str(), "--version", "runs the VMs (scripts/install-host-deps.sh)"),
         ("mkfs.ext4", "-V", "makes each sandbox's disk (e2fsprogs)"),
         ("ssh", "-V", "exec, ssh (openssh-client)"),
         ("scp", "-h", "cp (openssh-client)"),
         ("ssh-keygen", "-?", "the managed key (openssh-client)"),
     ];
-    let found: Vec<_> = tools
-        .iter()
-        .map(|(t, a, why)| {
-            (
-                *t,
-                which(t).then(|| version_of(t, a).unwrap_or_default()),
-                *why,
-            )
-        })
-        .collect();
+    let found: Vec<_> =
+        tools.iter().map(|(t, a, why)| (*t, which(t).then(|| version_of(t, a).unwrap_or_default()), *why)).collect();
     let pins = ReleasePins::compiled().ok();
     if json {
         print_json(&json!({
@@ -55,17 +38,11 @@ pub fn run(json: bool) -> anyhow::Result<i32> {
             "home": { "data": home.data, "cache": home.cache },
             "images_release_tag": pins.map(|p| p.tag.clone()),
         }))?;
-        return Ok(if found.iter().all(|(_, v, _)| v.is_some()) {
-            0
-        } else {
-            1
-        });
+        return Ok(if found.iter().all(|(_, v, _)| v.is_some()) { 0 } else { 1 });
     }
     match &accel {
         Accel::Kvm => say("accelerator: kvm (hardware virtualization)"),
-        Accel::Tcg { reason } => say(format!(
-            "accelerator: tcg (software emulation, several times slower): {reason}"
-        )),
+        Accel::Tcg { reason } => say(format!("accelerator: tcg (software emulation, several times slower): {reason}")),
     }
     say(format!(
         "  /dev/kvm usable: {}; kvm_pvm module: {}; vmx/svm flag: {}",
@@ -93,7 +70,5 @@ fn which(tool: &str) -> bool {
     if tool.contains('/') {
         return std::path::Path::new(tool).exists();
     }
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-        .unwrap_or(false)
+    std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file())).unwrap_or(false)
 }

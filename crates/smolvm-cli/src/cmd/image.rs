@@ -17,27 +17,16 @@ use crate::progress::Progress;
 pub fn run(cmd: ImageCommand, json: bool) -> anyhow::Result<()> {
     match cmd {
         ImageCommand::Build(b) => run_build(b, json),
-        ImageCommand::Pin {
-            release_dir,
-            release_toml,
-        } => {
+        ImageCommand::Pin { release_dir, release_toml } => {
             let toml_path = match release_toml {
                 Some(p) => p,
-                None => BuildEnv::discover(None, None)?
-                    .source
-                    .join("images/release.toml"),
+                None => BuildEnv::discover(None, None)?.source.join("images/release.toml"),
             };
-            let pins = pin::pin(&release_dir, &toml_path)
-                .with_context(|| format!("pin {}", release_dir.display()))?;
+            let pins = pin::pin(&release_dir, &toml_path).with_context(|| format!("pin {}", release_dir.display()))?;
             if json {
                 return print_json(&pins);
             }
-            say(format!(
-                "pinned {} ({} assets) in {}",
-                pins.tag,
-                pins.assets.len(),
-                toml_path.display()
-            ));
+            say(format!("pinned {} ({} assets) in {}", pins.tag, pins.assets.len(), toml_path.display()));
             say("rebuild smolvm (cargo build) to compile the new pins in");
             Ok(())
         }
@@ -50,15 +39,9 @@ pub fn run(cmd: ImageCommand, json: bool) -> anyhow::Result<()> {
             let mut progress = Progress::new(json);
             let images = sm.ensure_images(&src, &mut |e| progress.event(e))?;
             if json {
-                return print_json(
-                    &json!({ "tag": images.tag, "kernel": images.kernel, "rootfs": images.rootfs }),
-                );
+                return print_json(&json!({ "tag": images.tag, "kernel": images.kernel, "rootfs": images.rootfs }));
             }
-            say(format!(
-                "release {}: kernel and base rootfs verified in {}",
-                images.tag,
-                sm.home().images().display()
-            ));
+            say(format!("release {}: kernel and base rootfs verified in {}", images.tag, sm.home().images().display()));
             Ok(())
         }
         ImageCommand::List => {
@@ -67,15 +50,9 @@ pub fn run(cmd: ImageCommand, json: bool) -> anyhow::Result<()> {
             if json {
                 return print_json(&images);
             }
-            say(format!(
-                "{:<64} {:>12} {:>12}",
-                "SHA256 (content)", "SIZE", "ON DISK"
-            ));
+            say(format!("{:<64} {:>12} {:>12}", "SHA256 (content)", "SIZE", "ON DISK"));
             for i in images {
-                say(format!(
-                    "{:<64} {:>12} {:>12}",
-                    i.sha256, i.size, i.allocated
-                ));
+                say(format!("{:<64} {:>12} {:>12}", i.sha256, i.size, i.allocated));
             }
             Ok(())
         }
@@ -83,16 +60,9 @@ pub fn run(cmd: ImageCommand, json: bool) -> anyhow::Result<()> {
             let sm = super::sandbox::open()?;
             let mut bad = Vec::new();
             for i in sm.images().list() {
-                let good = sm
-                    .images()
-                    .verify(&i)
-                    .with_context(|| format!("verify {}", i.path.display()))?;
+                let good = sm.images().verify(&i).with_context(|| format!("verify {}", i.path.display()))?;
                 if !json {
-                    say(format!(
-                        "{} {}",
-                        if good { "ok     " } else { "REMOVED" },
-                        i.sha256
-                    ));
+                    say(format!("{} {}", if good { "ok     " } else { "REMOVED" }, i.sha256));
                 }
                 if !good {
                     bad.push(i.sha256);
@@ -101,7 +71,11 @@ pub fn run(cmd: ImageCommand, json: bool) -> anyhow::Result<()> {
             if json {
                 print_json(&json!({ "removed": bad }))?;
             }
-            anyhow::ensure!(bad.is_empty(), "{} cached image(s) failed verification and were removed; `smolvm image pull` fetches them again", bad.len());
+            anyhow::ensure!(
+                bad.is_empty(),
+                "{} cached image(s) failed verification and were removed; `smolvm image pull` fetches them again",
+                bad.len()
+            );
             Ok(())
         }
         ImageCommand::Prune => {
@@ -119,10 +93,7 @@ pub fn run(cmd: ImageCommand, json: bool) -> anyhow::Result<()> {
             if json {
                 return print_json(&json!({ "removed": removed, "bytes_freed": freed }));
             }
-            say(format!(
-                "removed {} image(s), freed {freed} bytes",
-                removed.len()
-            ));
+            say(format!("removed {} image(s), freed {freed} bytes", removed.len()));
             Ok(())
         }
         ImageCommand::Import { release_dir } => {
@@ -130,23 +101,15 @@ pub fn run(cmd: ImageCommand, json: bool) -> anyhow::Result<()> {
             let manifest = Manifest::load(&release_dir.join("manifest.json"))?;
             pin::verify_release_dir(&release_dir, &manifest)?;
             for a in &manifest.assets {
-                sm.images()
-                    .import(a, &release_dir.join(&a.name))
-                    .with_context(|| format!("import {}", a.name))?;
+                sm.images().import(a, &release_dir.join(&a.name)).with_context(|| format!("import {}", a.name))?;
             }
-            let pinned = ReleasePins::compiled()
-                .map(|p| p.assets == manifest.assets)
-                .unwrap_or(false);
+            let pinned = ReleasePins::compiled().map(|p| p.assets == manifest.assets).unwrap_or(false);
             if json {
                 return print_json(
                     &json!({ "tag": manifest.tag, "assets": manifest.assets.len(), "matches_pins": pinned }),
                 );
             }
-            say(format!(
-                "imported {} ({} assets, SHA256SUMS checked)",
-                manifest.tag,
-                manifest.assets.len()
-            ));
+            say(format!("imported {} ({} assets, SHA256SUMS checked)", manifest.tag, manifest.assets.len()));
             if !pinned {
                 say(format!(
                     "this release is not the one pinned in this binary; use it with SMOLVM_IMAGES_MANIFEST={}",
@@ -164,10 +127,7 @@ pub fn run(cmd: ImageCommand, json: bool) -> anyhow::Result<()> {
             }
             say(format!("IMAGES_RELEASE_TAG {}", pins.tag));
             for a in &pins.assets {
-                say(format!(
-                    "{:<32} {:>11} bytes  sha256 {}",
-                    a.name, a.size, a.sha256
-                ));
+                say(format!("{:<32} {:>11} bytes  sha256 {}", a.name, a.size, a.sha256));
                 say(format!("  {}", pins.url(&a.name)));
             }
             Ok(())
@@ -177,10 +137,7 @@ pub fn run(cmd: ImageCommand, json: bool) -> anyhow::Result<()> {
 
 fn env_for(common: &BuildArgs) -> anyhow::Result<BuildEnv> {
     fs::create_dir_all(&common.out).with_context(|| format!("create {}", common.out.display()))?;
-    Ok(BuildEnv::discover(
-        common.source.clone(),
-        common.cache.clone(),
-    )?)
+    Ok(BuildEnv::discover(common.source.clone(), common.cache.clone())?)
 }
 
 fn copy_out(from: &Path, dir: &Path) -> anyhow::Result<()> {
@@ -192,12 +149,7 @@ fn copy_out(from: &Path, dir: &Path) -> anyhow::Result<()> {
         .arg(&to)
         .status()
         .context("run cp")?;
-    anyhow::ensure!(
-        status.success(),
-        "copy {} to {} failed",
-        from.display(),
-        to.display()
-    );
+    anyhow::ensure!(status.success(), "copy {} to {} failed", from.display(), to.display());
     Ok(())
 }
 
@@ -216,17 +168,11 @@ fn run_build(cmd: BuildCommand, json: bool) -> anyhow::Result<()> {
             }
             common.out
         }
-        BuildCommand::Base {
-            common,
-            init,
-            epoch,
-        } => {
+        BuildCommand::Base { common, init, epoch } => {
             let env = env_for(&common)?;
             let init = match init {
                 Some(p) => p,
-                None => report.step("init", || {
-                    Ok((build::build_init(&env)?, false, "static smolvm-init".into()))
-                })?,
+                None => report.step("init", || Ok((build::build_init(&env)?, false, "static smolvm-init".into())))?,
             };
             let epoch = match epoch {
                 Some(e) => e,
@@ -246,23 +192,15 @@ fn run_build(cmd: BuildCommand, json: bool) -> anyhow::Result<()> {
             let env = env_for(&common)?;
             let tag = match tag {
                 Some(t) => t,
-                None => ReleasePins::compiled()
-                    .map_err(|e| anyhow::anyhow!("{e}"))?
-                    .tag
-                    .clone(),
+                None => ReleasePins::compiled().map_err(|e| anyhow::anyhow!("{e}"))?.tag.clone(),
             };
             let r = build::build_release(&env, &tag, &common.out, force)?;
             if json {
-                return print_json(
-                    &json!({ "dir": r.dir, "manifest": r.manifest, "steps": r.report.steps }),
-                );
+                return print_json(&json!({ "dir": r.dir, "manifest": r.manifest, "steps": r.report.steps }));
             }
             print_report(&r.report);
             for a in &r.manifest.assets {
-                say(format!(
-                    "{:<32} {:>11} bytes  sha256 {}",
-                    a.name, a.size, a.sha256
-                ));
+                say(format!("{:<32} {:>11} bytes  sha256 {}", a.name, a.size, a.sha256));
             }
             say(format!("release written to {}", r.dir.display()));
             return Ok(());
@@ -278,12 +216,6 @@ fn run_build(cmd: BuildCommand, json: bool) -> anyhow::Result<()> {
 
 fn print_report(report: &Report) {
     for s in &report.steps {
-        say(format!(
-            "{:<28} {:>8.1} s  {}{}",
-            s.name,
-            s.seconds,
-            s.detail,
-            if s.cached { " (cached)" } else { "" }
-        ));
+        say(format!("{:<28} {:>8.1} s  {}{}", s.name, s.seconds, s.detail, if s.cached { " (cached)" } else { "" }));
     }
 }

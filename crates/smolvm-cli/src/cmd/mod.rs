@@ -19,11 +19,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Start { name, timeout } => sandbox::start(&name, timeout, json),
         Command::Delete { names, force } => sandbox::delete(&names, force, json),
         Command::Logs { name } => sandbox::logs(&name),
-        Command::Expose {
-            name,
-            guest_port,
-            host_port,
-        } => sandbox::expose(&name, guest_port, host_port, json),
+        Command::Expose { name, guest_port, host_port } => sandbox::expose(&name, guest_port, host_port, json),
         Command::Env(c) => sandbox::env(c, json),
         Command::Doctor => doctor::run(json),
         Command::Image(c) => image::run(c, json).map(|()| 0),

@@ -21,11 +21,7 @@ pub fn create(args: CreateArgs, json: bool) -> anyhow::Result<i32> {
         memory_mib: args.memory,
         cpus: args.cpus,
         disk_mib: args.disk_size,
-        network: if args.network == "none" {
-            Network::None
-        } else {
-            Network::Nat
-        },
+        network: if args.network == "none" { Network::None } else { Network::Nat },
         accel: match args.accel.as_str() {
             "kvm" => AccelChoice::Kvm,
             "tcg" => AccelChoice::Tcg,
@@ -62,9 +58,7 @@ fn row_line(s: &SandboxInfo) -> String {
         s.disk_mib,
         s.network,
         s.accel,
-        s.ssh_port
-            .map(|p| format!("127.0.0.1:{p}"))
-            .unwrap_or_else(|| "-".into())
+        s.ssh_port.map(|p| format!("127.0.0.1:{p}")).unwrap_or_else(|| "-".into())
     )
 }
 
@@ -119,9 +113,7 @@ pub fn status(name: &str, json: bool) -> anyhow::Result<i32> {
 
 fn exit_code(status: std::process::ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
-    status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+    status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
 pub fn exec(name: &str, tty: bool, command: &[String]) -> anyhow::Result<i32> {
@@ -135,20 +127,14 @@ pub fn exec(name: &str, tty: bool, command: &[String]) -> anyhow::Result<i32> {
 }
 
 pub fn ssh(name: &str, command: &[String]) -> anyhow::Result<i32> {
-    let status = open()?
-        .ssh_command(name, command, true)?
-        .status()
-        .context("run ssh")?;
+    let status = open()?.ssh_command(name, command, true)?.status().context("run ssh")?;
     Ok(exit_code(status))
 }
 
 pub fn cp(from: &str, to: &str) -> anyhow::Result<i32> {
     let out = open()?.cp_command(from, to)?.output().context("run scp")?;
     if !out.status.success() {
-        anyhow::bail!(
-            "cp {from} {to}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        anyhow::bail!("cp {from} {to}: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(0)
 }
@@ -191,9 +177,7 @@ pub fn logs(name: &str) -> anyhow::Result<i32> {
 pub fn expose(name: &str, guest: u16, host: Option<u16>, json: bool) -> anyhow::Result<i32> {
     let port = open()?.expose(name, guest, host)?;
     if json {
-        print_json(
-            &json!({ "name": name, "guest_port": guest, "host": format!("127.0.0.1:{port}") }),
-        )?;
+        print_json(&json!({ "name": name, "guest_port": guest, "host": format!("127.0.0.1:{port}") }))?;
     } else {
         say(format!("127.0.0.1:{port} -> {name}:{guest}"));
     }
@@ -205,9 +189,7 @@ pub fn env(cmd: EnvCommand, json: bool) -> anyhow::Result<i32> {
     match cmd {
         EnvCommand::Set { name, vars } => {
             for v in &vars {
-                let (k, val) = v
-                    .split_once('=')
-                    .with_context(|| format!("{v:?}: expected KEY=VALUE"))?;
+                let (k, val) = v.split_once('=').with_context(|| format!("{v:?}: expected KEY=VALUE"))?;
                 sm.env_set(&name, k, val)?;
             }
         }
@@ -219,12 +201,7 @@ pub fn env(cmd: EnvCommand, json: bool) -> anyhow::Result<i32> {
         EnvCommand::List { name } => {
             let vars = sm.env_list(&name)?;
             if json {
-                print_json(
-                    &vars
-                        .iter()
-                        .map(|(k, v)| json!({ "key": k, "value": v }))
-                        .collect::<Vec<_>>(),
-                )?;
+                print_json(&vars.iter().map(|(k, v)| json!({ "key": k, "value": v })).collect::<Vec<_>>())?;
             } else {
                 for (k, v) in vars {
                     say(format!("{k}={v}"));

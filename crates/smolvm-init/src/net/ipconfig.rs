@@ -28,10 +28,7 @@ impl IpConfig {
         let ip = |i: usize, name: &str| -> Result<Option<Ipv4Addr>, String> {
             match field(i) {
                 "" => Ok(None),
-                v => v
-                    .parse()
-                    .map(Some)
-                    .map_err(|_| format!("{name} {v:?} is not an IPv4 address")),
+                v => v.parse().map(Some).map_err(|_| format!("{name} {v:?} is not an IPv4 address")),
             }
         };
         let address = ip(0, "client address")?.ok_or("client address is missing")?;
@@ -51,18 +48,8 @@ impl IpConfig {
             "" => "eth0".to_string(),
             d => d.to_string(),
         };
-        let dns = [ip(7, "dns0")?, ip(8, "dns1")?]
-            .into_iter()
-            .flatten()
-            .collect();
-        Ok(Some(IpConfig {
-            address,
-            prefix_len,
-            gateway,
-            hostname,
-            device,
-            dns,
-        }))
+        let dns = [ip(7, "dns0")?, ip(8, "dns1")?].into_iter().flatten().collect();
+        Ok(Some(IpConfig { address, prefix_len, gateway, hostname, device, dns }))
     }
 }
 
@@ -72,9 +59,7 @@ mod tests {
 
     #[test]
     fn parses_the_form_the_host_writes() {
-        let c = IpConfig::parse("10.0.2.15::10.0.2.2:255.255.255.0:box:eth0:off:10.0.2.3")
-            .unwrap()
-            .unwrap();
+        let c = IpConfig::parse("10.0.2.15::10.0.2.2:255.255.255.0:box:eth0:off:10.0.2.3").unwrap().unwrap();
         assert_eq!(c.address, Ipv4Addr::new(10, 0, 2, 15));
         assert_eq!(c.prefix_len, 24);
         assert_eq!(c.gateway, Some(Ipv4Addr::new(10, 0, 2, 2)));
@@ -87,12 +72,8 @@ mod tests {
     fn off_and_errors() {
         assert_eq!(IpConfig::parse("off"), Ok(None));
         assert!(IpConfig::parse("dhcp").unwrap_err().contains("static"));
-        assert!(IpConfig::parse("10.0.2.300")
-            .unwrap_err()
-            .contains("client address"));
-        assert!(IpConfig::parse("10.0.2.15::10.0.2.2:255.0.255.0")
-            .unwrap_err()
-            .contains("contiguous"));
+        assert!(IpConfig::parse("10.0.2.300").unwrap_err().contains("client address"));
+        assert!(IpConfig::parse("10.0.2.15::10.0.2.2:255.0.255.0").unwrap_err().contains("contiguous"));
         assert_eq!(IpConfig::parse("10.0.0.2").unwrap().unwrap().device, "eth0");
     }
 }

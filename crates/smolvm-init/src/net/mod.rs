@@ -30,9 +30,7 @@ pub fn configure(cmdline_text: &str) {
         .unwrap_or("smolvm")
         .to_string();
     if let Some(h) = cmdline::get(cmdline_text, cmdline::HOSTNAME).filter(|h| !valid_hostname(h)) {
-        log::error!(
-            "ignoring invalid hostname {h:?} (letters, digits, '-' and '.', at most 63 bytes)"
-        );
+        log::error!("ignoring invalid hostname {h:?} (letters, digits, '-' and '.', at most 63 bytes)");
     }
     set_hostname(&hostname);
 
@@ -66,8 +64,7 @@ fn apply(nl: &mut netlink::Route, cfg: &IpConfig) -> std::io::Result<()> {
 fn valid_hostname(h: &str) -> bool {
     !h.is_empty()
         && h.len() <= 63
-        && h.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
         && !h.starts_with('-')
 }
 
@@ -76,11 +73,9 @@ fn set_hostname(name: &str) {
     if unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) } != 0 {
         log::error!("sethostname {name}: {}", std::io::Error::last_os_error());
     }
-    let hosts = format!(
-        "127.0.0.1\tlocalhost\n127.0.1.1\t{name}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-    );
-    if let Err(e) = std::fs::write("/etc/hosts", hosts)
-        .and_then(|_| std::fs::write("/etc/hostname", format!("{name}\n")))
+    let hosts = format!("127.0.0.1\tlocalhost\n127.0.1.1\t{name}\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    if let Err(e) =
+        std::fs::write("/etc/hosts", hosts).and_then(|_| std::fs::write("/etc/hostname", format!("{name}\n")))
     {
         log::error!("write /etc/hosts: {e}");
     }

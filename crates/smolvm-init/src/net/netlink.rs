@@ -65,15 +65,11 @@ impl Msg {
 }
 
 fn ifindex(name: &str) -> io::Result<u32> {
-    let c = CString::new(name)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"))?;
+    let c = CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"))?;
     // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
     if idx == 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("no network interface named {name}"),
-        ));
+        return Err(io::Error::new(io::ErrorKind::NotFound, format!("no network interface named {name}")));
     }
     Ok(idx)
 }
@@ -81,13 +77,7 @@ fn ifindex(name: &str) -> io::Result<u32> {
 impl Route {
     pub fn open() -> io::Result<Route> {
         // SAFETY: plain socket(2) call with constant arguments.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
-        };
+        let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -108,12 +98,7 @@ impl Route {
     }
 
     /// Adds `addr/prefix_len` to the interface.
-    pub fn add_ipv4_address(
-        &mut self,
-        dev: &str,
-        addr: Ipv4Addr,
-        prefix_len: u8,
-    ) -> io::Result<()> {
+    pub fn add_ipv4_address(&mut self, dev: &str, addr: Ipv4Addr, prefix_len: u8) -> io::Result<()> {
         let idx = ifindex(dev)?;
         let mut ifa = [0u8; 8]; // ifaddrmsg: family, prefixlen, flags, scope, index
         ifa[0] = libc::AF_INET as u8;
@@ -131,20 +116,8 @@ impl Route {
     pub fn add_ipv4_default_route(&mut self, dev: &str, gw: Ipv4Addr) -> io::Result<()> {
         let idx = ifindex(dev)?;
         // rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags(u32)
-        let rtm = [
-            libc::AF_INET as u8,
-            0,
-            0,
-            0,
-            RT_TABLE_MAIN,
-            RTPROT_BOOT,
-            RT_SCOPE_UNIVERSE,
-            RTN_UNICAST,
-            0,
-            0,
-            0,
-            0,
-        ];
+        let rtm =
+            [libc::AF_INET as u8, 0, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST, 0, 0, 0, 0];
         self.seq += 1;
         let msg = Msg::new(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, self.seq, &rtm)
             .attr(RTA_GATEWAY, &gw.octets())
@@ -163,8 +136,7 @@ impl Route {
         let mut buf = [0u8; 4096];
         loop {
             // SAFETY: `buf` is writable for its full length.
-            let n =
-                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n < 0 {
                 return Err(io::Error::last_os_error());
             }
@@ -182,18 +154,11 @@ fn parse_ack(mut buf: &[u8], seq: u32) -> Option<io::Result<()>> {
         let kind = u16::from_ne_bytes(buf[4..6].try_into().ok()?);
         let msg_seq = u32::from_ne_bytes(buf[8..12].try_into().ok()?);
         if len < NLMSG_HDRLEN || len > buf.len() {
-            return Some(Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "truncated netlink reply",
-            )));
+            return Some(Err(io::Error::new(io::ErrorKind::InvalidData, "truncated netlink reply")));
         }
         if kind == NLMSG_ERROR && msg_seq == seq && len >= NLMSG_HDRLEN + 4 {
             let errno = i32::from_ne_bytes(buf[16..20].try_into().ok()?);
-            return Some(if errno == 0 {
-                Ok(())
-            } else {
-                Err(io::Error::from_raw_os_error(-errno))
-            });
+            return Some(if errno == 0 { Ok(()) } else { Err(io::Error::from_raw_os_error(-errno)) });
         }
         buf = &buf[len.next_multiple_of(4).min(buf.len())..];
     }
@@ -212,10 +177,7 @@ mod tests {
         assert_eq!(m.len(), 16 + 8 + 8);
         assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()), 32);
         assert_eq!(u16::from_ne_bytes(m[4..6].try_into().unwrap()), RTM_NEWADDR);
-        assert_eq!(
-            u16::from_ne_bytes(m[6..8].try_into().unwrap()),
-            NLM_F_CREATE | NLM_F_REQUEST | NLM_F_ACK
-        );
+        assert_eq!(u16::from_ne_bytes(m[6..8].try_into().unwrap()), NLM_F_CREATE | NLM_F_REQUEST | NLM_F_ACK);
         assert_eq!(&m[24..28], &[8, 0, 2, 0][..]); // rta_len 8, rta_type IFA_LOCAL (little endian)
         assert_eq!(&m[28..32], &[10, 0, 2, 15][..]);
     }

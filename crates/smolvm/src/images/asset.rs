@@ -56,38 +56,23 @@ impl Asset {
     /// Checks what serde cannot: hex digests, a plain file name, `uncompressed` iff `.zst`.
     pub fn validate(&self) -> Result<(), String> {
         if self.name.is_empty() || self.name.contains('/') || self.name.starts_with('.') {
-            return Err(format!(
-                "asset name {:?} must be a plain file name",
-                self.name
-            ));
+            return Err(format!("asset name {:?} must be a plain file name", self.name));
         }
         if !is_sha256_hex(&self.sha256) {
-            return Err(format!(
-                "asset {}: sha256 {:?} is not 64 lowercase hex digits",
-                self.name, self.sha256
-            ));
+            return Err(format!("asset {}: sha256 {:?} is not 64 lowercase hex digits", self.name, self.sha256));
         }
         match (&self.uncompressed, self.is_zstd()) {
-            (Some(u), true) if !is_sha256_hex(&u.sha256) => Err(format!(
-                "asset {}: uncompressed.sha256 {:?} is not 64 lowercase hex digits",
-                self.name, u.sha256
-            )),
-            (None, true) => Err(format!(
-                "asset {}: a .zst asset needs `uncompressed` (size, sha256)",
-                self.name
-            )),
-            (Some(_), false) => Err(format!(
-                "asset {}: only .zst assets have `uncompressed`",
-                self.name
-            )),
+            (Some(u), true) if !is_sha256_hex(&u.sha256) => {
+                Err(format!("asset {}: uncompressed.sha256 {:?} is not 64 lowercase hex digits", self.name, u.sha256))
+            }
+            (None, true) => Err(format!("asset {}: a .zst asset needs `uncompressed` (size, sha256)", self.name)),
+            (Some(_), false) => Err(format!("asset {}: only .zst assets have `uncompressed`", self.name)),
             _ => Ok(()),
         }
     }
 
     /// The SHA-256 of the bytes a sandbox uses (after decompression).
     pub fn content_sha256(&self) -> &str {
-        self.uncompressed
-            .as_ref()
-            .map_or(&self.sha256, |u| &u.sha256)
+        self.uncompressed.as_ref().map_or(&self.sha256, |u| &u.sha256)
     }
 }

@@ -42,20 +42,11 @@ const ZSTD_WINDOW_LOG_MAX: u32 = 27;
 #[derive(Debug, Clone)]
 pub enum FetchEvent {
     /// A transfer starts: `total` bytes, of which `resumed` were already here.
-    Start {
-        name: String,
-        total: u64,
-        resumed: u64,
-    },
+    Start { name: String, total: u64, resumed: u64 },
     /// `n` more bytes arrived.
     Bytes(u64),
     /// A transient failure; the next attempt starts after `delay`.
-    Retry {
-        name: String,
-        attempt: u32,
-        reason: String,
-        delay: Duration,
-    },
+    Retry { name: String, attempt: u32, reason: String, delay: Duration },
     /// Another process is downloading the same asset; we wait for it.
     Waiting { name: String },
     /// The asset is verified and cached.
@@ -74,25 +65,14 @@ pub enum FetchError {
     )]
     Unreachable { url: String, reason: String },
     #[error("{url}: the server answered HTTP {status}; check SMOLVM_IMAGES_URL / SMOLVM_IMAGES_MANIFEST, or that the release {tag} is published")]
-    Http {
-        url: String,
-        status: u16,
-        tag: String,
-    },
+    Http { url: String, status: u16, tag: String },
     #[error(
         "{what} of {url} does not match its pin: expected sha256 {expected} ({expected_size} bytes), \
          got sha256 {actual} ({actual_size} bytes). Nothing of it was kept.\n\
          Retry; if it happens again, the server (or a proxy) serves other bytes than the release pinned in this binary: \
          check SMOLVM_IMAGES_URL and SMOLVM_IMAGES_MANIFEST, or rebuild and re-import the release (smolvm image import)"
     )]
-    Mismatch {
-        url: String,
-        what: &'static str,
-        expected: String,
-        actual: String,
-        expected_size: u64,
-        actual_size: u64,
-    },
+    Mismatch { url: String, what: &'static str, expected: String, actual: String, expected_size: u64, actual_size: u64 },
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
 }
@@ -172,9 +152,7 @@ impl ImageCache {
         if !blob.exists() {
             return None;
         }
-        let stamp: Option<Stamp> = fs::read(self.stamp(sha))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
+        let stamp: Option<Stamp> = fs::read(self.stamp(sha)).ok().and_then(|b| serde_json::from_slice(&b).ok());
         if stamp.is_some() && stamp == Stamp::of(&blob, sha).ok() {
             return Some(blob);
         }
@@ -184,10 +162,7 @@ impl ImageCache {
                 Some(blob)
             }
             _ => {
-                tracing::warn!(
-                    "cached image {} failed verification; removing it",
-                    blob.display()
-                );
+                tracing::warn!("cached image {} failed verification; removing it", blob.display());
                 let _ = fs::remove_file(&blob);
                 let _ = fs::remove_file(self.stamp(sha));
                 None
@@ -212,12 +187,7 @@ impl ImageCache {
 
     /// Returns the verified content of `asset`, downloading it from `url` if needed.
     /// Concurrent callers (threads or processes) download it once; the others wait.
-    pub fn ensure(
-        &self,
-        asset: &Asset,
-        url: &str,
-        on: &mut dyn FnMut(FetchEvent),
-    ) -> Result<PathBuf, FetchError> {
+    pub fn ensure(&self, asset: &Asset, url: &str, on: &mut dyn FnMut(FetchEvent)) -> Result<PathBuf, FetchError> {
         if let Some(p) = self.lookup(asset) {
             return Ok(p);
         }
@@ -226,14 +196,9 @@ impl ImageCache {
             return Ok(p);
         }
         self.download(asset, url, on)?;
-        on(FetchEvent::Done {
-            name: asset.name.clone(),
-        });
+        on(FetchEvent::Done { name: asset.name.clone() });
         self.lookup(asset).ok_or_else(|| FetchError::Io {
-            what: format!(
-                "{} vanished from the cache right after verification",
-                asset.name
-            ),
+            what: format!("{} vanished from the cache right after verification", asset.name),
             source: io::Error::from(io::ErrorKind::NotFound),
         })
     }
@@ -250,32 +215,30 @@ impl ImageCache {
             let mut sink = Sink::create(&tmp, asset.is_zstd())?;
             let mut hasher = Sha256::new();
             let mut f = File::open(file).map_err(io_err(format!("open {origin}")))?;
-            let total = copy_through(&mut f, &mut hasher, &mut sink, None, &mut |_| {})
-                .map_err(io_err(format!("read {origin}")))?;
-            self.finish(asset, &origin, sink, hasher, total, &tmp)
+            let (total, sink_error) =
+                copy_through(&mut f, &mut hasher, &mut sink, None, &mut |_| {}).map_err(|e| match e {
+                    CopyError::Read(e) => FetchError::Io { what: format!("read {origin}"), source: e },
+                    CopyError::Write(e) => {
+                        FetchError::Io { what: format!("write into the image cache {}", self.root.display()), source: e }
+                    }
+                })?;
+            self.finish(asset, &origin, sink, sink_error, hasher, total, &tmp)
         })();
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
         }
         result?;
-        self.lookup(asset).ok_or_else(|| FetchError::Io {
-            what: "import".into(),
-            source: io::ErrorKind::NotFound.into(),
-        })
+        self.lookup(asset)
+            .ok_or_else(|| FetchError::Io { what: "import".into(), source: io::ErrorKind::NotFound.into() })
     }
 
     fn lock(&self, asset: &Asset, on: &mut dyn FnMut(FetchEvent)) -> Result<FileLock, FetchError> {
-        let path = self
-            .root
-            .join("locks")
-            .join(format!("{}.lock", asset.content_sha256()));
+        let path = self.root.join("locks").join(format!("{}.lock", asset.content_sha256()));
         let what = || format!("lock {}", path.display());
         if let Some(l) = FileLock::try_exclusive(&path).map_err(io_err(what()))? {
             return Ok(l);
         }
-        on(FetchEvent::Waiting {
-            name: asset.name.clone(),
-        });
+        on(FetchEvent::Waiting { name: asset.name.clone() });
         FileLock::exclusive(&path).map_err(io_err(what()))
     }
 
@@ -286,17 +249,9 @@ impl ImageCache {
         Ok(dir.join(format!("{}.tmp", asset.content_sha256())))
     }
 
-    fn download(
-        &self,
-        asset: &Asset,
-        url: &str,
-        on: &mut dyn FnMut(FetchEvent),
-    ) -> Result<(), FetchError> {
+    fn download(&self, asset: &Asset, url: &str, on: &mut dyn FnMut(FetchEvent)) -> Result<(), FetchError> {
         let tmp = self.tmp_path(asset)?;
-        let part = self
-            .root
-            .join("partial")
-            .join(format!("{}.part", asset.sha256));
+        let part = self.root.join("partial").join(format!("{}.part", asset.sha256));
         let agent = http_agent();
         let mut attempt = 0;
         loop {
@@ -321,18 +276,10 @@ impl ImageCache {
             let _ = fs::remove_file(&tmp);
             if attempt >= limit {
                 // The partial download stays: the next run resumes it (it is verified then).
-                return Err(FetchError::Unreachable {
-                    url: url.to_string(),
-                    reason,
-                });
+                return Err(FetchError::Unreachable { url: url.to_string(), reason });
             }
             let delay = Duration::from_millis(500 << (attempt - 1).min(4));
-            on(FetchEvent::Retry {
-                name: asset.name.clone(),
-                attempt,
-                reason,
-                delay,
-            });
+            on(FetchEvent::Retry { name: asset.name.clone(), attempt, reason, delay });
             std::thread::sleep(delay);
         }
     }
@@ -347,8 +294,7 @@ impl ImageCache {
         tmp: &Path,
         on: &mut dyn FnMut(FetchEvent),
     ) -> Result<(), Failure> {
-        let fatal_io =
-            |what: String| move |e: io::Error| Failure::Fatal(FetchError::Io { what, source: e });
+        let fatal_io = |what: String| move |e: io::Error| Failure::Fatal(FetchError::Io { what, source: e });
         let mut have = fs::metadata(part).map(|m| m.len()).unwrap_or(0);
         if have > asset.size {
             let _ = fs::remove_file(part);
@@ -366,18 +312,10 @@ impl ImageCache {
             416 if have == asset.size => {}
             416 => {
                 let _ = fs::remove_file(part);
-                return Err(Failure::Transfer(
-                    "the server refused to resume; starting over".into(),
-                ));
+                return Err(Failure::Transfer("the server refused to resume; starting over".into()));
             }
             429 | 500..=599 => return Err(Failure::Transfer(format!("HTTP {status}"))),
-            _ => {
-                return Err(Failure::Fatal(FetchError::Http {
-                    url: url.into(),
-                    status,
-                    tag: String::new(),
-                }))
-            }
+            _ => return Err(Failure::Fatal(FetchError::Http { url: url.into(), status, tag: String::new() })),
         }
         let mut part_file = OpenOptions::new()
             .create(true)
@@ -390,57 +328,47 @@ impl ImageCache {
         let mut hasher = Sha256::new();
         if have > 0 {
             let mut f = File::open(part).map_err(fatal_io(format!("read {}", part.display())))?;
-            copy_through(
-                &mut Read::by_ref(&mut f).take(have),
-                &mut hasher,
-                &mut sink,
-                None,
-                &mut |_| {},
-            )
-            .map_err(fatal_io(format!("replay {}", part.display())))?;
+            match copy_through(&mut Read::by_ref(&mut f).take(have), &mut hasher, &mut sink, None, &mut |_| {}) {
+                Ok((_, None)) => {}
+                // What we kept does not decode, so it is not the pinned asset: start over.
+                Ok((_, Some(_))) | Err(CopyError::Read(_)) => {
+                    let _ = fs::remove_file(part);
+                    return Err(Failure::Transfer("the partial download was unusable; starting over".into()));
+                }
+                Err(CopyError::Write(e)) => return Err(fatal_io(format!("write {}", tmp.display()))(e)),
+            }
         }
-        on(FetchEvent::Start {
-            name: asset.name.clone(),
-            total: asset.size,
-            resumed: have,
-        });
-        let mut body = resp
-            .body_mut()
-            .with_config()
-            .limit(asset.size.saturating_sub(have) + 1)
-            .reader();
-        let received = copy_through(
-            &mut body,
-            &mut hasher,
-            &mut sink,
-            Some(&mut part_file),
-            &mut |n| on(FetchEvent::Bytes(n)),
-        );
-        match received {
-            Ok(_) => {}
-            Err(e)
-                if e.kind() == io::ErrorKind::StorageFull
-                    || e.raw_os_error() == Some(libc::ENOSPC) =>
-            {
+        on(FetchEvent::Start { name: asset.name.clone(), total: asset.size, resumed: have });
+        let mut body = resp.body_mut().with_config().limit(asset.size.saturating_sub(have) + 1).reader();
+        let received =
+            copy_through(&mut body, &mut hasher, &mut sink, Some(&mut part_file), &mut |n| on(FetchEvent::Bytes(n)));
+        let sink_error = match received {
+            Ok((_, sink_error)) => sink_error,
+            Err(CopyError::Write(e)) => {
                 return Err(Failure::Fatal(FetchError::Io {
-                    what: format!("writing {} to the image cache ({}): the disk is full; free space or set SMOLVM_HOME elsewhere", asset.name, self.root.display()),
+                    what: format!(
+                        "writing {} into the image cache {} (if the disk is full: free space, or set SMOLVM_HOME elsewhere)",
+                        asset.name,
+                        self.root.display()
+                    ),
                     source: e,
                 }));
             }
             // The connection broke: what arrived is kept in `part` for the next attempt.
-            Err(e) => return Err(Failure::Transfer(e.to_string())),
-        }
+            Err(CopyError::Read(e)) => return Err(Failure::Transfer(e.to_string())),
+        };
         let total = fs::metadata(part).map(|m| m.len()).unwrap_or(0);
-        self.finish(asset, url, sink, hasher, total, tmp)
-            .map_err(Failure::Fatal)
+        self.finish(asset, url, sink, sink_error, hasher, total, tmp).map_err(Failure::Fatal)
     }
 
     /// Checks both digests, then renames the content into `blobs/` and stamps it.
+    #[allow(clippy::too_many_arguments)]
     fn finish(
         &self,
         asset: &Asset,
         origin: &str,
         sink: Sink,
+        sink_error: Option<io::Error>,
         hasher: Sha256,
         total: u64,
         tmp: &Path,
@@ -456,7 +384,11 @@ impl ImageCache {
                 actual_size: total,
             });
         }
-        let (size, sha) = match sink.finish() {
+        let finished = match sink_error {
+            Some(e) => Err(e),
+            None => sink.finish(),
+        };
+        let (size, sha) = match finished {
             Ok(v) => v,
             Err(e) => {
                 return Err(FetchError::Mismatch {
@@ -482,8 +414,7 @@ impl ImageCache {
         }
         let blob = self.blob(&sha);
         fs::rename(tmp, &blob).map_err(io_err(format!("move into {}", blob.display())))?;
-        self.write_stamp(&sha)
-            .map_err(io_err("write the verified-stamp"))?;
+        self.write_stamp(&sha).map_err(io_err("write the verified-stamp"))?;
         Ok(())
     }
 
@@ -500,12 +431,7 @@ impl ImageCache {
                     return None;
                 }
                 let m = e.metadata().ok()?;
-                Some(CachedImage {
-                    sha256: name,
-                    size: m.len(),
-                    allocated: m.blocks() * 512,
-                    path: e.path(),
-                })
+                Some(CachedImage { sha256: name, size: m.len(), allocated: m.blocks() * 512, path: e.path() })
             })
             .collect();
         out.sort_by(|a, b| a.sha256.cmp(&b.sha256));
@@ -556,31 +482,56 @@ enum Failure {
     Fatal(FetchError),
 }
 
-/// Reads `from` to the end, hashing and decompressing it, optionally appending it to `tee`.
+/// How reading a stream through the pipeline failed.
+enum CopyError {
+    /// Reading the source failed (for a download: the connection broke).
+    Read(io::Error),
+    /// Writing locally failed (disk full, I/O error).
+    Write(io::Error),
+}
+
+/// Reads `from` to the end, hashing it, decompressing it into `sink` and appending it to `tee`.
+/// If the sink rejects the data (not a valid zstd stream), the rest is still read and hashed,
+/// so that the error can name the digest of what was served; the sink's error comes back
+/// beside the byte count.
 fn copy_through(
     from: &mut dyn Read,
     hasher: &mut Sha256,
     sink: &mut Sink,
     mut tee: Option<&mut File>,
     on_bytes: &mut dyn FnMut(u64),
-) -> io::Result<u64> {
+) -> Result<(u64, Option<io::Error>), CopyError> {
     let mut buf = vec![0u8; CHUNK];
     let mut total = 0u64;
+    let mut sink_error = None;
     loop {
         let n = match from.read(&mut buf) {
-            Ok(0) => return Ok(total),
+            Ok(0) => return Ok((total, sink_error)),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(CopyError::Read(e)),
         };
         if let Some(t) = tee.as_deref_mut() {
-            t.write_all(&buf[..n])?;
+            t.write_all(&buf[..n]).map_err(CopyError::Write)?;
         }
         hasher.update(&buf[..n]);
-        sink.write_all(&buf[..n])?;
+        if sink_error.is_none() {
+            if let Err(e) = sink.write_all(&buf[..n]) {
+                if is_local_write_error(&e) {
+                    return Err(CopyError::Write(e));
+                }
+                sink_error = Some(e);
+            }
+        }
         total += n as u64;
         on_bytes(n as u64);
     }
+}
+
+/// Disk full or a failing disk, as opposed to data that does not decode.
+fn is_local_write_error(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EIO) | Some(libc::EROFS))
+        || e.kind() == io::ErrorKind::StorageFull
 }
 
 /// Writes content to a file, hashing it and leaving holes where it is zero.
@@ -623,18 +574,12 @@ impl Sink {
             .truncate(true)
             .open(path)
             .map_err(io_err(format!("create {}", path.display())))?;
-        let w = ContentWriter {
-            file,
-            hasher: Sha256::new(),
-            pos: 0,
-        };
+        let w = ContentWriter { file, hasher: Sha256::new(), pos: 0 };
         if !zstd {
             return Ok(Sink::Plain(w));
         }
-        let mut d =
-            zstd::stream::write::Decoder::new(w).map_err(io_err("start the zstd decoder"))?;
-        d.window_log_max(ZSTD_WINDOW_LOG_MAX)
-            .map_err(io_err("configure the zstd decoder"))?;
+        let mut d = zstd::stream::write::Decoder::new(w).map_err(io_err("start the zstd decoder"))?;
+        d.window_log_max(ZSTD_WINDOW_LOG_MAX).map_err(io_err("configure the zstd decoder"))?;
         Ok(Sink::Zstd(Box::new(d)))
     }
 

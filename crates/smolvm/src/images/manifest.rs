@@ -28,15 +28,9 @@ pub struct Manifest {
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
     #[error("read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("{origin}: not a valid release manifest: {source}")]
-    Parse {
-        origin: String,
-        source: serde_json::Error,
-    },
+    Parse { origin: String, source: serde_json::Error },
     #[error("{origin}: {reason}")]
     Invalid { origin: String, reason: String },
 }
@@ -44,14 +38,9 @@ pub enum ManifestError {
 impl Manifest {
     /// Parses and validates; `origin` (a path or URL) names the manifest in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Manifest, ManifestError> {
-        let m: Manifest = serde_json::from_str(text).map_err(|source| ManifestError::Parse {
-            origin: origin.to_string(),
-            source,
-        })?;
-        let invalid = |reason: String| ManifestError::Invalid {
-            origin: origin.to_string(),
-            reason,
-        };
+        let m: Manifest =
+            serde_json::from_str(text).map_err(|source| ManifestError::Parse { origin: origin.to_string(), source })?;
+        let invalid = |reason: String| ManifestError::Invalid { origin: origin.to_string(), reason };
         Tag::parse(&m.tag).map_err(invalid)?;
         for a in &m.assets {
             a.validate().map_err(invalid)?;
@@ -61,10 +50,8 @@ impl Manifest {
 
     /// Reads `path` (a `manifest.json`).
     pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ManifestError::Read { path: path.display().to_string(), source })?;
         Manifest::parse(&text, &path.display().to_string())
     }
 
@@ -76,10 +63,7 @@ impl Manifest {
 
     /// `SHA256SUMS` in `sha256sum` format: `<hex>  <name>` per asset.
     pub fn sha256sums(&self) -> String {
-        self.assets
-            .iter()
-            .map(|a| format!("{}  {}\n", a.sha256, a.name))
-            .collect()
+        self.assets.iter().map(|a| format!("{}  {}\n", a.sha256, a.name)).collect()
     }
 
     /// The asset called `name`.
@@ -93,13 +77,8 @@ pub fn parse_sha256sums(text: &str) -> Result<Vec<(String, String)>, String> {
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| {
-            let (hash, rest) = l
-                .split_once(' ')
-                .ok_or_else(|| format!("malformed SHA256SUMS line {l:?}"))?;
-            let name = rest
-                .strip_prefix(' ')
-                .or_else(|| rest.strip_prefix('*'))
-                .unwrap_or(rest);
+            let (hash, rest) = l.split_once(' ').ok_or_else(|| format!("malformed SHA256SUMS line {l:?}"))?;
+            let name = rest.strip_prefix(' ').or_else(|| rest.strip_prefix('*')).unwrap_or(rest);
             if !crate::digest::is_sha256_hex(hash) || name.is_empty() {
                 return Err(format!("malformed SHA256SUMS line {l:?}"));
             }
@@ -124,10 +103,7 @@ mod tests {
                 format: Format::Ext4,
                 size: 10,
                 sha256: "a".repeat(64),
-                uncompressed: Some(Blob {
-                    size: 100,
-                    sha256: "b".repeat(64),
-                }),
+                uncompressed: Some(Blob { size: 100, sha256: "b".repeat(64) }),
             }],
         }
     }
@@ -137,10 +113,7 @@ mod tests {
         let m = sample();
         assert_eq!(Manifest::parse(&m.to_json(), "t").unwrap(), m);
         let sums = parse_sha256sums(&m.sha256sums()).unwrap();
-        assert_eq!(
-            sums,
-            vec![("a".repeat(64), "base-x86_64-rootfs.ext4.zst".to_string())]
-        );
+        assert_eq!(sums, vec![("a".repeat(64), "base-x86_64-rootfs.ext4.zst".to_string())]);
         assert!(parse_sha256sums("xyz  f\n").is_err());
     }
 

@@ -9,8 +9,7 @@ use super::Manifest;
 use crate::digest::sha256_file;
 
 /// Where releases are published unless `images/release.toml` already says otherwise.
-pub const DEFAULT_URL_TEMPLATE: &str =
-    "https://github.com/smolvm/smolvm/releases/download/{tag}/{asset}";
+pub const DEFAULT_URL_TEMPLATE: &str = "https://github.com/smolvm/smolvm/releases/download/{tag}/{asset}";
 
 const HEADER: &str = "\
 # The images this smolvm binary boots: compiled in, the single source of truth.
@@ -26,10 +25,7 @@ pub enum PinError {
     #[error("{path}: {reason}; rebuild the release (smolvm image build all)")]
     Mismatch { path: String, reason: String },
     #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
+    Io { what: String, source: std::io::Error },
     #[error("the pins written would not load back: {0}")]
     RoundTrip(#[from] PinsError),
 }
@@ -43,11 +39,7 @@ pub fn pin(release_dir: &Path, release_toml: &Path) -> Result<ReleasePins, PinEr
         .ok()
         .and_then(|t| ReleasePins::parse(&t, "existing").ok())
         .map_or_else(|| DEFAULT_URL_TEMPLATE.to_string(), |p| p.url_template);
-    let pins = ReleasePins {
-        tag: manifest.tag.clone(),
-        url_template,
-        assets: manifest.assets.clone(),
-    };
+    let pins = ReleasePins { tag: manifest.tag.clone(), url_template, assets: manifest.assets.clone() };
     let text = render(&pins);
     ReleasePins::parse(&text, "generated pins")?;
     let tmp = release_toml.with_extension("toml.tmp");
@@ -66,20 +58,13 @@ pub fn render(pins: &ReleasePins) -> String {
 /// Every asset exists with the manifest's size and SHA-256, and `SHA256SUMS` agrees.
 pub fn verify_release_dir(dir: &Path, manifest: &Manifest) -> Result<(), PinError> {
     let sums_path = dir.join(SHA256SUMS_FILE);
-    let sums_text = fs::read_to_string(&sums_path).map_err(|source| PinError::Io {
-        what: format!("read {}", sums_path.display()),
-        source,
-    })?;
-    let sums = parse_sha256sums(&sums_text).map_err(|reason| PinError::Mismatch {
-        path: sums_path.display().to_string(),
-        reason,
-    })?;
+    let sums_text = fs::read_to_string(&sums_path)
+        .map_err(|source| PinError::Io { what: format!("read {}", sums_path.display()), source })?;
+    let sums = parse_sha256sums(&sums_text)
+        .map_err(|reason| PinError::Mismatch { path: sums_path.display().to_string(), reason })?;
     for a in &manifest.assets {
         let path = dir.join(&a.name);
-        let mismatch = |reason: String| PinError::Mismatch {
-            path: path.display().to_string(),
-            reason,
-        };
+        let mismatch = |reason: String| PinError::Mismatch { path: path.display().to_string(), reason };
         let (size, sha) = sha256_file(&path).map_err(|e| mismatch(format!("cannot read: {e}")))?;
         if size != a.size || sha != a.sha256 {
             return Err(mismatch(format!(
@@ -88,10 +73,7 @@ pub fn verify_release_dir(dir: &Path, manifest: &Manifest) -> Result<(), PinErro
             )));
         }
         if !sums.iter().any(|(h, n)| n == &a.name && h == &a.sha256) {
-            return Err(mismatch(format!(
-                "{SHA256SUMS_FILE} does not list it with sha256 {}",
-                a.sha256
-            )));
+            return Err(mismatch(format!("{SHA256SUMS_FILE} does not list it with sha256 {}", a.sha256)));
         }
     }
     Ok(())

@@ -31,10 +31,7 @@ pub struct ReleasePins {
 #[derive(Debug, thiserror::Error)]
 pub enum PinsError {
     #[error("{origin}: {source}")]
-    Parse {
-        origin: String,
-        source: Box<toml::de::Error>,
-    },
+    Parse { origin: String, source: Box<toml::de::Error> },
     #[error("{origin}: {reason}")]
     Invalid { origin: String, reason: String },
 }
@@ -42,24 +39,16 @@ pub enum PinsError {
 impl ReleasePins {
     /// Parses and validates pins; `origin` names the file in errors.
     pub fn parse(text: &str, origin: &str) -> Result<ReleasePins, PinsError> {
-        let pins: ReleasePins = toml::from_str(text).map_err(|e| PinsError::Parse {
-            origin: origin.to_string(),
-            source: Box::new(e),
-        })?;
-        pins.validate().map_err(|reason| PinsError::Invalid {
-            origin: origin.to_string(),
-            reason,
-        })?;
+        let pins: ReleasePins =
+            toml::from_str(text).map_err(|e| PinsError::Parse { origin: origin.to_string(), source: Box::new(e) })?;
+        pins.validate().map_err(|reason| PinsError::Invalid { origin: origin.to_string(), reason })?;
         Ok(pins)
     }
 
     /// The pins compiled into this binary. Parsed once; a test keeps the file valid.
     pub fn compiled() -> Result<&'static ReleasePins, &'static PinsError> {
         static PINS: OnceLock<Result<ReleasePins, PinsError>> = OnceLock::new();
-        PINS.get_or_init(|| {
-            ReleasePins::parse(IMAGES_RELEASE_TOML, "images/release.toml (compiled in)")
-        })
-        .as_ref()
+        PINS.get_or_init(|| ReleasePins::parse(IMAGES_RELEASE_TOML, "images/release.toml (compiled in)")).as_ref()
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -69,12 +58,8 @@ impl ReleasePins {
                 return Err(format!("url_template {:?} lacks {key}", self.url_template));
             }
         }
-        if !(self.url_template.starts_with("https://") || self.url_template.starts_with("http://"))
-        {
-            return Err(format!(
-                "url_template {:?} is not an http(s) URL",
-                self.url_template
-            ));
+        if !(self.url_template.starts_with("https://") || self.url_template.starts_with("http://")) {
+            return Err(format!("url_template {:?} is not an http(s) URL", self.url_template));
         }
         for a in &self.assets {
             a.validate()?;
@@ -89,21 +74,12 @@ impl ReleasePins {
 
     /// The download URL of an asset of this release.
     pub fn url(&self, asset_name: &str) -> String {
-        self.url_template
-            .replace("{tag}", &self.tag)
-            .replace("{asset}", asset_name)
+        self.url_template.replace("{tag}", &self.tag).replace("{asset}", asset_name)
     }
 
     /// The first asset of a kind for an architecture (e.g. the base rootfs for x86_64).
-    pub fn find(
-        &self,
-        kind: AssetKind,
-        arch: &str,
-        format: Option<super::Format>,
-    ) -> Option<&Asset> {
-        self.assets
-            .iter()
-            .find(|a| a.kind == kind && a.arch == arch && format.is_none_or(|f| a.format == f))
+    pub fn find(&self, kind: AssetKind, arch: &str, format: Option<super::Format>) -> Option<&Asset> {
+        self.assets.iter().find(|a| a.kind == kind && a.arch == arch && format.is_none_or(|f| a.format == f))
     }
 }
 
@@ -120,30 +96,18 @@ mod tests {
     #[test]
     fn base_rootfs_url_is_at_images_release_tag() {
         let pins = compiled();
-        let base = pins
-            .find(AssetKind::Rootfs, "x86_64", Some(Format::Ext4))
-            .expect("a base rootfs pin");
+        let base = pins.find(AssetKind::Rootfs, "x86_64", Some(Format::Ext4)).expect("a base rootfs pin");
         assert_eq!(base.name, "base-x86_64-rootfs.ext4.zst");
         let url = pins.url(&base.name);
-        assert!(
-            url.ends_with(&format!(
-                "/releases/download/{}/base-x86_64-rootfs.ext4.zst",
-                pins.tag
-            )),
-            "{url}"
-        );
+        assert!(url.ends_with(&format!("/releases/download/{}/base-x86_64-rootfs.ext4.zst", pins.tag)), "{url}");
         assert!(url.starts_with("https://"));
     }
 
     #[test]
     fn every_pin_is_64_hex_digits() {
         let pins = compiled();
-        assert!(pins
-            .find(AssetKind::Kernel, "x86_64", Some(Format::Elf))
-            .is_some());
-        assert!(pins
-            .find(AssetKind::Kernel, "x86_64", Some(Format::Bzimage))
-            .is_some());
+        assert!(pins.find(AssetKind::Kernel, "x86_64", Some(Format::Elf)).is_some());
+        assert!(pins.find(AssetKind::Kernel, "x86_64", Some(Format::Bzimage)).is_some());
         for a in &pins.assets {
             assert!(is_sha256_hex(&a.sha256), "{}", a.name);
             assert!(a.size > 0, "{}", a.name);
@@ -158,15 +122,10 @@ mod tests {
     fn a_misspelt_field_fails_to_load() {
         let misspelt = IMAGES_RELEASE_TOML.replacen("sha256 =", "sha265 =", 1);
         assert_ne!(misspelt, IMAGES_RELEASE_TOML);
-        let err = ReleasePins::parse(&misspelt, "test")
-            .unwrap_err()
-            .to_string();
+        let err = ReleasePins::parse(&misspelt, "test").unwrap_err().to_string();
         assert!(err.contains("sha265"), "{err}");
         let extra = format!("{IMAGES_RELEASE_TOML}\nmirror = \"x\"\n");
-        assert!(ReleasePins::parse(&extra, "test")
-            .unwrap_err()
-            .to_string()
-            .contains("mirror"));
+        assert!(ReleasePins::parse(&extra, "test").unwrap_err().to_string().contains("mirror"));
     }
 
     #[test]
@@ -174,14 +133,8 @@ mod tests {
         let pins = compiled();
         let a = &pins.assets[0];
         let bad = IMAGES_RELEASE_TOML.replacen(&a.sha256, &a.sha256[..63], 1);
-        assert!(ReleasePins::parse(&bad, "t")
-            .unwrap_err()
-            .to_string()
-            .contains("64 lowercase hex"));
+        assert!(ReleasePins::parse(&bad, "t").unwrap_err().to_string().contains("64 lowercase hex"));
         let bad_tag = IMAGES_RELEASE_TOML.replacen(&pins.tag, "v1", 1);
-        assert!(ReleasePins::parse(&bad_tag, "t")
-            .unwrap_err()
-            .to_string()
-            .contains("images-YYYY.MM.DD.N"));
+        assert!(ReleasePins::parse(&bad_tag, "t").unwrap_err().to_string().contains("images-YYYY.MM.DD.N"));
     }
 }

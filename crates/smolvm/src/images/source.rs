@@ -46,18 +46,13 @@ pub enum SourceError {
 impl ImageSource {
     /// From the environment (see the module docs), else the compiled-in pins.
     pub fn from_env() -> Result<ImageSource, SourceError> {
-        let manifest = std::env::var(ENV_IMAGES_MANIFEST)
-            .ok()
-            .filter(|v| !v.is_empty());
+        let manifest = std::env::var(ENV_IMAGES_MANIFEST).ok().filter(|v| !v.is_empty());
         let prefix = std::env::var(ENV_IMAGES_URL).ok().filter(|v| !v.is_empty());
         ImageSource::resolve(manifest.as_deref(), prefix.as_deref())
     }
 
     /// As [`ImageSource::from_env`], with the values given.
-    pub fn resolve(
-        manifest: Option<&str>,
-        url_prefix: Option<&str>,
-    ) -> Result<ImageSource, SourceError> {
+    pub fn resolve(manifest: Option<&str>, url_prefix: Option<&str>) -> Result<ImageSource, SourceError> {
         let pins = ReleasePins::compiled().map_err(|e| SourceError::Pins(e.to_string()))?;
         let mut src = match manifest {
             None => ImageSource {
@@ -91,24 +86,14 @@ impl ImageSource {
 
     /// The download URL of an asset.
     pub fn url(&self, asset: &Asset) -> String {
-        self.url_template
-            .replace("{tag}", &self.tag)
-            .replace("{asset}", &asset.name)
+        self.url_template.replace("{tag}", &self.tag).replace("{asset}", &asset.name)
     }
 
-    fn find(
-        &self,
-        kind: AssetKind,
-        format: Format,
-        what: &'static str,
-    ) -> Result<&Asset, SourceError> {
+    fn find(&self, kind: AssetKind, format: Format, what: &'static str) -> Result<&Asset, SourceError> {
         self.assets
             .iter()
             .find(|a| a.kind == kind && a.format == format && a.arch == "x86_64")
-            .ok_or_else(|| SourceError::Missing {
-                tag: self.tag.clone(),
-                what,
-            })
+            .ok_or_else(|| SourceError::Missing { tag: self.tag.clone(), what })
     }
 
     /// The PVH ELF kernel (QEMU `microvm`, Firecracker).
@@ -130,10 +115,7 @@ fn load_manifest(loc: &str) -> Result<Manifest, SourceError> {
     if !is_url(loc) {
         return Ok(Manifest::load(Path::new(loc))?);
     }
-    let fail = |reason: String| SourceError::ManifestDownload {
-        url: loc.to_string(),
-        reason,
-    };
+    let fail = |reason: String| SourceError::ManifestDownload { url: loc.to_string(), reason };
     let text = super::fetch::http_agent()
         .get(loc)
         .call()
@@ -155,36 +137,21 @@ mod tests {
         let src = ImageSource::resolve(None, None).unwrap();
         assert!(src.pins_overridden.is_none());
         let base = src.base_rootfs().unwrap().clone();
-        assert!(src
-            .url(&base)
-            .contains(&format!("/releases/download/{}/", src.tag)));
+        assert!(src.url(&base).contains(&format!("/releases/download/{}/", src.tag)));
         let mirrored = ImageSource::resolve(None, Some("http://127.0.0.1:8000/")).unwrap();
-        assert_eq!(
-            mirrored.url(&base),
-            format!("http://127.0.0.1:8000/{}/{}", src.tag, base.name)
-        );
+        assert_eq!(mirrored.url(&base), format!("http://127.0.0.1:8000/{}/{}", src.tag, base.name));
     }
 
     #[test]
     fn a_manifest_path_overrides_the_pins_with_a_warning() {
         let dir = tempfile::tempdir().unwrap();
         let pins = ReleasePins::compiled().unwrap();
-        let m = Manifest {
-            tag: "images-2030.01.02.3".into(),
-            created: "x".into(),
-            assets: pins.assets.clone(),
-        };
+        let m = Manifest { tag: "images-2030.01.02.3".into(), created: "x".into(), assets: pins.assets.clone() };
         let path = dir.path().join("manifest.json");
         std::fs::write(&path, m.to_json()).unwrap();
         let src = ImageSource::resolve(path.to_str(), Some("http://127.0.0.1:1")).unwrap();
         assert_eq!(src.tag, "images-2030.01.02.3");
-        assert!(src
-            .pins_overridden
-            .as_deref()
-            .unwrap()
-            .contains("overridden"));
-        assert!(src
-            .url(src.kernel().unwrap())
-            .starts_with("http://127.0.0.1:1/images-2030.01.02.3/"));
+        assert!(src.pins_overridden.as_deref().unwrap().contains("overridden"));
+        assert!(src.url(src.kernel().unwrap()).starts_with("http://127.0.0.1:1/images-2030.01.02.3/"));
     }
 }

@@ -51,13 +51,9 @@ mod tests {
         let t = Tag::parse("images-2026.12.01.1").unwrap();
         assert_eq!((t.year, t.month, t.day, t.serial), (2026, 12, 1, 1));
         assert_eq!(t.epoch(), 1_796_083_200);
-        for bad in [
-            "images-2026.12.1.1",
-            "2026.12.01.1",
-            "images-2026.13.01.1",
-            "images-2026.12.01",
-            "images-2026.12.01.x",
-        ] {
+        for bad in
+            ["images-2026.12.1.1", "2026.12.01.1", "images-2026.13.01.1", "images-2026.12.01", "images-2026.12.01.x"]
+        {
             assert!(Tag::parse(bad).is_err(), "{bad}");
         }
     }

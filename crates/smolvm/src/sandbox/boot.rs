@@ -30,11 +30,7 @@ pub enum BootError {
     #[error("QEMU started but wrote no pid file ({0})")]
     NoPid(String),
     #[error("the guest did not become ready: {cause}\n--- last lines of the console ({console}) ---\n{tail}")]
-    NotReady {
-        cause: WaitError,
-        console: String,
-        tail: String,
-    },
+    NotReady { cause: WaitError, console: String, tail: String },
 }
 
 /// A free TCP port on 127.0.0.1 (the kernel's choice; QEMU binds it right after).
@@ -46,10 +42,7 @@ fn free_port() -> std::io::Result<u16> {
 /// its output in `qemu.log`. Returns its pid.
 fn spawn_detached(cfg: &QemuConfig) -> Result<i32, BootError> {
     use std::os::unix::process::CommandExt;
-    let spawn_err = |e: std::io::Error| BootError::Spawn {
-        qemu: qemu::qemu_binary(),
-        stderr: e.to_string(),
-    };
+    let spawn_err = |e: std::io::Error| BootError::Spawn { qemu: qemu::qemu_binary(), stderr: e.to_string() };
     let log = std::fs::File::create(qemu::qemu_log(&cfg.dir)).map_err(spawn_err)?;
     let mut cmd = cfg.command();
     cmd.stdout(log.try_clone().map_err(spawn_err)?).stderr(log);
@@ -77,38 +70,21 @@ pub(super) fn boot(mut cfg: QemuConfig, timeout: Duration) -> Result<Booted, Boo
         for stale in [qemu::qmp_socket(&dir), qemu::pid_file(&dir)] {
             let _ = std::fs::remove_file(stale);
         }
-        std::fs::write(&console, b"")
-            .map_err(|e| BootError::NoPid(format!("create {}: {e}", console.display())))?;
-        cfg.ssh_port = free_port().map_err(|e| BootError::Spawn {
-            qemu: qemu::qemu_binary(),
-            stderr: e.to_string(),
-        })?;
+        std::fs::write(&console, b"").map_err(|e| BootError::NoPid(format!("create {}: {e}", console.display())))?;
+        cfg.ssh_port =
+            free_port().map_err(|e| BootError::Spawn { qemu: qemu::qemu_binary(), stderr: e.to_string() })?;
         let pid = spawn_detached(&cfg)?;
         let pid_start = process::start_time(pid);
         let fail = |cause: WaitError| {
             let _ = process::signal(pid, libc::SIGKILL);
             let qemu_log = std::fs::read_to_string(qemu::qemu_log(&dir)).unwrap_or_default();
-            let tail = format!(
-                "{}\n--- qemu.log ---\n{}",
-                console_tail(&console, 30),
-                qemu_log.trim()
-            );
-            BootError::NotReady {
-                cause,
-                console: console.display().to_string(),
-                tail,
-            }
+            let tail = format!("{}\n--- qemu.log ---\n{}", console_tail(&console, 30), qemu_log.trim());
+            BootError::NotReady { cause, console: console.display().to_string(), tail }
         };
         let pidfd = process::pidfd(pid).map_err(|e| fail(WaitError::Io(e)))?;
         match wait_for_ready(&console, &pidfd, timeout) {
             Ok(ready) => {
-                return Ok(Booted {
-                    pid,
-                    pid_start,
-                    ssh_port: cfg.ssh_port,
-                    ready,
-                    elapsed: started.elapsed(),
-                })
+                return Ok(Booted { pid, pid_start, ssh_port: cfg.ssh_port, ready, elapsed: started.elapsed() })
             }
             Err(WaitError::Exited) if attempt < 5 && port_was_taken(&dir) => {
                 // Another process took the port between our probe and QEMU's bind.

@@ -68,9 +68,7 @@ pub enum CreateError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Fetch(#[from] FetchError),
-    #[error(
-        "--accel kvm was asked for, but KVM cannot be used here: {0}; use --accel auto or tcg"
-    )]
+    #[error("--accel kvm was asked for, but KVM cannot be used here: {0}; use --accel auto or tcg")]
     NoKvm(String),
     #[error("preparing the sandbox: {0}")]
     Prepare(String),
@@ -95,11 +93,7 @@ pub struct BootImages {
 impl Smolvm {
     /// `ensure_kernel` and `ensure_rootfs`: the source's kernel and base rootfs, downloaded
     /// and verified once, from the cache after that.
-    pub fn ensure_images(
-        &self,
-        src: &ImageSource,
-        on: &mut dyn FnMut(FetchEvent),
-    ) -> Result<BootImages, CreateError> {
+    pub fn ensure_images(&self, src: &ImageSource, on: &mut dyn FnMut(FetchEvent)) -> Result<BootImages, CreateError> {
         let kernel = src.kernel()?;
         let rootfs = src.base_rootfs()?;
         let kernel_path = self.images().ensure(kernel, &src.url(kernel), on)?;
@@ -114,11 +108,7 @@ impl Smolvm {
     }
 
     /// Creates and boots a sandbox; returns when SSH in the guest is ready.
-    pub fn create(
-        &self,
-        opts: &CreateOptions,
-        on: &mut dyn FnMut(CreateEvent),
-    ) -> Result<SandboxInfo, CreateError> {
+    pub fn create(&self, opts: &CreateOptions, on: &mut dyn FnMut(CreateEvent)) -> Result<SandboxInfo, CreateError> {
         let name = match &opts.name {
             Some(n) => {
                 names::validate(n)?;
@@ -127,9 +117,7 @@ impl Smolvm {
             None => names::generate(),
         };
         if opts.memory_mib < 128 || opts.cpus == 0 || opts.cpus > 64 || opts.disk_mib < 64 {
-            return Err(CreateError::Options(
-                "need --memory >= 128, --cpus 1..64, --disk-size >= 64".into(),
-            ));
+            return Err(CreateError::Options("need --memory >= 128, --cpus 1..64, --disk-size >= 64".into()));
         }
         if self.db().get(&name)?.is_some() {
             return Err(CreateError::Exists(name));
@@ -139,9 +127,7 @@ impl Smolvm {
             on(CreateEvent::Notice(w.clone()));
         }
         let accel = match (opts.accel, detect(&HostFacts::probe())) {
-            (AccelChoice::Tcg, _) => Accel::Tcg {
-                reason: "--accel tcg".into(),
-            },
+            (AccelChoice::Tcg, _) => Accel::Tcg { reason: "--accel tcg".into() },
             (AccelChoice::Kvm, Accel::Tcg { reason }) => return Err(CreateError::NoKvm(reason)),
             (_, Accel::Kvm) => Accel::Kvm,
             (AccelChoice::Auto, tcg @ Accel::Tcg { .. }) => {
@@ -203,16 +189,13 @@ impl Smolvm {
         on: &mut dyn FnMut(CreateEvent),
     ) -> Result<(), CreateError> {
         let dir = self.dir(&row.name);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| CreateError::Prepare(format!("create {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir).map_err(|e| CreateError::Prepare(format!("create {}: {e}", dir.display())))?;
         disk::create_upper(&dir.join("disk.ext4"), opts.disk_mib).map_err(CreateError::Prepare)?;
         let key = ssh::ensure_key(&self.home().keys()).map_err(CreateError::Prepare)?;
         let pubkey = std::fs::read_to_string(key.with_extension("pub"))
             .map_err(|e| CreateError::Prepare(format!("read the public key: {e}")))?;
         let key_b64 = base64::engine::general_purpose::STANDARD.encode(pubkey.trim());
-        on(CreateEvent::Booting {
-            accel: accel.qemu_name().into(),
-        });
+        on(CreateEvent::Booting { accel: accel.qemu_name().into() });
         let isolated = opts.network == Network::None;
         let cfg = QemuConfig {
             name: row.name.clone(),
@@ -229,18 +212,9 @@ impl Smolvm {
             dir: dir.clone(),
         };
         let booted = boot(cfg, opts.ready_timeout)?;
-        ssh::write_known_hosts(
-            &dir.join("known_hosts"),
-            booted.ssh_port,
-            &booted.ready.host_key,
-        )
-        .map_err(|e| CreateError::Prepare(format!("write known_hosts: {e}")))?;
-        tracing::debug!(
-            "{} ready in {:?}: {:?}",
-            row.name,
-            booted.elapsed,
-            booted.ready.boot_us
-        );
+        ssh::write_known_hosts(&dir.join("known_hosts"), booted.ssh_port, &booted.ready.host_key)
+            .map_err(|e| CreateError::Prepare(format!("write known_hosts: {e}")))?;
+        tracing::debug!("{} ready in {:?}: {:?}", row.name, booted.elapsed, booted.ready.boot_us);
         row.state = "running".into();
         row.ssh_port = Some(booted.ssh_port);
         row.pid = Some(booted.pid);

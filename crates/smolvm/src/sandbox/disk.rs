@@ -15,31 +15,15 @@ pub fn create_upper(path: &Path, size_mib: u64) -> Result<(), String> {
         .create_new(true)
         .open(path)
         .map_err(|e| format!("create {}: {e}", path.display()))?;
-    f.set_len(size_mib * 1024 * 1024)
-        .map_err(|e| format!("size {}: {e}", path.display()))?;
+    f.set_len(size_mib * 1024 * 1024).map_err(|e| format!("size {}: {e}", path.display()))?;
     drop(f);
     let out = Command::new("mkfs.ext4")
-        .args([
-            "-q",
-            "-F",
-            "-m",
-            "0",
-            "-L",
-            "smolvm-upper",
-            "-E",
-            "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
-        ])
+        .args(["-q", "-F", "-m", "0", "-L", "smolvm-upper", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"])
         .arg(path)
         .output()
-        .map_err(|e| {
-            format!("run mkfs.ext4 ({e}); install e2fsprogs (scripts/install-host-deps.sh)")
-        })?;
+        .map_err(|e| format!("run mkfs.ext4 ({e}); install e2fsprogs (scripts/install-host-deps.sh)"))?;
     if !out.status.success() {
-        return Err(format!(
-            "mkfs.ext4 {}: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        return Err(format!("mkfs.ext4 {}: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim()));
     }
     Ok(())
 }

@@ -26,10 +26,7 @@ pub enum LifecycleError {
 }
 
 fn failed(name: &str, reason: impl Into<String>) -> LifecycleError {
-    LifecycleError::Failed {
-        name: name.to_string(),
-        reason: reason.into(),
-    }
+    LifecycleError::Failed { name: name.to_string(), reason: reason.into() }
 }
 
 /// Waits up to `timeout` for `pid` to exit.
@@ -46,11 +43,7 @@ fn wait_exit(pid: i32, started: Option<u64>, timeout: Duration) -> bool {
         if left.is_zero() {
             return false;
         }
-        let mut p = libc::pollfd {
-            fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut p = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&fd), events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd.
         unsafe { libc::poll(&mut p, 1, left.as_millis().min(1000) as i32) };
     }
@@ -72,13 +65,7 @@ impl Smolvm {
             let graceful = self
                 .ssh_command(name, &["kill".into(), "-TERM".into(), "1".into()], false)
                 .ok()
-                .and_then(|mut c| {
-                    c.stdin(Stdio::null())
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .status()
-                        .ok()
-                });
+                .and_then(|mut c| c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status().ok());
             if graceful.is_none() || !wait_exit(pid, row.pid_start, timeout) {
                 tracing::warn!("{name}: no clean power-off within {timeout:?}; terminating the VM");
                 if let Ok(mut q) = Qmp::connect(&qemu::qmp_socket(&self.dir(name))) {
@@ -107,34 +94,28 @@ impl Smolvm {
             return Ok(());
         }
         let missing = |what: &str, sha: &str| {
-            failed(name, format!("its {what} image (sha256 {sha}) is no longer cached; run `smolvm image pull` for release {}", row.tag))
+            failed(
+                name,
+                format!(
+                    "its {what} image (sha256 {sha}) is no longer cached; run `smolvm image pull` for release {}",
+                    row.tag
+                ),
+            )
         };
-        let kernel = self
-            .images()
-            .lookup_sha(&row.kernel_sha256)
-            .ok_or_else(|| missing("kernel", &row.kernel_sha256))?;
-        let rootfs = self
-            .images()
-            .lookup_sha(&row.rootfs_sha256)
-            .ok_or_else(|| missing("rootfs", &row.rootfs_sha256))?;
+        let kernel =
+            self.images().lookup_sha(&row.kernel_sha256).ok_or_else(|| missing("kernel", &row.kernel_sha256))?;
+        let rootfs =
+            self.images().lookup_sha(&row.rootfs_sha256).ok_or_else(|| missing("rootfs", &row.rootfs_sha256))?;
         let accel = match row.accel.as_str() {
             "kvm" => Accel::Kvm,
-            _ => Accel::Tcg {
-                reason: "as created".into(),
-            },
+            _ => Accel::Tcg { reason: "as created".into() },
         };
         let pubkey = std::fs::read_to_string(self.home().keys().join("id_ed25519.pub"))
             .map_err(|e| failed(name, format!("read the SSH public key: {e}")))?;
-        let key_b64 =
-            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, pubkey.trim());
+        let key_b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, pubkey.trim());
         let dir = self.dir(name);
         let isolated = row.network == "none";
-        let forwards = self
-            .db()
-            .forwards(name)?
-            .into_iter()
-            .map(|(g, h)| (h, g))
-            .collect();
+        let forwards = self.db().forwards(name)?.into_iter().map(|(g, h)| (h, g)).collect();
         let cfg = QemuConfig {
             name: name.to_string(),
             cmdline: kernel_cmdline(name, &accel, isolated, &key_b64),
@@ -150,12 +131,8 @@ impl Smolvm {
             dir: dir.clone(),
         };
         let booted = boot(cfg, timeout)?;
-        super::ssh::write_known_hosts(
-            &dir.join("known_hosts"),
-            booted.ssh_port,
-            &booted.ready.host_key,
-        )
-        .map_err(|e| failed(name, format!("write known_hosts: {e}")))?;
+        super::ssh::write_known_hosts(&dir.join("known_hosts"), booted.ssh_port, &booted.ready.host_key)
+            .map_err(|e| failed(name, format!("write known_hosts: {e}")))?;
         row.state = "running".into();
         row.pid = Some(booted.pid);
         row.pid_start = booted.pid_start;
@@ -205,12 +182,7 @@ impl Smolvm {
 
     /// Forwards 127.0.0.1:`host_port` (default: a free port) to the guest's `guest_port`.
     /// Returns the host port. Kept across stop/start.
-    pub fn expose(
-        &self,
-        name: &str,
-        guest_port: u16,
-        host_port: Option<u16>,
-    ) -> Result<u16, LifecycleError> {
+    pub fn expose(&self, name: &str, guest_port: u16, host_port: Option<u16>) -> Result<u16, LifecycleError> {
         let _lock = self.lock(name)?;
         self.running(name)?;
         let host_port = match host_port {
@@ -220,21 +192,13 @@ impl Smolvm {
                 .map(|a| a.port())
                 .map_err(|e| failed(name, format!("find a free port: {e}")))?,
         };
-        let mut qmp = Qmp::connect(&qemu::qmp_socket(&self.dir(name)))
-            .map_err(|e| failed(name, format!("QMP: {e}")))?;
+        let mut qmp =
+            Qmp::connect(&qemu::qmp_socket(&self.dir(name))).map_err(|e| failed(name, format!("QMP: {e}")))?;
         let out = qmp
-            .hmp(&format!(
-                "hostfwd_add net0 tcp:127.0.0.1:{host_port}-:{guest_port}"
-            ))
+            .hmp(&format!("hostfwd_add net0 tcp:127.0.0.1:{host_port}-:{guest_port}"))
             .map_err(|e| failed(name, format!("QMP: {e}")))?;
         if !out.trim().is_empty() {
-            return Err(failed(
-                name,
-                format!(
-                    "forward 127.0.0.1:{host_port} -> {guest_port}: {}",
-                    out.trim()
-                ),
-            ));
+            return Err(failed(name, format!("forward 127.0.0.1:{host_port} -> {guest_port}: {}", out.trim())));
         }
         self.db().forward_add(name, guest_port, host_port)?;
         Ok(host_port)
@@ -247,10 +211,7 @@ impl Smolvm {
             && !key.starts_with(|c: char| c.is_ascii_digit())
             && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !valid {
-            return Err(failed(
-                name,
-                format!("{key:?} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)"),
-            ));
+            return Err(failed(name, format!("{key:?} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)")));
         }
         let _lock = self.lock(name)?;
         self.row(name)?;
@@ -276,12 +237,8 @@ impl Smolvm {
         if Self::status_of(&self.row(name)?) != Status::Running {
             return Ok(());
         }
-        let body: String = self
-            .db()
-            .env(name)?
-            .iter()
-            .map(|(k, v)| format!("export {k}={}\n", super::ssh::shell_quote(v)))
-            .collect();
+        let body: String =
+            self.db().env(name)?.iter().map(|(k, v)| format!("export {k}={}\n", super::ssh::shell_quote(v))).collect();
         let script = "umask 022; cat > /etc/profile.d/smolvm-env.sh.tmp && mv /etc/profile.d/smolvm-env.sh.tmp /etc/profile.d/smolvm-env.sh";
         let mut cmd = self.ssh_command(name, &["sh".into(), "-c".into(), script.into()], false)?;
         let mut child = cmd
@@ -293,16 +250,11 @@ impl Smolvm {
         if let Some(mut stdin) = child.stdin.take() {
             let _ = stdin.write_all(body.as_bytes());
         }
-        let out = child
-            .wait_with_output()
-            .map_err(|e| failed(name, format!("ssh: {e}")))?;
+        let out = child.wait_with_output().map_err(|e| failed(name, format!("ssh: {e}")))?;
         if !out.status.success() {
             return Err(failed(
                 name,
-                format!(
-                    "write the environment file: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ),
+                format!("write the environment file: {}", String::from_utf8_lossy(&out.stderr).trim()),
             ));
         }
         Ok(())

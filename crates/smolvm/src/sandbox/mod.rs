@@ -94,18 +94,11 @@ pub enum SandboxError {
     #[error("no sandbox named {0:?} (smolvm list shows them)")]
     NotFound(String),
     #[error("sandbox {name} is {status}, not running: {hint}")]
-    NotRunning {
-        name: String,
-        status: Status,
-        hint: &'static str,
-    },
+    NotRunning { name: String, status: Status, hint: &'static str },
     #[error(transparent)]
     State(#[from] StateError),
     #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
+    Io { what: String, source: std::io::Error },
 }
 
 /// The handle to one smolvm installation.
@@ -148,23 +141,17 @@ impl Smolvm {
     /// sandbox directory so that `delete` can remove the directory while holding it.
     fn lock(&self, name: &str) -> Result<FileLock, SandboxError> {
         let path = self.home.sandboxes().join(format!(".{name}.lock"));
-        FileLock::exclusive(&path).map_err(|source| SandboxError::Io {
-            what: format!("lock {}", path.display()),
-            source,
-        })
+        FileLock::exclusive(&path)
+            .map_err(|source| SandboxError::Io { what: format!("lock {}", path.display()), source })
     }
 
     fn row(&self, name: &str) -> Result<SandboxRow, SandboxError> {
-        self.db
-            .get(name)?
-            .ok_or_else(|| SandboxError::NotFound(name.to_string()))
+        self.db.get(name)?.ok_or_else(|| SandboxError::NotFound(name.to_string()))
     }
 
     fn status_of(row: &SandboxRow) -> Status {
         match row.state.as_str() {
-            "running" if row.pid.is_some_and(|p| process::is_alive(p, row.pid_start)) => {
-                Status::Running
-            }
+            "running" if row.pid.is_some_and(|p| process::is_alive(p, row.pid_start)) => Status::Running,
             "running" => Status::Crashed,
             "creating" => Status::Creating,
             _ => Status::Stopped,
@@ -186,10 +173,7 @@ impl Smolvm {
             ssh_port: row.ssh_port.filter(|_| live),
             pid: row.pid.filter(|_| live),
             image_tag: row.tag.clone(),
-            boot_us: row
-                .boot_json
-                .as_deref()
-                .and_then(|j| serde_json::from_str(j).ok()),
+            boot_us: row.boot_json.as_deref().and_then(|j| serde_json::from_str(j).ok()),
             forwards: self.db.forwards(&row.name)?,
             dir: self.dir(&row.name),
         })
@@ -215,11 +199,7 @@ impl Smolvm {
     /// Where the sandbox's SSH files are: (key, known_hosts, control socket).
     fn ssh_paths(&self, name: &str) -> (PathBuf, PathBuf, PathBuf) {
         let dir = self.dir(name);
-        (
-            self.home.keys().join("id_ed25519"),
-            dir.join("known_hosts"),
-            dir.join("ssh.ctl"),
-        )
+        (self.home.keys().join("id_ed25519"), dir.join("known_hosts"), dir.join("ssh.ctl"))
     }
 
     /// A running sandbox's row, or a clear error.
@@ -231,7 +211,9 @@ impl Smolvm {
                 name: name.to_string(),
                 status,
                 hint: match status {
-                    Status::Crashed => "its VM exited; see smolvm logs, then smolvm delete it (or smolvm start it again)",
+                    Status::Crashed => {
+                        "its VM exited; see smolvm logs, then smolvm delete it (or smolvm start it again)"
+                    }
                     Status::Creating => "wait for smolvm create to finish",
                     _ => "smolvm start it first",
                 },
@@ -242,12 +224,7 @@ impl Smolvm {
     /// An `ssh` command into a running sandbox: strict host key, the managed key. With `argv`
     /// it runs that command (each word quoted); without, an interactive login shell. `tty`
     /// forces a terminal (`-t`).
-    pub fn ssh_command(
-        &self,
-        name: &str,
-        argv: &[String],
-        tty: bool,
-    ) -> Result<std::process::Command, SandboxError> {
+    pub fn ssh_command(&self, name: &str, argv: &[String], tty: bool) -> Result<std::process::Command, SandboxError> {
         let row = self.running(name)?;
         let (key, known, control) = self.ssh_paths(name);
         let mut c = std::process::Command::new("ssh");
@@ -267,31 +244,26 @@ impl Smolvm {
     pub fn cp_command(&self, from: &str, to: &str) -> Result<std::process::Command, SandboxError> {
         let remote = |s: &str| -> Option<(String, String)> {
             let (n, p) = s.split_once(':')?;
-            (names::validate(n).is_ok() && p.starts_with('/'))
-                .then(|| (n.to_string(), p.to_string()))
+            (names::validate(n).is_ok() && p.starts_with('/')).then(|| (n.to_string(), p.to_string()))
         };
         let (name, from_arg, to_arg) = match (remote(from), remote(to)) {
             (Some((n, p)), None) => (n, format!("root@127.0.0.1:{p}"), to.to_string()),
             (None, Some((n, p))) => (n, from.to_string(), format!("root@127.0.0.1:{p}")),
-            _ => return Err(SandboxError::Io {
-                what: format!("cp {from} {to}"),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    "exactly one side must be NAME:/absolute/path (e.g. smolvm cp ./f box:/root/f)",
-                ),
-            }),
+            _ => {
+                return Err(SandboxError::Io {
+                    what: format!("cp {from} {to}"),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "exactly one side must be NAME:/absolute/path (e.g. smolvm cp ./f box:/root/f)",
+                    ),
+                })
+            }
         };
         let row = self.running(&name)?;
         let (key, known, control) = self.ssh_paths(&name);
         let mut c = std::process::Command::new("scp");
         c.args(ssh::common_options(&key, &known, &control));
-        c.args([
-            "-q",
-            "-r",
-            "-p",
-            "-P",
-            &row.ssh_port.unwrap_or(22).to_string(),
-        ]);
+        c.args(["-q", "-r", "-p", "-P", &row.ssh_port.unwrap_or(22).to_string()]);
         c.arg(from_arg).arg(to_arg);
         Ok(c)
     }

@@ -14,16 +14,12 @@ pub struct NameError {
 pub fn validate(name: &str) -> Result<(), NameError> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-');
     if ok {
         Ok(())
     } else {
-        Err(NameError {
-            name: name.to_string(),
-        })
+        Err(NameError { name: name.to_string() })
     }
 }
 
@@ -33,10 +29,8 @@ pub fn generate() -> String {
     let random = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
     if random.is_err() {
         // Unique enough for a name (the database refuses duplicates anyway).
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
+        let t =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
         bytes.copy_from_slice(&(t ^ std::process::id()).to_le_bytes()[..3]);
     }
     format!("sbx-{}", hex::encode(bytes))

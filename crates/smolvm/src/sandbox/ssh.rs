@@ -14,10 +14,7 @@ pub fn ensure_key(keys_dir: &Path) -> Result<PathBuf, String> {
         return Ok(key);
     }
     std::fs::create_dir_all(keys_dir).map_err(|e| format!("create {}: {e}", keys_dir.display()))?;
-    let _ = std::fs::set_permissions(
-        keys_dir,
-        std::os::unix::fs::PermissionsExt::from_mode(0o700),
-    );
+    let _ = std::fs::set_permissions(keys_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700));
     // Generated under a temporary name and renamed: a concurrent create never sees half a key.
     let tmp = keys_dir.join(format!(".id_ed25519.{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
@@ -29,10 +26,7 @@ pub fn ensure_key(keys_dir: &Path) -> Result<PathBuf, String> {
         .output()
         .map_err(|e| format!("run ssh-keygen ({e}); install openssh-client"))?;
     if !out.status.success() {
-        return Err(format!(
-            "ssh-keygen: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        return Err(format!("ssh-keygen: {}", String::from_utf8_lossy(&out.stderr).trim()));
     }
     let tmp_pub = PathBuf::from(format!("{}.pub", tmp.display()));
     if key.exists() && key.with_extension("pub").exists() {
@@ -41,8 +35,7 @@ pub fn ensure_key(keys_dir: &Path) -> Result<PathBuf, String> {
         let _ = std::fs::remove_file(&tmp_pub);
         return Ok(key);
     }
-    std::fs::rename(&tmp_pub, key.with_extension("pub"))
-        .map_err(|e| format!("install public key: {e}"))?;
+    std::fs::rename(&tmp_pub, key.with_extension("pub")).map_err(|e| format!("install public key: {e}"))?;
     std::fs::rename(&tmp, &key).map_err(|e| format!("install private key: {e}"))?;
     Ok(key)
 }
@@ -78,10 +71,7 @@ pub fn common_options(key: &Path, known_hosts: &Path, control: &Path) -> Vec<Str
 
 /// Quotes one word for a POSIX shell.
 pub fn shell_quote(s: &str) -> String {
-    if !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b))
-    {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b)) {
         return s.to_string();
     }
     format!("'{}'", s.replace('\'', r"'\''"))
@@ -89,10 +79,7 @@ pub fn shell_quote(s: &str) -> String {
 
 /// The remote command line for an argv: each word quoted, so it reaches the guest unchanged.
 pub fn remote_command(argv: &[String]) -> String {
-    argv.iter()
-        .map(|a| shell_quote(a))
-        .collect::<Vec<_>>()
-        .join(" ")
+    argv.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]
@@ -101,15 +88,9 @@ mod tests {
 
     #[test]
     fn quoting_survives_a_shell() {
-        let argv: Vec<String> = ["echo", "a b", "it's", "$HOME", "", "x;y"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let argv: Vec<String> = ["echo", "a b", "it's", "$HOME", "", "x;y"].iter().map(|s| s.to_string()).collect();
         let cmd = remote_command(&argv);
         let out = Command::new("sh").arg("-c").arg(&cmd).output().unwrap();
-        assert_eq!(
-            String::from_utf8_lossy(&out.stdout),
-            "a b it's $HOME  x;y\n"
-        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "a b it's $HOME  x;y\n");
     }
 }

@@ -46,11 +46,7 @@ pub(super) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StateErr
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let current: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if current > known {
-        return Err(StateError::TooNew {
-            path: path.display().to_string(),
-            found: current,
-            known,
-        });
+        return Err(StateError::TooNew { path: path.display().to_string(), found: current, known });
     }
     for (i, sql) in STEPS.iter().enumerate().skip(current as usize) {
         tx.execute_batch(sql)?;

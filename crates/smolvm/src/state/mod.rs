@@ -16,18 +16,13 @@ use serde::Serialize;
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("state database {path}: {source}")]
-    Open {
-        path: String,
-        source: rusqlite::Error,
-    },
+    Open { path: String, source: rusqlite::Error },
     #[error("state database: {0}")]
     Query(#[from] rusqlite::Error),
-    #[error("state database {path} has schema version {found}, newer than this smolvm knows ({known}); upgrade smolvm")]
-    TooNew {
-        path: String,
-        found: i64,
-        known: i64,
-    },
+    #[error(
+        "state database {path} has schema version {found}, newer than this smolvm knows ({known}); upgrade smolvm"
+    )]
+    TooNew { path: String, found: i64, known: i64 },
 }
 
 /// What was recorded about a sandbox.
@@ -88,20 +83,18 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
 impl Db {
     /// Opens (creating if needed) and migrates the database at `path`.
     pub fn open(path: &Path) -> Result<Db, StateError> {
-        let open_err = |source| StateError::Open {
-            path: path.display().to_string(),
-            source,
-        };
+        let open_err = |source| StateError::Open { path: path.display().to_string(), source };
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
+        // Creating the file, switching it to WAL and migrating it are serialised across
+        // processes (SQLite's busy handler does not cover the journal-mode switch).
+        let _guard = crate::lock::FileLock::exclusive(&path.with_extension("db.lock"))
+            .map_err(|e| open_err(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
         let conn = Connection::open(path).map_err(open_err)?;
-        conn.busy_timeout(Duration::from_secs(30))
-            .map_err(open_err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(open_err)?;
-        conn.pragma_update(None, "foreign_keys", "ON")
-            .map_err(open_err)?;
+        conn.busy_timeout(Duration::from_secs(30)).map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(open_err)?;
         let mut db = Db { conn };
         migrations::migrate(&mut db.conn, path)?;
         Ok(db)
@@ -130,49 +123,32 @@ impl Db {
     }
 
     pub fn get(&self, name: &str) -> Result<Option<SandboxRow>, StateError> {
-        Ok(self
-            .conn
-            .query_row(
-                &format!("SELECT {COLUMNS} FROM sandboxes WHERE name=?1"),
-                [name],
-                row,
-            )
-            .optional()?)
+        Ok(self.conn.query_row(&format!("SELECT {COLUMNS} FROM sandboxes WHERE name=?1"), [name], row).optional()?)
     }
 
     pub fn list(&self) -> Result<Vec<SandboxRow>, StateError> {
-        let mut st = self.conn.prepare(&format!(
-            "SELECT {COLUMNS} FROM sandboxes ORDER BY created_at, name"
-        ))?;
+        let mut st = self.conn.prepare(&format!("SELECT {COLUMNS} FROM sandboxes ORDER BY created_at, name"))?;
         let rows = st.query_map([], row)?.collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
     }
 
     pub fn delete(&self, name: &str) -> Result<(), StateError> {
-        self.conn
-            .execute("DELETE FROM sandboxes WHERE name=?1", [name])?;
+        self.conn.execute("DELETE FROM sandboxes WHERE name=?1", [name])?;
         Ok(())
     }
 
     /// The SHA-256 of every image some sandbox uses (kept by `image prune`).
     pub fn images_in_use(&self) -> Result<Vec<String>, StateError> {
-        let mut st = self.conn.prepare(
-            "SELECT kernel_sha256 FROM sandboxes UNION SELECT rootfs_sha256 FROM sandboxes",
-        )?;
-        let rows = st
-            .query_map([], |r| r.get(0))?
-            .collect::<Result<Vec<String>, _>>()?;
+        let mut st =
+            self.conn.prepare("SELECT kernel_sha256 FROM sandboxes UNION SELECT rootfs_sha256 FROM sandboxes")?;
+        let rows = st.query_map([], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
         Ok(rows)
     }
 
     /// Environment variables set with `smolvm env set`.
     pub fn env(&self, name: &str) -> Result<Vec<(String, String)>, StateError> {
-        let mut st = self
-            .conn
-            .prepare("SELECT key, value FROM env WHERE sandbox=?1 ORDER BY key")?;
-        let rows = st
-            .query_map([name], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut st = self.conn.prepare("SELECT key, value FROM env WHERE sandbox=?1 ORDER BY key")?;
+        let rows = st.query_map([name], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
     }
 
@@ -186,21 +162,13 @@ impl Db {
 
     /// Port forwards added with `smolvm expose`: (guest port, host port).
     pub fn forwards(&self, name: &str) -> Result<Vec<(u16, u16)>, StateError> {
-        let mut st = self.conn.prepare(
-            "SELECT guest_port, host_port FROM forwards WHERE sandbox=?1 ORDER BY guest_port",
-        )?;
-        let rows = st
-            .query_map([name], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut st =
+            self.conn.prepare("SELECT guest_port, host_port FROM forwards WHERE sandbox=?1 ORDER BY guest_port")?;
+        let rows = st.query_map([name], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
     }
 
-    pub fn forward_add(
-        &self,
-        name: &str,
-        guest_port: u16,
-        host_port: u16,
-    ) -> Result<(), StateError> {
+    pub fn forward_add(&self, name: &str, guest_port: u16, host_port: u16) -> Result<(), StateError> {
         self.conn.execute(
             "INSERT INTO forwards (sandbox, guest_port, host_port) VALUES (?1,?2,?3) \
              ON CONFLICT(sandbox, guest_port) DO UPDATE SET host_port=excluded.host_port",
@@ -210,10 +178,7 @@ impl Db {
     }
 
     pub fn env_unset(&self, name: &str, key: &str) -> Result<bool, StateError> {
-        Ok(self.conn.execute(
-            "DELETE FROM env WHERE sandbox=?1 AND key=?2",
-            params![name, key],
-        )? == 1)
+        Ok(self.conn.execute("DELETE FROM env WHERE sandbox=?1 AND key=?2", params![name, key])? == 1)
     }
 }
 
@@ -256,17 +221,11 @@ mod tests {
         assert_eq!(db.get("a").unwrap().unwrap(), a);
         db.env_set("a", "K", "1").unwrap();
         db.env_set("a", "K", "2").unwrap();
-        assert_eq!(
-            db.env("a").unwrap(),
-            vec![("K".to_string(), "2".to_string())]
-        );
+        assert_eq!(db.env("a").unwrap(), vec![("K".to_string(), "2".to_string())]);
         assert_eq!(db.images_in_use().unwrap().len(), 2);
         db.delete("a").unwrap();
         assert!(db.get("a").unwrap().is_none());
-        assert!(
-            db.env("a").unwrap().is_empty(),
-            "env rows go with the sandbox"
-        );
+        assert!(db.env("a").unwrap().is_empty(), "env rows go with the sandbox");
         // Reopening runs no migration twice.
         drop(db);
         Db::open(&dir.path().join("state.db")).unwrap();

@@ -47,11 +47,7 @@ impl HostFacts {
             .filter(|l| l.starts_with("flags"))
             .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
         HostFacts {
-            dev_kvm_usable: std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open("/dev/kvm")
-                .is_ok(),
+            dev_kvm_usable: std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok(),
             kvm_pvm_loaded: Path::new("/sys/module/kvm_pvm").exists(),
             cpu_has_vmx_or_svm,
         }
@@ -60,16 +56,12 @@ impl HostFacts {
 
 /// Chooses KVM if it can run an ordinary kernel here, else TCG with the reason.
 pub fn detect(facts: &HostFacts) -> Accel {
-    let tcg = |reason: &str| Accel::Tcg {
-        reason: reason.to_string(),
-    };
+    let tcg = |reason: &str| Accel::Tcg { reason: reason.to_string() };
     if !facts.dev_kvm_usable {
         return tcg("/dev/kvm is missing or not accessible (is this user in the kvm group?)");
     }
     if facts.kvm_pvm_loaded {
-        return tcg(
-            "this host's KVM is PVM (module kvm_pvm), which runs only PVM-built guest kernels",
-        );
+        return tcg("this host's KVM is PVM (module kvm_pvm), which runs only PVM-built guest kernels");
     }
     if !facts.cpu_has_vmx_or_svm {
         return tcg("the CPU shows no vmx/svm flag, so /dev/kvm is not hardware virtualization");
@@ -83,22 +75,11 @@ mod tests {
 
     #[test]
     fn chooses_kvm_only_on_real_hardware_virtualization() {
-        let real = HostFacts {
-            dev_kvm_usable: true,
-            kvm_pvm_loaded: false,
-            cpu_has_vmx_or_svm: true,
-        };
+        let real = HostFacts { dev_kvm_usable: true, kvm_pvm_loaded: false, cpu_has_vmx_or_svm: true };
         assert_eq!(detect(&real), Accel::Kvm);
-        let pvm = HostFacts {
-            kvm_pvm_loaded: true,
-            cpu_has_vmx_or_svm: false,
-            ..real.clone()
-        };
+        let pvm = HostFacts { kvm_pvm_loaded: true, cpu_has_vmx_or_svm: false, ..real.clone() };
         assert!(matches!(detect(&pvm), Accel::Tcg { reason } if reason.contains("PVM")));
-        let none = HostFacts {
-            dev_kvm_usable: false,
-            ..real
-        };
+        let none = HostFacts { dev_kvm_usable: false, ..real };
         assert!(matches!(detect(&none), Accel::Tcg { reason } if reason.contains("/dev/kvm")));
     }
 

@@ -55,10 +55,7 @@ mod tests {
         let me = std::process::id() as i32;
         let t = start_time(me).unwrap();
         assert!(is_alive(me, Some(t)));
-        assert!(
-            !is_alive(me, Some(t + 1)),
-            "a different start time means a recycled pid"
-        );
+        assert!(!is_alive(me, Some(t + 1)), "a different start time means a recycled pid");
         assert!(!is_alive(i32::MAX, None));
     }
 }

@@ -70,36 +70,15 @@ impl QemuConfig {
         };
         c.arg("-name")
             .arg(format!("smolvm-{},process=smolvm-{}", self.name, self.name))
-            .args([
-                "-machine",
-                "microvm,rtc=on",
-                "-accel",
-                self.accel.qemu_name(),
-                "-cpu",
-                cpu,
-            ])
-            .args([
-                "-m",
-                &self.memory_mib.to_string(),
-                "-smp",
-                &self.cpus.to_string(),
-            ])
-            .args([
-                "-nodefaults",
-                "-no-user-config",
-                "-display",
-                "none",
-                "-no-reboot",
-            ])
+            .args(["-machine", "microvm,rtc=on", "-accel", self.accel.qemu_name(), "-cpu", cpu])
+            .args(["-m", &self.memory_mib.to_string(), "-smp", &self.cpus.to_string()])
+            .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
             .arg("-kernel")
             .arg(&self.kernel)
             .arg("-append")
             .arg(&self.cmdline)
             .arg("-chardev")
-            .arg(format!(
-                "file,id=console,path={}",
-                console_log(&self.dir).display()
-            ))
+            .arg(format!("file,id=console,path={}", console_log(&self.dir).display()))
             .args(["-serial", "chardev:console"])
             .arg("-drive")
             .arg(drive("base", &self.base, true))
@@ -112,19 +91,13 @@ impl QemuConfig {
             .args(["-device", "virtio-net-device,netdev=net0"])
             .args(["-device", "virtio-rng-device"])
             .arg("-qmp")
-            .arg(format!(
-                "unix:{},server=on,wait=off",
-                qmp_socket(&self.dir).display()
-            ))
+            .arg(format!("unix:{},server=on,wait=off", qmp_socket(&self.dir).display()))
             .arg("-pidfile")
             .arg(pid_file(&self.dir))
             // Least privilege: QEMU's seccomp filter forbids it to spawn processes, change its
             // privileges or use obsolete system calls. (`spawn=deny` is also why QEMU is not
             // asked to `-daemonize`: that forks after the filter is in place.)
-            .args([
-                "-sandbox",
-                "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
-            ])
+            .args(["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"])
             .stdin(Stdio::null());
         c
     }
@@ -132,12 +105,7 @@ impl QemuConfig {
 
 /// The guest kernel command line. Nothing secret goes here: it is visible in the host's
 /// process list and in the guest's `/proc/cmdline`. The SSH key is a public key.
-pub fn kernel_cmdline(
-    name: &str,
-    accel: &Accel,
-    isolated: bool,
-    authorized_key_b64: &str,
-) -> String {
+pub fn kernel_cmdline(name: &str, accel: &Accel, isolated: bool, authorized_key_b64: &str) -> String {
     use smolvm_protocol::cmdline as k;
     // User-mode networking: the guest is 10.0.2.15, the gateway 10.0.2.2, DNS 10.0.2.3.
     let ip = if isolated {
@@ -164,13 +132,6 @@ pub fn kernel_cmdline(
 /// The host TSC frequency in kHz, from `/proc/cpuinfo`.
 pub fn tsc_khz() -> Option<u64> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let mhz: f64 = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("cpu MHz"))?
-        .split(':')
-        .nth(1)?
-        .trim()
-        .parse()
-        .ok()?;
+    let mhz: f64 = cpuinfo.lines().find(|l| l.starts_with("cpu MHz"))?.split(':').nth(1)?.trim().parse().ok()?;
     Some((mhz * 1000.0) as u64)
 }

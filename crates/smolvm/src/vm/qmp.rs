@@ -20,10 +20,7 @@ impl Qmp {
         let stream = UnixStream::connect(socket)?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         let writer = stream.try_clone()?;
-        let mut qmp = Qmp {
-            reader: BufReader::new(stream),
-            writer,
-        };
+        let mut qmp = Qmp { reader: BufReader::new(stream), writer };
         qmp.read_message()?; // {"QMP": {...}}
         qmp.execute("qmp_capabilities", None)?;
         Ok(qmp)
@@ -32,10 +29,7 @@ impl Qmp {
     fn read_message(&mut self) -> io::Result<Value> {
         let mut line = String::new();
         if self.reader.read_line(&mut line)? == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "QMP connection closed",
-            ));
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "QMP connection closed"));
         }
         serde_json::from_str(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
@@ -62,10 +56,7 @@ impl Qmp {
 
     /// A human-monitor command (e.g. `hostfwd_add`); returns its text output.
     pub fn hmp(&mut self, command_line: &str) -> io::Result<String> {
-        let r = self.execute(
-            "human-monitor-command",
-            Some(json!({ "command-line": command_line })),
-        )?;
+        let r = self.execute("human-monitor-command", Some(json!({ "command-line": command_line })))?;
         Ok(r.as_str().unwrap_or_default().to_string())
     }
 }

@@ -49,11 +49,7 @@ fn drain(fd: &OwnedFd) {
 }
 
 /// Waits for the readiness line in `console` while `vmm` (a pidfd) lives.
-pub fn wait_for_ready(
-    console: &Path,
-    vmm: &OwnedFd,
-    timeout: Duration,
-) -> Result<Ready, WaitError> {
+pub fn wait_for_ready(console: &Path, vmm: &OwnedFd, timeout: Duration) -> Result<Ready, WaitError> {
     let deadline = Instant::now() + timeout;
     let notify = inotify_on(console)?;
     let mut file = File::open(console)?;
@@ -77,16 +73,8 @@ pub fn wait_for_ready(
             return Err(WaitError::Timeout(timeout));
         }
         let mut fds = [
-            libc::pollfd {
-                fd: notify.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: vmm.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
+            libc::pollfd { fd: notify.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: vmm.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         ];
         let ms = left.as_millis().min(i32::MAX as u128) as i32;
         // SAFETY: `fds` is a valid array of two pollfd structures.
@@ -114,9 +102,7 @@ pub fn wait_for_ready(
 
 /// The last `lines` lines of the console, for error messages.
 pub fn console_tail(console: &Path, lines: usize) -> String {
-    let text = std::fs::read(console)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
+    let text = std::fs::read(console).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }

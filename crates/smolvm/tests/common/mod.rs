@@ -11,17 +11,11 @@ use smolvm::images::Manifest;
 /// The release directory under test (`dist/<tag>`), from `SMOLVM_TEST_RELEASE`.
 /// `scripts/test.sh` builds the release and sets it; run the tests through that script.
 pub fn release_dir() -> PathBuf {
-    let dir = std::env::var_os("SMOLVM_TEST_RELEASE")
-        .map(PathBuf::from)
-        .expect(
+    let dir = std::env::var_os("SMOLVM_TEST_RELEASE").map(PathBuf::from).expect(
         "SMOLVM_TEST_RELEASE is not set: these tests boot a real release; run scripts/test.sh, \
          which builds one (cached) and sets it",
     );
-    assert!(
-        dir.join("manifest.json").is_file(),
-        "{} has no manifest.json",
-        dir.display()
-    );
+    assert!(dir.join("manifest.json").is_file(), "{} has no manifest.json", dir.display());
     dir
 }
 
@@ -31,9 +25,7 @@ pub fn manifest(dir: &Path) -> Manifest {
 
 /// Runs a command to completion and panics with its output if it fails.
 pub fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",

@@ -37,10 +37,7 @@ impl RecipeHash {
 
     /// Adds a file's contents under its name.
     pub(crate) fn file(&mut self, name: &str, path: &Path) -> Result<&mut Self, BuildError> {
-        let bytes = fs::read(path).map_err(BuildError::io(format!(
-            "read recipe file {}",
-            path.display()
-        )))?;
+        let bytes = fs::read(path).map_err(BuildError::io(format!("read recipe file {}", path.display())))?;
         Ok(self.bytes(name, &bytes))
     }
 
@@ -67,26 +64,18 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>) -> Result<(),
     for entry in rd {
         let entry = entry.map_err(BuildError::io(format!("read {}", dir.display())))?;
         let path = entry.path();
-        let meta = fs::symlink_metadata(&path)
-            .map_err(BuildError::io(format!("stat {}", path.display())))?;
-        let rel = path
-            .strip_prefix(root)
-            .unwrap_or(&path)
-            .display()
-            .to_string();
+        let meta = fs::symlink_metadata(&path).map_err(BuildError::io(format!("stat {}", path.display())))?;
+        let rel = path.strip_prefix(root).unwrap_or(&path).display().to_string();
         let mut desc = format!("{:o}\n", meta.permissions().mode()).into_bytes();
         if meta.is_dir() {
             out.push((rel, desc));
             walk(root, &path, out)?;
         } else if meta.file_type().is_symlink() {
-            let target = fs::read_link(&path)
-                .map_err(BuildError::io(format!("readlink {}", path.display())))?;
+            let target = fs::read_link(&path).map_err(BuildError::io(format!("readlink {}", path.display())))?;
             desc.extend_from_slice(target.display().to_string().as_bytes());
             out.push((rel, desc));
         } else {
-            desc.extend(
-                fs::read(&path).map_err(BuildError::io(format!("read {}", path.display())))?,
-            );
+            desc.extend(fs::read(&path).map_err(BuildError::io(format!("read {}", path.display())))?);
             out.push((rel, desc));
         }
     }
@@ -108,20 +97,14 @@ pub(crate) fn entry(
     if done.join(COMPLETE).exists() {
         return Ok((done, true));
     }
-    fs::create_dir_all(&dir).map_err(BuildError::io(format!(
-        "create build cache {}",
-        dir.display()
-    )))?;
+    fs::create_dir_all(&dir).map_err(BuildError::io(format!("create build cache {}", dir.display())))?;
     let _lock = FileLock::exclusive(&dir.join(format!("{key}.lock")))
         .map_err(BuildError::io(format!("lock {}", dir.display())))?;
     if done.join(COMPLETE).exists() {
         return Ok((done, true));
     }
     // Leftovers of a killed build of this entry (we hold its lock, so none is running).
-    for e in fs::read_dir(&dir)
-        .map_err(BuildError::io(format!("read {}", dir.display())))?
-        .flatten()
-    {
+    for e in fs::read_dir(&dir).map_err(BuildError::io(format!("read {}", dir.display())))?.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.starts_with(&format!("{key}.tmp-")) || name == key {
             let _ = fs::remove_dir_all(e.path());
@@ -143,31 +126,19 @@ mod tests {
     use super::*;
 
     fn env(dir: &Path) -> BuildEnv {
-        BuildEnv {
-            source: dir.to_path_buf(),
-            cache: dir.join("cache"),
-            jobs: 1,
-        }
+        BuildEnv { source: dir.to_path_buf(), cache: dir.join("cache"), jobs: 1 }
     }
 
     #[test]
     fn entry_is_built_once_and_failures_leave_nothing() {
         let d = tempfile::tempdir().unwrap();
         let env = env(d.path());
-        let err = entry(&env, "k", "abc", |_| {
-            Err(BuildError::Invalid("boom".into()))
-        });
+        let err = entry(&env, "k", "abc", |_| Err(BuildError::Invalid("boom".into())));
         assert!(err.is_err());
         assert_eq!(
             fs::read_dir(env.cache.join("k"))
                 .unwrap()
-                .filter(|e| {
-                    !e.as_ref()
-                        .unwrap()
-                        .file_name()
-                        .to_string_lossy()
-                        .ends_with(".lock")
-                })
+                .filter(|e| { !e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".lock") })
                 .count(),
             0
         );
@@ -190,15 +161,9 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         fs::create_dir_all(d.path().join("t/s")).unwrap();
         fs::write(d.path().join("t/s/f"), "1").unwrap();
-        let k1 = RecipeHash::new("x")
-            .tree("t", &d.path().join("t"))
-            .unwrap()
-            .key();
+        let k1 = RecipeHash::new("x").tree("t", &d.path().join("t")).unwrap().key();
         fs::write(d.path().join("t/s/f"), "2").unwrap();
-        let k2 = RecipeHash::new("x")
-            .tree("t", &d.path().join("t"))
-            .unwrap()
-            .key();
+        let k2 = RecipeHash::new("x").tree("t", &d.path().join("t")).unwrap().key();
         assert_ne!(k1, k2);
     }
 }

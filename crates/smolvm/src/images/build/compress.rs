@@ -13,14 +13,9 @@ use super::{BuildEnv, BuildError};
 pub(crate) const ZSTD_ARGS: &[&str] = &["-19", "--long=27"];
 
 /// Returns `<cache>/zst/<key>/out.zst` for `input` (whose SHA-256 is `input_sha256`).
-pub(crate) fn zstd_cached(
-    env: &BuildEnv,
-    input: &Path,
-    input_sha256: &str,
-) -> Result<(PathBuf, bool), BuildError> {
+pub(crate) fn zstd_cached(env: &BuildEnv, input: &Path, input_sha256: &str) -> Result<(PathBuf, bool), BuildError> {
     let mut h = RecipeHash::new("zstd");
-    h.text("input", input_sha256)
-        .text("args", &ZSTD_ARGS.join(" "));
+    h.text("input", input_sha256).text("args", &ZSTD_ARGS.join(" "));
     let (dir, hit) = cache::entry(env, "zst", &h.key(), |tmp| {
         run(
             Command::new("zstd")

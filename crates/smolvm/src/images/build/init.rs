@@ -25,15 +25,7 @@ pub fn build_init(env: &BuildEnv) -> Result<PathBuf, BuildError> {
     );
     run(
         Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args([
-                "build",
-                "--locked",
-                "--release",
-                "-p",
-                "smolvm-init",
-                "--target",
-                TARGET,
-            ])
+            .args(["build", "--locked", "--release", "-p", "smolvm-init", "--target", TARGET])
             .arg("--target-dir")
             .arg(&target_dir)
             .env("RUSTFLAGS", rustflags)
@@ -55,14 +47,9 @@ pub fn build_init(env: &BuildEnv) -> Result<PathBuf, BuildError> {
 fn has_interpreter(elf: &[u8]) -> bool {
     let rd = |off: usize, n: usize| -> Option<u64> {
         let b = elf.get(off..off + n)?;
-        Some(
-            b.iter()
-                .rev()
-                .fold(0u64, |acc, x| (acc << 8) | u64::from(*x)),
-        )
+        Some(b.iter().rev().fold(0u64, |acc, x| (acc << 8) | u64::from(*x)))
     };
-    let (Some(phoff), Some(phentsize), Some(phnum)) = (rd(0x20, 8), rd(0x36, 2), rd(0x38, 2))
-    else {
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (rd(0x20, 8), rd(0x36, 2), rd(0x38, 2)) else {
         return true;
     };
     (0..phnum).any(|i| rd((phoff + i * phentsize) as usize, 4) == Some(3))

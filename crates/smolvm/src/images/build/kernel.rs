@@ -37,45 +37,31 @@ fn query_source() -> Result<Source, BuildError> {
         "apt does not offer {SOURCE_PACKAGE} from {SOURCE_SUITE}: run scripts/install-host-deps.sh (it adds the suite, pinned low)"
     );
     let text = output(
-        Command::new("apt-cache").args([
-            "show",
-            "--no-all-versions",
-            &format!("{SOURCE_PACKAGE}/{SOURCE_SUITE}"),
-        ]),
+        Command::new("apt-cache").args(["show", "--no-all-versions", &format!("{SOURCE_PACKAGE}/{SOURCE_SUITE}")]),
         &hint,
     )?;
     let field = |name: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
-            .ok_or_else(|| {
-                BuildError::Invalid(format!(
-                    "apt-cache show {SOURCE_PACKAGE}: no {name} field; {hint}"
-                ))
-            })
+            .ok_or_else(|| BuildError::Invalid(format!("apt-cache show {SOURCE_PACKAGE}: no {name} field; {hint}")))
     };
     let filename = field("Filename:")?;
     let filename = filename.rsplit('/').next().unwrap_or(&filename).to_string();
-    Ok(Source {
-        version: field("Version:")?,
-        sha256: field("SHA256:")?,
-        filename,
-    })
+    Ok(Source { version: field("Version:")?, sha256: field("SHA256:")?, filename })
 }
 
 /// Downloads the source package into `<cache>/src/` (once), checking apt's SHA-256.
 fn fetch_source(env: &BuildEnv, src: &Source) -> Result<PathBuf, BuildError> {
     let dir = env.cache.join("src");
     let deb = dir.join(&src.filename);
-    if deb.exists()
-        && sha256_file(&deb)
-            .map(|(_, h)| h == src.sha256)
-            .unwrap_or(false)
-    {
+    if deb.exists() && sha256_file(&deb).map(|(_, h)| h == src.sha256).unwrap_or(false) {
         return Ok(deb);
     }
     let tmp = tempdir_in(&dir)?;
     run(
-        Command::new("apt-get").args(["download", "-q", &format!("{SOURCE_PACKAGE}={}", src.version)]).current_dir(&tmp),
+        Command::new("apt-get")
+            .args(["download", "-q", &format!("{SOURCE_PACKAGE}={}", src.version)])
+            .current_dir(&tmp),
         "apt-get download failed: run scripts/install-host-deps.sh, and check the Debian mirror is reachable",
     )?;
     let got = tmp.join(&src.filename);
@@ -105,18 +91,11 @@ fn tempdir_in(dir: &Path) -> Result<PathBuf, BuildError> {
 /// and SHA-256, the config, the fragment it was resolved from, and the build script.
 pub fn build_kernel(env: &BuildEnv) -> Result<(KernelBuild, bool), BuildError> {
     let src = query_source()?;
-    let (config, fragment, script) = (
-        env.recipe("kernel/x86_64.config"),
-        env.recipe("kernel/x86_64.fragment"),
-        env.recipe("kernel/build.sh"),
-    );
+    let (config, fragment, script) =
+        (env.recipe("kernel/x86_64.config"), env.recipe("kernel/x86_64.fragment"), env.recipe("kernel/build.sh"));
     let mut h = RecipeHash::new("kernel");
-    h.text("package", SOURCE_PACKAGE)
-        .text("version", &src.version)
-        .text("deb-sha256", &src.sha256);
-    h.file("config", &config)?
-        .file("fragment", &fragment)?
-        .file("build.sh", &script)?;
+    h.text("package", SOURCE_PACKAGE).text("version", &src.version).text("deb-sha256", &src.sha256);
+    h.file("config", &config)?.file("fragment", &fragment)?.file("build.sh", &script)?;
     let (dir, hit) = cache::entry(env, "kernel", &h.key(), |tmp| {
         let deb = fetch_source(env, &src)?;
         tracing::info!(
@@ -137,17 +116,8 @@ pub fn build_kernel(env: &BuildEnv) -> Result<(KernelBuild, bool), BuildError> {
     })?;
     for f in [KERNEL_ELF_FILE, KERNEL_BZIMAGE_FILE] {
         if !dir.join(f).is_file() {
-            return Err(BuildError::Invalid(format!(
-                "kernel build produced no {f} in {}",
-                dir.display()
-            )));
+            return Err(BuildError::Invalid(format!("kernel build produced no {f} in {}", dir.display())));
         }
     }
-    Ok((
-        KernelBuild {
-            dir,
-            source_version: src.version,
-        },
-        hit,
-    ))
+    Ok((KernelBuild { dir, source_version: src.version }, hit))
 }

@@ -33,16 +33,9 @@ pub enum BuildError {
     #[error("cannot find the smolvm source checkout (a directory with images/release.toml): building images needs one; run smolvm from inside the repository or pass --source DIR")]
     NoCheckout,
     #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
+    Io { what: String, source: std::io::Error },
     #[error("`{command}` failed ({status}){hint}")]
-    Command {
-        command: String,
-        status: String,
-        hint: String,
-    },
+    Command { command: String, status: String, hint: String },
     #[error("{0}")]
     Invalid(String),
 }
@@ -69,12 +62,8 @@ impl BuildEnv {
     /// Finds the checkout (from `source`, else upwards from the current directory, else the one
     /// this binary was compiled from) and the cache (from `cache`, `SMOLVM_BUILD_CACHE`, or the
     /// default).
-    pub fn discover(
-        source: Option<PathBuf>,
-        cache: Option<PathBuf>,
-    ) -> Result<BuildEnv, BuildError> {
-        let is_checkout =
-            |p: &Path| p.join("images/release.toml").is_file() && p.join("Cargo.toml").is_file();
+    pub fn discover(source: Option<PathBuf>, cache: Option<PathBuf>) -> Result<BuildEnv, BuildError> {
+        let is_checkout = |p: &Path| p.join("images/release.toml").is_file() && p.join("Cargo.toml").is_file();
         let source = match source {
             Some(s) if is_checkout(&s) => s,
             Some(_) => return Err(BuildError::NoCheckout),
@@ -88,18 +77,11 @@ impl BuildEnv {
                     .ok_or(BuildError::NoCheckout)?
             }
         };
-        let source = source
-            .canonicalize()
-            .map_err(BuildError::io("resolve the source checkout"))?;
-        let cache = cache
-            .or_else(|| std::env::var_os("SMOLVM_BUILD_CACHE").map(PathBuf::from))
-            .unwrap_or_else(default_cache);
+        let source = source.canonicalize().map_err(BuildError::io("resolve the source checkout"))?;
+        let cache =
+            cache.or_else(|| std::env::var_os("SMOLVM_BUILD_CACHE").map(PathBuf::from)).unwrap_or_else(default_cache);
         let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Ok(BuildEnv {
-            source,
-            cache,
-            jobs,
-        })
+        Ok(BuildEnv { source, cache, jobs })
     }
 
     pub(crate) fn recipe(&self, rel: &str) -> PathBuf {
@@ -147,16 +129,8 @@ impl Report {
         let start = Instant::now();
         let (value, cached, detail) = f()?;
         let seconds = start.elapsed().as_secs_f64();
-        tracing::info!(
-            "{name}: {detail} ({seconds:.1} s{})",
-            if cached { ", cached" } else { "" }
-        );
-        self.steps.push(Step {
-            name: name.to_string(),
-            seconds,
-            cached,
-            detail,
-        });
+        tracing::info!("{name}: {detail} ({seconds:.1} s{})", if cached { ", cached" } else { "" });
+        self.steps.push(Step { name: name.to_string(), seconds, cached, detail });
         Ok(value)
     }
 }

@@ -35,19 +35,17 @@ struct Planned {
 }
 
 fn blob(path: &Path) -> Result<Blob, BuildError> {
-    let (size, sha256) =
-        sha256_file(path).map_err(BuildError::io(format!("hash {}", path.display())))?;
+    let (size, sha256) = sha256_file(path).map_err(BuildError::io(format!("hash {}", path.display())))?;
     Ok(Blob { size, sha256 })
 }
 
 /// The `SOURCE_DATE_EPOCH` of a build: the environment's, else midnight UTC of the tag's date.
 pub fn source_date_epoch(tag: &Tag) -> Result<i64, BuildError> {
     match std::env::var("SOURCE_DATE_EPOCH") {
-        Ok(v) => v.trim().parse().map_err(|_| {
-            BuildError::Invalid(format!(
-                "SOURCE_DATE_EPOCH={v:?} is not a number of seconds"
-            ))
-        }),
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| BuildError::Invalid(format!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds"))),
         Err(_) => Ok(tag.epoch()),
     }
 }
@@ -55,12 +53,7 @@ pub fn source_date_epoch(tag: &Tag) -> Result<i64, BuildError> {
 /// Builds every asset and writes `<out>/<tag>/`. The directory appears whole: it is assembled
 /// under a temporary name and renamed. An existing release directory is an error unless
 /// `replace` is set, so that a published release is never overwritten by accident.
-pub fn build_release(
-    env: &BuildEnv,
-    tag: &str,
-    out: &Path,
-    replace: bool,
-) -> Result<ReleaseBuild, BuildError> {
+pub fn build_release(env: &BuildEnv, tag: &str, out: &Path, replace: bool) -> Result<ReleaseBuild, BuildError> {
     let parsed = Tag::parse(tag).map_err(BuildError::Invalid)?;
     let epoch = source_date_epoch(&parsed)?;
     let final_dir = out.join(tag);
@@ -76,47 +69,24 @@ pub fn build_release(
         let detail = format!("Debian linux-source {}", k.source_version);
         Ok((k, hit, detail))
     })?;
-    let init = report.step("init", || {
-        Ok((build_init(env)?, false, "static smolvm-init".to_string()))
-    })?;
+    let init = report.step("init", || Ok((build_init(env)?, false, "static smolvm-init".to_string())))?;
     let base = report.step("base", || {
         let (b, hit) = build_base(env, &init, epoch)?;
-        let detail = format!(
-            "{BASE_ROOTFS_FILE}, {} bytes apparent",
-            fs::metadata(b.ext4()).map(|m| m.len()).unwrap_or(0)
-        );
+        let detail =
+            format!("{BASE_ROOTFS_FILE}, {} bytes apparent", fs::metadata(b.ext4()).map(|m| m.len()).unwrap_or(0));
         Ok((b, hit, detail))
     })?;
 
     let planned = [
-        (
-            kernel.dir.join(KERNEL_ELF_FILE),
-            AssetKind::Kernel,
-            Format::Elf,
-            true,
-        ),
-        (
-            kernel.dir.join(KERNEL_BZIMAGE_FILE),
-            AssetKind::Kernel,
-            Format::Bzimage,
-            false,
-        ),
+        (kernel.dir.join(KERNEL_ELF_FILE), AssetKind::Kernel, Format::Elf, true),
+        (kernel.dir.join(KERNEL_BZIMAGE_FILE), AssetKind::Kernel, Format::Bzimage, false),
         (base.ext4(), AssetKind::Rootfs, Format::Ext4, true),
     ];
     let mut assets = Vec::new();
     for (file, kind, format, compress) in planned {
-        let base_name = file
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let base_name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         if !compress {
-            assets.push(Planned {
-                file,
-                name: base_name,
-                kind,
-                format,
-                uncompressed: None,
-            });
+            assets.push(Planned { file, name: base_name, kind, format, uncompressed: None });
             continue;
         }
         let name = format!("{base_name}.zst");
@@ -126,13 +96,7 @@ pub fn build_release(
             let size = fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
             Ok((p, hit, format!("{} -> {size} bytes", source.size)))
         })?;
-        assets.push(Planned {
-            file: zst,
-            name,
-            kind,
-            format,
-            uncompressed: Some(file),
-        });
+        assets.push(Planned { file: zst, name, kind, format, uncompressed: Some(file) });
     }
 
     fs::create_dir_all(out).map_err(BuildError::io(format!("create {}", out.display())))?;
@@ -147,18 +111,10 @@ pub fn build_release(
         }
     };
     if final_dir.exists() {
-        fs::remove_dir_all(&final_dir)
-            .map_err(BuildError::io(format!("remove {}", final_dir.display())))?;
+        fs::remove_dir_all(&final_dir).map_err(BuildError::io(format!("remove {}", final_dir.display())))?;
     }
-    fs::rename(&staging, &final_dir).map_err(BuildError::io(format!(
-        "rename into {}",
-        final_dir.display()
-    )))?;
-    Ok(ReleaseBuild {
-        dir: final_dir,
-        manifest,
-        report,
-    })
+    fs::rename(&staging, &final_dir).map_err(BuildError::io(format!("rename into {}", final_dir.display())))?;
+    Ok(ReleaseBuild { dir: final_dir, manifest, report })
 }
 
 fn assemble(staging: &Path, tag: &str, planned: &[Planned]) -> Result<Manifest, BuildError> {
@@ -179,17 +135,12 @@ fn assemble(staging: &Path, tag: &str, planned: &[Planned]) -> Result<Manifest, 
             uncompressed,
         });
     }
-    let manifest = Manifest {
-        tag: tag.to_string(),
-        created: rfc3339_utc(now_secs()),
-        assets,
-    };
+    let manifest = Manifest { tag: tag.to_string(), created: rfc3339_utc(now_secs()), assets };
     for a in &manifest.assets {
         a.validate().map_err(BuildError::Invalid)?;
     }
-    let write = |name: &str, body: String| {
-        fs::write(staging.join(name), body).map_err(BuildError::io(format!("write {name}")))
-    };
+    let write =
+        |name: &str, body: String| fs::write(staging.join(name), body).map_err(BuildError::io(format!("write {name}")));
     write(MANIFEST_FILE, manifest.to_json())?;
     write(SHA256SUMS_FILE, manifest.sha256sums())?;
     Ok(manifest)

@@ -21,11 +21,7 @@ pub(crate) fn run(cmd: &mut Command, hint: &str) -> Result<(), BuildError> {
     if status.success() {
         Ok(())
     } else {
-        Err(BuildError::Command {
-            command: shown,
-            status: status.to_string(),
-            hint: format!("; {hint}"),
-        })
+        Err(BuildError::Command { command: shown, status: status.to_string(), hint: format!("; {hint}") })
     }
 }
 
@@ -51,11 +47,7 @@ pub(crate) fn output(cmd: &mut Command, hint: &str) -> Result<String, BuildError
 /// Sparse, reflinking copy (the images are mostly holes).
 pub(crate) fn copy_sparse(from: &std::path::Path, to: &std::path::Path) -> Result<(), BuildError> {
     run(
-        Command::new("cp")
-            .arg("--sparse=always")
-            .arg("--reflink=auto")
-            .arg(from)
-            .arg(to),
+        Command::new("cp").arg("--sparse=always").arg("--reflink=auto").arg(from).arg(to),
         "check free space on the output filesystem",
     )
 }

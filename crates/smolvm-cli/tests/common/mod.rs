@@ -1,0 +1,66 @@
+//! Shared by the CLI's end-to-end tests: a real HTTP server on loopback serving a real release,
+//! and the real `smolvm` binary with its own `SMOLVM_HOME`.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+pub mod http;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The release directory under test (`dist/<tag>`), from `SMOLVM_TEST_RELEASE`
+/// (`scripts/test.sh` builds the release and sets it).
+pub fn release_dir() -> PathBuf {
+    let dir = std::env::var_os("SMOLVM_TEST_RELEASE").map(PathBuf::from).expect(
+        "SMOLVM_TEST_RELEASE is not set: these tests boot a real release; run scripts/test.sh, which builds one (cached) and sets it",
+    );
+    assert!(dir.join("manifest.json").is_file(), "{} has no manifest.json", dir.display());
+    dir
+}
+
+pub fn tag_of(release: &Path) -> String {
+    release.file_name().unwrap().to_string_lossy().into_owned()
+}
+
+/// `smolvm` with an isolated home and the images served from `url` (the release's manifest
+/// replaces the compiled-in pins, since a locally built release has its own digests).
+pub fn smolvm(home: &Path, url: &str, release: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_smolvm"));
+    c.env("SMOLVM_HOME", home)
+        .env("SMOLVM_IMAGES_URL", url)
+        .env("SMOLVM_IMAGES_MANIFEST", release.join("manifest.json"))
+        .env_remove("SMOLVM_LOG");
+    c
+}
+
+/// Runs and asserts success; returns stdout.
+pub fn ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert_success(cmd, &out);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn assert_success(cmd: &Command, out: &Output) {
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every file under `dir`, recursively (for "the cache holds nothing" checks).
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else { return out };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

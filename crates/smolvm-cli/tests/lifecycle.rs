@@ -1,0 +1,211 @@
+//! End to end, through the `smolvm` binary: real QEMU booting the real release, served by a
+//! real HTTP server on 127.0.0.1. `#[ignore]`d for a plain `cargo test` (they need QEMU and a
+//! built release); `scripts/test.sh` runs them.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::http::{Fault, Server};
+use common::{ok, release_dir, smolvm, tag_of};
+use smolvm::images::{AssetKind, Manifest};
+
+struct Fixture {
+    release: std::path::PathBuf,
+    tag: String,
+    server: Server,
+    home: tempfile::TempDir,
+    manifest: Manifest,
+}
+
+fn fixture() -> Fixture {
+    let release = release_dir();
+    let manifest = Manifest::load(&release.join("manifest.json")).unwrap();
+    Fixture {
+        tag: tag_of(&release),
+        server: Server::start(release.parent().unwrap().to_path_buf()),
+        home: tempfile::tempdir().unwrap(),
+        release,
+        manifest,
+    }
+}
+
+impl Fixture {
+    fn cmd(&self) -> Command {
+        smolvm(self.home.path(), &self.server.url, &self.release)
+    }
+    fn path_of(&self, kind: AssetKind) -> (String, smolvm::images::Asset) {
+        let a = self.manifest.assets.iter().find(|a| a.kind == kind && a.name.ends_with(".zst")).unwrap().clone();
+        (format!("/{}/{}", self.tag, a.name), a)
+    }
+    fn images_dir(&self) -> std::path::PathBuf {
+        self.home.path().join("cache/images")
+    }
+}
+
+fn json(out: &str) -> serde_json::Value {
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
+#[test]
+#[ignore = "boots the release under QEMU: run scripts/test.sh"]
+fn create_exec_cp_stop_start_delete_over_http() {
+    let f = fixture();
+    let created = json(&ok(f.cmd().args(["create", "--name", "t1", "--json"])));
+    assert_eq!(created["sandbox"]["status"], "running", "{created}");
+
+    let uname = ok(f.cmd().args(["exec", "t1", "--", "uname", "-a"]));
+    assert!(uname.starts_with("Linux t1 ") && uname.contains("smolvm"), "{uname}");
+
+    // Exit code, stdout and stderr pass through; arguments arrive unchanged.
+    let out = f
+        .cmd()
+        .args(["exec", "t1", "--", "sh", "-c", "echo \"$1\"; echo oops >&2; exit 7", "sh", "a 'b' $c"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "a 'b' $c\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "oops\n");
+
+    // cp both ways.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("in.bin");
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&src, &data).unwrap();
+    ok(f.cmd().args(["cp", src.to_str().unwrap(), "t1:/root/in.bin"]));
+    let back = tmp.path().join("back.bin");
+    ok(f.cmd().args(["cp", "t1:/root/in.bin", back.to_str().unwrap()]));
+    assert_eq!(std::fs::read(&back).unwrap(), data);
+
+    // The disk survives stop/start; the new boot's host key is pinned again (strict SSH works).
+    ok(f.cmd().args(["stop", "t1"]));
+    let st = json(&ok(f.cmd().args(["status", "t1", "--json"])));
+    assert_eq!(st["status"], "stopped");
+    let console = std::fs::read_to_string(f.home.path().join("sandboxes/t1/console.log")).unwrap();
+    assert!(console.contains("smolvm-init: power off"), "stop was not a clean power-off:\n{console}");
+    ok(f.cmd().args(["start", "t1"]));
+    assert_eq!(
+        ok(f.cmd().args(["exec", "t1", "--", "sha256sum", "/root/in.bin"])).split_whitespace().next().unwrap().len(),
+        64
+    );
+
+    ok(f.cmd().args(["delete", "t1"]));
+    let list = json(&ok(f.cmd().args(["list", "--json"])));
+    assert_eq!(list.as_array().unwrap().len(), 0);
+    assert!(!f.home.path().join("sandboxes/t1").exists());
+
+    // Each asset crossed the network once.
+    for kind in [AssetKind::Kernel, AssetKind::Rootfs] {
+        assert_eq!(f.server.requests_for(&f.path_of(kind).0).len(), 1, "{kind:?}");
+    }
+}
+
+fn assert_rejected_and_forgotten(f: &Fixture, kind: AssetKind, fault: Fault) {
+    let (path, asset) = f.path_of(kind);
+    f.server.fault(&path, fault);
+    let out = f.cmd().args(["create", "--name", "bad"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "create succeeded with a {fault:?} {kind:?}");
+    assert!(stderr.contains(&format!("{}{path}", f.server.url)), "error names the URL: {stderr}");
+    assert!(stderr.contains(&format!("expected sha256 {}", asset.sha256)), "error names the expected digest: {stderr}");
+    assert!(stderr.contains("got sha256"), "error names the actual digest: {stderr}");
+    assert!(stderr.contains("Retry"), "error says what to do: {stderr}");
+    // Lock files (empty, in locks/) are not data and are reused by the next download.
+    let leftovers: Vec<_> = common::files_under(&f.images_dir())
+        .into_iter()
+        .filter(|p| !p.parent().unwrap().ends_with("locks"))
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            n.contains(&asset.sha256) || n.contains(asset.content_sha256()) || p.parent().unwrap().ends_with("partial")
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "the cache keeps something of the bad asset: {leftovers:?}");
+    let list = json(&ok(f.cmd().args(["list", "--json"])));
+    assert_eq!(list.as_array().unwrap().len(), 0, "a failed create left a sandbox: {list}");
+}
+
+#[test]
+#[ignore = "needs a built release: run scripts/test.sh"]
+fn a_corrupted_rootfs_is_rejected_and_nothing_of_it_is_kept() {
+    assert_rejected_and_forgotten(&fixture(), AssetKind::Rootfs, Fault::Corrupt);
+}
+
+#[test]
+#[ignore = "needs a built release: run scripts/test.sh"]
+fn a_truncated_kernel_is_rejected_and_nothing_of_it_is_kept() {
+    assert_rejected_and_forgotten(&fixture(), AssetKind::Kernel, Fault::Truncate);
+}
+
+#[test]
+#[ignore = "needs a built release: run scripts/test.sh"]
+fn an_interrupted_download_resumes_with_a_range_request() {
+    let f = fixture();
+    let (path, _) = f.path_of(AssetKind::Rootfs);
+    f.server.fault(&path, Fault::DropOnceAfter(5_000_000));
+    ok(f.cmd().args(["image", "pull"]));
+    assert_eq!(f.server.requests_for(&path), vec![None, Some("bytes=5000000-".to_string())]);
+    // What was stored is the verified content, and `image verify` agrees.
+    ok(f.cmd().args(["image", "verify"]));
+}
+
+#[test]
+#[ignore = "boots the release under QEMU: run scripts/test.sh"]
+fn two_concurrent_cold_creates_download_each_asset_once() {
+    let f = fixture();
+    let children: Vec<_> = ["c1", "c2"]
+        .iter()
+        .map(|n| {
+            f.cmd()
+                .args(["create", "--name", n])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    for kind in [AssetKind::Kernel, AssetKind::Rootfs] {
+        assert_eq!(f.server.requests_for(&f.path_of(kind).0).len(), 1, "{kind:?} fetched more than once");
+    }
+    for n in ["c1", "c2"] {
+        assert!(ok(f.cmd().args(["exec", n, "--", "hostname"])).trim() == n);
+    }
+    ok(f.cmd().args(["delete", "--force", "c1", "c2"]));
+}
+
+#[test]
+#[ignore = "boots the release under QEMU in a network namespace (root): run scripts/test.sh"]
+fn create_works_where_only_loopback_exists() {
+    let release = release_dir();
+    let home = tempfile::tempdir().unwrap();
+    let dist = release.parent().unwrap();
+    // Everything, the HTTP server included, runs in a new network namespace that has only
+    // `lo`: no name outside this host can be resolved, let alone reached.
+    let script = format!(
+        r#"set -e
+ip link set lo up
+python3 -m http.server 18080 --bind 127.0.0.1 --directory {dist} >/dev/null 2>&1 &
+server=$!
+trap 'kill $server' EXIT
+for i in $(seq 100); do python3 -c 'import socket; socket.create_connection(("127.0.0.1", 18080))' 2>/dev/null && break; sleep 0.1; done
+test "$(ip -o link | wc -l)" = 1
+export SMOLVM_HOME={home} SMOLVM_IMAGES_URL=http://127.0.0.1:18080 SMOLVM_IMAGES_MANIFEST={manifest}
+{bin} create --name iso
+{bin} exec iso -- uname -a
+{bin} delete iso
+"#,
+        dist = dist.display(),
+        home = home.path().display(),
+        manifest = release.join("manifest.json").display(),
+        bin = env!("CARGO_BIN_EXE_smolvm"),
+    );
+    let out = ok(Command::new("unshare").args(["-n", "bash", "-c", &script]));
+    assert!(out.contains("Linux iso "), "{out}");
+    assert!(!Path::new(&home.path().join("sandboxes/iso")).exists());
+}
