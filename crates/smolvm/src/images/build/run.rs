@@ -4,11 +4,13 @@ use std::process::Command;
 
 use super::BuildError;
 
-/// Runs `cmd`, inheriting stderr (the tools' progress goes to the user), and fails with the
+/// Runs `cmd` with its output on our stderr (the tools' progress goes to the user), and fails with the
 /// command line, its status and `hint`.
 pub(crate) fn run(cmd: &mut Command, hint: &str) -> Result<(), BuildError> {
     let shown = format!("{cmd:?}").replace('"', "");
     tracing::debug!("running {shown}");
+    // Tools' chatter goes to stderr: stdout carries only smolvm's own result (e.g. --json).
+    cmd.stdout(std::io::stderr());
     let status = cmd.status().map_err(|e| BuildError::Command {
         command: shown.clone(),
         status: e.to_string(),
