@@ -209,3 +209,81 @@ export SMOLVM_HOME={home} SMOLVM_IMAGES_URL=http://127.0.0.1:18080 SMOLVM_IMAGES
     assert!(out.contains("Linux iso "), "{out}");
     assert!(!Path::new(&home.path().join("sandboxes/iso")).exists());
 }
+
+#[test]
+#[ignore = "boots the release under QEMU: run scripts/test.sh"]
+fn network_none_expose_crash_and_concurrent_commands() {
+    let f = fixture();
+    ok(f.cmd().args(["create", "--name", "iso", "--network", "none"]));
+    // No route out: no default route, and the user-mode gateway is unreachable.
+    let routes = ok(f.cmd().args(["exec", "iso", "--", "ip", "-4", "route"]));
+    assert!(!routes.contains("default"), "{routes}");
+    let out = f
+        .cmd()
+        .args([
+            "exec",
+            "iso",
+            "--",
+            "python3",
+            "-c",
+            "import socket; socket.create_connection(('10.0.2.2', 80), timeout=3)",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the isolated guest reached 10.0.2.2");
+
+    // The host still reaches an exposed port.
+    ok(f.cmd().args([
+        "exec",
+        "iso",
+        "--",
+        "sh",
+        "-c",
+        "cd /tmp && echo served > index.html && (python3 -m http.server 8000 >/dev/null 2>&1 &)",
+    ]));
+    let exposed = json(&ok(f.cmd().args(["expose", "iso", "8000", "--json"])));
+    let host = exposed["host"].as_str().unwrap().to_string();
+    let body = (0..100)
+        .find_map(|_| {
+            let got = std::net::TcpStream::connect(&host).ok().and_then(|mut s| {
+                use std::io::{Read, Write};
+                s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n").ok()?;
+                let mut b = String::new();
+                s.read_to_string(&mut b).ok()?;
+                b.contains("served").then_some(b)
+            });
+            if got.is_none() {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            got
+        })
+        .expect("the exposed port never served the page");
+    assert!(body.starts_with("HTTP/1.0 200"), "{body}");
+
+    // Two changes at once on one sandbox serialise: both finish, and the result is consistent.
+    let a = f.cmd().args(["stop", "iso"]).spawn().unwrap();
+    let b = f.cmd().args(["env", "set", "iso", "K=v"]).spawn().unwrap();
+    assert!(a.wait_with_output().unwrap().status.success());
+    assert!(b.wait_with_output().unwrap().status.success());
+    assert_eq!(json(&ok(f.cmd().args(["status", "iso", "--json"])))["status"], "stopped");
+    ok(f.cmd().args(["start", "iso"]));
+    assert_eq!(ok(f.cmd().args(["exec", "iso", "--", "bash", "-lc", "echo $K"])).trim(), "v");
+
+    // A VM that dies shows as crashed, and delete cleans it up.
+    let pid = json(&ok(f.cmd().args(["status", "iso", "--json"])))["pid"].as_i64().unwrap();
+    ok(Command::new("kill").args(["-9", &pid.to_string()]));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let st = json(&ok(f.cmd().args(["status", "iso", "--json"])));
+        if st["status"] == "crashed" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "status never showed the crash: {st}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let out = f.cmd().args(["exec", "iso", "--", "true"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("crashed"), "{}", String::from_utf8_lossy(&out.stderr));
+    ok(f.cmd().args(["delete", "iso"]));
+    assert!(!f.home.path().join("sandboxes/iso").exists());
+}

@@ -218,9 +218,10 @@ impl ImageCache {
             let (total, sink_error) =
                 copy_through(&mut f, &mut hasher, &mut sink, None, &mut |_| {}).map_err(|e| match e {
                     CopyError::Read(e) => FetchError::Io { what: format!("read {origin}"), source: e },
-                    CopyError::Write(e) => {
-                        FetchError::Io { what: format!("write into the image cache {}", self.root.display()), source: e }
-                    }
+                    CopyError::Write(e) => FetchError::Io {
+                        what: format!("write into the image cache {}", self.root.display()),
+                        source: e,
+                    },
                 })?;
             self.finish(asset, &origin, sink, sink_error, hasher, total, &tmp)
         })();

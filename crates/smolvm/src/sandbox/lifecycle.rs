@@ -140,7 +140,8 @@ impl Smolvm {
         row.host_key = Some(booted.ready.host_key);
         row.boot_json = serde_json::to_string(&booted.ready.boot_us).ok();
         self.db().update(&row)?;
-        Ok(())
+        // Variables set while it was stopped reach the guest now.
+        self.push_env(name)
     }
 
     /// Deletes a sandbox: its VM (stopped cleanly, or killed with `force`), disk and record.
