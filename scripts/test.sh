@@ -25,9 +25,9 @@ printf '%s' "$release_json" | python3 -c '
 import json, sys
 r = json.load(sys.stdin)
 for s in r["steps"]:
-    print(f"  {s[\"name\"]:<28} {s[\"seconds\"]:8.1f} s  {\"(cached)\" if s[\"cached\"] else \"\"}")
+    print("  %-28s %8.1f s  %s" % (s["name"], s["seconds"], "(cached)" if s["cached"] else ""))
 for a in r["manifest"]["assets"]:
-    print(f"  {a[\"name\"]:<32} {a[\"size\"]:>11} bytes")
+    print("  %-32s %11d bytes" % (a["name"], a["size"]))
 ' >&2
 
 step "tests (unit, and integration against $release_dir)"

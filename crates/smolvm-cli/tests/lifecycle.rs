@@ -9,9 +9,9 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::http::{Fault, Server};
 use common::{ok, release_dir, smolvm, tag_of};
 use smolvm::images::{AssetKind, Manifest};
+use smolvm_bench::http::{Fault, Server};
 
 struct Fixture {
     release: std::path::PathBuf,
@@ -26,7 +26,7 @@ fn fixture() -> Fixture {
     let manifest = Manifest::load(&release.join("manifest.json")).unwrap();
     Fixture {
         tag: tag_of(&release),
-        server: Server::start(release.parent().unwrap().to_path_buf()),
+        server: Server::start(release.parent().unwrap().to_path_buf()).unwrap(),
         home: tempfile::tempdir().unwrap(),
         release,
         manifest,

@@ -3,8 +3,6 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
-pub mod http;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -1,4 +1,4 @@
-//! A small, real HTTP/1.1 server on 127.0.0.1 for download tests: serves a directory, honours
+//! A small, real HTTP/1.1 server on 127.0.0.1 for benchmarks and download tests: serves a directory, honours
 //! `Range: bytes=N-`, counts requests per path, and can misbehave on purpose (corrupt a file,
 //! truncate it, or drop the connection part-way once).
 
@@ -33,9 +33,10 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn start(root: PathBuf) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+    /// Serves `root` on a free port of 127.0.0.1 until the process ends.
+    pub fn start(root: PathBuf) -> std::io::Result<Server> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let url = format!("http://{}", listener.local_addr()?);
         let state = Arc::new(Mutex::new(State::default()));
         let st = state.clone();
         std::thread::spawn(move || {
@@ -46,17 +47,21 @@ impl Server {
                 });
             }
         });
-        Server { url, state }
+        Ok(Server { url, state })
     }
 
     pub fn fault(&self, path: &str, fault: Fault) {
-        self.state.lock().unwrap().faults.insert(path.to_string(), fault);
+        lock(&self.state).faults.insert(path.to_string(), fault);
     }
 
     /// GET requests for `path` so far, with their Range header.
     pub fn requests_for(&self, path: &str) -> Vec<Option<String>> {
-        self.state.lock().unwrap().requests.iter().filter(|(p, _)| p == path).map(|(_, r)| r.clone()).collect()
+        lock(&self.state).requests.iter().filter(|(p, _)| p == path).map(|(_, r)| r.clone()).collect()
     }
+}
+
+fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn serve(conn: TcpStream, root: &std::path::Path, st: &Mutex<State>) -> std::io::Result<()> {
@@ -77,7 +82,7 @@ fn serve(conn: TcpStream, root: &std::path::Path, st: &Mutex<State>) -> std::io:
         }
     }
     let fault = {
-        let mut s = st.lock().unwrap();
+        let mut s = lock(st);
         s.requests.push((path.clone(), range.clone()));
         let f = s.faults.get(&path).copied();
         if let Some(Fault::DropOnceAfter(_)) = f {

@@ -1,0 +1,339 @@
+//! `smolvm-bench`: drives the real product (the `smolvm` library: real downloads from a real
+//! HTTP server on 127.0.0.1, real QEMU, real guests) and reports where the time goes, as
+//! min / median / p90 / max over N runs after a warm-up. One command reproduces every figure in
+//! docs/benchmarks.md:
+//!
+//! ```text
+//! smolvm-bench --release dist/<tag> [--runs 5] [--density 10] [--json]
+//! ```
+
+#![allow(clippy::print_stdout)]
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use serde::Serialize;
+use serde_json::json;
+use smolvm::paths::Home;
+use smolvm::sandbox::{CreateEvent, CreateOptions, Smolvm};
+use smolvm::vm::accel::{detect, HostFacts};
+use smolvm_bench::http::Server;
+use smolvm_bench::stats::Summary;
+
+#[derive(Debug, Parser)]
+#[command(name = "smolvm-bench", about = "Measure smolvm: create, exec, cp, teardown, memory, density")]
+struct Args {
+    /// A release directory (DIR/<tag>, as `smolvm image build all` writes), served over HTTP on
+    /// 127.0.0.1 for the cold-cache runs.
+    #[arg(long)]
+    release: PathBuf,
+    /// Measured runs per figure (a warm-up run is added and excluded).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Sandboxes started at once for the density figure (0 skips it).
+    #[arg(long, default_value_t = 10)]
+    density: usize,
+    /// Size of the file copied each way, in MiB.
+    #[arg(long, default_value_t = 64)]
+    cp_mib: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One measured figure.
+#[derive(Debug, Serialize)]
+struct Figure {
+    name: String,
+    unit: &'static str,
+    summary: Summary,
+}
+
+#[derive(Debug, Default)]
+struct Report {
+    figures: Vec<Figure>,
+}
+
+impl Report {
+    fn add(&mut self, name: &str, unit: &'static str, samples: &[f64]) {
+        if let Some(summary) = Summary::of(samples) {
+            self.figures.push(Figure { name: name.to_string(), unit, summary });
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let release =
+        args.release.canonicalize().with_context(|| format!("release directory {}", args.release.display()))?;
+    let manifest = release.join("manifest.json");
+    anyhow::ensure!(manifest.is_file(), "{} has no manifest.json", release.display());
+    let server = Server::start(release.parent().context("release has no parent directory")?.to_path_buf())?;
+    // The library reads its image source from the environment; set it before any thread starts.
+    std::env::set_var("SMOLVM_IMAGES_URL", &server.url);
+    std::env::set_var("SMOLVM_IMAGES_MANIFEST", &manifest);
+
+    let accel = detect(&HostFacts::probe());
+    let machine = machine();
+    if !args.json {
+        println!("smolvm-bench: accel {} ({}), {}", accel.qemu_name(), reason(&accel), machine);
+        println!(
+            "release {}, {} runs per figure (+1 warm-up), {} sandboxes for density\n",
+            release.display(),
+            args.runs,
+            args.density
+        );
+    }
+    let mut report = Report::default();
+    let work = tempfile::tempdir()?;
+
+    cold_create(&args, work.path(), &mut report)?;
+    let home = work.path().join("warm");
+    std::env::set_var("SMOLVM_HOME", &home);
+    let sm = Smolvm::open_at(Home::at(&home))?;
+    warm_create_and_lifecycle(&args, &sm, &mut report)?;
+    exec_and_cp(&args, &sm, work.path(), &mut report)?;
+    if args.density > 0 {
+        density(&args, &home, &mut report)?;
+    }
+
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({ "accel": accel, "machine": machine, "runs": args.runs, "figures": report.figures })
+            )?
+        );
+    } else {
+        println!("{:<44} {:>5} {:>10} {:>10} {:>10} {:>10}", "figure", "unit", "min", "median", "p90", "max");
+        for f in &report.figures {
+            let s = &f.summary;
+            println!("{:<44} {:>5} {:>10.1} {:>10.1} {:>10.1} {:>10.1}", f.name, f.unit, s.min, s.median, s.p90, s.max);
+        }
+    }
+    Ok(())
+}
+
+fn reason(a: &smolvm::vm::accel::Accel) -> String {
+    match a {
+        smolvm::vm::accel::Accel::Kvm => "hardware virtualization".into(),
+        smolvm::vm::accel::Accel::Tcg { reason } => reason.clone(),
+    }
+}
+
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    format!("{cores} cores, {}", model.unwrap_or_else(|| "unknown CPU".into()))
+}
+
+fn opts(name: &str) -> CreateOptions {
+    CreateOptions { name: Some(name.to_string()), ..CreateOptions::default() }
+}
+
+/// Cold create: an empty cache every run, so download + verify + decompress + boot + ready.
+fn cold_create(args: &Args, work: &Path, report: &mut Report) -> anyhow::Result<()> {
+    let (mut total, mut fetch, mut boot) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..=args.runs {
+        let home = work.join(format!("cold-{run}"));
+        let sm = Smolvm::open_at(Home::at(&home))?;
+        let start = Instant::now();
+        let mut booting_at = None;
+        sm.create(&opts("cold"), &mut |e| {
+            if let CreateEvent::Booting { .. } = e {
+                booting_at = Some(start.elapsed());
+            }
+        })?;
+        let t = start.elapsed();
+        sm.delete("cold", true)?;
+        std::fs::remove_dir_all(&home)?;
+        if run > 0 {
+            total.push(ms(t));
+            let b = booting_at.unwrap_or_default();
+            fetch.push(ms(b));
+            boot.push(ms(t - b));
+        }
+    }
+    report.add("cold create (total)", "ms", &total);
+    report.add("  download+verify+decompress+disk", "ms", &fetch);
+    report.add("  boot to ready", "ms", &boot);
+    Ok(())
+}
+
+/// Warm create, the guest's boot phases, stop/start/delete, and create -> exec -> delete.
+fn warm_create_and_lifecycle(args: &Args, sm: &Smolvm, report: &mut Report) -> anyhow::Result<()> {
+    let (mut create, mut kernel, mut mounts, mut network, mut sshd, mut rss, mut pss) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut stop, mut start, mut delete, mut lifecycle) = (vec![], vec![], vec![], vec![]);
+    for run in 0..=args.runs {
+        let t0 = Instant::now();
+        let info = sm.create(&opts("warm"), &mut |_| {})?;
+        let t_create = t0.elapsed();
+        let b = info.boot_us.context("no boot phases recorded")?;
+        // Let the guest settle before reading memory: boot-time page touches are the figure.
+        std::thread::sleep(Duration::from_millis(500));
+        let (r, p) = memory_kib(info.pid.context("no pid")?)?;
+        let t1 = Instant::now();
+        sm.stop("warm", Duration::from_secs(30))?;
+        let t_stop = t1.elapsed();
+        let t2 = Instant::now();
+        sm.start("warm", Duration::from_secs(180))?;
+        let t_start = t2.elapsed();
+        let t3 = Instant::now();
+        sm.delete("warm", false)?;
+        let t_delete = t3.elapsed();
+        let t4 = Instant::now();
+        sm.create(&opts("life"), &mut |_| {})?;
+        ssh_exec(sm, "life", &["true"])?;
+        sm.delete("life", true)?;
+        let t_life = t4.elapsed();
+        if run == 0 {
+            continue;
+        }
+        create.push(ms(t_create));
+        kernel.push(b.init as f64 / 1000.0);
+        mounts.push((b.mounts - b.init) as f64 / 1000.0);
+        network.push((b.network - b.mounts) as f64 / 1000.0);
+        sshd.push((b.sshd - b.network) as f64 / 1000.0);
+        rss.push(r as f64 / 1024.0);
+        pss.push(p as f64 / 1024.0);
+        stop.push(ms(t_stop));
+        start.push(ms(t_start));
+        delete.push(ms(t_delete));
+        lifecycle.push(ms(t_life));
+    }
+    report.add("warm create to ready", "ms", &create);
+    report.add("  guest: kernel boot (to init)", "ms", &kernel);
+    report.add("  guest: init mounts + overlay root", "ms", &mounts);
+    report.add("  guest: network", "ms", &network);
+    report.add("  guest: host key + sshd listening", "ms", &sshd);
+    report.add("stop (clean power-off)", "ms", &stop);
+    report.add("start (boot again)", "ms", &start);
+    report.add("delete (stopped sandbox)", "ms", &delete);
+    report.add("lifecycle create -> exec true (ssh) -> delete", "ms", &lifecycle);
+    report.add("QEMU RSS per idle sandbox", "MiB", &rss);
+    report.add("QEMU PSS per idle sandbox", "MiB", &pss);
+    Ok(())
+}
+
+fn ssh_exec(sm: &Smolvm, name: &str, argv: &[&str]) -> anyhow::Result<()> {
+    let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+    let st = sm.ssh_command(name, &argv, false)?.stdin(Stdio::null()).stdout(Stdio::null()).status()?;
+    if !st.success() {
+        bail!("exec {argv:?} in {name}: {st}");
+    }
+    Ok(())
+}
+
+/// Exec round trips over SSH and cp throughput, on one sandbox.
+fn exec_and_cp(args: &Args, sm: &Smolvm, work: &Path, report: &mut Report) -> anyhow::Result<()> {
+    let mut first = Vec::new();
+    for _ in 0..=args.runs {
+        sm.create(&opts("first"), &mut |_| {})?;
+        let t = Instant::now();
+        ssh_exec(sm, "first", &["true"])?;
+        first.push(ms(t.elapsed()));
+        sm.delete("first", true)?;
+    }
+    first.remove(0);
+    report.add("first exec after ready (ssh, new connection)", "ms", &first);
+
+    sm.create(&opts("exec"), &mut |_| {})?;
+    ssh_exec(sm, "exec", &["true"])?;
+    let mut rt = Vec::new();
+    for _ in 0..(args.runs * 4).max(20) {
+        let t = Instant::now();
+        ssh_exec(sm, "exec", &["true"])?;
+        rt.push(ms(t.elapsed()));
+    }
+    report.add("exec true round trip (ssh, warm connection)", "ms", &rt);
+
+    let src = work.join("cp.bin");
+    let data: Vec<u8> = (0..args.cp_mib * 1024 * 1024).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(&src, &data)?;
+    let back = work.join("cp.back");
+    let (mut up, mut down) = (Vec::new(), Vec::new());
+    for run in 0..=args.runs.min(3) {
+        let t = Instant::now();
+        run_ok(sm.cp_command(src.to_str().unwrap_or_default(), "exec:/root/cp.bin")?)?;
+        let t_up = t.elapsed();
+        let t = Instant::now();
+        run_ok(sm.cp_command("exec:/root/cp.bin", back.to_str().unwrap_or_default())?)?;
+        let t_down = t.elapsed();
+        anyhow::ensure!(std::fs::read(&back)? == data, "cp round trip changed the file");
+        if run > 0 {
+            up.push(args.cp_mib as f64 / t_up.as_secs_f64());
+            down.push(args.cp_mib as f64 / t_down.as_secs_f64());
+        }
+    }
+    report.add(&format!("cp host -> guest ({} MiB, scp)", args.cp_mib), "MiB/s", &up);
+    report.add(&format!("cp guest -> host ({} MiB, scp)", args.cp_mib), "MiB/s", &down);
+    sm.delete("exec", true)?;
+    Ok(())
+}
+
+fn run_ok(mut cmd: std::process::Command) -> anyhow::Result<()> {
+    let out = cmd.output()?;
+    anyhow::ensure!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+/// K sandboxes created at once (separate processes would contend the same way; threads keep
+/// the measurement in one place): time until all are ready, and their total memory.
+fn density(args: &Args, home: &Path, report: &mut Report) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let handles: Vec<_> = (0..args.density)
+        .map(|i| {
+            let home = home.to_path_buf();
+            std::thread::spawn(move || -> anyhow::Result<smolvm::sandbox::SandboxInfo> {
+                let sm = Smolvm::open_at(Home::at(&home))?;
+                Ok(sm.create(&opts(&format!("dense-{i}")), &mut |_| {})?)
+            })
+        })
+        .collect();
+    let mut infos = Vec::new();
+    for h in handles {
+        infos.push(h.join().map_err(|_| anyhow::anyhow!("a create thread panicked"))??);
+    }
+    let all_ready = ms(start.elapsed());
+    std::thread::sleep(Duration::from_millis(500));
+    let mut rss_total = 0u64;
+    let mut pss_total = 0u64;
+    for i in &infos {
+        let (r, p) = memory_kib(i.pid.context("no pid")?)?;
+        rss_total += r;
+        pss_total += p;
+    }
+    let sm = Smolvm::open_at(Home::at(home))?;
+    for i in &infos {
+        sm.delete(&i.name, true)?;
+    }
+    report.add(&format!("density: {} creates at once, all ready", args.density), "ms", &[all_ready]);
+    report.add(&format!("density: total QEMU RSS of {}", args.density), "MiB", &[rss_total as f64 / 1024.0]);
+    report.add(&format!("density: total QEMU PSS of {}", args.density), "MiB", &[pss_total as f64 / 1024.0]);
+    Ok(())
+}
+
+/// RSS and PSS of a process in KiB, from `/proc/<pid>/smaps_rollup`.
+fn memory_kib(pid: i32) -> anyhow::Result<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Ok((field("Rss:"), field("Pss:")))
+}
