@@ -17,6 +17,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use serde::Serialize;
 use serde_json::json;
+use smolvm::agent::client::{Command as AgentCommand, ExecRequest};
 use smolvm::paths::Home;
 use smolvm::sandbox::{CreateEvent, CreateOptions, Smolvm};
 use smolvm::vm::accel::{detect, HostFacts};
@@ -195,7 +196,7 @@ fn warm_create_and_lifecycle(args: &Args, sm: &Smolvm, report: &mut Report) -> a
         let t_delete = t3.elapsed();
         let t4 = Instant::now();
         sm.create(&opts("life"), &mut |_| {})?;
-        ssh_exec(sm, "life", &["true"])?;
+        anyhow::ensure!(sm.exec("life", &["true".into()], None, None)?.code() == 0, "exec true failed");
         sm.delete("life", true)?;
         let t_life = t4.elapsed();
         if run == 0 {
@@ -221,7 +222,7 @@ fn warm_create_and_lifecycle(args: &Args, sm: &Smolvm, report: &mut Report) -> a
     report.add("stop (clean power-off)", "ms", &stop);
     report.add("start (boot again)", "ms", &start);
     report.add("delete (stopped sandbox)", "ms", &delete);
-    report.add("lifecycle create -> exec true (ssh) -> delete", "ms", &lifecycle);
+    report.add("lifecycle create -> exec true (agent) -> delete", "ms", &lifecycle);
     report.add("QEMU RSS per idle sandbox", "MiB", &rss);
     report.add("QEMU PSS per idle sandbox", "MiB", &pss);
     Ok(())
@@ -250,6 +251,34 @@ fn exec_and_cp(args: &Args, sm: &Smolvm, work: &Path, report: &mut Report) -> an
     report.add("first exec after ready (ssh, new connection)", "ms", &first);
 
     sm.create(&opts("exec"), &mut |_| {})?;
+    // The agent: one connection reused (the SDK's way), and a new connection per command
+    // (what each `smolvm exec` process does).
+    let client = sm.agent("exec")?;
+    let true_req = || ExecRequest {
+        command: AgentCommand::Argv(vec!["true".into()]),
+        env: vec![],
+        cwd: None,
+        stdin: false,
+        timeout_ms: None,
+        pty: None,
+    };
+    client.exec_output(true_req(), None)?;
+    let mut agent_rt = Vec::new();
+    for _ in 0..(args.runs * 20).max(100) {
+        let t = Instant::now();
+        let out = client.exec_output(true_req(), None)?;
+        agent_rt.push(ms(t.elapsed()));
+        anyhow::ensure!(out.code() == 0, "true failed through the agent");
+    }
+    report.add("exec true round trip (agent, one connection)", "ms", &agent_rt);
+    let mut agent_new = Vec::new();
+    for _ in 0..(args.runs * 4).max(20) {
+        let t = Instant::now();
+        let c = sm.agent("exec")?;
+        c.exec_output(true_req(), None)?;
+        agent_new.push(ms(t.elapsed()));
+    }
+    report.add("exec true (agent, new connection each)", "ms", &agent_new);
     ssh_exec(sm, "exec", &["true"])?;
     let mut rt = Vec::new();
     for _ in 0..(args.runs * 4).max(20) {
@@ -279,6 +308,24 @@ fn exec_and_cp(args: &Args, sm: &Smolvm, work: &Path, report: &mut Report) -> an
     }
     report.add(&format!("cp host -> guest ({} MiB, scp)", args.cp_mib), "MiB/s", &up);
     report.add(&format!("cp guest -> host ({} MiB, scp)", args.cp_mib), "MiB/s", &down);
+    let (mut up, mut down) = (Vec::new(), Vec::new());
+    for run in 0..=args.runs.min(3) {
+        let t = Instant::now();
+        client.write_file("/root/cp-agent.bin", &mut std::fs::File::open(&src)?, 0o644, 0, 0)?;
+        let t_up = t.elapsed();
+        let mut got = Vec::with_capacity(data.len());
+        let t = Instant::now();
+        client.read_file("/root/cp-agent.bin", &mut got)?;
+        let t_down = t.elapsed();
+        anyhow::ensure!(got == data, "agent file round trip changed the file");
+        if run > 0 {
+            up.push(args.cp_mib as f64 / t_up.as_secs_f64());
+            down.push(args.cp_mib as f64 / t_down.as_secs_f64());
+        }
+    }
+    report.add(&format!("cp host -> guest ({} MiB, agent)", args.cp_mib), "MiB/s", &up);
+    report.add(&format!("cp guest -> host ({} MiB, agent)", args.cp_mib), "MiB/s", &down);
+    drop(client);
     sm.delete("exec", true)?;
     Ok(())
 }

@@ -62,12 +62,16 @@ pub enum Command {
     List,
     /// Show one sandbox: state, resources, ports, boot phases.
     Status { name: String },
-    /// Run a command in a sandbox; its exit code, stdout and stderr pass through.
+    /// Run a command in a sandbox (through its agent, no SSH); exit code, stdout and stderr
+    /// pass through, stdin too when it is not a terminal; Ctrl-C reaches the command.
     Exec {
         name: String,
-        /// Allocate a terminal (for interactive programs).
+        /// Allocate a terminal (for interactive programs; runs over SSH).
         #[arg(short, long)]
         tty: bool,
+        /// Kill the command after this many seconds (exit status 124).
+        #[arg(long)]
+        timeout: Option<u64>,
         /// The command and its arguments (after `--`).
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -111,6 +115,9 @@ pub enum Command {
     /// Build, pin, fetch and inspect the kernel and rootfs images.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// (internal) The agent proxy of one sandbox, started by smolvm itself.
+    #[command(name = "__agent-proxy", hide = true)]
+    AgentProxy { dir: PathBuf },
 }
 
 #[derive(Debug, Args)]

@@ -33,6 +33,12 @@ fn fixture() -> Fixture {
     }
 }
 
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        common::cleanup(self.home.path());
+    }
+}
+
 impl Fixture {
     fn cmd(&self) -> Command {
         smolvm(self.home.path(), &self.server.url, &self.release)
@@ -184,6 +190,7 @@ fn two_concurrent_cold_creates_download_each_asset_once() {
 fn create_works_where_only_loopback_exists() {
     let release = release_dir();
     let home = tempfile::tempdir().unwrap();
+    let _cleanup = common::Cleanup(home.path().to_path_buf());
     let dist = release.parent().unwrap();
     // Everything, the HTTP server included, runs in a new network namespace that has only
     // `lo`: no name outside this host can be resolved, let alone reached.

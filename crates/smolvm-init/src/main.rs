@@ -8,16 +8,19 @@
 //! 2. [`net`]: hostname, `lo`, and the interface from the kernel's `ip=` argument, via netlink;
 //! 3. [`ssh`]: root's `authorized_keys` from `smolvm.authorized_key_b64`, a fresh ed25519 host
 //!    key, sshd started and awaited;
-//! 4. the readiness line (see `smolvm_protocol::ready`) on the console;
+//! 4. [`agent`] started (before sshd), then the readiness line (see `smolvm_protocol::ready`)
+//!    on the console and in the agent's Hello;
 //! 5. [`supervisor`]: reap orphans until SIGTERM or Ctrl-Alt-Del, then sync, unmount, power off.
 //!
 //! A step that fails logs one clear line and the boot goes on: a guest with a broken network is
 //! still debuggable on its console, and one with a bad key still shuts down cleanly.
 
+mod agent;
 mod clock;
 mod log;
 mod mounts;
 mod net;
+mod reaper;
 mod rootfs;
 mod ssh;
 mod supervisor;
@@ -51,6 +54,8 @@ fn main() {
 
     net::configure(&cmdline);
     phases.network = clock::boottime_us();
+    // The agent listens before sshd starts; it answers a host's Hello once the guest is ready.
+    agent::start();
 
     let host_key = ssh::bring_up(cmdline::get(&cmdline, cmdline::AUTHORIZED_KEY_B64));
     phases.sshd = clock::boottime_us();
@@ -58,9 +63,14 @@ fn main() {
     match host_key {
         Ok(host_key) => {
             let ready = Ready { v: READY_VERSION, host_key, boot_us: phases };
+            let _ = agent::READY.set(ready.clone());
             log::console_line(&ready.to_line());
         }
-        Err(e) => log::error!("SSH is not available: {e}; no readiness line will be printed"),
+        Err(e) => {
+            log::error!("SSH is not available: {e}; no readiness line will be printed");
+            // The agent still serves the host (it can read the console and files).
+            let _ = agent::READY.set(Ready { v: READY_VERSION, host_key: String::new(), boot_us: phases });
+        }
     }
 
     supervisor::run()

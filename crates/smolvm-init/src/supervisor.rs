@@ -51,6 +51,7 @@ fn reap() {
         if pid <= 0 {
             return;
         }
+        crate::reaper::exited(pid, status);
     }
 }
 

@@ -10,5 +10,6 @@
 //! compatible change (readers ignore unknown fields); renaming, removing or changing the meaning
 //! of a field is not, and bumps the version. Tests in each module pin the exact text.
 
+pub mod agent;
 pub mod cmdline;
 pub mod ready;

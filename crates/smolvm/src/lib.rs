@@ -8,6 +8,7 @@
 //! - [`vm`]: running guests (accelerator choice);
 //! - [`digest`], [`lock`], [`timefmt`]: small shared utilities.
 
+pub mod agent;
 pub mod digest;
 pub mod images;
 pub mod lock;

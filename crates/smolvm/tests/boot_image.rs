@@ -86,7 +86,7 @@ fn release_boots_and_serves_strict_ssh() {
     let mut child = Command::new("qemu-system-x86_64")
         .args([
             "-M",
-            "microvm,rtc=on",
+            "microvm,rtc=on,pic=off",
             "-accel",
             accel.qemu_name(),
             "-cpu",

@@ -1,6 +1,7 @@
 //! One module per command group. Each returns the process exit code.
 
 mod doctor;
+mod exec;
 mod image;
 mod sandbox;
 
@@ -12,9 +13,9 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Create(a) => sandbox::create(a, json),
         Command::List => sandbox::list(json),
         Command::Status { name } => sandbox::status(&name, json),
-        Command::Exec { name, tty, command } => sandbox::exec(&name, tty, &command),
+        Command::Exec { name, tty, timeout, command } => exec::exec(&name, tty, timeout, &command),
         Command::Ssh { name, command } => sandbox::ssh(&name, &command),
-        Command::Cp { from, to } => sandbox::cp(&from, &to),
+        Command::Cp { from, to } => exec::cp(&from, &to),
         Command::Stop { name, timeout } => sandbox::stop(&name, timeout, json),
         Command::Start { name, timeout } => sandbox::start(&name, timeout, json),
         Command::Delete { names, force } => sandbox::delete(&names, force, json),
@@ -23,6 +24,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Env(c) => sandbox::env(c, json),
         Command::Doctor => doctor::run(json),
         Command::Image(c) => image::run(c, json).map(|()| 0),
+        Command::AgentProxy { dir } => smolvm::agent::proxy::run(&dir).map(|()| 0).map_err(Into::into),
     }
 }
 

@@ -111,32 +111,14 @@ pub fn status(name: &str, json: bool) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-fn exit_code(status: std::process::ExitStatus) -> i32 {
+pub(crate) fn exit_code(status: std::process::ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
     status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
-}
-
-pub fn exec(name: &str, tty: bool, command: &[String]) -> anyhow::Result<i32> {
-    let mut cmd = open()?.ssh_command(name, command, tty)?;
-    let status = cmd.status().context("run ssh")?;
-    // ssh's own failures exit 255; the command's exit code passes through otherwise.
-    if status.code() == Some(255) {
-        eprintln!("smolvm: ssh to {name} failed (exit 255); check `smolvm status {name}` and `smolvm logs {name}`");
-    }
-    Ok(exit_code(status))
 }
 
 pub fn ssh(name: &str, command: &[String]) -> anyhow::Result<i32> {
     let status = open()?.ssh_command(name, command, true)?.status().context("run ssh")?;
     Ok(exit_code(status))
-}
-
-pub fn cp(from: &str, to: &str) -> anyhow::Result<i32> {
-    let out = open()?.cp_command(from, to)?.output().context("run scp")?;
-    if !out.status.success() {
-        anyhow::bail!("cp {from} {to}: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(0)
 }
 
 pub fn stop(name: &str, timeout: u64, json: bool) -> anyhow::Result<i32> {

@@ -62,3 +62,28 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// Deletes (forcibly) every sandbox under `home`: a failed test must not leave VMs running.
+pub fn cleanup(home: &Path) {
+    let mut list = Command::new(env!("CARGO_BIN_EXE_smolvm"));
+    list.env("SMOLVM_HOME", home).args(["list", "--json"]);
+    let Ok(out) = list.output() else { return };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else { return };
+    for s in v.as_array().into_iter().flatten() {
+        if let Some(name) = s["name"].as_str() {
+            let _ = Command::new(env!("CARGO_BIN_EXE_smolvm"))
+                .env("SMOLVM_HOME", home)
+                .args(["delete", "--force", name])
+                .output();
+        }
+    }
+}
+
+/// Calls [`cleanup`] when dropped (also when the test panics).
+pub struct Cleanup(pub PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        cleanup(&self.0);
+    }
+}

@@ -40,7 +40,7 @@ fn free_port() -> std::io::Result<u16> {
 
 /// Starts QEMU detached: its own session (a Ctrl-C or a closed terminal does not reach it),
 /// its output in `qemu.log`. Returns its pid.
-fn spawn_detached(cfg: &QemuConfig) -> Result<i32, BootError> {
+fn spawn_detached(cfg: &QemuConfig) -> Result<std::process::Child, BootError> {
     use std::os::unix::process::CommandExt;
     let spawn_err = |e: std::io::Error| BootError::Spawn { qemu: qemu::qemu_binary(), stderr: e.to_string() };
     let log = std::fs::File::create(qemu::qemu_log(&cfg.dir)).map_err(spawn_err)?;
@@ -54,9 +54,8 @@ fn spawn_detached(cfg: &QemuConfig) -> Result<i32, BootError> {
         });
     }
     tracing::debug!("starting {cmd:?}");
-    let child = cmd.spawn().map_err(spawn_err)?;
-    // Not waited for: QEMU outlives this process (it is re-parented when we exit).
-    Ok(child.id() as i32)
+    // Not waited for once booted: QEMU outlives this process (it is re-parented when we exit).
+    cmd.spawn().map_err(spawn_err)
 }
 
 /// Starts QEMU for `cfg` (its `ssh_port` is chosen here) and waits for the readiness line.
@@ -73,18 +72,27 @@ pub(super) fn boot(mut cfg: QemuConfig, timeout: Duration) -> Result<Booted, Boo
         std::fs::write(&console, b"").map_err(|e| BootError::NoPid(format!("create {}: {e}", console.display())))?;
         cfg.ssh_port =
             free_port().map_err(|e| BootError::Spawn { qemu: qemu::qemu_binary(), stderr: e.to_string() })?;
-        let pid = spawn_detached(&cfg)?;
+        let mut child = spawn_detached(&cfg)?;
+        let pid = child.id() as i32;
         let pid_start = process::start_time(pid);
-        let fail = |cause: WaitError| {
+        let mut fail = |cause: WaitError| {
+            // How QEMU ended, if it did (before we kill it).
+            let status = child.try_wait().ok().flatten().map(|s| format!(" (QEMU {s})")).unwrap_or_default();
             let _ = process::signal(pid, libc::SIGKILL);
             let qemu_log = std::fs::read_to_string(qemu::qemu_log(&dir)).unwrap_or_default();
-            let tail = format!("{}\n--- qemu.log ---\n{}", console_tail(&console, 30), qemu_log.trim());
+            let tail = format!("{}\n--- qemu.log{status} ---\n{}", console_tail(&console, 30), qemu_log.trim());
             BootError::NotReady { cause, console: console.display().to_string(), tail }
         };
         let pidfd = process::pidfd(pid).map_err(|e| fail(WaitError::Io(e)))?;
+        if let Err(e) = crate::agent::spawn_proxy(&dir) {
+            return Err(fail(WaitError::Io(e)));
+        }
         match wait_for_ready(&console, &pidfd, timeout) {
             Ok(ready) => {
-                return Ok(Booted { pid, pid_start, ssh_port: cfg.ssh_port, ready, elapsed: started.elapsed() })
+                // Ready on the console means sshd and the agent are up; the proxy binds its
+                // socket a moment later. Return only when a command can be sent.
+                wait_for_agent(&cfg.name, &dir, timeout).map_err(|e| fail(WaitError::Io(std::io::Error::other(e))))?;
+                return Ok(Booted { pid, pid_start, ssh_port: cfg.ssh_port, ready, elapsed: started.elapsed() });
             }
             Err(WaitError::Exited) if attempt < 5 && port_was_taken(&dir) => {
                 // Another process took the port between our probe and QEMU's bind.
@@ -92,6 +100,21 @@ pub(super) fn boot(mut cfg: QemuConfig, timeout: Duration) -> Result<Booted, Boo
                 continue;
             }
             Err(e) => return Err(fail(e)),
+        }
+    }
+}
+
+/// Connects to the agent proxy (retrying while it starts) and exchanges Hello.
+fn wait_for_agent(name: &str, dir: &Path, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match crate::agent::AgentClient::connect(name, &crate::agent::client_socket(dir)) {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() >= deadline => {
+                let log = std::fs::read_to_string(dir.join("agent-proxy.log")).unwrap_or_default();
+                return Err(format!("the agent did not answer: {e}\n--- agent-proxy.log ---\n{}", log.trim()));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
         }
     }
 }

@@ -61,11 +61,20 @@ impl Smolvm {
         let mut row = self.row(name)?;
         if Self::status_of(&row) == Status::Running {
             let pid = row.pid.unwrap_or(0);
-            // SIGTERM to PID 1 makes smolvm-init stop everything, sync, unmount, power off.
-            let graceful = self
-                .ssh_command(name, &["kill".into(), "-TERM".into(), "1".into()], false)
-                .ok()
-                .and_then(|mut c| c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status().ok());
+            // The agent's Shutdown (else SIGTERM to PID 1 over SSH) makes smolvm-init stop
+            // everything, sync, unmount and power off.
+            let graceful = match self.agent(name).and_then(|c| c.shutdown()) {
+                Ok(()) => Some(()),
+                Err(e) => {
+                    tracing::debug!("{name}: agent shutdown failed ({e}); trying SSH");
+                    self.ssh_command(name, &["kill".into(), "-TERM".into(), "1".into()], false)
+                        .ok()
+                        .and_then(|mut c| {
+                            c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status().ok()
+                        })
+                        .map(|_| ())
+                }
+            };
             if graceful.is_none() || !wait_exit(pid, row.pid_start, timeout) {
                 tracing::warn!("{name}: no clean power-off within {timeout:?}; terminating the VM");
                 if let Ok(mut q) = Qmp::connect(&qemu::qmp_socket(&self.dir(name))) {

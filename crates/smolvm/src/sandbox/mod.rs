@@ -221,6 +221,53 @@ impl Smolvm {
         }
     }
 
+    /// A connection to a running sandbox's agent (commands and files without SSH). Restarts
+    /// the sandbox's agent proxy if it is gone.
+    pub fn agent(&self, name: &str) -> Result<crate::agent::AgentClient, crate::agent::AgentError> {
+        self.running(name)
+            .map_err(|e| crate::agent::AgentError::Guest { sandbox: name.into(), message: e.to_string() })?;
+        let dir = self.dir(name);
+        let socket = crate::agent::client_socket(&dir);
+        match crate::agent::AgentClient::connect(name, &socket) {
+            Ok(c) => Ok(c),
+            Err(first) => {
+                tracing::debug!("agent proxy of {name} not reachable ({first}); starting it");
+                crate::agent::spawn_proxy(&dir)?;
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                loop {
+                    match crate::agent::AgentClient::connect(name, &socket) {
+                        Ok(c) => return Ok(c),
+                        Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs `argv` in a running sandbox through its agent and collects the output.
+    pub fn exec(
+        &self,
+        name: &str,
+        argv: &[String],
+        stdin: Option<&[u8]>,
+        timeout: Option<Duration>,
+    ) -> Result<crate::agent::ExecOutput, crate::agent::AgentError> {
+        let client = self.agent(name)?;
+        let env = self.db().env(name).unwrap_or_default();
+        client.exec_output(
+            crate::agent::client::ExecRequest {
+                command: crate::agent::client::Command::Argv(argv.to_vec()),
+                env,
+                cwd: None,
+                stdin: stdin.is_some(),
+                timeout_ms: timeout.map(|t| t.as_millis() as u64),
+                pty: None,
+            },
+            stdin,
+        )
+    }
+
     /// An `ssh` command into a running sandbox: strict host key, the managed key. With `argv`
     /// it runs that command (each word quoted); without, an interactive login shell. `tty`
     /// forces a terminal (`-t`).

@@ -1,0 +1,150 @@
+//! `exec` and `cp` through the guest agent.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use smolvm::agent::client::{Command, ExecRequest};
+use smolvm::agent::ExecEvent;
+
+use super::sandbox::{exit_code, open};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+pub fn exec(name: &str, tty: bool, timeout: Option<u64>, command: &[String]) -> anyhow::Result<i32> {
+    let sm = open()?;
+    if tty {
+        // Terminals go over SSH (the agent has no PTY support yet).
+        let status = sm.ssh_command(name, command, true)?.status().context("run ssh")?;
+        return Ok(exit_code(status));
+    }
+    let client = sm.agent(name)?;
+    let pass_stdin = !std::io::stdin().is_terminal();
+    let request = ExecRequest {
+        command: Command::Argv(command.to_vec()),
+        env: sm.db().env(name).unwrap_or_default(),
+        cwd: None,
+        stdin: pass_stdin,
+        timeout_ms: timeout.map(|s| s * 1000),
+        pty: None,
+    };
+    let handle = client.exec(request)?;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
+    std::thread::scope(|scope| -> anyhow::Result<i32> {
+        if pass_stdin {
+            let h = handle.input();
+            scope.spawn(move || {
+                let mut stdin = std::io::stdin().lock();
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = stdin.read(&mut buf) {
+                    if n == 0 || h.write_stdin(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = h.close_stdin();
+            });
+        }
+        let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr());
+        loop {
+            if INTERRUPTED.swap(false, Ordering::SeqCst) {
+                handle.signal(libc::SIGINT)?;
+            }
+            match handle.next_event_timeout(Duration::from_millis(100))? {
+                None => {}
+                Some(ExecEvent::Stdout(d)) => {
+                    out.write_all(&d)?;
+                    out.flush()?;
+                }
+                Some(ExecEvent::Stderr(d)) => err.write_all(&d)?,
+                Some(ExecEvent::Exit { status, timed_out }) => {
+                    if timed_out {
+                        eprintln!("smolvm: the command was killed after its timeout of {} s", timeout.unwrap_or(0));
+                        return Ok(124);
+                    }
+                    return Ok(match status {
+                        smolvm::agent::client::ExitStatus::Code(c) => c,
+                        smolvm::agent::client::ExitStatus::Signal(s) => 128 + s,
+                    });
+                }
+            }
+        }
+    })
+}
+
+/// `NAME:/path` -> (name, path).
+fn remote(s: &str) -> Option<(&str, &str)> {
+    let (n, p) = s.split_once(':')?;
+    (smolvm::sandbox::names::validate(n).is_ok() && p.starts_with('/')).then_some((n, p))
+}
+
+pub fn cp(from: &str, to: &str) -> anyhow::Result<i32> {
+    let sm = open()?;
+    match (remote(from), remote(to)) {
+        (None, Some((name, path))) => {
+            let local = Path::new(from);
+            let meta = std::fs::metadata(local).with_context(|| from.to_string())?;
+            if meta.is_dir() {
+                return scp(&sm, from, to);
+            }
+            let client = sm.agent(name)?;
+            // `box:/dir/` or an existing directory: keep the file's name.
+            let mut target = path.to_string();
+            let is_dir = path.ends_with('/') || client.stat(path)?.is_some_and(|s| s.is_dir);
+            if is_dir {
+                let file_name = local.file_name().context("source has no file name")?.to_string_lossy();
+                target = format!("{}/{file_name}", path.trim_end_matches('/'));
+            }
+            let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777;
+            let mut f = std::fs::File::open(local).with_context(|| format!("open {from}"))?;
+            client.write_file(&target, &mut f, mode, 0, 0)?;
+            Ok(0)
+        }
+        (Some((name, path)), None) => {
+            let client = sm.agent(name)?;
+            let stat = client.stat(path)?.with_context(|| format!("{name}:{path}: no such file"))?;
+            if stat.is_dir {
+                return scp(&sm, from, to);
+            }
+            let mut target = Path::new(to).to_path_buf();
+            if target.is_dir() {
+                target = target.join(Path::new(path).file_name().context("source has no file name")?);
+            }
+            // Written beside the target and renamed: an interrupted copy leaves no half file.
+            let tmp = target.with_file_name(format!(
+                ".{}.smolvm-partial",
+                target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+            ));
+            let result = (|| -> anyhow::Result<()> {
+                let mut f = std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+                client.read_file(path, &mut f)?;
+                f.sync_all()?;
+                std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(stat.mode & 0o7777))?;
+                std::fs::rename(&tmp, &target)?;
+                Ok(())
+            })();
+            if result.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            result.map(|()| 0)
+        }
+        _ => anyhow::bail!(
+            "cp {from} {to}: exactly one side must be NAME:/absolute/path (e.g. smolvm cp ./f box:/root/f)"
+        ),
+    }
+}
+
+/// Directories go through scp (recursive), which the agent does not do yet.
+fn scp(sm: &smolvm::sandbox::Smolvm, from: &str, to: &str) -> anyhow::Result<i32> {
+    let out = sm.cp_command(from, to)?.output().context("run scp")?;
+    if !out.status.success() {
+        anyhow::bail!("cp {from} {to}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(0)
+}

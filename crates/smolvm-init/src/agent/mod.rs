@@ -1,0 +1,154 @@
+//! The guest agent: commands and files for the host without SSH, over the virtio-serial port
+//! named `smolvm.agent` (protocol: `smolvm_protocol::agent`).
+//!
+//! One thread reads requests from the port; each exec gets threads that pump its output and
+//! wait for its exit; file reads get a thread; everything written back goes through one
+//! locked writer, a frame at a time. The host keeps one connection open for the VM's life; if
+//! it goes away, the session's processes are killed and the agent waits for the next one.
+
+mod exec;
+mod files;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use smolvm_protocol::agent::{read_frame, GuestMsg, HostMsg, AGENT_PORT_NAME, PROTOCOL_VERSION};
+use smolvm_protocol::ready::Ready;
+
+use crate::log;
+
+/// Set by `main` once the guest is ready; the agent's Hello carries it.
+pub static READY: OnceLock<Ready> = OnceLock::new();
+
+/// Sends frames to the host; shared by every thread of a session.
+#[derive(Clone)]
+pub struct Writer(Arc<Mutex<File>>);
+
+impl Writer {
+    pub fn send(&self, msg: &GuestMsg) -> bool {
+        let frame = smolvm_protocol::agent::encode(msg);
+        let mut f = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        f.write_all(&frame).is_ok()
+    }
+
+    pub fn error(&self, id: u32, message: impl Into<String>) {
+        self.send(&GuestMsg::Error { id, message: message.into() });
+    }
+}
+
+/// State of one host connection.
+pub struct Session {
+    pub out: Writer,
+    pub procs: Arc<Mutex<HashMap<u32, exec::Running>>>,
+    pub writes: HashMap<u32, files::PendingWrite>,
+    pub env: Vec<(String, String)>,
+}
+
+/// Finds the port's device: `/sys/class/virtio-ports/vportNpM/name` holds the name, and
+/// devtmpfs provides `/dev/vportNpM` (there is no udev to make `/dev/virtio-ports/` links).
+fn find_port() -> Option<PathBuf> {
+    let dir = std::fs::read_dir("/sys/class/virtio-ports").ok()?;
+    dir.flatten().find_map(|e| {
+        let name = std::fs::read_to_string(e.path().join("name")).ok()?;
+        (name.trim() == AGENT_PORT_NAME).then(|| PathBuf::from("/dev").join(e.file_name()))
+    })
+}
+
+/// Starts the agent thread if the VM has an agent port.
+pub fn start() {
+    let Some(port) = find_port() else {
+        log::info!("no {AGENT_PORT_NAME} port: the agent is off (SSH only)");
+        return;
+    };
+    let spawned = std::thread::Builder::new().name("agent".into()).spawn(move || serve(port));
+    if let Err(e) = spawned {
+        log::error!("cannot start the agent thread: {e}");
+    }
+}
+
+fn serve(port: PathBuf) {
+    loop {
+        let file = match std::fs::OpenOptions::new().read(true).write(true).open(&port) {
+            Ok(f) => f,
+            Err(e) => {
+                log::error!("open {}: {e}; agent stopped", port.display());
+                return;
+            }
+        };
+        let writer = match file.try_clone() {
+            Ok(w) => Writer(Arc::new(Mutex::new(w))),
+            Err(e) => {
+                log::error!("agent: {e}");
+                return;
+            }
+        };
+        let mut session = Session { out: writer, procs: Arc::default(), writes: HashMap::new(), env: Vec::new() };
+        let mut reader = file;
+        let mut got_any = false;
+        loop {
+            match read_frame::<HostMsg>(&mut reader) {
+                Ok(Some(msg)) => {
+                    got_any = true;
+                    handle(&mut session, msg);
+                }
+                // End of stream: the host is not (or no longer) connected.
+                Ok(None) => break,
+                Err(e) => {
+                    log::error!("agent: {e}; dropping the session");
+                    break;
+                }
+            }
+        }
+        exec::kill_all(&session.procs);
+        if got_any {
+            log::info!("agent: host disconnected");
+        }
+        // While no host is connected, reads return end-of-stream at once; check again soon.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn handle(s: &mut Session, msg: HostMsg) {
+    match msg {
+        HostMsg::Hello { version } => {
+            // Hello waits for readiness: a host that connects during boot learns the guest is
+            // ready from this answer.
+            let ready = loop {
+                if let Some(r) = READY.get() {
+                    break r.clone();
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            };
+            s.out.send(&GuestMsg::Hello { version: version.min(PROTOCOL_VERSION), ready });
+        }
+        HostMsg::Exec { id, request } => exec::start(s, id, request),
+        HostMsg::Stdin { id, data } => exec::stdin(s, id, Some(data)),
+        HostMsg::StdinClose { id } => exec::stdin(s, id, None),
+        HostMsg::Signal { id, signal } => exec::signal(s, id, signal),
+        HostMsg::WriteFile { id, file } => files::write_start(s, id, file),
+        HostMsg::FileData { id, data } => files::write_data(s, id, &data),
+        HostMsg::FileEnd { id } => files::write_end(s, id),
+        HostMsg::ReadFile { id, path } => files::read(s, id, path),
+        HostMsg::Stat { id, path } => {
+            let stat = files::stat(&path);
+            s.out.send(&GuestMsg::StatResult { id, stat });
+        }
+        HostMsg::SetEnv { id, vars } => {
+            s.env = vars;
+            match files::write_profile_env(&s.env) {
+                Ok(()) => s.out.send(&GuestMsg::Done { id }),
+                Err(e) => {
+                    s.out.send(&GuestMsg::Error { id, message: format!("write /etc/profile.d/smolvm-env.sh: {e}") })
+                }
+            };
+        }
+        HostMsg::Shutdown => {
+            // SAFETY: kill(2) on our own pid; the supervisor turns SIGTERM into a power-off.
+            unsafe { libc::kill(1, libc::SIGTERM) };
+        }
+    }
+}

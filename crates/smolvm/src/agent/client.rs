@@ -1,0 +1,310 @@
+//! A client of the agent proxy: execs (collected or streamed), file writes and reads, stat.
+//! One client carries any number of concurrent requests; it is `Sync`, so threads may share it.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use smolvm_protocol::agent::{encode, read_frame, GuestMsg, HostMsg, CHUNK, PROTOCOL_VERSION};
+pub use smolvm_protocol::agent::{Command, ExecRequest, ExitStatus, FileStat, PtySize, WriteFile};
+use smolvm_protocol::ready::Ready;
+
+/// Why an agent operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot reach the agent of sandbox {sandbox} ({source}); check `smolvm status {sandbox}` and `smolvm logs {sandbox}`")]
+    Connect { sandbox: String, source: std::io::Error },
+    #[error("lost the agent connection of sandbox {sandbox}: {reason}; check `smolvm status {sandbox}` (the VM may have stopped) and `smolvm logs {sandbox}`")]
+    Lost { sandbox: String, reason: String },
+    #[error("sandbox {sandbox}: {message}")]
+    Guest { sandbox: String, message: String },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+type Waiters = Arc<Mutex<HashMap<u32, Sender<GuestMsg>>>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A connection to a sandbox's agent.
+#[derive(Debug)]
+pub struct AgentClient {
+    sandbox: String,
+    out: Mutex<UnixStream>,
+    waiters: Waiters,
+    next_id: AtomicU32,
+    /// The guest's readiness facts from its Hello.
+    pub ready: Ready,
+    pub version: u32,
+}
+
+impl AgentClient {
+    /// Connects to `socket` (the proxy's) and exchanges Hello.
+    pub fn connect(sandbox: &str, socket: &Path) -> Result<AgentClient, AgentError> {
+        let connect_err = |source| AgentError::Connect { sandbox: sandbox.to_string(), source };
+        let mut stream = UnixStream::connect(socket).map_err(connect_err)?;
+        stream.write_all(&encode(&HostMsg::Hello { version: PROTOCOL_VERSION })).map_err(connect_err)?;
+        stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(connect_err)?;
+        let (version, ready) = match read_frame::<GuestMsg>(&mut stream) {
+            Ok(Some(GuestMsg::Hello { version, ready })) => (version, ready),
+            other => {
+                return Err(AgentError::Lost {
+                    sandbox: sandbox.into(),
+                    reason: format!("no Hello from the agent ({other:?})"),
+                })
+            }
+        };
+        stream.set_read_timeout(None).map_err(connect_err)?;
+        let waiters: Waiters = Arc::default();
+        let mut input = stream.try_clone().map_err(connect_err)?;
+        let w = waiters.clone();
+        std::thread::spawn(move || {
+            while let Ok(Some(mut msg)) = read_frame::<GuestMsg>(&mut input) {
+                let ends = msg.ends_request();
+                let Some(id) = msg.id_mut().copied() else { continue };
+                let mut waiters = lock(&w);
+                if let Some(tx) = waiters.get(&id) {
+                    let _ = tx.send(msg);
+                }
+                if ends {
+                    waiters.remove(&id);
+                }
+            }
+            // Dropping every sender tells each waiting request that the connection is gone.
+            lock(&w).clear();
+        });
+        Ok(AgentClient {
+            sandbox: sandbox.to_string(),
+            out: Mutex::new(stream),
+            waiters,
+            next_id: AtomicU32::new(1),
+            ready,
+            version,
+        })
+    }
+
+    fn lost(&self, reason: impl Into<String>) -> AgentError {
+        AgentError::Lost { sandbox: self.sandbox.clone(), reason: reason.into() }
+    }
+
+    fn send(&self, msg: &HostMsg) -> Result<(), AgentError> {
+        lock(&self.out).write_all(&encode(msg)).map_err(|e| self.lost(e.to_string()))
+    }
+
+    /// Opens a request: registers its id before sending, so no reply is missed.
+    fn open(&self, make: impl FnOnce(u32) -> HostMsg) -> Result<(u32, Receiver<GuestMsg>), AgentError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel();
+        lock(&self.waiters).insert(id, tx);
+        self.send(&make(id))?;
+        Ok((id, rx))
+    }
+
+    /// Starts a process; events arrive on the returned handle.
+    pub fn exec(&self, request: ExecRequest) -> Result<ExecHandle<'_>, AgentError> {
+        let (id, rx) = self.open(|id| HostMsg::Exec { id, request })?;
+        Ok(ExecHandle { client: self, id, rx })
+    }
+
+    /// Runs a command to completion, collecting its output.
+    pub fn exec_output(&self, request: ExecRequest, stdin: Option<&[u8]>) -> Result<ExecOutput, AgentError> {
+        let h = self.exec(request)?;
+        if let Some(data) = stdin {
+            for c in data.chunks(CHUNK) {
+                h.write_stdin(c)?;
+            }
+            h.close_stdin()?;
+        }
+        h.collect()
+    }
+
+    /// Writes a file atomically (a temporary file renamed into place), with mode and owner.
+    pub fn write_file(&self, path: &str, data: &mut dyn Read, mode: u32, uid: u32, gid: u32) -> Result<(), AgentError> {
+        let file = WriteFile { path: path.to_string(), mode, uid, gid };
+        let (id, rx) = self.open(|id| HostMsg::WriteFile { id, file })?;
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = data.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            self.send(&HostMsg::FileData { id, data: buf[..n].to_vec() })?;
+            // An early error (no such directory) ends the request: stop sending.
+            if let Ok(GuestMsg::Error { message, .. }) = rx.try_recv() {
+                return Err(AgentError::Guest { sandbox: self.sandbox.clone(), message });
+            }
+        }
+        self.send(&HostMsg::FileEnd { id })?;
+        match rx.recv() {
+            Ok(GuestMsg::Done { .. }) => Ok(()),
+            Ok(GuestMsg::Error { message, .. }) => Err(AgentError::Guest { sandbox: self.sandbox.clone(), message }),
+            Ok(other) => Err(self.lost(format!("unexpected reply {other:?}"))),
+            Err(_) => Err(self.lost("connection closed")),
+        }
+    }
+
+    /// Reads a file into `sink`; returns its metadata.
+    pub fn read_file(&self, path: &str, sink: &mut dyn Write) -> Result<FileStat, AgentError> {
+        let (_, rx) = self.open(|id| HostMsg::ReadFile { id, path: path.to_string() })?;
+        loop {
+            match rx.recv() {
+                Ok(GuestMsg::FileData { data, .. }) => sink.write_all(&data)?,
+                Ok(GuestMsg::FileEnd { stat, .. }) => return Ok(stat),
+                Ok(GuestMsg::Error { message, .. }) => {
+                    return Err(AgentError::Guest { sandbox: self.sandbox.clone(), message })
+                }
+                Ok(other) => return Err(self.lost(format!("unexpected reply {other:?}"))),
+                Err(_) => return Err(self.lost("connection closed")),
+            }
+        }
+    }
+
+    /// Metadata of a guest path, `None` if it does not exist.
+    pub fn stat(&self, path: &str) -> Result<Option<FileStat>, AgentError> {
+        let (_, rx) = self.open(|id| HostMsg::Stat { id, path: path.to_string() })?;
+        match rx.recv() {
+            Ok(GuestMsg::StatResult { stat, .. }) => Ok(stat),
+            Ok(other) => Err(self.lost(format!("unexpected reply {other:?}"))),
+            Err(_) => Err(self.lost("connection closed")),
+        }
+    }
+
+    /// Sets the sandbox's variables (for later execs and login shells).
+    pub fn set_env(&self, vars: Vec<(String, String)>) -> Result<(), AgentError> {
+        let (_, rx) = self.open(|id| HostMsg::SetEnv { id, vars })?;
+        match rx.recv() {
+            Ok(GuestMsg::Done { .. }) => Ok(()),
+            Ok(GuestMsg::Error { message, .. }) => Err(AgentError::Guest { sandbox: self.sandbox.clone(), message }),
+            Ok(other) => Err(self.lost(format!("unexpected reply {other:?}"))),
+            Err(_) => Err(self.lost("connection closed")),
+        }
+    }
+
+    /// Asks the guest to power off cleanly.
+    pub fn shutdown(&self) -> Result<(), AgentError> {
+        self.send(&HostMsg::Shutdown)
+    }
+}
+
+/// What an exec produces, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecEvent {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    Exit { status: ExitStatus, timed_out: bool },
+}
+
+/// A collected exec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub status: ExitStatus,
+    pub timed_out: bool,
+}
+
+impl ExecOutput {
+    /// The shell convention: the exit code, or 128 + the signal number.
+    pub fn code(&self) -> i32 {
+        match self.status {
+            ExitStatus::Code(c) => c,
+            ExitStatus::Signal(s) => 128 + s,
+        }
+    }
+}
+
+/// A running exec.
+#[derive(Debug)]
+pub struct ExecHandle<'a> {
+    client: &'a AgentClient,
+    id: u32,
+    rx: Receiver<GuestMsg>,
+}
+
+/// The input side of a running exec (stdin, signals); it can be moved to another thread.
+#[derive(Debug, Clone, Copy)]
+pub struct ExecInput<'a> {
+    client: &'a AgentClient,
+    id: u32,
+}
+
+impl ExecInput<'_> {
+    pub fn write_stdin(&self, data: &[u8]) -> Result<(), AgentError> {
+        self.client.send(&HostMsg::Stdin { id: self.id, data: data.to_vec() })
+    }
+
+    pub fn close_stdin(&self) -> Result<(), AgentError> {
+        self.client.send(&HostMsg::StdinClose { id: self.id })
+    }
+
+    /// Sends a signal to the process group (e.g. SIGINT for Ctrl-C).
+    pub fn signal(&self, signal: i32) -> Result<(), AgentError> {
+        self.client.send(&HostMsg::Signal { id: self.id, signal })
+    }
+}
+
+impl ExecHandle<'_> {
+    /// The handle's input side, for a thread that feeds stdin.
+    pub fn input(&self) -> ExecInput<'_> {
+        ExecInput { client: self.client, id: self.id }
+    }
+
+    pub fn write_stdin(&self, data: &[u8]) -> Result<(), AgentError> {
+        self.input().write_stdin(data)
+    }
+
+    pub fn close_stdin(&self) -> Result<(), AgentError> {
+        self.input().close_stdin()
+    }
+
+    /// Sends a signal to the process group (e.g. SIGINT for Ctrl-C).
+    pub fn signal(&self, signal: i32) -> Result<(), AgentError> {
+        self.input().signal(signal)
+    }
+
+    /// The next event; `Exit` is the last.
+    pub fn next_event(&self) -> Result<ExecEvent, AgentError> {
+        self.event(self.rx.recv().ok())
+    }
+
+    /// As [`ExecHandle::next_event`], or `None` after `timeout` with nothing new.
+    pub fn next_event_timeout(&self, timeout: Duration) -> Result<Option<ExecEvent>, AgentError> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(m) => self.event(Some(m)).map(Some),
+            Err(mpsc::RecvTimeoutError::Timeout) => Ok(None),
+            Err(mpsc::RecvTimeoutError::Disconnected) => self.event(None).map(Some),
+        }
+    }
+
+    fn event(&self, msg: Option<GuestMsg>) -> Result<ExecEvent, AgentError> {
+        match msg {
+            Some(GuestMsg::Stdout { data, .. }) => Ok(ExecEvent::Stdout(data)),
+            Some(GuestMsg::Stderr { data, .. }) => Ok(ExecEvent::Stderr(data)),
+            Some(GuestMsg::Exit { status, timed_out, .. }) => Ok(ExecEvent::Exit { status, timed_out }),
+            Some(GuestMsg::Error { message, .. }) => {
+                Err(AgentError::Guest { sandbox: self.client.sandbox.clone(), message })
+            }
+            Some(other) => Err(self.client.lost(format!("unexpected reply {other:?}"))),
+            None => Err(self.client.lost("the connection closed before the command finished")),
+        }
+    }
+
+    /// Waits for the end, collecting the output.
+    pub fn collect(self) -> Result<ExecOutput, AgentError> {
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        loop {
+            match self.next_event()? {
+                ExecEvent::Stdout(d) => stdout.extend_from_slice(&d),
+                ExecEvent::Stderr(d) => stderr.extend_from_slice(&d),
+                ExecEvent::Exit { status, timed_out } => return Ok(ExecOutput { stdout, stderr, status, timed_out }),
+            }
+        }
+    }
+}

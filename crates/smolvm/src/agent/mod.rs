@@ -1,0 +1,58 @@
+//! The host side of the guest agent: commands and files without SSH.
+//!
+//! A virtio-serial port has one host-side client at a time, so each running sandbox has an
+//! agent proxy ([`proxy`]): a small process (`smolvm __agent-proxy DIR`) that holds the one
+//! connection to the guest for the VM's life and serves any number of local clients on
+//! `<sandbox>/agent.sock`, renumbering their request ids onto the guest connection. Clients
+//! ([`client`]) speak the same protocol to the proxy as the proxy speaks to the guest.
+
+pub mod client;
+pub mod proxy;
+
+use std::path::{Path, PathBuf};
+
+pub use client::{AgentClient, AgentError, ExecEvent, ExecHandle, ExecOutput};
+
+/// QEMU's end of the agent port (one client: the proxy).
+pub fn vm_socket(dir: &Path) -> PathBuf {
+    dir.join("agent-vm.sock")
+}
+
+/// The proxy's socket, for any number of clients.
+pub fn client_socket(dir: &Path) -> PathBuf {
+    dir.join("agent.sock")
+}
+
+/// The executable that runs the proxy: `SMOLVM_BIN`, else this program if it is `smolvm`, else
+/// a `smolvm` next to it, else `smolvm` on `PATH`.
+pub fn proxy_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("SMOLVM_BIN") {
+        return PathBuf::from(p);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        if exe.file_name().is_some_and(|n| n == "smolvm") {
+            return exe;
+        }
+        if let Some(sibling) = exe.parent().map(|d| d.join("smolvm")).filter(|p| p.is_file()) {
+            return sibling;
+        }
+    }
+    PathBuf::from("smolvm")
+}
+
+/// Starts the proxy for the sandbox in `dir`, detached (its own session; output to
+/// `agent-proxy.log`). It exits by itself when the VM does.
+pub fn spawn_proxy(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let log = std::fs::File::create(dir.join("agent-proxy.log"))?;
+    let mut cmd = std::process::Command::new(proxy_binary());
+    cmd.arg("__agent-proxy").arg(dir).stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    // SAFETY: setsid(2) is async-signal-safe, as required between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    cmd.spawn().map(|_| ())
+}
