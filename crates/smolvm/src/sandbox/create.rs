@@ -162,6 +162,7 @@ impl Smolvm {
             rootfs_sha256: images.rootfs_sha256.clone(),
             host_key: None,
             boot_json: None,
+            ready_ms: None,
         };
         if !self.db().insert(&row)? {
             return Err(CreateError::Exists(name));
@@ -221,6 +222,7 @@ impl Smolvm {
         row.pid_start = booted.pid_start;
         row.host_key = Some(booted.ready.host_key.clone());
         row.boot_json = serde_json::to_string(&booted.ready.boot_us).ok();
+        row.ready_ms = Some(booted.elapsed.as_millis() as u64);
         self.db().update(&row)?;
         Ok(())
     }

@@ -148,6 +148,7 @@ impl Smolvm {
         row.ssh_port = Some(booted.ssh_port);
         row.host_key = Some(booted.ready.host_key);
         row.boot_json = serde_json::to_string(&booted.ready.boot_us).ok();
+        row.ready_ms = Some(booted.elapsed.as_millis() as u64);
         self.db().update(&row)?;
         // Variables set while it was stopped reach the guest now.
         self.push_env(name)

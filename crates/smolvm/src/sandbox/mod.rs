@@ -84,6 +84,8 @@ pub struct SandboxInfo {
     pub pid: Option<i32>,
     pub image_tag: String,
     pub boot_us: Option<BootPhases>,
+    /// Host-measured milliseconds from starting QEMU to the guest's readiness (last boot).
+    pub ready_ms: Option<u64>,
     pub forwards: Vec<(u16, u16)>,
     pub dir: PathBuf,
 }
@@ -174,6 +176,7 @@ impl Smolvm {
             pid: row.pid.filter(|_| live),
             image_tag: row.tag.clone(),
             boot_us: row.boot_json.as_deref().and_then(|j| serde_json::from_str(j).ok()),
+            ready_ms: row.ready_ms,
             forwards: self.db.forwards(&row.name)?,
             dir: self.dir(&row.name),
         })

@@ -39,6 +39,8 @@ const STEPS: &[&str] = &[
         host_port INTEGER NOT NULL,
         PRIMARY KEY (sandbox, guest_port)
      );",
+    // 2: the host-measured boot time of the last boot.
+    "ALTER TABLE sandboxes ADD COLUMN ready_ms INTEGER;",
 ];
 
 pub(super) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StateError> {
@@ -54,4 +56,41 @@ pub(super) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StateErr
     }
     tx.commit()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_1_database_is_migrated_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(STEPS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(
+                "INSERT INTO sandboxes (name, created_at, state, memory_mib, cpus, disk_mib, network, accel, tag, \
+                 kernel_sha256, rootfs_sha256) VALUES ('old', 1, 'stopped', 512, 1, 2048, 'nat', 'tcg', 't', 'k', 'r')",
+                [],
+            )
+            .unwrap();
+        }
+        let db = super::super::Db::open(&path).unwrap();
+        let row = db.get("old").unwrap().expect("the row survives the migration");
+        assert_eq!(row.ready_ms, None);
+        let conn = Connection::open(&path).unwrap();
+        let v: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(v, STEPS.len() as i64);
+    }
+
+    #[test]
+    fn a_newer_database_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        Connection::open(&path).unwrap().pragma_update(None, "user_version", 99).unwrap();
+        let err = super::super::Db::open(&path).unwrap_err().to_string();
+        assert!(err.contains("upgrade smolvm"), "{err}");
+    }
 }

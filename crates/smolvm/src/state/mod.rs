@@ -48,6 +48,8 @@ pub struct SandboxRow {
     pub host_key: Option<String>,
     /// The guest's boot phases of the last boot (JSON of `smolvm_protocol::ready::BootPhases`).
     pub boot_json: Option<String>,
+    /// Host-measured milliseconds from starting the VMM to the guest's readiness (last boot).
+    pub ready_ms: Option<u64>,
 }
 
 /// The state database.
@@ -57,7 +59,7 @@ pub struct Db {
 }
 
 const COLUMNS: &str = "name, created_at, state, memory_mib, cpus, disk_mib, network, accel, ssh_port, pid, pid_start, \
-                       tag, kernel_sha256, rootfs_sha256, host_key, boot_json";
+                       tag, kernel_sha256, rootfs_sha256, host_key, boot_json, ready_ms";
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
     Ok(SandboxRow {
@@ -77,6 +79,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
         rootfs_sha256: r.get(13)?,
         host_key: r.get(14)?,
         boot_json: r.get(15)?,
+        ready_ms: r.get::<_, Option<i64>>(16)?.map(|v| v as u64),
     })
 }
 
@@ -103,11 +106,11 @@ impl Db {
     /// Inserts a new sandbox; `false` if the name is taken.
     pub fn insert(&self, s: &SandboxRow) -> Result<bool, StateError> {
         let n = self.conn.execute(
-            &format!("INSERT OR IGNORE INTO sandboxes ({COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16)"),
+            &format!("INSERT OR IGNORE INTO sandboxes ({COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17)"),
             params![
                 s.name, s.created_at, s.state, s.memory_mib, s.cpus, s.disk_mib as i64, s.network, s.accel,
                 s.ssh_port, s.pid, s.pid_start.map(|v| v as i64), s.tag, s.kernel_sha256, s.rootfs_sha256,
-                s.host_key, s.boot_json
+                s.host_key, s.boot_json, s.ready_ms.map(|v| v as i64)
             ],
         )?;
         Ok(n == 1)
@@ -116,8 +119,19 @@ impl Db {
     /// Overwrites the mutable fields of an existing sandbox.
     pub fn update(&self, s: &SandboxRow) -> Result<(), StateError> {
         self.conn.execute(
-            "UPDATE sandboxes SET state=?2, ssh_port=?3, pid=?4, pid_start=?5, host_key=?6, boot_json=?7, accel=?8 WHERE name=?1",
-            params![s.name, s.state, s.ssh_port, s.pid, s.pid_start.map(|v| v as i64), s.host_key, s.boot_json, s.accel],
+            "UPDATE sandboxes SET state=?2, ssh_port=?3, pid=?4, pid_start=?5, host_key=?6, boot_json=?7, accel=?8, ready_ms=?9 \
+             WHERE name=?1",
+            params![
+                s.name,
+                s.state,
+                s.ssh_port,
+                s.pid,
+                s.pid_start.map(|v| v as i64),
+                s.host_key,
+                s.boot_json,
+                s.accel,
+                s.ready_ms.map(|v| v as i64)
+            ],
         )?;
         Ok(())
     }
@@ -204,6 +218,7 @@ mod tests {
             rootfs_sha256: "r".repeat(64),
             host_key: None,
             boot_json: None,
+            ready_ms: None,
         }
     }
 
