@@ -101,6 +101,7 @@ fn main() -> anyhow::Result<()> {
     let sm = Smolvm::open_at(Home::at(&home))?;
     warm_create_and_lifecycle(&args, &sm, &mut report)?;
     exec_and_cp(&args, &sm, work.path(), &mut report)?;
+    presets(&args, &sm, &mut report)?;
     if args.density > 0 {
         density(&args, &home, &mut report)?;
     }
@@ -342,6 +343,25 @@ fn exec_and_cp(args: &Args, sm: &Smolvm, work: &Path, report: &mut Report) -> an
 fn run_ok(mut cmd: std::process::Command) -> anyhow::Result<()> {
     let out = cmd.output()?;
     anyhow::ensure!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+/// Warm start of each preset (its layer cached after the warm-up run): create to ready.
+fn presets(args: &Args, sm: &Smolvm, report: &mut Report) -> anyhow::Result<()> {
+    for p in smolvm::sandbox::presets::PRESETS {
+        let mut samples = Vec::new();
+        for run in 0..=args.runs {
+            let o = CreateOptions { preset: Some(p.name.to_string()), ..opts("preset") };
+            let t = Instant::now();
+            sm.create(&o, &mut |_| {})?;
+            let took = ms(t.elapsed());
+            sm.delete("preset", true)?;
+            if run > 0 {
+                samples.push(took);
+            }
+        }
+        report.add(&format!("warm {} start to ready", p.name), "ms", &samples);
+    }
     Ok(())
 }
 

@@ -19,6 +19,10 @@ QUICK START:
   smolvm ssh box                           interactive shell (strict host key, managed key)
   smolvm delete box                        stop it and remove its disk
 
+PRESETS (the same base, with an AI coding agent's tooling as a layer on top):
+  smolvm codex start | claude-code start | hermes start | pi start   [--name N] [--no-attach]
+  smolvm preset list                       layer sizes, and which are cached
+
 LIFECYCLE:
   list | status NAME | stop NAME | start NAME | delete NAME [--force] | logs NAME
   expose NAME GUEST_PORT [HOST_PORT]       forward 127.0.0.1:HOST_PORT to the guest
@@ -115,6 +119,21 @@ pub enum Command {
     /// Build, pin, fetch and inspect the kernel and rootfs images.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// OpenAI's Codex CLI in a sandbox: `smolvm codex start` (OPENAI_API_KEY is handed over).
+    #[command(subcommand)]
+    Codex(PresetCommand),
+    /// Anthropic's Claude Code in a sandbox: `smolvm claude-code start` (ANTHROPIC_API_KEY).
+    #[command(subcommand, name = "claude-code")]
+    ClaudeCode(PresetCommand),
+    /// Nous Research's Hermes agent in a sandbox: `smolvm hermes start`.
+    #[command(subcommand)]
+    Hermes(PresetCommand),
+    /// The pi coding agent in a sandbox: `smolvm pi start`.
+    #[command(subcommand)]
+    Pi(PresetCommand),
+    /// The presets: layer size and whether it is cached.
+    #[command(subcommand)]
+    Preset(PresetListCommand),
     /// (internal) The agent proxy of one sandbox, started by smolvm itself.
     #[command(name = "__agent-proxy", hide = true)]
     AgentProxy { dir: PathBuf },
@@ -143,6 +162,30 @@ pub struct CreateArgs {
     /// Seconds to wait for the guest to become ready.
     #[arg(long, default_value_t = 180)]
     pub timeout: u64,
+    /// Stack a preset's tooling layer over the base (codex, claude-code, hermes, pi).
+    #[arg(long)]
+    pub preset: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PresetCommand {
+    /// Boot a sandbox with the tool ready, hand it the API keys set on the host, and open it.
+    Start(PresetStartArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PresetStartArgs {
+    /// Create the sandbox and return, without opening the tool.
+    #[arg(long)]
+    pub no_attach: bool,
+    #[command(flatten)]
+    pub create: CreateArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PresetListCommand {
+    /// Each preset, its layer's size and whether it is in the cache.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -179,7 +222,11 @@ pub enum ImageCommand {
     /// Show the release pinned in this binary: tag, URLs, sizes, SHA-256.
     Show,
     /// Download and verify the kernel and base rootfs into the cache (as create would).
-    Pull,
+    Pull {
+        /// Also a preset's layer.
+        #[arg(long)]
+        preset: Option<String>,
+    },
     /// List the verified images in the cache.
     List,
     /// Re-hash every cached image; bad ones are removed.
@@ -208,7 +255,15 @@ pub enum BuildCommand {
         #[arg(long)]
         epoch: Option<i64>,
     },
-    /// Every asset of a release, with manifest.json and SHA256SUMS, in DIR/<tag>/.
+    /// A preset's layer over the base: DIR/<preset>-x86_64-layer.ext4.
+    Preset {
+        /// codex, claude-code, hermes or pi.
+        name: String,
+        #[command(flatten)]
+        common: BuildArgs,
+    },
+    /// Every asset of a release (kernels, base, every preset's layer), with manifest.json and
+    /// SHA256SUMS, in DIR/<tag>/.
     All {
         #[command(flatten)]
         common: BuildArgs,

@@ -43,7 +43,10 @@ fn main() {
         String::new()
     });
     if let Some(upper) = cmdline::get(&cmdline, cmdline::UPPER) {
-        if let Err(e) = rootfs::switch_to_overlay(upper) {
+        let layers: Vec<&str> = cmdline::get(&cmdline, cmdline::LAYERS)
+            .map(|l| l.split(',').filter(|s| !s.is_empty()).collect())
+            .unwrap_or_default();
+        if let Err(e) = rootfs::switch_to_overlay(upper, &layers) {
             // The base is read-only: the guest still boots and can be inspected, but writes fail.
             log::error!("overlay root on {upper} failed: {e}; staying on the read-only base");
         }

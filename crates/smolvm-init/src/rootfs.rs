@@ -49,9 +49,10 @@ fn step<T>(what: &str, r: io::Result<T>) -> Result<T, String> {
     r.map_err(|e| format!("{what}: {e}"))
 }
 
-/// Mounts `upper_dev` and switches root into `overlay(lower = /, upper = upper_dev)`.
+/// Mounts `upper_dev` and switches root into `overlay(lower = layers.. + /, upper = upper_dev)`.
+/// `layers` are read-only ext4 devices stacked over the base, top first (a preset's tooling).
 /// Called after the pseudo-filesystems are mounted (they are moved into the new root).
-pub fn switch_to_overlay(upper_dev: &str) -> Result<(), String> {
+pub fn switch_to_overlay(upper_dev: &str, layers: &[&str]) -> Result<(), String> {
     for d in [LOWER, UPPER_MNT] {
         step(&format!("create {d}"), std::fs::create_dir_all(d))?;
     }
@@ -63,7 +64,16 @@ pub fn switch_to_overlay(upper_dev: &str) -> Result<(), String> {
     for d in ["root", "work"] {
         step(&format!("create {UPPER_MNT}/{d}"), std::fs::create_dir_all(format!("{UPPER_MNT}/{d}")))?;
     }
-    let opts = format!("lowerdir={LOWER},upperdir={UPPER_MNT}/root,workdir={UPPER_MNT}/work");
+    let mut lowers = Vec::new();
+    for (i, dev) in layers.iter().enumerate() {
+        let dir = format!("/run/smolvm/layer{i}");
+        step(&format!("create {dir}"), std::fs::create_dir_all(&dir))?;
+        let flags = libc::MS_RDONLY | libc::MS_NOATIME;
+        step(&format!("mount layer {dev}"), mount(dev, &dir, Some("ext4"), flags, None))?;
+        lowers.push(dir);
+    }
+    lowers.push(LOWER.to_string());
+    let opts = format!("lowerdir={},upperdir={UPPER_MNT}/root,workdir={UPPER_MNT}/work", lowers.join(":"));
     step("mount the overlay root", mount("overlay", NEW_ROOT, Some("overlay"), 0, Some(&opts)))?;
     for m in CARRIED {
         let target = format!("{NEW_ROOT}{m}");
@@ -77,6 +87,6 @@ pub fn switch_to_overlay(upper_dev: &str) -> Result<(), String> {
         return Err(format!("chroot: {}", io::Error::last_os_error()));
     }
     step("chdir /", std::env::set_current_dir("/"))?;
-    log::info!("root is overlay(base, {upper_dev})");
+    log::info!("root is overlay({}base, {upper_dev})", layers.iter().map(|l| format!("{l}, ")).collect::<String>());
     Ok(())
 }

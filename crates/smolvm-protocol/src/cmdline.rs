@@ -15,6 +15,10 @@ pub const HOSTNAME: &str = "smolvm.hostname";
 /// it, the root device itself is the writable root.
 pub const UPPER: &str = "smolvm.upper";
 
+/// Read-only layers stacked over the base, top first, comma-separated block devices (e.g.
+/// `/dev/vdc`): a preset's tooling. Used only with [`UPPER`].
+pub const LAYERS: &str = "smolvm.layers";
+
 /// The kernel's own static IP syntax, which the init parses itself (the kernel is built without
 /// `CONFIG_IP_PNP`): `ip=<client>:<server>:<gateway>:<netmask>:<hostname>:<device>:<autoconf>:<dns0>:<dns1>`.
 pub const IP: &str = "ip";
@@ -78,5 +82,6 @@ mod tests {
         assert_eq!(AUTHORIZED_KEY_B64, "smolvm.authorized_key_b64");
         assert_eq!(HOSTNAME, "smolvm.hostname");
         assert_eq!(UPPER, "smolvm.upper");
+        assert_eq!(LAYERS, "smolvm.layers");
     }
 }

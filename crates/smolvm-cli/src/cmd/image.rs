@@ -30,14 +30,14 @@ pub fn run(cmd: ImageCommand, json: bool) -> anyhow::Result<()> {
             say("rebuild smolvm (cargo build) to compile the new pins in");
             Ok(())
         }
-        ImageCommand::Pull => {
+        ImageCommand::Pull { preset } => {
             let sm = super::sandbox::open()?;
             let src = ImageSource::from_env()?;
             if let Some(w) = &src.pins_overridden {
                 eprintln!("{w}");
             }
             let mut progress = Progress::new(json);
-            let images = sm.ensure_images(&src, &mut |e| progress.event(e))?;
+            let images = sm.ensure_images(&src, preset.as_deref(), &mut |e| progress.event(e))?;
             if json {
                 return print_json(&json!({ "tag": images.tag, "kernel": images.kernel, "rootfs": images.rootfs }));
             }
@@ -186,6 +186,22 @@ fn run_build(cmd: BuildCommand, json: bool) -> anyhow::Result<()> {
                 Ok((b, hit, build::BASE_ROOTFS_FILE.to_string()))
             })?;
             copy_out(&b.ext4(), &common.out)?;
+            common.out
+        }
+        BuildCommand::Preset { name, common } => {
+            let env = env_for(&common)?;
+            let init = report.step("init", || Ok((build::build_init(&env)?, false, "static smolvm-init".into())))?;
+            let pins = ReleasePins::compiled().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let epoch = build::source_date_epoch(&Tag::parse(&pins.tag).map_err(anyhow::Error::msg)?)?;
+            let b = report.step("base", || {
+                let (b, hit) = build::build_base(&env, &init, epoch)?;
+                Ok((b, hit, build::BASE_ROOTFS_FILE.to_string()))
+            })?;
+            let layer = report.step(&format!("layer {name}"), || {
+                let (p, hit) = build::build_layer(&env, &name, &b.ext4(), epoch)?;
+                Ok((p, hit, build::layer_file(&name)))
+            })?;
+            copy_out(&layer, &common.out)?;
             common.out
         }
         BuildCommand::All { common, tag, force } => {

@@ -5,7 +5,7 @@ mod exec;
 mod image;
 mod sandbox;
 
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, Command, PresetCommand, PresetListCommand};
 
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
     let json = cli.json;
@@ -24,6 +24,11 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Env(c) => sandbox::env(c, json),
         Command::Doctor => doctor::run(json),
         Command::Image(c) => image::run(c, json).map(|()| 0),
+        Command::Codex(PresetCommand::Start(a)) => sandbox::preset_start("codex", a, json),
+        Command::ClaudeCode(PresetCommand::Start(a)) => sandbox::preset_start("claude-code", a, json),
+        Command::Hermes(PresetCommand::Start(a)) => sandbox::preset_start("hermes", a, json),
+        Command::Pi(PresetCommand::Start(a)) => sandbox::preset_start("pi", a, json),
+        Command::Preset(PresetListCommand::List) => sandbox::preset_list(json),
         Command::AgentProxy { dir } => smolvm::agent::proxy::run(&dir).map(|()| 0).map_err(Into::into),
     }
 }

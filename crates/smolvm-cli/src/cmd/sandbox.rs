@@ -4,10 +4,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::json;
-use smolvm::sandbox::{AccelChoice, CreateEvent, CreateOptions, Network, SandboxInfo, Smolvm};
+use smolvm::sandbox::{presets, AccelChoice, CreateEvent, CreateOptions, Network, SandboxInfo, Smolvm};
 
 use super::{print_json, say};
-use crate::cli::{CreateArgs, EnvCommand};
+use crate::cli::{CreateArgs, EnvCommand, PresetStartArgs};
 use crate::progress::Progress;
 
 pub fn open() -> anyhow::Result<Smolvm> {
@@ -16,6 +16,19 @@ pub fn open() -> anyhow::Result<Smolvm> {
 
 pub fn create(args: CreateArgs, json: bool) -> anyhow::Result<i32> {
     let sm = open()?;
+    let info = create_sandbox(&sm, args, json)?;
+    if json {
+        print_json(&json!({ "sandbox": info.0, "seconds": info.1 }))?;
+    } else {
+        say(format!(
+            "{} is ready ({:.1} s, {}). Try: smolvm exec {} -- uname -a",
+            info.0.name, info.1, info.0.accel, info.0.name
+        ));
+    }
+    Ok(0)
+}
+
+fn create_sandbox(sm: &Smolvm, args: CreateArgs, json: bool) -> anyhow::Result<(SandboxInfo, f64)> {
     let opts = CreateOptions {
         name: args.name,
         memory_mib: args.memory,
@@ -28,6 +41,7 @@ pub fn create(args: CreateArgs, json: bool) -> anyhow::Result<i32> {
             _ => AccelChoice::Auto,
         },
         ready_timeout: Duration::from_secs(args.timeout),
+        preset: args.preset,
     };
     let mut progress = Progress::new(json);
     let start = Instant::now();
@@ -36,13 +50,95 @@ pub fn create(args: CreateArgs, json: bool) -> anyhow::Result<i32> {
         CreateEvent::Fetch(f) => progress.event(f),
         CreateEvent::Booting { accel } => tracing::debug!("booting ({accel})"),
     })?;
-    let seconds = start.elapsed().as_secs_f64();
+    Ok((info, start.elapsed().as_secs_f64()))
+}
+
+/// `smolvm <preset> start`: create with the preset's layer, hand over the API keys set on the
+/// host (through the agent, into a root-only file), then open the tool over SSH.
+pub fn preset_start(preset: &str, mut args: PresetStartArgs, json: bool) -> anyhow::Result<i32> {
+    let p = presets::find(preset).with_context(|| format!("no preset {preset}"))?;
+    let sm = open()?;
+    args.create.preset = Some(preset.to_string());
+    let (info, seconds) = create_sandbox(&sm, args.create, json)?;
+    let name = info.name.clone();
+    let mut handed = Vec::new();
+    if let Some(body) = presets::secrets_env(p, |k| std::env::var(k).ok().filter(|v| !v.is_empty())) {
+        let client = sm.agent(&name)?;
+        client.exec_output(
+            smolvm::agent::client::ExecRequest {
+                command: smolvm::agent::client::Command::Argv(vec![
+                    "mkdir".into(),
+                    "-p".into(),
+                    "-m".into(),
+                    "0700".into(),
+                    "/root/.config/smolvm".into(),
+                ]),
+                env: vec![],
+                cwd: None,
+                stdin: false,
+                timeout_ms: Some(30_000),
+                pty: None,
+            },
+            None,
+        )?;
+        client.write_file(presets::SECRETS_PATH, &mut body.as_bytes(), 0o600, 0, 0)?;
+        handed = p
+            .api_keys
+            .iter()
+            .filter(|k| std::env::var(k).is_ok_and(|v| !v.is_empty()))
+            .map(|k| k.to_string())
+            .collect();
+    }
     if json {
-        print_json(&json!({ "sandbox": info, "seconds": seconds }))?;
+        print_json(&json!({ "sandbox": info, "seconds": seconds, "api_keys_handed_over": handed }))?;
     } else {
         say(format!(
-            "{} is ready ({seconds:.1} s, {}). Try: smolvm exec {} -- uname -a",
-            info.name, info.accel, info.name
+            "{name} is ready with {preset} ({seconds:.1} s); API keys handed over: {}",
+            if handed.is_empty() { "none".to_string() } else { handed.join(", ") }
+        ));
+    }
+    if args.no_attach {
+        return Ok(0);
+    }
+    // The keys are loaded into the tool's environment from the root-only file, in the guest.
+    let launch = format!("set -a; [ -r {0} ] && . {0}; set +a; exec {1}", presets::SECRETS_PATH, p.command);
+    let status = sm.ssh_command(&name, &["bash".into(), "-lc".into(), launch], true)?.status().context("run ssh")?;
+    eprintln!("{preset} exited; the sandbox {name} is still running (smolvm ssh {name}; smolvm delete {name})");
+    Ok(exit_code(status))
+}
+
+pub fn preset_list(json: bool) -> anyhow::Result<i32> {
+    let sm = open()?;
+    let src = smolvm::images::source::ImageSource::from_env()?;
+    let rows: Vec<_> = presets::PRESETS
+        .iter()
+        .map(|p| {
+            let layer = src.layer(p.name).ok();
+            json!({
+                "preset": p.name,
+                "command": p.command,
+                "layer": layer.map(|l| l.name.clone()),
+                "layer_bytes": layer.map(|l| l.size),
+                "cached": layer.is_some_and(|l| sm.images().lookup(l).is_some()),
+                "api_keys": p.api_keys,
+            })
+        })
+        .collect();
+    if json {
+        print_json(&rows)?;
+        return Ok(0);
+    }
+    say(format!("{:<12} {:>12} {:<7} {}", "PRESET", "LAYER (zst)", "CACHED", "API KEYS HANDED OVER"));
+    for r in rows {
+        say(format!(
+            "{:<12} {:>12} {:<7} {}",
+            r["preset"].as_str().unwrap_or_default(),
+            r["layer_bytes"].as_u64().map(|b| format!("{:.1} MB", b as f64 / 1e6)).unwrap_or_else(|| "-".into()),
+            if r["cached"].as_bool().unwrap_or(false) { "yes" } else { "no" },
+            r["api_keys"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(", "))
+                .unwrap_or_default()
         ));
     }
     Ok(0)

@@ -10,6 +10,8 @@ use crate::digest::is_sha256_hex;
 pub enum AssetKind {
     Kernel,
     Rootfs,
+    /// A preset's tooling: the files it adds to the base rootfs, stacked over it in the guest.
+    Layer,
 }
 
 /// The bytes' format (after decompression, for a `.zst` asset).
@@ -45,6 +47,9 @@ pub struct Asset {
     pub sha256: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uncompressed: Option<Blob>,
+    /// For a layer: the preset it belongs to (`codex`, `claude-code`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<String>,
 }
 
 impl Asset {
@@ -60,6 +65,9 @@ impl Asset {
         }
         if !is_sha256_hex(&self.sha256) {
             return Err(format!("asset {}: sha256 {:?} is not 64 lowercase hex digits", self.name, self.sha256));
+        }
+        if (self.kind == AssetKind::Layer) != self.preset.is_some() {
+            return Err(format!("asset {}: a layer names its preset, and only a layer does", self.name));
         }
         match (&self.uncompressed, self.is_zstd()) {
             (Some(u), true) if !is_sha256_hex(&u.sha256) => {

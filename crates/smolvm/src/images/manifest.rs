@@ -104,6 +104,7 @@ mod tests {
                 size: 10,
                 sha256: "a".repeat(64),
                 uncompressed: Some(Blob { size: 100, sha256: "b".repeat(64) }),
+                preset: None,
             }],
         }
     }

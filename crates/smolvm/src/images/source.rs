@@ -101,6 +101,14 @@ impl ImageSource {
         self.find(AssetKind::Kernel, Format::Elf, "kernel (ELF)")
     }
 
+    /// The layer of a preset.
+    pub fn layer(&self, preset: &str) -> Result<&Asset, SourceError> {
+        self.assets
+            .iter()
+            .find(|a| a.kind == AssetKind::Layer && a.preset.as_deref() == Some(preset) && a.arch == "x86_64")
+            .ok_or_else(|| SourceError::Missing { tag: self.tag.clone(), what: "preset layer" })
+    }
+
     /// The base rootfs.
     pub fn base_rootfs(&self) -> Result<&Asset, SourceError> {
         self.find(AssetKind::Rootfs, Format::Ext4, "base rootfs")

@@ -27,6 +27,8 @@ pub struct CreateOptions {
     pub network: Network,
     pub accel: AccelChoice,
     pub ready_timeout: Duration,
+    /// A preset whose layer goes over the base (`codex`, `claude-code`, `hermes`, `pi`).
+    pub preset: Option<String>,
 }
 
 impl Default for CreateOptions {
@@ -39,6 +41,7 @@ impl Default for CreateOptions {
             network: Network::Nat,
             accel: AccelChoice::Auto,
             ready_timeout: super::DEFAULT_READY_TIMEOUT,
+            preset: None,
         }
     }
 }
@@ -88,22 +91,35 @@ pub struct BootImages {
     pub kernel_sha256: String,
     pub rootfs: PathBuf,
     pub rootfs_sha256: String,
+    /// Read-only layers over the base (a preset's), top first: (path, content SHA-256).
+    pub layers: Vec<(PathBuf, String)>,
 }
 
 impl Smolvm {
     /// `ensure_kernel` and `ensure_rootfs`: the source's kernel and base rootfs, downloaded
     /// and verified once, from the cache after that.
-    pub fn ensure_images(&self, src: &ImageSource, on: &mut dyn FnMut(FetchEvent)) -> Result<BootImages, CreateError> {
+    pub fn ensure_images(
+        &self,
+        src: &ImageSource,
+        preset: Option<&str>,
+        on: &mut dyn FnMut(FetchEvent),
+    ) -> Result<BootImages, CreateError> {
         let kernel = src.kernel()?;
         let rootfs = src.base_rootfs()?;
         let kernel_path = self.images().ensure(kernel, &src.url(kernel), on)?;
         let rootfs_path = self.images().ensure(rootfs, &src.url(rootfs), on)?;
+        let mut layers = Vec::new();
+        if let Some(p) = preset {
+            let layer = src.layer(p)?;
+            layers.push((self.images().ensure(layer, &src.url(layer), on)?, layer.content_sha256().to_string()));
+        }
         Ok(BootImages {
             tag: src.tag.clone(),
             kernel: kernel_path,
             kernel_sha256: kernel.content_sha256().to_string(),
             rootfs: rootfs_path,
             rootfs_sha256: rootfs.content_sha256().to_string(),
+            layers,
         })
     }
 
@@ -139,7 +155,12 @@ impl Smolvm {
                 tcg
             }
         };
-        let images = self.ensure_images(&src, &mut |e| on(CreateEvent::Fetch(e)))?;
+        if let Some(p) = &opts.preset {
+            if super::presets::find(p).is_none() {
+                return Err(CreateError::Options(format!("no preset named {p:?} (smolvm preset list)")));
+            }
+        }
+        let images = self.ensure_images(&src, opts.preset.as_deref(), &mut |e| on(CreateEvent::Fetch(e)))?;
 
         let _lock = self.lock(&name)?;
         let row = SandboxRow {
@@ -163,6 +184,8 @@ impl Smolvm {
             host_key: None,
             boot_json: None,
             ready_ms: None,
+            preset: opts.preset.clone(),
+            layer_sha256s: images.layers.iter().map(|(_, sha)| sha.clone()).collect(),
         };
         if !self.db().insert(&row)? {
             return Err(CreateError::Exists(name));
@@ -204,9 +227,10 @@ impl Smolvm {
             memory_mib: opts.memory_mib,
             cpus: opts.cpus,
             kernel: images.kernel.clone(),
-            cmdline: kernel_cmdline(&row.name, accel, isolated, &key_b64),
+            cmdline: kernel_cmdline(&row.name, accel, isolated, images.layers.len(), &key_b64),
             base: images.rootfs.clone(),
             upper: dir.join("disk.ext4"),
+            layers: images.layers.iter().map(|(p, _)| p.clone()).collect(),
             ssh_port: 0,
             forwards: Vec::new(),
             isolated,

@@ -115,6 +115,11 @@ impl Smolvm {
             self.images().lookup_sha(&row.kernel_sha256).ok_or_else(|| missing("kernel", &row.kernel_sha256))?;
         let rootfs =
             self.images().lookup_sha(&row.rootfs_sha256).ok_or_else(|| missing("rootfs", &row.rootfs_sha256))?;
+        let layers = row
+            .layer_sha256s
+            .iter()
+            .map(|sha| self.images().lookup_sha(sha).ok_or_else(|| missing("layer", sha)))
+            .collect::<Result<Vec<_>, _>>()?;
         let accel = match row.accel.as_str() {
             "kvm" => Accel::Kvm,
             _ => Accel::Tcg { reason: "as created".into() },
@@ -127,13 +132,14 @@ impl Smolvm {
         let forwards = self.db().forwards(name)?.into_iter().map(|(g, h)| (h, g)).collect();
         let cfg = QemuConfig {
             name: name.to_string(),
-            cmdline: kernel_cmdline(name, &accel, isolated, &key_b64),
+            cmdline: kernel_cmdline(name, &accel, isolated, layers.len(), &key_b64),
             accel,
             memory_mib: row.memory_mib,
             cpus: row.cpus,
             kernel,
             base: rootfs,
             upper: dir.join("disk.ext4"),
+            layers,
             ssh_port: 0,
             forwards,
             isolated,

@@ -11,6 +11,7 @@ mod create;
 pub mod disk;
 mod lifecycle;
 pub mod names;
+pub mod presets;
 pub mod ssh;
 
 use std::path::{Path, PathBuf};
@@ -83,6 +84,7 @@ pub struct SandboxInfo {
     pub ssh_port: Option<u16>,
     pub pid: Option<i32>,
     pub image_tag: String,
+    pub preset: Option<String>,
     pub boot_us: Option<BootPhases>,
     /// Host-measured milliseconds from starting QEMU to the guest's readiness (last boot).
     pub ready_ms: Option<u64>,
@@ -175,6 +177,7 @@ impl Smolvm {
             ssh_port: row.ssh_port.filter(|_| live),
             pid: row.pid.filter(|_| live),
             image_tag: row.tag.clone(),
+            preset: row.preset.clone(),
             boot_us: row.boot_json.as_deref().and_then(|j| serde_json::from_str(j).ok()),
             ready_ms: row.ready_ms,
             forwards: self.db.forwards(&row.name)?,

@@ -41,6 +41,9 @@ const STEPS: &[&str] = &[
      );",
     // 2: the host-measured boot time of the last boot.
     "ALTER TABLE sandboxes ADD COLUMN ready_ms INTEGER;",
+    // 3: the preset, and the SHA-256 of its layers (comma-separated, top first).
+    "ALTER TABLE sandboxes ADD COLUMN preset TEXT;
+     ALTER TABLE sandboxes ADD COLUMN layer_sha256s TEXT NOT NULL DEFAULT '';",
 ];
 
 pub(super) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StateError> {

@@ -50,6 +50,10 @@ pub struct SandboxRow {
     pub boot_json: Option<String>,
     /// Host-measured milliseconds from starting the VMM to the guest's readiness (last boot).
     pub ready_ms: Option<u64>,
+    /// The preset this sandbox was started with, if any.
+    pub preset: Option<String>,
+    /// SHA-256 of its read-only layers over the base, top first.
+    pub layer_sha256s: Vec<String>,
 }
 
 /// The state database.
@@ -59,7 +63,7 @@ pub struct Db {
 }
 
 const COLUMNS: &str = "name, created_at, state, memory_mib, cpus, disk_mib, network, accel, ssh_port, pid, pid_start, \
-                       tag, kernel_sha256, rootfs_sha256, host_key, boot_json, ready_ms";
+                       tag, kernel_sha256, rootfs_sha256, host_key, boot_json, ready_ms, preset, layer_sha256s";
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
     Ok(SandboxRow {
@@ -80,6 +84,8 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
         host_key: r.get(14)?,
         boot_json: r.get(15)?,
         ready_ms: r.get::<_, Option<i64>>(16)?.map(|v| v as u64),
+        preset: r.get(17)?,
+        layer_sha256s: r.get::<_, String>(18)?.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect(),
     })
 }
 
@@ -106,11 +112,11 @@ impl Db {
     /// Inserts a new sandbox; `false` if the name is taken.
     pub fn insert(&self, s: &SandboxRow) -> Result<bool, StateError> {
         let n = self.conn.execute(
-            &format!("INSERT OR IGNORE INTO sandboxes ({COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17)"),
+            &format!("INSERT OR IGNORE INTO sandboxes ({COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19)"),
             params![
                 s.name, s.created_at, s.state, s.memory_mib, s.cpus, s.disk_mib as i64, s.network, s.accel,
                 s.ssh_port, s.pid, s.pid_start.map(|v| v as i64), s.tag, s.kernel_sha256, s.rootfs_sha256,
-                s.host_key, s.boot_json, s.ready_ms.map(|v| v as i64)
+                s.host_key, s.boot_json, s.ready_ms.map(|v| v as i64), s.preset, s.layer_sha256s.join(",")
             ],
         )?;
         Ok(n == 1)
@@ -219,6 +225,8 @@ mod tests {
             host_key: None,
             boot_json: None,
             ready_ms: None,
+            preset: None,
+            layer_sha256s: vec![],
         }
     }
 

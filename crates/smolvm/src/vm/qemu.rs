@@ -18,6 +18,8 @@ pub struct QemuConfig {
     pub base: PathBuf,
     /// The sandbox's writable disk (`/dev/vdb`).
     pub upper: PathBuf,
+    /// Read-only layers over the base, top first (`/dev/vdc`, ...): a preset's tooling.
+    pub layers: Vec<PathBuf>,
     /// Host port forwarded (on 127.0.0.1) to the guest's SSH port.
     pub ssh_port: u16,
     /// Extra `hostfwd` rules: (host port, guest port) on 127.0.0.1.
@@ -88,8 +90,12 @@ impl QemuConfig {
             .args(["-device", "virtio-blk-device,drive=base"])
             .arg("-drive")
             .arg(drive("upper", &self.upper, false))
-            .args(["-device", "virtio-blk-device,drive=upper"])
-            .arg("-netdev")
+            .args(["-device", "virtio-blk-device,drive=upper"]);
+        for (i, layer) in self.layers.iter().enumerate() {
+            c.arg("-drive").arg(drive(&format!("layer{i}"), layer, true));
+            c.args(["-device", &format!("virtio-blk-device,drive=layer{i}")]);
+        }
+        c.arg("-netdev")
             .arg(netdev)
             .args(["-device", "virtio-net-device,netdev=net0"])
             .args(["-device", "virtio-rng-device"])
@@ -114,7 +120,7 @@ impl QemuConfig {
 
 /// The guest kernel command line. Nothing secret goes here: it is visible in the host's
 /// process list and in the guest's `/proc/cmdline`. The SSH key is a public key.
-pub fn kernel_cmdline(name: &str, accel: &Accel, isolated: bool, authorized_key_b64: &str) -> String {
+pub fn kernel_cmdline(name: &str, accel: &Accel, isolated: bool, layers: usize, authorized_key_b64: &str) -> String {
     use smolvm_protocol::cmdline as k;
     // User-mode networking: the guest is 10.0.2.15, the gateway 10.0.2.2, DNS 10.0.2.3.
     let ip = if isolated {
@@ -130,6 +136,11 @@ pub fn kernel_cmdline(name: &str, accel: &Accel, isolated: bool, authorized_key_
         k::HOSTNAME,
         k::AUTHORIZED_KEY_B64
     );
+    if layers > 0 {
+        // virtio-blk devices are named in the order they are attached: vda, vdb, then layers.
+        let devs: Vec<String> = (0..layers).map(|i| format!("/dev/vd{}", (b'c' + i as u8) as char)).collect();
+        s.push_str(&format!(" {}={}", k::LAYERS, devs.join(",")));
+    }
     if let (Accel::Tcg { .. }, Some(khz)) = (accel, tsc_khz()) {
         // Under emulation the kernel may fail to calibrate the TSC against the emulated PIT
         // and hang; telling it the frequency avoids that.

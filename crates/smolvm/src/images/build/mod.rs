@@ -14,6 +14,7 @@ mod cache;
 mod compress;
 mod init;
 mod kernel;
+mod preset;
 mod release;
 mod run;
 
@@ -25,6 +26,7 @@ use serde::Serialize;
 pub use base::{build_base, build_base_into, BaseBuild, BASE_ROOTFS_FILE};
 pub use init::build_init;
 pub use kernel::{build_kernel, KernelBuild, KERNEL_BZIMAGE_FILE, KERNEL_ELF_FILE};
+pub use preset::{build_layer, layer_file, PRESETS};
 pub use release::{build_release, source_date_epoch, ReleaseBuild};
 
 /// Why a build failed. Each variant says what to do about it.

@@ -7,6 +7,7 @@ use super::base::{build_base, BASE_ROOTFS_FILE};
 use super::compress::zstd_cached;
 use super::init::build_init;
 use super::kernel::{build_kernel, KERNEL_BZIMAGE_FILE, KERNEL_ELF_FILE};
+use super::preset::{build_layer, PRESETS};
 use super::run::copy_sparse;
 use super::{BuildEnv, BuildError, Report};
 use crate::digest::sha256_file;
@@ -32,6 +33,7 @@ struct Planned {
     format: Format,
     /// For a `.zst` asset: the uncompressed file it was made from.
     uncompressed: Option<PathBuf>,
+    preset: Option<String>,
 }
 
 fn blob(path: &Path) -> Result<Blob, BuildError> {
@@ -77,16 +79,24 @@ pub fn build_release(env: &BuildEnv, tag: &str, out: &Path, replace: bool) -> Re
         Ok((b, hit, detail))
     })?;
 
-    let planned = [
-        (kernel.dir.join(KERNEL_ELF_FILE), AssetKind::Kernel, Format::Elf, true),
-        (kernel.dir.join(KERNEL_BZIMAGE_FILE), AssetKind::Kernel, Format::Bzimage, false),
-        (base.ext4(), AssetKind::Rootfs, Format::Ext4, true),
+    let mut planned = vec![
+        (kernel.dir.join(KERNEL_ELF_FILE), AssetKind::Kernel, Format::Elf, true, None),
+        (kernel.dir.join(KERNEL_BZIMAGE_FILE), AssetKind::Kernel, Format::Bzimage, false, None),
+        (base.ext4(), AssetKind::Rootfs, Format::Ext4, true, None),
     ];
+    for preset in PRESETS {
+        let layer = report.step(&format!("layer {preset}"), || {
+            let (p, hit) = build_layer(env, preset, &base.ext4(), epoch)?;
+            let detail = format!("{} bytes apparent", fs::metadata(&p).map(|m| m.len()).unwrap_or(0));
+            Ok((p, hit, detail))
+        })?;
+        planned.push((layer, AssetKind::Layer, Format::Ext4, true, Some(preset.to_string())));
+    }
     let mut assets = Vec::new();
-    for (file, kind, format, compress) in planned {
+    for (file, kind, format, compress, preset) in planned {
         let base_name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         if !compress {
-            assets.push(Planned { file, name: base_name, kind, format, uncompressed: None });
+            assets.push(Planned { file, name: base_name, kind, format, uncompressed: None, preset });
             continue;
         }
         let name = format!("{base_name}.zst");
@@ -96,7 +106,7 @@ pub fn build_release(env: &BuildEnv, tag: &str, out: &Path, replace: bool) -> Re
             let size = fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
             Ok((p, hit, format!("{} -> {size} bytes", source.size)))
         })?;
-        assets.push(Planned { file: zst, name, kind, format, uncompressed: Some(file) });
+        assets.push(Planned { file: zst, name, kind, format, uncompressed: Some(file), preset });
     }
 
     fs::create_dir_all(out).map_err(BuildError::io(format!("create {}", out.display())))?;
@@ -133,6 +143,7 @@ fn assemble(staging: &Path, tag: &str, planned: &[Planned]) -> Result<Manifest, 
             size: b.size,
             sha256: b.sha256,
             uncompressed,
+            preset: p.preset.clone(),
         });
     }
     let manifest = Manifest { tag: tag.to_string(), created: rfc3339_utc(now_secs()), assets };

@@ -1,0 +1,94 @@
+//! Presets end to end: each boots with its layer over the base and runs its tool's `--version`
+//! with no network; two presets share one base download. `#[ignore]`d for a plain
+//! `cargo test`; `scripts/test.sh` runs them against a release that includes the layers.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{ok, release_dir, smolvm};
+use smolvm::images::{AssetKind, Manifest};
+use smolvm_bench::http::Server;
+
+/// Each preset and the command whose `--version` must work.
+const PRESETS: &[(&str, &str)] = &[("codex", "codex"), ("claude-code", "claude"), ("hermes", "hermes"), ("pi", "pi")];
+
+fn version_check(preset: &str, tool: &str) {
+    let release = release_dir();
+    let server = Server::start(release.parent().unwrap().to_path_buf()).unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let _cleanup = common::Cleanup(home.path().to_path_buf());
+    let cmd = || smolvm(home.path(), &server.url, &release);
+    let name = format!("p-{preset}");
+    // No network at run time: the tool must already be in the layer.
+    ok(cmd().args([preset, "start", "--no-attach", "--network", "none", "--name", &name]));
+    let out = cmd().args(["exec", &name, "--", tool, "--version"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{tool} --version failed in the {preset} preset: {text}");
+    assert!(text.chars().any(|c| c.is_ascii_digit()), "no version in: {text}");
+    eprintln!("{preset}: {}", text.trim());
+    ok(cmd().args(["delete", "--force", &name]));
+}
+
+#[test]
+#[ignore = "boots the release under QEMU: run scripts/test.sh"]
+fn codex_runs_offline() {
+    version_check(PRESETS[0].0, PRESETS[0].1);
+}
+
+#[test]
+#[ignore = "boots the release under QEMU: run scripts/test.sh"]
+fn claude_code_runs_offline() {
+    version_check(PRESETS[1].0, PRESETS[1].1);
+}
+
+#[test]
+#[ignore = "boots the release under QEMU: run scripts/test.sh"]
+fn hermes_runs_offline() {
+    version_check(PRESETS[2].0, PRESETS[2].1);
+}
+
+#[test]
+#[ignore = "boots the release under QEMU: run scripts/test.sh"]
+fn pi_runs_offline() {
+    version_check(PRESETS[3].0, PRESETS[3].1);
+}
+
+#[test]
+#[ignore = "boots the release under QEMU: run scripts/test.sh"]
+fn two_presets_share_one_base_download() {
+    let release = release_dir();
+    let manifest = Manifest::load(&release.join("manifest.json")).unwrap();
+    let tag = common::tag_of(&release);
+    let server = Server::start(release.parent().unwrap().to_path_buf()).unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let _cleanup = common::Cleanup(home.path().to_path_buf());
+    let cmd = || smolvm(home.path(), &server.url, &release);
+    ok(cmd().args(["codex", "start", "--no-attach", "--name", "a"]));
+    ok(cmd().args(["pi", "start", "--no-attach", "--name", "b"]));
+    let path = |kind: AssetKind, preset: Option<&str>| {
+        let a = manifest
+            .assets
+            .iter()
+            .find(|a| a.kind == kind && a.preset.as_deref() == preset && a.name.ends_with(".zst"))
+            .unwrap();
+        (format!("/{tag}/{}", a.name), a.size)
+    };
+    let (base, base_size) = path(AssetKind::Rootfs, None);
+    assert_eq!(server.requests_for(&base).len(), 1, "the base was downloaded more than once");
+    for p in ["codex", "pi"] {
+        let (layer, size) = path(AssetKind::Layer, Some(p));
+        assert_eq!(server.requests_for(&layer).len(), 1, "{p}'s layer");
+        eprintln!("{p} layer {size} bytes compressed; base {base_size}");
+    }
+    // Both guests see the base's files through their own layer.
+    for (n, tool) in [("a", "codex"), ("b", "pi")] {
+        ok(cmd().args(["exec", n, "--", "sh", "-c", &format!("command -v {tool} && test -x /init")]));
+    }
+    let images = json(&ok(cmd().args(["image", "list", "--json"])));
+    assert_eq!(images.as_array().unwrap().len(), 4, "kernel, base and two layers: {images}");
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap()
+}

@@ -1,0 +1,44 @@
+//! Preset layers: a preset's tooling installed over the base rootfs, published as only what it
+//! adds (an ext4 image the guest stacks over the base with overlayfs).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::cache::{self, RecipeHash};
+use super::run::run;
+use super::{BuildEnv, BuildError};
+use crate::digest::sha256_file;
+
+/// The presets every release carries, each built by `images/presets/<name>.sh`.
+pub const PRESETS: &[&str] = &["codex", "claude-code", "hermes", "pi"];
+
+/// The layer image's file name inside a build directory (the release asset adds `.zst`).
+pub fn layer_file(preset: &str) -> String {
+    format!("{preset}-x86_64-layer.ext4")
+}
+
+/// Builds (or finds in the cache) the layer of `preset` over `base` (the base rootfs ext4 of
+/// the same release). The key: the base's bytes, the preset's recipe and the layer script.
+pub fn build_layer(env: &BuildEnv, preset: &str, base: &Path, epoch: i64) -> Result<(PathBuf, bool), BuildError> {
+    if !PRESETS.contains(&preset) {
+        return Err(BuildError::Invalid(format!("no preset named {preset:?}; the presets are {}", PRESETS.join(", "))));
+    }
+    let recipe = env.recipe(&format!("presets/{preset}.sh"));
+    let script = env.recipe("presets/build-layer.sh");
+    let (_, base_sha) = sha256_file(base).map_err(BuildError::io(format!("read {}", base.display())))?;
+    let mut h = RecipeHash::new("layer");
+    h.text("preset", preset).text("base-sha256", &base_sha).text("epoch", &epoch.to_string());
+    h.file("recipe", &recipe)?.file("build-layer.sh", &script)?;
+    let (dir, hit) = cache::entry(env, "layer", &h.key(), |tmp| {
+        run(
+            Command::new("bash")
+                .arg(&script)
+                .arg(base)
+                .arg(&recipe)
+                .arg(tmp.join(layer_file(preset)))
+                .env("SOURCE_DATE_EPOCH", epoch.to_string()),
+            "the preset layer build failed; its messages are above (it needs root and the package registries)",
+        )
+    })?;
+    Ok((dir.join(layer_file(preset)), hit))
+}

@@ -1,0 +1,62 @@
+//! Presets: an AI coding agent's tooling as a layer on the base, and what `start` needs to know.
+
+/// One preset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Preset {
+    /// The name on the command line and in the release (`smolvm codex start`).
+    pub name: &'static str,
+    /// The command that runs the tool in the guest.
+    pub command: &'static str,
+    /// Host environment variables handed to the guest (into a root-only file, through the
+    /// agent: never on the kernel command line, never in logs).
+    pub api_keys: &'static [&'static str],
+}
+
+/// Every preset, in release order.
+pub const PRESETS: &[Preset] = &[
+    Preset { name: "codex", command: "codex", api_keys: &["OPENAI_API_KEY", "CODEX_API_KEY"] },
+    Preset { name: "claude-code", command: "claude", api_keys: &["ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"] },
+    Preset {
+        name: "hermes",
+        command: "hermes",
+        api_keys: &["OPENROUTER_API_KEY", "OPENAI_API_KEY", "ANTHROPIC_API_KEY", "NOUS_API_KEY"],
+    },
+    Preset {
+        name: "pi",
+        command: "pi",
+        api_keys: &["ANTHROPIC_API_KEY", "OPENAI_API_KEY", "GEMINI_API_KEY", "OPENROUTER_API_KEY"],
+    },
+];
+
+/// The preset called `name`.
+pub fn find(name: &str) -> Option<&'static Preset> {
+    PRESETS.iter().find(|p| p.name == name)
+}
+
+/// Where the keys land in the guest (mode 0600, root only).
+pub const SECRETS_PATH: &str = "/root/.config/smolvm/secrets.env";
+
+/// The body of the secrets file for the variables of `preset` set on the host.
+pub fn secrets_env(preset: &Preset, lookup: impl Fn(&str) -> Option<String>) -> Option<String> {
+    let lines: String = preset
+        .api_keys
+        .iter()
+        .filter_map(|k| lookup(k).map(|v| format!("export {k}={}\n", super::ssh::shell_quote(&v))))
+        .collect();
+    (!lines.is_empty()).then_some(lines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_match_the_release_recipes_and_secrets_are_quoted() {
+        let names: Vec<&str> = PRESETS.iter().map(|p| p.name).collect();
+        assert_eq!(names, crate::images::build::PRESETS);
+        let codex = find("codex").unwrap();
+        let env = secrets_env(codex, |k| (k == "OPENAI_API_KEY").then(|| "sk-'x'".to_string())).unwrap();
+        assert_eq!(env, "export OPENAI_API_KEY='sk-'\\''x'\\'''\n");
+        assert!(secrets_env(codex, |_| None).is_none());
+    }
+}

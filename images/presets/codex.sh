@@ -1,0 +1,8 @@
+# codex: OpenAI's Codex CLI from npm, on Debian's Node.js.
+apt-get update -q
+apt-get install -y -q --no-install-recommends nodejs npm
+npm install -g --no-fund --no-audit @openai/codex
+# npm is needed to install, not to run: Debian's npm brings hundreds of node-* packages.
+apt-get purge -y -q npm
+apt-get autoremove -y -q --purge
+codex --version
