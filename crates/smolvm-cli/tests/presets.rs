@@ -20,8 +20,27 @@ fn version_check(preset: &str, tool: &str) {
     let _cleanup = common::Cleanup(home.path().to_path_buf());
     let cmd = || smolvm(home.path(), &server.url, &release);
     let name = format!("p-{preset}");
+    // The preset's first API-key variable, set on the host, must reach a root-only file in the
+    // guest and nowhere else (not the kernel command line, the status output or the console).
+    let key_var = smolvm::sandbox::presets::find(preset).unwrap().api_keys[0];
+    let secret = format!("sk-smolvm-test-{preset}-0123456789");
     // No network at run time: the tool must already be in the layer.
-    ok(cmd().args([preset, "start", "--no-attach", "--network", "none", "--name", &name]));
+    ok(cmd().env(key_var, &secret).args([preset, "start", "--no-attach", "--network", "none", "--name", &name]));
+    let file = ok(cmd().args([
+        "exec",
+        &name,
+        "--",
+        "sh",
+        "-c",
+        "stat -c %a /root/.config/smolvm/secrets.env; cat /root/.config/smolvm/secrets.env",
+    ]));
+    assert_eq!(file, format!("600\nexport {key_var}={secret}\n"));
+    let cmdline = ok(cmd().args(["exec", &name, "--", "cat", "/proc/cmdline"]));
+    let status = ok(cmd().args(["status", &name, "--json"]));
+    let console = std::fs::read_to_string(home.path().join(format!("sandboxes/{name}/console.log"))).unwrap();
+    for (what, text) in [("/proc/cmdline", &cmdline), ("status", &status), ("console", &console)] {
+        assert!(!text.contains(&secret), "the API key leaked into {what}");
+    }
     let out = cmd().args(["exec", &name, "--", tool, "--version"]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{tool} --version failed in the {preset} preset: {text}");
