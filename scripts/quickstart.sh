@@ -17,8 +17,9 @@ smolvm=$PWD/target/release/smolvm
 
 say "getting the image release pinned in this binary"
 if ! "$smolvm" image pull; then
-  say "the release could not be downloaded: building it locally instead (about 10 minutes the first time; cached afterwards)"
-  dir=$("$smolvm" image build all --out dist --force --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["dir"])')
+  say "the release could not be downloaded: building it locally instead (kernel and base only: about 10 minutes the first time; cached afterwards)"
+  # Preset layers are left out here (`smolvm image build all --out dist` builds them too).
+  dir=$("$smolvm" image build all --no-presets --out dist --force --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["dir"])')
   matches=$("$smolvm" image import "$dir" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["matches_pins"])')
   if [ "$matches" != True ]; then
     # A local build has its own digests (Debian's packages move on); use its manifest.

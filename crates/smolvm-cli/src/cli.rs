@@ -273,6 +273,9 @@ pub enum BuildCommand {
         /// Replace DIR/<tag> if it exists.
         #[arg(long)]
         force: bool,
+        /// Leave the preset layers out (enough for `smolvm create`; builds much faster).
+        #[arg(long)]
+        no_presets: bool,
     },
 }
 

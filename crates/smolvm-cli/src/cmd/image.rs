@@ -103,7 +103,11 @@ pub fn run(cmd: ImageCommand, json: bool) -> anyhow::Result<()> {
             for a in &manifest.assets {
                 sm.images().import(a, &release_dir.join(&a.name)).with_context(|| format!("import {}", a.name))?;
             }
-            let pinned = ReleasePins::compiled().map(|p| p.assets == manifest.assets).unwrap_or(false);
+            // The pins are in force for this release if each of its assets is pinned as is (a
+            // release built without the preset layers still qualifies).
+            let pinned = ReleasePins::compiled()
+                .map(|p| p.tag == manifest.tag && manifest.assets.iter().all(|a| p.assets.contains(a)))
+                .unwrap_or(false);
             if json {
                 return print_json(
                     &json!({ "tag": manifest.tag, "assets": manifest.assets.len(), "matches_pins": pinned }),
@@ -204,13 +208,13 @@ fn run_build(cmd: BuildCommand, json: bool) -> anyhow::Result<()> {
             copy_out(&layer, &common.out)?;
             common.out
         }
-        BuildCommand::All { common, tag, force } => {
+        BuildCommand::All { common, tag, force, no_presets } => {
             let env = env_for(&common)?;
             let tag = match tag {
                 Some(t) => t,
                 None => ReleasePins::compiled().map_err(|e| anyhow::anyhow!("{e}"))?.tag.clone(),
             };
-            let r = build::build_release(&env, &tag, &common.out, force)?;
+            let r = build::build_release(&env, &tag, &common.out, force, !no_presets)?;
             if json {
                 return print_json(&json!({ "dir": r.dir, "manifest": r.manifest, "steps": r.report.steps }));
             }
