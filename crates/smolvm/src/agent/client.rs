@@ -142,11 +142,9 @@ impl AgentClient {
             }
         }
         self.send(&HostMsg::FileEnd { id })?;
-        match rx.recv() {
-            Ok(GuestMsg::Done { .. }) => Ok(()),
-            Ok(GuestMsg::Error { message, .. }) => Err(AgentError::Guest { sandbox: self.sandbox.clone(), message }),
-            Ok(other) => Err(self.lost(format!("unexpected reply {other:?}"))),
-            Err(_) => Err(self.lost("connection closed")),
+        match self.reply(&rx)? {
+            GuestMsg::Done { .. } => Ok(()),
+            other => Err(self.unexpected(other)),
         }
     }
 
@@ -154,14 +152,10 @@ impl AgentClient {
     pub fn read_file(&self, path: &str, sink: &mut dyn Write) -> Result<FileStat, AgentError> {
         let (_, rx) = self.open(|id| HostMsg::ReadFile { id, path: path.to_string() })?;
         loop {
-            match rx.recv() {
-                Ok(GuestMsg::FileData { data, .. }) => sink.write_all(&data)?,
-                Ok(GuestMsg::FileEnd { stat, .. }) => return Ok(stat),
-                Ok(GuestMsg::Error { message, .. }) => {
-                    return Err(AgentError::Guest { sandbox: self.sandbox.clone(), message })
-                }
-                Ok(other) => return Err(self.lost(format!("unexpected reply {other:?}"))),
-                Err(_) => return Err(self.lost("connection closed")),
+            match self.reply(&rx)? {
+                GuestMsg::FileData { data, .. } => sink.write_all(&data)?,
+                GuestMsg::FileEnd { stat, .. } => return Ok(stat),
+                other => return Err(self.unexpected(other)),
             }
         }
     }
@@ -169,22 +163,32 @@ impl AgentClient {
     /// Metadata of a guest path, `None` if it does not exist.
     pub fn stat(&self, path: &str) -> Result<Option<FileStat>, AgentError> {
         let (_, rx) = self.open(|id| HostMsg::Stat { id, path: path.to_string() })?;
-        match rx.recv() {
-            Ok(GuestMsg::StatResult { stat, .. }) => Ok(stat),
-            Ok(other) => Err(self.lost(format!("unexpected reply {other:?}"))),
-            Err(_) => Err(self.lost("connection closed")),
+        match self.reply(&rx)? {
+            GuestMsg::StatResult { stat, .. } => Ok(stat),
+            other => Err(self.unexpected(other)),
         }
     }
 
     /// Sets the sandbox's variables (for later execs and login shells).
     pub fn set_env(&self, vars: Vec<(String, String)>) -> Result<(), AgentError> {
         let (_, rx) = self.open(|id| HostMsg::SetEnv { id, vars })?;
-        match rx.recv() {
-            Ok(GuestMsg::Done { .. }) => Ok(()),
-            Ok(GuestMsg::Error { message, .. }) => Err(AgentError::Guest { sandbox: self.sandbox.clone(), message }),
-            Ok(other) => Err(self.lost(format!("unexpected reply {other:?}"))),
-            Err(_) => Err(self.lost("connection closed")),
+        match self.reply(&rx)? {
+            GuestMsg::Done { .. } => Ok(()),
+            other => Err(self.unexpected(other)),
         }
+    }
+
+    /// The next reply to a request: the guest's `Error` and a closed connection become errors.
+    fn reply(&self, rx: &Receiver<GuestMsg>) -> Result<GuestMsg, AgentError> {
+        match rx.recv() {
+            Ok(GuestMsg::Error { message, .. }) => Err(AgentError::Guest { sandbox: self.sandbox.clone(), message }),
+            Ok(msg) => Ok(msg),
+            Err(_) => Err(self.lost("the connection closed before the guest answered")),
+        }
+    }
+
+    fn unexpected(&self, msg: GuestMsg) -> AgentError {
+        self.lost(format!("unexpected reply {msg:?}"))
     }
 
     /// Asks the guest to power off cleanly.
