@@ -26,6 +26,19 @@ PRESETS (the same base, with an AI coding agent's tooling as a layer on top):
 LIFECYCLE:
   list | status NAME | stop NAME | start NAME | delete NAME [--force] | logs NAME
   expose NAME GUEST_PORT [HOST_PORT]       forward 127.0.0.1:HOST_PORT to the guest
+  logs NAME [--network]                    console log, or the connections the policy refused
+
+NETWORK (enforced by smolvm on every connection; the host is never reachable by default):
+  create --network nat                     default: the internet only; never the host, other
+                                           sandboxes, private ranges or metadata services
+  create --network none                    nothing out (ssh, exec, cp and expose still work)
+  create --allow-domain a.example --allow-domain '*.b.example' --allow-cidr 203.0.113.0/24
+                                           only these (names checked per connection: TLS SNI,
+                                           HTTP Host, and the address the name resolved to)
+  create --allow-host-port 11434           the host's 127.0.0.1:11434 at 10.0.2.2:11434
+                                           (host.smolvm.internal) in the guest
+  network set NAME [same flags]            replace the policy of a running sandbox, no restart
+  network show NAME                        the policy and the last refused connections
   env set NAME K=V | env list NAME | env unset NAME K   variables for login shells in the guest
   doctor                                   what this host can run (KVM or TCG, and why)
 
@@ -107,8 +120,17 @@ pub enum Command {
         #[arg(short, long)]
         force: bool,
     },
-    /// Print a sandbox's console log (kernel and init messages).
-    Logs { name: String },
+    /// Print a sandbox's console log (kernel and init messages), or with --network the
+    /// connections its network policy refused.
+    Logs {
+        name: String,
+        /// The refused connections (one JSON line each), not the console.
+        #[arg(long)]
+        network: bool,
+    },
+    /// A sandbox's network policy: show it, or replace it while the sandbox runs.
+    #[command(subcommand)]
+    Network(NetworkCommand),
     /// Forward 127.0.0.1:HOST_PORT (default: a free port) to GUEST_PORT in the sandbox.
     Expose { name: String, guest_port: u16, host_port: Option<u16> },
     /// Environment variables for login shells in a sandbox.
@@ -137,6 +159,47 @@ pub enum Command {
     /// (internal) The agent proxy of one sandbox, started by smolvm itself.
     #[command(name = "__agent-proxy", hide = true)]
     AgentProxy { dir: PathBuf },
+    /// (internal) The network process of one sandbox, started by smolvm itself.
+    #[command(name = "__netd", hide = true)]
+    Netd { dir: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NetworkCommand {
+    /// Replace the policy (every flag not given goes back to its default): applied to new
+    /// connections at once if the sandbox runs, kept across stop/start.
+    Set {
+        name: String,
+        #[command(flatten)]
+        policy: NetworkArgs,
+    },
+    /// The policy, and how many connections it refused (the last few with their rule).
+    Show { name: String },
+}
+
+/// What a sandbox may reach (`create`, `<preset> start`, `network set`).
+#[derive(Debug, Args)]
+pub struct NetworkArgs {
+    /// nat: the internet only (never the host, other sandboxes, private or link-local
+    /// ranges); none: nothing out (forwards from the host still work).
+    #[arg(long, value_enum, default_value_t = NetworkModeArg::Nat)]
+    pub network: NetworkModeArg,
+    /// Allow only these names (and --allow-cidr ranges); `*.example.com` for subdomains.
+    /// Checked on each connection: TLS SNI or HTTP Host, and the address it resolved to.
+    #[arg(long = "allow-domain", value_name = "NAME")]
+    pub allow_domains: Vec<String>,
+    /// Allow only these ranges (and --allow-domain names), e.g. 203.0.113.0/24.
+    #[arg(long = "allow-cidr", value_name = "CIDR")]
+    pub allow_cidrs: Vec<String>,
+    /// Let the guest reach the host's 127.0.0.1:PORT, at 10.0.2.2:PORT (host.smolvm.internal).
+    #[arg(long = "allow-host-port", value_name = "PORT")]
+    pub allow_host_ports: Vec<u16>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NetworkModeArg {
+    Nat,
+    None,
 }
 
 #[derive(Debug, Args)]
@@ -153,9 +216,8 @@ pub struct CreateArgs {
     /// Writable disk space in MiB (the base image is shared and read-only).
     #[arg(long = "disk-size", default_value_t = 2048)]
     pub disk_size: u64,
-    /// nat: outbound access through the host; none: no route out.
-    #[arg(long, default_value = "nat", value_parser = ["nat", "none"])]
-    pub network: String,
+    #[command(flatten)]
+    pub net: NetworkArgs,
     /// auto: KVM where it works, else TCG (software emulation, slower).
     #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
     pub accel: String,

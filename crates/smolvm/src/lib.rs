@@ -6,12 +6,14 @@
 //! - [`images`]: what a smolvm image *is* (assets, the release manifest, the pins compiled into
 //!   the binary) and how the project builds and pins its own releases;
 //! - [`vm`]: running guests (accelerator choice);
+//! - [`net`]: the sandbox network: the policy, and the process that enforces it per connection;
 //! - [`digest`], [`lock`], [`timefmt`]: small shared utilities.
 
 pub mod agent;
 pub mod digest;
 pub mod images;
 pub mod lock;
+pub mod net;
 pub mod paths;
 pub mod sandbox;
 pub mod state;

@@ -3,6 +3,7 @@
 mod doctor;
 mod exec;
 mod image;
+mod network;
 mod sandbox;
 
 use crate::cli::{Cli, Command, PresetCommand, PresetListCommand};
@@ -19,7 +20,9 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Stop { name, timeout } => sandbox::stop(&name, timeout, json),
         Command::Start { name, timeout } => sandbox::start(&name, timeout, json),
         Command::Delete { names, force } => sandbox::delete(&names, force, json),
-        Command::Logs { name } => sandbox::logs(&name),
+        Command::Logs { name, network: false } => sandbox::logs(&name),
+        Command::Logs { name, network: true } => network::logs(&name),
+        Command::Network(c) => network::run(c, json),
         Command::Expose { name, guest_port, host_port } => sandbox::expose(&name, guest_port, host_port, json),
         Command::Env(c) => sandbox::env(c, json),
         Command::Doctor => doctor::run(json),
@@ -30,6 +33,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Pi(PresetCommand::Start(a)) => sandbox::preset_start("pi", a, json),
         Command::Preset(PresetListCommand::List) => sandbox::preset_list(json),
         Command::AgentProxy { dir } => smolvm::agent::proxy::run(&dir).map(|()| 0).map_err(Into::into),
+        Command::Netd { dir } => smolvm::net::run(&dir).map(|()| 0).map_err(Into::into),
     }
 }
 

@@ -4,14 +4,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::json;
-use smolvm::sandbox::{presets, AccelChoice, CreateEvent, CreateOptions, Network, SandboxInfo, Smolvm};
+use smolvm::sandbox::{presets, AccelChoice, CreateEvent, CreateOptions, SandboxInfo, Smolvm};
 
 use super::{print_json, say};
 use crate::cli::{CreateArgs, EnvCommand, PresetStartArgs};
 use crate::progress::Progress;
 
 pub fn open() -> anyhow::Result<Smolvm> {
-    Smolvm::open().context("open smolvm's state (SMOLVM_HOME)")
+    let sm = Smolvm::open().context("open smolvm's state (SMOLVM_HOME)")?;
+    // For tests that build their own "internet": names the sandboxes' resolver answers first.
+    Ok(sm.with_resolver_hosts(std::env::var_os("SMOLVM_RESOLVER_HOSTS").map(Into::into)))
 }
 
 pub fn create(args: CreateArgs, json: bool) -> anyhow::Result<i32> {
@@ -34,7 +36,7 @@ fn create_sandbox(sm: &Smolvm, args: CreateArgs, json: bool) -> anyhow::Result<(
         memory_mib: args.memory,
         cpus: args.cpus,
         disk_mib: args.disk_size,
-        network: if args.network == "none" { Network::None } else { Network::Nat },
+        network: super::network::policy(&args.net)?,
         accel: match args.accel.as_str() {
             "kvm" => AccelChoice::Kvm,
             "tcg" => AccelChoice::Tcg,
@@ -152,7 +154,7 @@ fn row_line(s: &SandboxInfo) -> String {
         s.memory_mib,
         s.cpus,
         s.disk_mib,
-        s.network,
+        s.network.as_str(),
         s.accel,
         s.ssh_port.map(|p| format!("127.0.0.1:{p}")).unwrap_or_else(|| "-".into())
     )
@@ -183,15 +185,16 @@ pub fn status(name: &str, json: bool) -> anyhow::Result<i32> {
     say(format!("name:     {}", s.name));
     say(format!("status:   {}", s.status));
     say(format!(
-        "resources: {} MiB memory, {} vCPU, {} MiB disk, network {}, accel {}",
-        s.memory_mib, s.cpus, s.disk_mib, s.network, s.accel
+        "resources: {} MiB memory, {} vCPU, {} MiB disk, accel {}",
+        s.memory_mib, s.cpus, s.disk_mib, s.accel
     ));
+    super::network::print_policy(&s);
     say(format!("images:   {}", s.image_tag));
     if let Some(p) = s.ssh_port {
         say(format!("ssh:      127.0.0.1:{p} (smolvm ssh {})", s.name));
     }
-    for (g, h) in &s.forwards {
-        say(format!("forward:  127.0.0.1:{h} -> guest :{g}"));
+    for f in &s.forwards {
+        say(format!("forward:  127.0.0.1:{} -> guest :{}", f.host, f.guest));
     }
     if let Some(b) = s.boot_us {
         let ms = |us: u64| us as f64 / 1000.0;

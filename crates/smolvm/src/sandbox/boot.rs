@@ -1,78 +1,123 @@
-//! Starting a sandbox's VM and waiting until the guest says it is ready. Shared by `create`
-//! and `start`.
+//! Booting a sandbox from its row and its images: the one boot path of `create` and `start`.
+//!
+//! Order: the network process first (it binds the SSH forward and holds one end of the wire),
+//! then QEMU with the other end, then the readiness line on the console, then the agent. Any
+//! failure kills what was started; the caller removes what it made.
 
-use std::net::TcpListener;
-use std::path::Path;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use base64::Engine;
 use smolvm_protocol::ready::Ready;
 
+use super::Smolvm;
+use crate::net::{self, Forward, NetConfig, NetError};
+use crate::state::{SandboxRow, SandboxState};
+use crate::vm::accel::Accel;
 use crate::vm::process;
-use crate::vm::qemu::{self, QemuConfig};
+use crate::vm::qemu::{self, kernel_cmdline, Netdev, QemuConfig};
 use crate::vm::ready::{console_tail, wait_for_ready, WaitError};
 
-/// A guest that is up.
-#[derive(Debug)]
-pub(super) struct Booted {
-    pub pid: i32,
-    pub pid_start: Option<u64>,
-    pub ssh_port: u16,
-    pub ready: Ready,
-    /// From spawning QEMU to the readiness line.
-    pub elapsed: Duration,
+/// The images one boot uses, as host paths.
+#[derive(Debug, Clone)]
+pub(super) struct BootFiles {
+    pub kernel: PathBuf,
+    pub rootfs: PathBuf,
+    /// Read-only layers over the base, top first.
+    pub layers: Vec<PathBuf>,
 }
 
 /// Why a boot failed; the console tail is included where it helps.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
-    #[error("{qemu} failed to start: {stderr}\n  (is QEMU installed? scripts/install-host-deps.sh installs it; `smolvm doctor` checks)")]
-    Spawn { qemu: String, stderr: String },
-    #[error("QEMU started but wrote no pid file ({0})")]
-    NoPid(String),
+    #[error("{qemu} failed to start: {source}\n  (is QEMU installed? scripts/install-host-deps.sh installs it; `smolvm doctor` checks)")]
+    Spawn { qemu: String, source: std::io::Error },
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error(transparent)]
+    Net(#[from] NetError),
     #[error("the guest did not become ready: {cause}\n--- last lines of the console ({console}) ---\n{tail}")]
     NotReady { cause: WaitError, console: String, tail: String },
+    #[error("the guest agent did not answer: {0}")]
+    Agent(String),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
 }
 
-/// A free TCP port on 127.0.0.1 (the kernel's choice; QEMU binds it right after).
-fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BootError {
+    let what = what.into();
+    move |source| BootError::Io { what, source }
+}
+
+/// The managed public key, base64 for the kernel command line.
+pub(super) fn public_key_b64(keys: &Path) -> Result<String, BootError> {
+    let path = keys.join("id_ed25519.pub");
+    let pubkey = std::fs::read_to_string(&path).map_err(io_err(format!("read the SSH public key {}", path.display())))?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(pubkey.trim()))
 }
 
 /// Starts QEMU detached: its own session (a Ctrl-C or a closed terminal does not reach it),
-/// its output in `qemu.log`. Returns its pid.
-fn spawn_detached(cfg: &QemuConfig) -> Result<std::process::Child, BootError> {
-    use std::os::unix::process::CommandExt;
-    let spawn_err = |e: std::io::Error| BootError::Spawn { qemu: qemu::qemu_binary(), stderr: e.to_string() };
-    let log = std::fs::File::create(qemu::qemu_log(&cfg.dir)).map_err(spawn_err)?;
+/// its output in `qemu.log`, the network wire on its descriptor `net::WIRE_FD`.
+fn spawn_qemu(cfg: &QemuConfig, wire: &std::os::fd::OwnedFd) -> Result<std::process::Child, BootError> {
+    let spawn_err = |source: std::io::Error| BootError::Spawn { qemu: qemu::qemu_binary(), source };
+    let log = std::fs::File::create(qemu::qemu_log(&cfg.dir)).map_err(io_err("create qemu.log"))?;
     let mut cmd = cfg.command();
-    cmd.stdout(log.try_clone().map_err(spawn_err)?).stderr(log);
-    // SAFETY: setsid(2) is async-signal-safe, as required between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
+    cmd.stdout(log.try_clone().map_err(io_err("qemu.log"))?).stderr(log);
+    net::inherit_fd(&mut cmd, wire.as_raw_fd(), net::WIRE_FD);
     tracing::debug!("starting {cmd:?}");
     // Not waited for once booted: QEMU outlives this process (it is re-parented when we exit).
     cmd.spawn().map_err(spawn_err)
 }
 
-/// Starts QEMU for `cfg` (its `ssh_port` is chosen here) and waits for the readiness line.
-pub(super) fn boot(mut cfg: QemuConfig, timeout: Duration) -> Result<Booted, BootError> {
-    let dir = cfg.dir.clone();
-    let console = qemu::console_log(&dir);
-    let started = Instant::now();
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
+impl Smolvm {
+    /// Boots `row`'s sandbox from `files` and waits until a command can run in it; on success
+    /// the row says `running` with its pid, port, host key and boot figures.
+    pub(super) fn boot_row(
+        &self,
+        row: &mut SandboxRow,
+        accel: &Accel,
+        files: &BootFiles,
+        timeout: Duration,
+    ) -> Result<(), BootError> {
+        let dir = self.dir(&row.name);
+        let key_b64 = public_key_b64(&self.home().keys())?;
+        let netcfg = NetConfig {
+            policy: row.policy.clone(),
+            ssh: Forward { host: 0, guest: 22 },
+            forwards: self.db().forwards(&row.name)?,
+            dns_hosts: self.resolver_hosts.clone(),
+        };
+        let console = qemu::console_log(&dir);
         for stale in [qemu::qmp_socket(&dir), qemu::pid_file(&dir)] {
             let _ = std::fs::remove_file(stale);
         }
-        std::fs::write(&console, b"").map_err(|e| BootError::NoPid(format!("create {}: {e}", console.display())))?;
-        cfg.ssh_port =
-            free_port().map_err(|e| BootError::Spawn { qemu: qemu::qemu_binary(), stderr: e.to_string() })?;
-        let mut child = spawn_detached(&cfg)?;
+        std::fs::write(&console, b"").map_err(io_err(format!("create {}", console.display())))?;
+        let started = Instant::now();
+        net::write_config(&dir, &netcfg)?;
+        let wire = net::spawn(&dir, &crate::agent::proxy_binary(), Duration::from_secs(10))?;
+        let cfg = QemuConfig {
+            name: row.name.clone(),
+            accel: accel.clone(),
+            memory_mib: row.memory_mib,
+            cpus: row.cpus,
+            kernel: files.kernel.clone(),
+            cmdline: kernel_cmdline(&row.name, accel, files.layers.len(), &key_b64),
+            base: files.rootfs.clone(),
+            upper: dir.join("disk.ext4"),
+            layers: files.layers.clone(),
+            netdev: Netdev::Wire,
+            dir: dir.clone(),
+        };
+        let mut child = match spawn_qemu(&cfg, &wire.qemu_end) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = process::signal(wire.pid, libc::SIGKILL);
+                return Err(e);
+            }
+        };
+        // Our copy of QEMU's end: closed, so that the network process sees QEMU's exit.
+        drop(wire.qemu_end);
         let pid = child.id() as i32;
         let pid_start = process::start_time(pid);
         let mut fail = |cause: WaitError| {
@@ -84,23 +129,27 @@ pub(super) fn boot(mut cfg: QemuConfig, timeout: Duration) -> Result<Booted, Boo
             BootError::NotReady { cause, console: console.display().to_string(), tail }
         };
         let pidfd = process::pidfd(pid).map_err(|e| fail(WaitError::Io(e)))?;
-        if let Err(e) = crate::agent::spawn_proxy(&dir) {
-            return Err(fail(WaitError::Io(e)));
+        crate::agent::spawn_proxy(&dir).map_err(|e| fail(WaitError::Io(e)))?;
+        let ready: Ready = wait_for_ready(&console, &pidfd, timeout).map_err(&mut fail)?;
+        // Ready on the console means sshd and the agent are up; the proxy binds its socket a
+        // moment later. Return only when a command can be sent.
+        if let Err(e) = wait_for_agent(&row.name, &dir, timeout) {
+            let _ = process::signal(pid, libc::SIGKILL);
+            return Err(BootError::Agent(e));
         }
-        match wait_for_ready(&console, &pidfd, timeout) {
-            Ok(ready) => {
-                // Ready on the console means sshd and the agent are up; the proxy binds its
-                // socket a moment later. Return only when a command can be sent.
-                wait_for_agent(&cfg.name, &dir, timeout).map_err(|e| fail(WaitError::Io(std::io::Error::other(e))))?;
-                return Ok(Booted { pid, pid_start, ssh_port: cfg.ssh_port, ready, elapsed: started.elapsed() });
-            }
-            Err(WaitError::Exited) if attempt < 5 && port_was_taken(&dir) => {
-                // Another process took the port between our probe and QEMU's bind.
-                tracing::debug!("port {} was taken; retrying", cfg.ssh_port);
-                continue;
-            }
-            Err(e) => return Err(fail(e)),
-        }
+        let elapsed = started.elapsed();
+        super::ssh::write_known_hosts(&dir.join("known_hosts"), wire.ssh_port, &ready.host_key)
+            .map_err(io_err("write known_hosts"))?;
+        tracing::debug!("{} ready in {elapsed:?}: {:?}", row.name, ready.boot_us);
+        row.state = SandboxState::Running;
+        row.pid = Some(pid);
+        row.pid_start = pid_start;
+        row.ssh_port = Some(wire.ssh_port);
+        row.host_key = Some(ready.host_key.clone());
+        row.boot_json = serde_json::to_string(&ready.boot_us).ok();
+        row.ready_ms = Some(elapsed.as_millis() as u64);
+        self.db().update(row)?;
+        Ok(())
     }
 }
 
@@ -112,13 +161,9 @@ fn wait_for_agent(name: &str, dir: &Path, timeout: Duration) -> Result<(), Strin
             Ok(_) => return Ok(()),
             Err(e) if Instant::now() >= deadline => {
                 let log = std::fs::read_to_string(dir.join("agent-proxy.log")).unwrap_or_default();
-                return Err(format!("the agent did not answer: {e}\n--- agent-proxy.log ---\n{}", log.trim()));
+                return Err(format!("{e}\n--- agent-proxy.log ---\n{}", log.trim()));
             }
             Err(_) => std::thread::sleep(Duration::from_millis(5)),
         }
     }
-}
-
-fn port_was_taken(dir: &Path) -> bool {
-    std::fs::read_to_string(qemu::qemu_log(dir)).is_ok_and(|l| l.contains("host forwarding"))
 }

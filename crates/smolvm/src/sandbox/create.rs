@@ -4,16 +4,14 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use base64::Engine;
-
-use super::boot::{boot, BootError};
-use super::{disk, names, ssh, AccelChoice, Network, SandboxError, SandboxInfo, Smolvm};
+use super::boot::{BootError, BootFiles};
+use super::{disk, names, ssh, AccelChoice, NetworkPolicy, SandboxError, SandboxInfo, Smolvm};
 use crate::images::fetch::{FetchError, FetchEvent};
 use crate::images::source::{ImageSource, SourceError};
-use crate::state::{SandboxRow, StateError};
+use crate::net::PolicyError;
+use crate::state::{SandboxRow, SandboxState, StateError};
 use crate::timefmt::now_secs;
 use crate::vm::accel::{detect, Accel, HostFacts};
-use crate::vm::qemu::{kernel_cmdline, QemuConfig};
 
 /// What `create` is asked for.
 #[derive(Debug, Clone)]
@@ -24,7 +22,8 @@ pub struct CreateOptions {
     pub cpus: u32,
     /// The sandbox's writable space (its own disk; the base is shared and read-only).
     pub disk_mib: u64,
-    pub network: Network,
+    /// What the sandbox may reach (default: the internet, never the host or private ranges).
+    pub network: NetworkPolicy,
     pub accel: AccelChoice,
     pub ready_timeout: Duration,
     /// A preset whose layer goes over the base (`codex`, `claude-code`, `hermes`, `pi`).
@@ -38,7 +37,7 @@ impl Default for CreateOptions {
             memory_mib: 512,
             cpus: 1,
             disk_mib: 2048,
-            network: Network::Nat,
+            network: NetworkPolicy::default(),
             accel: AccelChoice::Auto,
             ready_timeout: super::DEFAULT_READY_TIMEOUT,
             preset: None,
@@ -67,6 +66,8 @@ pub enum CreateError {
     Exists(String),
     #[error("invalid options: {0}")]
     Options(String),
+    #[error("invalid network policy: {0}")]
+    Network(#[from] PolicyError),
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error(transparent)]
@@ -135,6 +136,7 @@ impl Smolvm {
         if opts.memory_mib < 128 || opts.cpus == 0 || opts.cpus > 64 || opts.disk_mib < 64 {
             return Err(CreateError::Options("need --memory >= 128, --cpus 1..64, --disk-size >= 64".into()));
         }
+        opts.network.validate()?;
         if self.db().get(&name)?.is_some() {
             return Err(CreateError::Exists(name));
         }
@@ -166,14 +168,11 @@ impl Smolvm {
         let row = SandboxRow {
             name: name.clone(),
             created_at: now_secs(),
-            state: "creating".into(),
+            state: SandboxState::Creating,
             memory_mib: opts.memory_mib,
             cpus: opts.cpus,
             disk_mib: opts.disk_mib,
-            network: match opts.network {
-                Network::Nat => "nat".into(),
-                Network::None => "none".into(),
-            },
+            policy: opts.network.clone(),
             accel: accel.qemu_name().into(),
             ssh_port: None,
             pid: None,
@@ -215,39 +214,14 @@ impl Smolvm {
         let dir = self.dir(&row.name);
         std::fs::create_dir_all(&dir).map_err(|e| CreateError::Prepare(format!("create {}: {e}", dir.display())))?;
         disk::create_upper(&dir.join("disk.ext4"), opts.disk_mib).map_err(CreateError::Prepare)?;
-        let key = ssh::ensure_key(&self.home().keys()).map_err(CreateError::Prepare)?;
-        let pubkey = std::fs::read_to_string(key.with_extension("pub"))
-            .map_err(|e| CreateError::Prepare(format!("read the public key: {e}")))?;
-        let key_b64 = base64::engine::general_purpose::STANDARD.encode(pubkey.trim());
+        ssh::ensure_key(&self.home().keys()).map_err(CreateError::Prepare)?;
         on(CreateEvent::Booting { accel: accel.qemu_name().into() });
-        let isolated = opts.network == Network::None;
-        let cfg = QemuConfig {
-            name: row.name.clone(),
-            accel: accel.clone(),
-            memory_mib: opts.memory_mib,
-            cpus: opts.cpus,
+        let files = BootFiles {
             kernel: images.kernel.clone(),
-            cmdline: kernel_cmdline(&row.name, accel, isolated, images.layers.len(), &key_b64),
-            base: images.rootfs.clone(),
-            upper: dir.join("disk.ext4"),
+            rootfs: images.rootfs.clone(),
             layers: images.layers.iter().map(|(p, _)| p.clone()).collect(),
-            ssh_port: 0,
-            forwards: Vec::new(),
-            isolated,
-            dir: dir.clone(),
         };
-        let booted = boot(cfg, opts.ready_timeout)?;
-        ssh::write_known_hosts(&dir.join("known_hosts"), booted.ssh_port, &booted.ready.host_key)
-            .map_err(|e| CreateError::Prepare(format!("write known_hosts: {e}")))?;
-        tracing::debug!("{} ready in {:?}: {:?}", row.name, booted.elapsed, booted.ready.boot_us);
-        row.state = "running".into();
-        row.ssh_port = Some(booted.ssh_port);
-        row.pid = Some(booted.pid);
-        row.pid_start = booted.pid_start;
-        row.host_key = Some(booted.ready.host_key.clone());
-        row.boot_json = serde_json::to_string(&booted.ready.boot_us).ok();
-        row.ready_ms = Some(booted.elapsed.as_millis() as u64);
-        self.db().update(&row)?;
+        self.boot_row(&mut row, accel, &files, opts.ready_timeout)?;
         Ok(())
     }
 }

@@ -4,12 +4,12 @@ use std::io::Write;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use super::boot::{boot, BootError};
+use super::boot::{BootError, BootFiles};
 use super::{remove_all, SandboxError, Smolvm, Status};
-use crate::state::StateError;
+use crate::state::{SandboxState, StateError};
 use crate::vm::accel::Accel;
 use crate::vm::process;
-use crate::vm::qemu::{self, kernel_cmdline, QemuConfig};
+use crate::vm::qemu;
 use crate::vm::qmp::Qmp;
 
 /// Why a lifecycle operation failed.
@@ -86,7 +86,7 @@ impl Smolvm {
                 }
             }
         }
-        row.state = "stopped".into();
+        row.state = SandboxState::Stopped;
         row.pid = None;
         row.pid_start = None;
         row.ssh_port = None;
@@ -124,38 +124,8 @@ impl Smolvm {
             "kvm" => Accel::Kvm,
             _ => Accel::Tcg { reason: "as created".into() },
         };
-        let pubkey = std::fs::read_to_string(self.home().keys().join("id_ed25519.pub"))
-            .map_err(|e| failed(name, format!("read the SSH public key: {e}")))?;
-        let key_b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, pubkey.trim());
-        let dir = self.dir(name);
-        let isolated = row.network == "none";
-        let forwards = self.db().forwards(name)?.into_iter().map(|(g, h)| (h, g)).collect();
-        let cfg = QemuConfig {
-            name: name.to_string(),
-            cmdline: kernel_cmdline(name, &accel, isolated, layers.len(), &key_b64),
-            accel,
-            memory_mib: row.memory_mib,
-            cpus: row.cpus,
-            kernel,
-            base: rootfs,
-            upper: dir.join("disk.ext4"),
-            layers,
-            ssh_port: 0,
-            forwards,
-            isolated,
-            dir: dir.clone(),
-        };
-        let booted = boot(cfg, timeout)?;
-        super::ssh::write_known_hosts(&dir.join("known_hosts"), booted.ssh_port, &booted.ready.host_key)
-            .map_err(|e| failed(name, format!("write known_hosts: {e}")))?;
-        row.state = "running".into();
-        row.pid = Some(booted.pid);
-        row.pid_start = booted.pid_start;
-        row.ssh_port = Some(booted.ssh_port);
-        row.host_key = Some(booted.ready.host_key);
-        row.boot_json = serde_json::to_string(&booted.ready.boot_us).ok();
-        row.ready_ms = Some(booted.elapsed.as_millis() as u64);
-        self.db().update(&row)?;
+        let files = BootFiles { kernel, rootfs, layers };
+        self.boot_row(&mut row, &accel, &files, timeout)?;
         // Variables set while it was stopped reach the guest now.
         self.push_env(name)
     }
@@ -202,23 +172,12 @@ impl Smolvm {
     pub fn expose(&self, name: &str, guest_port: u16, host_port: Option<u16>) -> Result<u16, LifecycleError> {
         let _lock = self.lock(name)?;
         self.running(name)?;
-        let host_port = match host_port {
-            Some(p) => p,
-            None => std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-                .map_err(|e| failed(name, format!("find a free port: {e}")))?,
-        };
-        let mut qmp =
-            Qmp::connect(&qemu::qmp_socket(&self.dir(name))).map_err(|e| failed(name, format!("QMP: {e}")))?;
-        let out = qmp
-            .hmp(&format!("hostfwd_add net0 tcp:127.0.0.1:{host_port}-:{guest_port}"))
-            .map_err(|e| failed(name, format!("QMP: {e}")))?;
-        if !out.trim().is_empty() {
-            return Err(failed(name, format!("forward 127.0.0.1:{host_port} -> {guest_port}: {}", out.trim())));
-        }
-        self.db().forward_add(name, guest_port, host_port)?;
-        Ok(host_port)
+        let forward = crate::net::Forward { host: host_port.unwrap_or(0), guest: guest_port };
+        let reply = crate::net::control(&self.dir(name), &crate::net::ControlRequest::Forward { forward })
+            .map_err(|e| failed(name, format!("forward 127.0.0.1:{} -> {guest_port}: {e}", forward.host)))?;
+        let bound = reply.forward.ok_or_else(|| failed(name, "the network process named no port"))?;
+        self.db().forward_add(name, bound)?;
+        Ok(bound.host)
     }
 
     /// Sets an environment variable for login shells in the sandbox (persisted on the host and

@@ -10,6 +10,7 @@ mod boot;
 mod create;
 pub mod disk;
 mod lifecycle;
+mod network;
 pub mod names;
 pub mod presets;
 pub mod ssh;
@@ -26,18 +27,10 @@ pub use lifecycle::LifecycleError;
 use crate::images::fetch::ImageCache;
 use crate::lock::FileLock;
 use crate::paths::Home;
-use crate::state::{Db, SandboxRow, StateError};
+use crate::state::{Db, SandboxRow, SandboxState, StateError};
 use crate::vm::process;
 
-/// The network a sandbox gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Network {
-    /// User-mode NAT: the guest reaches out through the host; nothing reaches in but forwards.
-    Nat,
-    /// No route out; the host still reaches the guest's SSH and exposed ports.
-    None,
-}
+pub use crate::net::{NetworkMode, NetworkPolicy};
 
 /// The accelerator a user asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,7 +72,11 @@ pub struct SandboxInfo {
     pub memory_mib: u32,
     pub cpus: u32,
     pub disk_mib: u64,
-    pub network: String,
+    /// The network mode (`nat` or `none`); the whole policy is in `network_policy`.
+    pub network: NetworkMode,
+    pub network_policy: NetworkPolicy,
+    /// Connections the policy refused: how many, and the last few.
+    pub network_refusals: crate::net::NetStats,
     pub accel: String,
     pub ssh_port: Option<u16>,
     pub pid: Option<i32>,
@@ -88,7 +85,7 @@ pub struct SandboxInfo {
     pub boot_us: Option<BootPhases>,
     /// Host-measured milliseconds from starting QEMU to the guest's readiness (last boot).
     pub ready_ms: Option<u64>,
-    pub forwards: Vec<(u16, u16)>,
+    pub forwards: Vec<crate::net::Forward>,
     pub dir: PathBuf,
 }
 
@@ -111,6 +108,8 @@ pub struct Smolvm {
     home: Home,
     db: Db,
     images: ImageCache,
+    /// A hosts file for sandboxes' resolvers (tests that build their own "internet").
+    resolver_hosts: Option<PathBuf>,
 }
 
 impl Smolvm {
@@ -122,7 +121,15 @@ impl Smolvm {
     pub fn open_at(home: Home) -> Result<Smolvm, StateError> {
         let db = Db::open(&home.database())?;
         let images = ImageCache::new(home.images());
-        Ok(Smolvm { home, db, images })
+        Ok(Smolvm { home, db, images, resolver_hosts: None })
+    }
+
+    /// Makes sandboxes booted from now on resolve names from `hosts` (`ADDRESS NAME...`
+    /// lines) before the host's resolver. The policy applies to those answers as to any: this
+    /// is for tests that build their own "internet" out of network namespaces.
+    pub fn with_resolver_hosts(mut self, hosts: Option<PathBuf>) -> Smolvm {
+        self.resolver_hosts = hosts;
+        self
     }
 
     pub fn home(&self) -> &Home {
@@ -154,11 +161,11 @@ impl Smolvm {
     }
 
     fn status_of(row: &SandboxRow) -> Status {
-        match row.state.as_str() {
-            "running" if row.pid.is_some_and(|p| process::is_alive(p, row.pid_start)) => Status::Running,
-            "running" => Status::Crashed,
-            "creating" => Status::Creating,
-            _ => Status::Stopped,
+        match row.state {
+            SandboxState::Running if row.pid.is_some_and(|p| process::is_alive(p, row.pid_start)) => Status::Running,
+            SandboxState::Running => Status::Crashed,
+            SandboxState::Creating => Status::Creating,
+            SandboxState::Stopped => Status::Stopped,
         }
     }
 
@@ -172,7 +179,9 @@ impl Smolvm {
             memory_mib: row.memory_mib,
             cpus: row.cpus,
             disk_mib: row.disk_mib,
-            network: row.network.clone(),
+            network: row.policy.mode,
+            network_policy: row.policy.clone(),
+            network_refusals: crate::net::refusals::read_stats(&self.dir(&row.name)),
             accel: row.accel.clone(),
             ssh_port: row.ssh_port.filter(|_| live),
             pid: row.pid.filter(|_| live),

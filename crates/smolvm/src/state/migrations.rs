@@ -44,6 +44,8 @@ const STEPS: &[&str] = &[
     // 3: the preset, and the SHA-256 of its layers (comma-separated, top first).
     "ALTER TABLE sandboxes ADD COLUMN preset TEXT;
      ALTER TABLE sandboxes ADD COLUMN layer_sha256s TEXT NOT NULL DEFAULT '';",
+    // 4: the network policy (JSON of `net::NetworkPolicy`); NULL: the `network` mode alone.
+    "ALTER TABLE sandboxes ADD COLUMN network_policy TEXT;",
 ];
 
 pub(super) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StateError> {
@@ -83,6 +85,7 @@ mod tests {
         let db = super::super::Db::open(&path).unwrap();
         let row = db.get("old").unwrap().expect("the row survives the migration");
         assert_eq!(row.ready_ms, None);
+        assert_eq!(row.policy, crate::net::NetworkPolicy::default(), "an old row's policy is its mode");
         let conn = Connection::open(&path).unwrap();
         let v: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
         assert_eq!(v, STEPS.len() as i64);

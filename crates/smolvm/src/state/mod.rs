@@ -9,8 +9,11 @@ mod migrations;
 use std::path::Path;
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRef};
+use rusqlite::{params, Connection, OptionalExtension, ToSql};
 use serde::Serialize;
+
+use crate::net::{Forward, NetworkMode, NetworkPolicy};
 
 /// Why the state database failed.
 #[derive(Debug, thiserror::Error)]
@@ -25,17 +28,63 @@ pub enum StateError {
     TooNew { path: String, found: i64, known: i64 },
 }
 
+/// The state recorded for a sandbox (a dead VMM is reported as crashed by the caller).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxState {
+    Creating,
+    Running,
+    Stopped,
+}
+
+impl SandboxState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxState::Creating => "creating",
+            SandboxState::Running => "running",
+            SandboxState::Stopped => "stopped",
+        }
+    }
+}
+
+impl ToSql for SandboxState {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::from(self.as_str()))
+    }
+}
+
+impl FromSql for SandboxState {
+    fn column_result(v: ValueRef<'_>) -> FromSqlResult<Self> {
+        match v.as_str()? {
+            "creating" => Ok(SandboxState::Creating),
+            "running" => Ok(SandboxState::Running),
+            "stopped" => Ok(SandboxState::Stopped),
+            other => Err(FromSqlError::Other(format!("unknown sandbox state {other:?}").into())),
+        }
+    }
+}
+
+/// A network policy in its column: JSON (`NULL` in rows older than migration 4, whose
+/// policy is their `network` mode alone).
+struct PolicyColumn(NetworkPolicy);
+
+impl ToSql for PolicyColumn {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        serde_json::to_string(&self.0).map(ToSqlOutput::from).map_err(|e| rusqlite::Error::ToSqlConversionFailure(e.into()))
+    }
+}
+
 /// What was recorded about a sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SandboxRow {
     pub name: String,
     pub created_at: i64,
-    /// `creating`, `running` or `stopped` (a dead VMM is reported as crashed by the caller).
-    pub state: String,
+    pub state: SandboxState,
     pub memory_mib: u32,
     pub cpus: u32,
     pub disk_mib: u64,
-    pub network: String,
+    /// What the sandbox may reach.
+    pub policy: NetworkPolicy,
     pub accel: String,
     pub ssh_port: Option<u16>,
     pub pid: Option<i32>,
@@ -63,7 +112,8 @@ pub struct Db {
 }
 
 const COLUMNS: &str = "name, created_at, state, memory_mib, cpus, disk_mib, network, accel, ssh_port, pid, pid_start, \
-                       tag, kernel_sha256, rootfs_sha256, host_key, boot_json, ready_ms, preset, layer_sha256s";
+                       tag, kernel_sha256, rootfs_sha256, host_key, boot_json, ready_ms, preset, layer_sha256s, \
+                       network_policy";
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
     Ok(SandboxRow {
@@ -73,7 +123,20 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
         memory_mib: r.get(3)?,
         cpus: r.get(4)?,
         disk_mib: r.get(5)?,
-        network: r.get(6)?,
+        policy: match r.get::<_, Option<String>>(19)? {
+            Some(j) => serde_json::from_str(&j).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(19, rusqlite::types::Type::Text, e.into())
+            })?,
+            None => {
+                let mode: String = r.get(6)?;
+                NetworkPolicy {
+                    mode: mode.parse::<NetworkMode>().map_err(|e| {
+                        rusqlite::Error::FromSqlConversionFailure(6, rusqlite::types::Type::Text, e.into())
+                    })?,
+                    ..NetworkPolicy::default()
+                }
+            }
+        },
         accel: r.get(7)?,
         ssh_port: r.get(8)?,
         pid: r.get(9)?,
@@ -112,11 +175,12 @@ impl Db {
     /// Inserts a new sandbox; `false` if the name is taken.
     pub fn insert(&self, s: &SandboxRow) -> Result<bool, StateError> {
         let n = self.conn.execute(
-            &format!("INSERT OR IGNORE INTO sandboxes ({COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19)"),
+            &format!("INSERT OR IGNORE INTO sandboxes ({COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20)"),
             params![
-                s.name, s.created_at, s.state, s.memory_mib, s.cpus, s.disk_mib as i64, s.network, s.accel,
+                s.name, s.created_at, s.state, s.memory_mib, s.cpus, s.disk_mib as i64, s.policy.mode.as_str(), s.accel,
                 s.ssh_port, s.pid, s.pid_start.map(|v| v as i64), s.tag, s.kernel_sha256, s.rootfs_sha256,
-                s.host_key, s.boot_json, s.ready_ms.map(|v| v as i64), s.preset, s.layer_sha256s.join(",")
+                s.host_key, s.boot_json, s.ready_ms.map(|v| v as i64), s.preset, s.layer_sha256s.join(","),
+                PolicyColumn(s.policy.clone())
             ],
         )?;
         Ok(n == 1)
@@ -180,15 +244,27 @@ impl Db {
         Ok(())
     }
 
-    /// Port forwards added with `smolvm expose`: (guest port, host port).
-    pub fn forwards(&self, name: &str) -> Result<Vec<(u16, u16)>, StateError> {
+    /// Port forwards added with `smolvm expose`.
+    pub fn forwards(&self, name: &str) -> Result<Vec<Forward>, StateError> {
         let mut st =
             self.conn.prepare("SELECT guest_port, host_port FROM forwards WHERE sandbox=?1 ORDER BY guest_port")?;
-        let rows = st.query_map([name], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<Vec<_>, _>>()?;
+        let rows = st
+            .query_map([name], |r| Ok(Forward { guest: r.get(0)?, host: r.get(1)? }))?
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
     }
 
-    pub fn forward_add(&self, name: &str, guest_port: u16, host_port: u16) -> Result<(), StateError> {
+    /// Replaces a sandbox's network policy.
+    pub fn set_policy(&self, name: &str, policy: &NetworkPolicy) -> Result<(), StateError> {
+        self.conn.execute(
+            "UPDATE sandboxes SET network=?2, network_policy=?3 WHERE name=?1",
+            params![name, policy.mode.as_str(), PolicyColumn(policy.clone())],
+        )?;
+        Ok(())
+    }
+
+    pub fn forward_add(&self, name: &str, f: Forward) -> Result<(), StateError> {
+        let (guest_port, host_port) = (f.guest, f.host);
         self.conn.execute(
             "INSERT INTO forwards (sandbox, guest_port, host_port) VALUES (?1,?2,?3) \
              ON CONFLICT(sandbox, guest_port) DO UPDATE SET host_port=excluded.host_port",
@@ -210,11 +286,11 @@ mod tests {
         SandboxRow {
             name: name.into(),
             created_at: 1,
-            state: "creating".into(),
+            state: SandboxState::Creating,
             memory_mib: 512,
             cpus: 1,
             disk_mib: 2048,
-            network: "nat".into(),
+            policy: NetworkPolicy { allow_domains: vec!["a.test".parse().unwrap()], ..NetworkPolicy::default() },
             accel: "tcg".into(),
             ssh_port: None,
             pid: None,
@@ -237,11 +313,14 @@ mod tests {
         assert!(db.insert(&sample("a")).unwrap());
         assert!(!db.insert(&sample("a")).unwrap(), "a name is unique");
         let mut a = db.get("a").unwrap().unwrap();
-        a.state = "running".into();
+        a.state = SandboxState::Running;
         a.ssh_port = Some(2222);
         a.pid = Some(42);
         db.update(&a).unwrap();
         assert_eq!(db.get("a").unwrap().unwrap(), a);
+        let p = NetworkPolicy::none();
+        db.set_policy("a", &p).unwrap();
+        assert_eq!(db.get("a").unwrap().unwrap().policy, p, "the policy round-trips");
         db.env_set("a", "K", "1").unwrap();
         db.env_set("a", "K", "2").unwrap();
         assert_eq!(db.env("a").unwrap(), vec![("K".to_string(), "2".to_string())]);

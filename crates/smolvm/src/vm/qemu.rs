@@ -20,14 +20,22 @@ pub struct QemuConfig {
     pub upper: PathBuf,
     /// Read-only layers over the base, top first (`/dev/vdc`, ...): a preset's tooling.
     pub layers: Vec<PathBuf>,
-    /// Host port forwarded (on 127.0.0.1) to the guest's SSH port.
-    pub ssh_port: u16,
-    /// Extra `hostfwd` rules: (host port, guest port) on 127.0.0.1.
-    pub forwards: Vec<(u16, u16)>,
-    /// `--network none`: the guest gets no route out (forwards from the host still work).
-    pub isolated: bool,
+    /// The guest's network card and what is behind it.
+    pub netdev: Netdev,
     /// The sandbox directory: console log, QMP socket, pid file, QEMU's own log.
     pub dir: PathBuf,
+}
+
+/// What the guest's virtio-net device is connected to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Netdev {
+    /// smolvm's network process, which enforces the sandbox's policy (`crate::net`): the wire
+    /// is a socket on descriptor [`crate::net::WIRE_FD`] of the QEMU process.
+    Wire,
+    /// QEMU's stock user-mode network, which lets the guest reach the host's loopback through
+    /// 10.0.2.2 and everything the host reaches. Only for measuring the enforced network
+    /// against it (smolvm-bench) and for booting an image by hand; never for a sandbox.
+    UnrestrictedUser { ssh_port: u16 },
 }
 
 /// The QEMU binary (`SMOLVM_QEMU` overrides it).
@@ -56,13 +64,12 @@ impl QemuConfig {
             Accel::Kvm => "host",
             Accel::Tcg { .. } => "max",
         };
-        let mut netdev = format!("user,id=net0,hostfwd=tcp:127.0.0.1:{}-:22", self.ssh_port);
-        for (host, guest) in &self.forwards {
-            netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
-        }
-        if self.isolated {
-            netdev.push_str(",restrict=on");
-        }
+        let netdev = match self.netdev {
+            Netdev::Wire => {
+                format!("stream,id=net0,server=off,addr.type=fd,addr.str={}", crate::net::WIRE_FD)
+            }
+            Netdev::UnrestrictedUser { ssh_port } => format!("user,id=net0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22"),
+        };
         let drive = |id: &str, file: &Path, ro: bool| {
             format!(
                 "id={id},file={},format=raw,if=none,cache=unsafe,aio=threads{}",
@@ -120,14 +127,16 @@ impl QemuConfig {
 
 /// The guest kernel command line. Nothing secret goes here: it is visible in the host's
 /// process list and in the guest's `/proc/cmdline`. The SSH key is a public key.
-pub fn kernel_cmdline(name: &str, accel: &Accel, isolated: bool, layers: usize, authorized_key_b64: &str) -> String {
+pub fn kernel_cmdline(name: &str, accel: &Accel, layers: usize, authorized_key_b64: &str) -> String {
     use smolvm_protocol::cmdline as k;
-    // User-mode networking: the guest is 10.0.2.15, the gateway 10.0.2.2, DNS 10.0.2.3.
-    let ip = if isolated {
-        format!("10.0.2.15:::255.255.255.0:{name}:eth0:off")
-    } else {
-        format!("10.0.2.15::10.0.2.2:255.255.255.0:{name}:eth0:off:10.0.2.3")
-    };
+    // The guest always gets its route and resolver: what it may reach is the network
+    // process's decision, made per connection (and recorded when it refuses).
+    let ip = format!(
+        "{}::{}:255.255.255.0:{name}:eth0:off:{}",
+        crate::net::GUEST,
+        crate::net::GATEWAY,
+        crate::net::DNS
+    );
     let mut s = format!(
         "console=ttyS0 quiet root=/dev/vda ro rootfstype=ext4 init=/init pci=off panic=-1 \
          {}=/dev/vdb {}={ip} {}={name} {}={authorized_key_b64}",
