@@ -2,8 +2,9 @@
 //!
 //! The network process appends one JSON line per refusal to `network.log` (rotated to
 //! `network.log.1` at [`LOG_CAP`], so a guest that floods refusals costs at most twice that on
-//! disk) and keeps `network-stats.json` (the count and the last [`RECENT`]) current, written at
-//! most every [`STATS_EVERY`]. `status` and `logs --network` read those files, so they work
+//! disk) and keeps `network-stats.json` (the count and the last [`RECENT`]) current: written
+//! at each refusal, or at most every [`STATS_EVERY`] while a guest floods refusals (more than
+//! [`BURST`] in one such interval). `status` and `logs --network` read those files, so they work
 //! whether or not the sandbox runs.
 
 use std::collections::VecDeque;
@@ -41,6 +42,7 @@ pub struct NetStats {
 pub const RECENT: usize = 10;
 pub const LOG_CAP: u64 = 1 << 20;
 const STATS_EVERY: Duration = Duration::from_millis(200);
+const BURST: u32 = 20;
 
 pub fn log_path(dir: &Path) -> PathBuf {
     dir.join("network.log")
@@ -63,6 +65,8 @@ pub struct RefusalLog {
     recent: VecDeque<Refusal>,
     dirty: bool,
     written_at: Instant,
+    /// Writes since `written_at` started an interval.
+    writes: u32,
 }
 
 impl RefusalLog {
@@ -70,7 +74,7 @@ impl RefusalLog {
     pub fn open(dir: &Path) -> RefusalLog {
         let stats = read_stats(dir);
         let recent = stats.recent.iter().cloned().collect();
-        RefusalLog { dir: dir.to_path_buf(), stats, recent, dirty: false, written_at: Instant::now() }
+        RefusalLog { dir: dir.to_path_buf(), stats, recent, dirty: false, written_at: Instant::now(), writes: 0 }
     }
 
     pub fn record(&mut self, r: Refusal) {
@@ -104,11 +108,20 @@ impl RefusalLog {
         }
     }
 
-    /// Writes the stats file if it changed (at most every `STATS_EVERY` unless `now`).
+    /// Writes the stats file if it changed (during a flood at most every `STATS_EVERY`,
+    /// unless `now`).
     pub fn flush(&mut self, now: bool) {
-        if !self.dirty || (!now && self.written_at.elapsed() < STATS_EVERY) {
+        if !self.dirty {
             return;
         }
+        if self.written_at.elapsed() >= STATS_EVERY {
+            self.written_at = Instant::now();
+            self.writes = 0;
+        }
+        if !now && self.writes >= BURST {
+            return;
+        }
+        self.writes += 1;
         self.stats.recent = self.recent.iter().cloned().collect();
         let path = stats_path(&self.dir);
         let tmp = path.with_extension("json.tmp");
@@ -120,7 +133,6 @@ impl RefusalLog {
             tracing::warn!("write {}: {e}", path.display());
         }
         self.dirty = false;
-        self.written_at = Instant::now();
     }
 
     /// Whether a write is waiting for [`RefusalLog::flush`].
@@ -141,7 +153,11 @@ mod tests {
     fn counts_keep_the_last_few_and_survive_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let mut log = RefusalLog::open(dir.path());
-        for i in 0..25 {
+        for i in 0..5 {
+            log.record(refusal(i));
+            assert_eq!(read_stats(dir.path()).refused, i + 1, "written at once when there is no flood");
+        }
+        for i in 5..25 {
             log.record(refusal(i));
         }
         log.flush(true);
