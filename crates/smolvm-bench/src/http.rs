@@ -35,7 +35,12 @@ pub struct Server {
 impl Server {
     /// Serves `root` on a free port of 127.0.0.1 until the process ends.
     pub fn start(root: PathBuf) -> std::io::Result<Server> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
+        Server::start_on(root, "127.0.0.1:0")
+    }
+
+    /// Serves `root` on `addr` until the process ends.
+    pub fn start_on(root: PathBuf, addr: &str) -> std::io::Result<Server> {
+        let listener = TcpListener::bind(addr)?;
         let url = format!("http://{}", listener.local_addr()?);
         let state = Arc::new(Mutex::new(State::default()));
         let st = state.clone();

@@ -4,10 +4,13 @@
 //! docs/benchmarks.md:
 //!
 //! ```text
-//! smolvm-bench --release dist/<tag> [--runs 5] [--density 10] [--json]
+//! smolvm-bench --release dist/<tag> [--runs 5] [--density 10] [--no-network] [--json]
 //! ```
+//! As root it also measures the network (`network.rs`), in namespaces of its own.
 
 #![allow(clippy::print_stdout)]
+
+mod network;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -40,6 +43,12 @@ struct Args {
     /// Size of the file copied each way, in MiB.
     #[arg(long, default_value_t = 64)]
     cp_mib: usize,
+    /// Skip the network figures (they need root: network namespaces).
+    #[arg(long)]
+    no_network: bool,
+    /// Only the network figures.
+    #[arg(long, conflicts_with = "no_network")]
+    network_only: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -71,7 +80,15 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == "__serve-inet") {
+        return network::serve_inet(Path::new(argv.get(2).context("__serve-inet DIR")?));
+    }
     let args = Args::parse();
+    let work = tempfile::tempdir()?;
+    // Before any thread: the network figures need this process in namespaces of its own.
+    let measure_network = !args.no_network && is_root();
+    let inet = if measure_network { Some(network::enter_world(work.path(), 64)?) } else { None };
     let release =
         args.release.canonicalize().with_context(|| format!("release directory {}", args.release.display()))?;
     let manifest = release.join("manifest.json");
@@ -93,17 +110,25 @@ fn main() -> anyhow::Result<()> {
         );
     }
     let mut report = Report::default();
-    let work = tempfile::tempdir()?;
 
-    cold_create(&args, work.path(), &mut report)?;
-    let home = work.path().join("warm");
-    std::env::set_var("SMOLVM_HOME", &home);
-    let sm = Smolvm::open_at(Home::at(&home))?;
-    warm_create_and_lifecycle(&args, &sm, &mut report)?;
-    exec_and_cp(&args, &sm, work.path(), &mut report)?;
-    presets(&args, &sm, &mut report)?;
-    if args.density > 0 {
-        density(&args, &home, &mut report)?;
+    if !args.network_only {
+        cold_create(&args, work.path(), &mut report)?;
+        let home = work.path().join("warm");
+        std::env::set_var("SMOLVM_HOME", &home);
+        let sm = Smolvm::open_at(Home::at(&home))?;
+        warm_create_and_lifecycle(&args, &sm, &mut report)?;
+        exec_and_cp(&args, &sm, work.path(), &mut report)?;
+        presets(&args, &sm, &mut report)?;
+        if args.density > 0 {
+            density(&args, &home, &mut report)?;
+        }
+    }
+    if let Some(inet) = &inet {
+        let r = network::figures(work.path(), args.runs, &mut report);
+        network::leave_world(inet);
+        r?;
+    } else if !args.json {
+        println!("(network figures skipped: they need root, or --no-network was given)\n");
     }
 
     if args.json {
@@ -121,6 +146,11 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
 }
 
 fn reason(a: &smolvm::vm::accel::Accel) -> String {

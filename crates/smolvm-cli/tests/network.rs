@@ -62,13 +62,64 @@ fn openssl(dir: &Path, args: &[&str]) {
 
 /// A test CA and a certificate for a.test and b.test signed by it.
 fn certificates(dir: &Path) {
-    openssl(dir, &["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
-        "-subj", "/CN=smolvm test CA", "-keyout", "ca.key", "-out", "ca.pem"]);
-    openssl(dir, &["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=a.test",
-        "-keyout", "srv.key", "-out", "srv.csr"]);
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=smolvm test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            "/CN=a.test",
+            "-keyout",
+            "srv.key",
+            "-out",
+            "srv.csr",
+        ],
+    );
     std::fs::write(dir.join("ext.cnf"), "subjectAltName=DNS:a.test,DNS:b.test\n").unwrap();
-    openssl(dir, &["x509", "-req", "-in", "srv.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-        "-days", "2", "-extfile", "ext.cnf", "-out", "srv.pem"]);
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "srv.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "srv.pem",
+        ],
+    );
 }
 
 fn start_servers(ns: &str, specs: &[String]) -> Child {
@@ -208,7 +259,10 @@ impl World {
 /// policy's doing, not a broken test world.
 fn assert_host_services_up(w: &World) {
     for url in ["http://127.0.0.1:18777/", "http://192.0.2.1:18778/", "http://169.254.169.254/"] {
-        let out = Command::new("ip").args(["netns", "exec", &w.host, "curl", "-sS", "--max-time", "5", url]).output().unwrap();
+        let out = Command::new("ip")
+            .args(["netns", "exec", &w.host, "curl", "-sS", "--max-time", "5", url])
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{url} from the host: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
@@ -225,7 +279,10 @@ fn the_network_policy_holds_against_a_hostile_guest() {
     // --- default (internet only) ---
     assert_eq!(w.fetch("open", "http://a.test/").as_deref(), Some("inet-a host=a.test\n"));
     assert_eq!(w.fetch("open", "https://a.test/").as_deref(), Some("inet-a-tls host=a.test\n"));
-    assert_eq!(w.fetch("open", &format!("http://{C_TEST}/")).as_deref(), Some(format!("inet-c host={C_TEST}\n")).as_deref());
+    assert_eq!(
+        w.fetch("open", &format!("http://{C_TEST}/")).as_deref(),
+        Some(format!("inet-c host={C_TEST}\n")).as_deref()
+    );
     let (code, out) = w.sh("open", &format!("exec 3<>/dev/tcp/{C_TEST}/7 && echo ping >&3 && head -c 5 <&3"));
     assert_eq!((code, out.as_str()), (0, "ping\n"), "raw TCP to the internet");
     let udp = format!(
@@ -266,7 +323,8 @@ fn the_network_policy_holds_against_a_hostile_guest() {
     w.assert_refused("narrow", &format!("{A_TEST}:443"));
     assert_eq!(w.fetch("narrow", &format!("-H 'Host: b.test' http://{A_TEST}/")), None, "Host b.test is not allowed");
     w.assert_refused("narrow", &format!("{A_TEST}:80"));
-    let (code, _) = w.sh("narrow", &format!("timeout 8 bash -c 'exec 3<>/dev/tcp/{A_TEST}/80; echo x >&3; head -c1 <&3'"));
+    let (code, _) =
+        w.sh("narrow", &format!("timeout 8 bash -c 'exec 3<>/dev/tcp/{A_TEST}/80; echo x >&3; head -c1 <&3'"));
     assert_ne!(code, 0, "raw TCP to the allowed name's IP names no host");
     assert_eq!(w.fetch("narrow", &format!("http://{C_TEST}/")), None, "an IP no allowed name resolved to");
     w.assert_refused("narrow", &format!("{C_TEST}:80"));
@@ -284,7 +342,10 @@ fn the_network_policy_holds_against_a_hostile_guest() {
 
     // --- --allow-cidr 203.0.113.0/24: that range only ---
     common::ok(w.cmd().args(["network", "set", "narrow", "--allow-cidr", "203.0.113.0/24"]));
-    assert_eq!(w.fetch("narrow", &format!("http://{C_TEST}/")).as_deref(), Some(format!("inet-c host={C_TEST}\n")).as_deref());
+    assert_eq!(
+        w.fetch("narrow", &format!("http://{C_TEST}/")).as_deref(),
+        Some(format!("inet-c host={C_TEST}\n")).as_deref()
+    );
     assert_eq!(w.fetch("narrow", &format!("http://{A_TEST}/")), None);
     assert_eq!(w.fetch("narrow", "http://10.0.2.2:18777/"), None);
 

@@ -57,7 +57,12 @@ pub fn print_policy(s: &SandboxInfo) {
     say(format!("network:  {}", s.network_policy.summary()));
     let r = &s.network_refusals;
     if r.refused > 0 {
-        say(format!("refused:  {} connection(s); the last {} (smolvm logs {} --network):", r.refused, r.recent.len(), s.name));
+        say(format!(
+            "refused:  {} connection(s); the last {} (smolvm logs {} --network):",
+            r.refused,
+            r.recent.len(),
+            s.name
+        ));
         for x in &r.recent {
             let name = x.name.as_deref().map(|n| format!(" ({n})")).unwrap_or_default();
             say(format!("  {} {:<4} {}{}: {}", smolvm::timefmt::rfc3339_utc(x.time), x.proto, x.dest, name, x.rule));

@@ -184,10 +184,7 @@ pub fn status(name: &str, json: bool) -> anyhow::Result<i32> {
     }
     say(format!("name:     {}", s.name));
     say(format!("status:   {}", s.status));
-    say(format!(
-        "resources: {} MiB memory, {} vCPU, {} MiB disk, accel {}",
-        s.memory_mib, s.cpus, s.disk_mib, s.accel
-    ));
+    say(format!("resources: {} MiB memory, {} vCPU, {} MiB disk, accel {}", s.memory_mib, s.cpus, s.disk_mib, s.accel));
     super::network::print_policy(&s);
     say(format!("images:   {}", s.image_tag));
     if let Some(p) = s.ssh_port {

@@ -71,7 +71,14 @@ pub fn parse_query(msg: &[u8]) -> Option<Query> {
     let tail = msg.get(i..i + 4)?;
     let qtype = u16::from_be_bytes([tail[0], tail[1]]);
     let qclass = u16::from_be_bytes([tail[2], tail[3]]);
-    Some(Query { id, rd: flags & 0x0100 != 0, name: labels.join("."), qtype, qclass, question: msg[12..i + 4].to_vec() })
+    Some(Query {
+        id,
+        rd: flags & 0x0100 != 0,
+        name: labels.join("."),
+        qtype,
+        qclass,
+        question: msg[12..i + 4].to_vec(),
+    })
 }
 
 /// The answer to `q`: `rcode`, and for `NoError` the A records `addrs`.

@@ -75,7 +75,10 @@ mod tests {
     use super::*;
 
     fn macs() -> Macs {
-        Macs { ours: EthernetAddress([0x52, 0x55, 10, 0, 2, 2]), guest: EthernetAddress([0x52, 0x54, 0, 0x12, 0x34, 0x56]) }
+        Macs {
+            ours: EthernetAddress([0x52, 0x55, 10, 0, 2, 2]),
+            guest: EthernetAddress([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+        }
     }
 
     #[test]

@@ -107,7 +107,8 @@ pub fn process_log(dir: &Path) -> PathBuf {
 pub fn write_config(dir: &Path, cfg: &NetConfig) -> Result<(), NetError> {
     let path = config_path(dir);
     let tmp = path.with_extension("json.tmp");
-    let body = serde_json::to_vec_pretty(cfg).map_err(|e| NetError::Io { what: "encode net.json".into(), source: e.into() })?;
+    let body = serde_json::to_vec_pretty(cfg)
+        .map_err(|e| NetError::Io { what: "encode net.json".into(), source: e.into() })?;
     std::fs::write(&tmp, body).map_err(io(format!("write {}", tmp.display())))?;
     std::fs::rename(&tmp, &path).map_err(io(format!("rename {}", path.display())))
 }
@@ -115,7 +116,8 @@ pub fn write_config(dir: &Path, cfg: &NetConfig) -> Result<(), NetError> {
 pub fn read_config(dir: &Path) -> Result<NetConfig, NetError> {
     let path = config_path(dir);
     let body = std::fs::read(&path).map_err(io(format!("read {}", path.display())))?;
-    serde_json::from_slice(&body).map_err(|e| NetError::Io { what: format!("parse {}", path.display()), source: e.into() })
+    serde_json::from_slice(&body)
+        .map_err(|e| NetError::Io { what: format!("parse {}", path.display()), source: e.into() })
 }
 
 /// The first line the network process prints: where it listens, or why it could not start.
@@ -140,13 +142,16 @@ pub struct Started {
 }
 
 /// Makes `fd` the child's descriptor `target` (without close-on-exec) and starts a new
-/// session, between fork and exec.
+/// session, between fork and exec. A negative `fd` only starts the session.
 pub(crate) fn inherit_fd(cmd: &mut std::process::Command, fd: RawFd, target: RawFd) {
     use std::os::unix::process::CommandExt;
     // SAFETY: only async-signal-safe calls (setsid, dup2, fcntl) run between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             libc::setsid();
+            if fd < 0 {
+                return Ok(());
+            }
             if fd == target {
                 let flags = libc::fcntl(fd, libc::F_GETFD);
                 if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {

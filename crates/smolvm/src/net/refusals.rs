@@ -98,11 +98,8 @@ impl RefusalLog {
             Ok(l) => l,
             Err(e) => return tracing::warn!("encode a refusal: {e}"),
         };
-        let res = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .and_then(|mut f| writeln!(f, "{line}"));
+        let res =
+            std::fs::OpenOptions::new().create(true).append(true).open(&path).and_then(|mut f| writeln!(f, "{line}"));
         if let Err(e) = res {
             tracing::warn!("write {}: {e}", path.display());
         }
@@ -146,7 +143,13 @@ mod tests {
     use super::*;
 
     fn refusal(i: u64) -> Refusal {
-        Refusal { time: i as i64, proto: "tcp".into(), dest: format!("10.0.0.1:{i}"), name: None, rule: "private".into() }
+        Refusal {
+            time: i as i64,
+            proto: "tcp".into(),
+            dest: format!("10.0.0.1:{i}"),
+            name: None,
+            rule: "private".into(),
+        }
     }
 
     #[test]

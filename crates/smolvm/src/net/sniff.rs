@@ -247,7 +247,10 @@ pub(crate) mod tests {
     #[test]
     fn http_host_header() {
         assert_eq!(sniff(b"GET / HTTP/1.1\r\nHost: B.test:8080\r\n\r\n"), Sniffed::Http("b.test".into()));
-        assert_eq!(sniff(b"POST /x HTTP/1.0\r\nUser-Agent: c\r\nhost:a.test\r\n\r\nbody"), Sniffed::Http("a.test".into()));
+        assert_eq!(
+            sniff(b"POST /x HTTP/1.0\r\nUser-Agent: c\r\nhost:a.test\r\n\r\nbody"),
+            Sniffed::Http("a.test".into())
+        );
         assert_eq!(sniff(b"GET / HTTP/1.1\r\nHost: [2001:db8::1]:80\r\n\r\n"), Sniffed::Http("2001:db8::1".into()));
         assert_eq!(sniff(b"GET / HTTP/1.1\r\nHost: a.te"), Sniffed::NeedMore);
         assert_eq!(sniff(b"GE"), Sniffed::NeedMore);

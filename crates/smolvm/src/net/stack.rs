@@ -345,7 +345,8 @@ impl Netd {
         let mut events = Events::with_capacity(256);
         loop {
             let now = SInstant::now();
-            let mut timeout = self.iface.poll_delay(now, &self.sockets).map(|d| Duration::from_micros(d.total_micros()));
+            let mut timeout =
+                self.iface.poll_delay(now, &self.sockets).map(|d| Duration::from_micros(d.total_micros()));
             // Timers of our own: connects, sniffs, UDP flows, the stats file.
             let tick = Duration::from_millis(if self.refusals.pending() { 200 } else { 1000 });
             timeout = Some(timeout.map_or(tick, |t| t.min(tick)));
@@ -560,7 +561,8 @@ impl Netd {
     }
 
     fn listen_for(&mut self, key: FlowKey) {
-        let mut s = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; TCP_BUF]), tcp::SocketBuffer::new(vec![0; TCP_BUF]));
+        let mut s =
+            tcp::Socket::new(tcp::SocketBuffer::new(vec![0; TCP_BUF]), tcp::SocketBuffer::new(vec![0; TCP_BUF]));
         s.set_nagle_enabled(false);
         let ep = IpEndpoint::new((*key.1.ip()).into(), key.1.port());
         if let Err(e) = s.listen(ep) {
@@ -821,7 +823,9 @@ impl Netd {
                 tcp::Socket::new(tcp::SocketBuffer::new(vec![0; TCP_BUF]), tcp::SocketBuffer::new(vec![0; TCP_BUF]));
             s.set_nagle_enabled(false);
             let cx = self.iface.context();
-            if let Err(e) = s.connect(cx, IpEndpoint::new(GUEST.into(), guest_port), IpEndpoint::new(GATEWAY.into(), local.port())) {
+            if let Err(e) =
+                s.connect(cx, IpEndpoint::new(GUEST.into(), guest_port), IpEndpoint::new(GATEWAY.into(), local.port()))
+            {
                 tracing::warn!("connect to the guest's port {guest_port}: {e}");
                 continue;
             }
@@ -931,7 +935,8 @@ impl Netd {
         }
         if let Verdict::Refuse(rule) = self.decider.check_query(&q.name) {
             self.refuse("dns", q.name.clone(), Some(q.name.clone()), rule);
-            let rcode = if self.decider.policy.mode == super::NetworkMode::None { Rcode::Refused } else { Rcode::NxDomain };
+            let rcode =
+                if self.decider.policy.mode == super::NetworkMode::None { Rcode::Refused } else { Rcode::NxDomain };
             return reply(self, rcode, &[]);
         }
         if q.name == HOST_NAME {

@@ -53,18 +53,22 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BootError {
 /// The managed public key, base64 for the kernel command line.
 pub(super) fn public_key_b64(keys: &Path) -> Result<String, BootError> {
     let path = keys.join("id_ed25519.pub");
-    let pubkey = std::fs::read_to_string(&path).map_err(io_err(format!("read the SSH public key {}", path.display())))?;
+    let pubkey =
+        std::fs::read_to_string(&path).map_err(io_err(format!("read the SSH public key {}", path.display())))?;
     Ok(base64::engine::general_purpose::STANDARD.encode(pubkey.trim()))
 }
 
 /// Starts QEMU detached: its own session (a Ctrl-C or a closed terminal does not reach it),
 /// its output in `qemu.log`, the network wire on its descriptor `net::WIRE_FD`.
-fn spawn_qemu(cfg: &QemuConfig, wire: &std::os::fd::OwnedFd) -> Result<std::process::Child, BootError> {
+fn spawn_qemu(cfg: &QemuConfig, wire: Option<&std::os::fd::OwnedFd>) -> Result<std::process::Child, BootError> {
     let spawn_err = |source: std::io::Error| BootError::Spawn { qemu: qemu::qemu_binary(), source };
     let log = std::fs::File::create(qemu::qemu_log(&cfg.dir)).map_err(io_err("create qemu.log"))?;
     let mut cmd = cfg.command();
     cmd.stdout(log.try_clone().map_err(io_err("qemu.log"))?).stderr(log);
-    net::inherit_fd(&mut cmd, wire.as_raw_fd(), net::WIRE_FD);
+    match wire {
+        Some(w) => net::inherit_fd(&mut cmd, w.as_raw_fd(), net::WIRE_FD),
+        None => net::inherit_fd(&mut cmd, -1, -1),
+    }
     tracing::debug!("starting {cmd:?}");
     // Not waited for once booted: QEMU outlives this process (it is re-parented when we exit).
     cmd.spawn().map_err(spawn_err)
@@ -94,8 +98,18 @@ impl Smolvm {
         }
         std::fs::write(&console, b"").map_err(io_err(format!("create {}", console.display())))?;
         let started = Instant::now();
-        net::write_config(&dir, &netcfg)?;
-        let wire = net::spawn(&dir, &crate::agent::proxy_binary(), Duration::from_secs(10))?;
+        let (cfg_netdev, wire, ssh_port) = if self.unrestricted_user_net {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map_err(io_err("find a free port"))?
+                .port();
+            (Netdev::UnrestrictedUser { ssh_port: port }, None, port)
+        } else {
+            net::write_config(&dir, &netcfg)?;
+            let w = net::spawn(&dir, &crate::agent::proxy_binary(), Duration::from_secs(10))?;
+            let port = w.ssh_port;
+            (Netdev::Wire, Some(w), port)
+        };
         let cfg = QemuConfig {
             name: row.name.clone(),
             accel: accel.clone(),
@@ -106,18 +120,20 @@ impl Smolvm {
             base: files.rootfs.clone(),
             upper: dir.join("disk.ext4"),
             layers: files.layers.clone(),
-            netdev: Netdev::Wire,
+            netdev: cfg_netdev,
             dir: dir.clone(),
         };
-        let mut child = match spawn_qemu(&cfg, &wire.qemu_end) {
+        let mut child = match spawn_qemu(&cfg, wire.as_ref().map(|w| &w.qemu_end)) {
             Ok(c) => c,
             Err(e) => {
-                let _ = process::signal(wire.pid, libc::SIGKILL);
+                if let Some(w) = &wire {
+                    let _ = process::signal(w.pid, libc::SIGKILL);
+                }
                 return Err(e);
             }
         };
         // Our copy of QEMU's end: closed, so that the network process sees QEMU's exit.
-        drop(wire.qemu_end);
+        drop(wire);
         let pid = child.id() as i32;
         let pid_start = process::start_time(pid);
         let mut fail = |cause: WaitError| {
@@ -138,13 +154,13 @@ impl Smolvm {
             return Err(BootError::Agent(e));
         }
         let elapsed = started.elapsed();
-        super::ssh::write_known_hosts(&dir.join("known_hosts"), wire.ssh_port, &ready.host_key)
+        super::ssh::write_known_hosts(&dir.join("known_hosts"), ssh_port, &ready.host_key)
             .map_err(io_err("write known_hosts"))?;
         tracing::debug!("{} ready in {elapsed:?}: {:?}", row.name, ready.boot_us);
         row.state = SandboxState::Running;
         row.pid = Some(pid);
         row.pid_start = pid_start;
-        row.ssh_port = Some(wire.ssh_port);
+        row.ssh_port = Some(ssh_port);
         row.host_key = Some(ready.host_key.clone());
         row.boot_json = serde_json::to_string(&ready.boot_us).ok();
         row.ready_ms = Some(elapsed.as_millis() as u64);

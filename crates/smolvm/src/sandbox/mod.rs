@@ -10,8 +10,8 @@ mod boot;
 mod create;
 pub mod disk;
 mod lifecycle;
-mod network;
 pub mod names;
+mod network;
 pub mod presets;
 pub mod ssh;
 
@@ -110,6 +110,8 @@ pub struct Smolvm {
     images: ImageCache,
     /// A hosts file for sandboxes' resolvers (tests that build their own "internet").
     resolver_hosts: Option<PathBuf>,
+    /// Boot with QEMU's unrestricted user-mode network instead (the benchmark's baseline).
+    unrestricted_user_net: bool,
 }
 
 impl Smolvm {
@@ -121,7 +123,17 @@ impl Smolvm {
     pub fn open_at(home: Home) -> Result<Smolvm, StateError> {
         let db = Db::open(&home.database())?;
         let images = ImageCache::new(home.images());
-        Ok(Smolvm { home, db, images, resolver_hosts: None })
+        Ok(Smolvm { home, db, images, resolver_hosts: None, unrestricted_user_net: false })
+    }
+
+    /// Boots sandboxes from this handle on QEMU's stock user-mode network, **which reaches the
+    /// host and everything the host reaches**: no policy, no refusals. It exists so that
+    /// smolvm-bench can measure the enforced network against it in the same run; never use it
+    /// for code you do not trust.
+    #[doc(hidden)]
+    pub fn with_unrestricted_network_for_benchmarks(mut self) -> Smolvm {
+        self.unrestricted_user_net = true;
+        self
     }
 
     /// Makes sandboxes booted from now on resolve names from `hosts` (`ADDRESS NAME...`

@@ -70,7 +70,9 @@ struct PolicyColumn(NetworkPolicy);
 
 impl ToSql for PolicyColumn {
     fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
-        serde_json::to_string(&self.0).map(ToSqlOutput::from).map_err(|e| rusqlite::Error::ToSqlConversionFailure(e.into()))
+        serde_json::to_string(&self.0)
+            .map(ToSqlOutput::from)
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(e.into()))
     }
 }
 
@@ -124,9 +126,8 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
         cpus: r.get(4)?,
         disk_mib: r.get(5)?,
         policy: match r.get::<_, Option<String>>(19)? {
-            Some(j) => serde_json::from_str(&j).map_err(|e| {
-                rusqlite::Error::FromSqlConversionFailure(19, rusqlite::types::Type::Text, e.into())
-            })?,
+            Some(j) => serde_json::from_str(&j)
+                .map_err(|e| rusqlite::Error::FromSqlConversionFailure(19, rusqlite::types::Type::Text, e.into()))?,
             None => {
                 let mode: String = r.get(6)?;
                 NetworkPolicy {

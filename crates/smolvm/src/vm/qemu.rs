@@ -131,12 +131,8 @@ pub fn kernel_cmdline(name: &str, accel: &Accel, layers: usize, authorized_key_b
     use smolvm_protocol::cmdline as k;
     // The guest always gets its route and resolver: what it may reach is the network
     // process's decision, made per connection (and recorded when it refuses).
-    let ip = format!(
-        "{}::{}:255.255.255.0:{name}:eth0:off:{}",
-        crate::net::GUEST,
-        crate::net::GATEWAY,
-        crate::net::DNS
-    );
+    let ip =
+        format!("{}::{}:255.255.255.0:{name}:eth0:off:{}", crate::net::GUEST, crate::net::GATEWAY, crate::net::DNS);
     let mut s = format!(
         "console=ttyS0 quiet root=/dev/vda ro rootfstype=ext4 init=/init pci=off panic=-1 \
          {}=/dev/vdb {}={ip} {}={name} {}={authorized_key_b64}",
