@@ -106,6 +106,19 @@ fn two_presets_share_one_base_download() {
     }
     let images = json(&ok(cmd().args(["image", "list", "--json"])));
     assert_eq!(images.as_array().unwrap().len(), 4, "kernel, base and two layers: {images}");
+
+    // Prune keeps what sandboxes use, layers included: a stopped preset sandbox starts again.
+    ok(cmd().args(["stop", "a"]));
+    let pruned = json(&ok(cmd().args(["image", "prune", "--json"])));
+    assert_eq!(pruned["removed"].as_array().unwrap().len(), 0, "{pruned}");
+    ok(cmd().args(["start", "a"]));
+    ok(cmd().args(["exec", "a", "--", "sh", "-c", "command -v codex"]));
+    // Once no sandbox uses a layer, prune removes it (and only it).
+    ok(cmd().args(["delete", "--force", "b"]));
+    let pruned = json(&ok(cmd().args(["image", "prune", "--json"])));
+    assert_eq!(pruned["removed"].as_array().unwrap().len(), 1, "pi's layer: {pruned}");
+    let images = json(&ok(cmd().args(["image", "list", "--json"])));
+    assert_eq!(images.as_array().unwrap().len(), 3, "kernel, base and codex's layer: {images}");
 }
 
 fn json(s: &str) -> serde_json::Value {

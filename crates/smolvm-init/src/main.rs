@@ -66,13 +66,13 @@ fn main() {
     match host_key {
         Ok(host_key) => {
             let ready = Ready { v: READY_VERSION, host_key, boot_us: phases };
-            let _ = agent::READY.set(ready.clone());
+            agent::set_ready(ready.clone());
             log::console_line(&ready.to_line());
         }
         Err(e) => {
             log::error!("SSH is not available: {e}; no readiness line will be printed");
             // The agent still serves the host (it can read the console and files).
-            let _ = agent::READY.set(Ready { v: READY_VERSION, host_key: String::new(), boot_us: phases });
+            agent::set_ready(Ready { v: READY_VERSION, host_key: String::new(), boot_us: phases });
         }
     }
 

@@ -18,24 +18,44 @@
 //! payloads go through `serde_bytes`: a length and the raw bytes, no per-byte overhead.
 //!
 //! # Sessions and versions
-//! A connection starts with the host's [`HostMsg::Hello`]; the guest answers
-//! [`GuestMsg::Hello`] with its version and its [`crate::ready::Ready`] facts. Both sides
-//! speak `min(host, guest)`. When the host side disconnects, the guest ends the session:
-//! processes it started are killed, unfinished file writes discarded.
+//! A connection starts with the host's [`HostMsg::Hello`] carrying the host's version; the
+//! guest answers with the version both speak, `min(host, guest)`, and its readiness facts
+//! ([`GuestMsg::hello`] picks the answer's form for that version). Each side then sends only
+//! messages whose [`HostMsg::since`] / [`GuestMsg::since`] is at most the negotiated version:
+//! the host checks before sending and reports "the guest is too old" instead of sending. When
+//! the host side disconnects, the guest ends the session: processes it started are killed,
+//! unfinished file writes removed.
+//!
+//! `start` boots the rootfs a sandbox was created with, so an old guest with a new host is the
+//! normal case, and the rules below are what keeps it working. They are written down, with the
+//! history of each version, in `crates/smolvm-protocol/VERSIONING.md`; the frozen fixtures in
+//! `tests/fixtures/v<N>.txt` pin every message's bytes per version.
 //!
 //! # Compatible changes
 //! postcard encodes enum variants by index and struct fields by position. So: new message
-//! kinds are appended at the end of an enum (old peers answer [`GuestMsg::Error`] to an
-//! unknown one); fields are never removed, reordered or retyped; a new field needs a new
-//! message kind or a version bump. The snapshot tests pin every encoding: a change that fails
-//! them is a breaking change.
+//! kinds are appended at the end of an enum, with `since` = the new version; fields are never
+//! removed, reordered or retyped (a struct that must grow travels as JSON, like the readiness
+//! facts in [`GuestMsg::HelloV2`]). Every message that belongs to a request has `id: u32` as its
+//! first field, so that a peer that cannot decode a frame can still answer that request with
+//! an error ([`frame_id`]) and keep the session for everything else.
 
 use serde::{Deserialize, Serialize};
 
-use crate::ready::Ready;
+use crate::ready::{BootPhases, Ready};
 
-/// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The readiness facts as version 1 of the protocol carries them, inside the postcard Hello:
+/// frozen, field for field (postcard fields are positional). Newer facts travel as JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadyV1 {
+    pub v: u32,
+    pub host_key: String,
+    pub boot_us: BootPhases,
+}
+
+/// The protocol version this crate speaks (the newest).
+pub const PROTOCOL_VERSION: u32 = 2;
+/// The oldest version this crate still speaks.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
 /// The virtio-serial port's name (`/sys/class/virtio-ports/*/name` in the guest).
 pub const AGENT_PORT_NAME: &str = "smolvm.agent";
 /// The vsock port of the agent, where the transport is vsock.
@@ -142,6 +162,10 @@ pub enum HostMsg {
     },
     /// Power off cleanly (as SIGTERM to init).
     Shutdown,
+    /// v2: answered with [`GuestMsg::Done`] (an agent that answers is an agent that works).
+    Ping {
+        id: u32,
+    },
 }
 
 /// How a process ended.
@@ -165,9 +189,10 @@ pub struct FileStat {
 /// Guest to host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GuestMsg {
+    /// The answer to Hello in version 1.
     Hello {
         version: u32,
-        ready: Ready,
+        ready: ReadyV1,
     },
     Stdout {
         id: u32,
@@ -210,13 +235,48 @@ pub enum GuestMsg {
         id: u32,
         message: String,
     },
+    /// v2: the answer to Hello, the readiness facts as their JSON object (so that they can grow
+    /// without a protocol version).
+    HelloV2 {
+        version: u32,
+        ready_json: String,
+    },
 }
 
 impl HostMsg {
+    /// The protocol version that introduced this message: a peer that negotiated less does
+    /// not know it.
+    pub fn since(&self) -> u32 {
+        match self {
+            HostMsg::Ping { .. } => 2,
+            _ => 1,
+        }
+    }
+
+    /// The message's kind, for errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            HostMsg::Hello { .. } => "Hello",
+            HostMsg::Exec { .. } => "Exec",
+            HostMsg::Stdin { .. } => "Stdin",
+            HostMsg::StdinClose { .. } => "StdinClose",
+            HostMsg::Signal { .. } => "Signal",
+            HostMsg::WriteFile { .. } => "WriteFile",
+            HostMsg::FileData { .. } => "FileData",
+            HostMsg::FileEnd { .. } => "FileEnd",
+            HostMsg::ReadFile { .. } => "ReadFile",
+            HostMsg::Stat { .. } => "Stat",
+            HostMsg::SetEnv { .. } => "SetEnv",
+            HostMsg::Shutdown => "Shutdown",
+            HostMsg::Ping { .. } => "Ping",
+        }
+    }
+
     /// The request id this message refers to (`None` for Hello and Shutdown).
     pub fn id_mut(&mut self) -> Option<&mut u32> {
         match self {
             HostMsg::Hello { .. } | HostMsg::Shutdown => None,
+            HostMsg::Ping { id } => Some(id),
             HostMsg::Exec { id, .. }
             | HostMsg::Stdin { id, .. }
             | HostMsg::StdinClose { id }
@@ -239,15 +299,45 @@ impl HostMsg {
                 | HostMsg::ReadFile { .. }
                 | HostMsg::Stat { .. }
                 | HostMsg::SetEnv { .. }
+                | HostMsg::Ping { .. }
         )
     }
 }
 
 impl GuestMsg {
+    /// The protocol version that introduced this message.
+    pub fn since(&self) -> u32 {
+        match self {
+            GuestMsg::HelloV2 { .. } => 2,
+            _ => 1,
+        }
+    }
+
+    /// The answer to a Hello, in the form of the negotiated `version`.
+    pub fn hello(version: u32, ready: &Ready) -> GuestMsg {
+        if version >= 2 {
+            GuestMsg::HelloV2 { version, ready_json: serde_json::to_string(ready).expect("plain strings and integers") }
+        } else {
+            let r = ReadyV1 { v: ready.v, host_key: ready.host_key.clone(), boot_us: ready.boot_us };
+            GuestMsg::Hello { version, ready: r }
+        }
+    }
+
+    /// The version and readiness facts of a Hello answer, in either form.
+    pub fn as_hello(&self) -> Option<Result<(u32, Ready), serde_json::Error>> {
+        match self {
+            GuestMsg::Hello { version, ready } => {
+                Some(Ok((*version, Ready { v: ready.v, host_key: ready.host_key.clone(), boot_us: ready.boot_us })))
+            }
+            GuestMsg::HelloV2 { version, ready_json } => Some(serde_json::from_str(ready_json).map(|r| (*version, r))),
+            _ => None,
+        }
+    }
+
     /// The request id this message answers (`None` for Hello).
     pub fn id_mut(&mut self) -> Option<&mut u32> {
         match self {
-            GuestMsg::Hello { .. } => None,
+            GuestMsg::Hello { .. } | GuestMsg::HelloV2 { .. } => None,
             GuestMsg::Stdout { id, .. }
             | GuestMsg::Stderr { id, .. }
             | GuestMsg::Exit { id, .. }
@@ -295,16 +385,16 @@ impl std::error::Error for FrameError {}
 
 /// Encodes one message as a frame (length prefix included).
 pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
-    // Serializing our own message types into a Vec cannot fail.
-    let payload = postcard::to_stdvec(msg).unwrap_or_default();
+    let payload = postcard::to_stdvec(msg).expect("our message types always serialize into a Vec");
     let mut frame = Vec::with_capacity(4 + payload.len());
     frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
     frame.extend_from_slice(&payload);
     frame
 }
 
-/// Reads one frame and decodes it. `Ok(None)` on a clean end of stream before a frame.
-pub fn read_frame<T: for<'de> Deserialize<'de>>(r: &mut impl std::io::Read) -> Result<Option<T>, FrameError> {
+/// Reads one frame's payload, undecoded. `Ok(None)` on a clean end of stream before a frame.
+/// After an error other than [`FrameError::Decode`] the stream is out of step: drop it.
+pub fn read_payload(r: &mut impl std::io::Read) -> Result<Option<Vec<u8>>, FrameError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len) {
         Ok(()) => {}
@@ -317,81 +407,59 @@ pub fn read_frame<T: for<'de> Deserialize<'de>>(r: &mut impl std::io::Read) -> R
     }
     let mut buf = vec![0u8; len];
     r.read_exact(&mut buf).map_err(FrameError::Io)?;
-    postcard::from_bytes(&buf).map(Some).map_err(FrameError::Decode)
+    Ok(Some(buf))
+}
+
+/// Decodes a payload read by [`read_payload`].
+pub fn decode<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, FrameError> {
+    postcard::from_bytes(payload).map_err(FrameError::Decode)
+}
+
+/// Reads one frame and decodes it. `Ok(None)` on a clean end of stream before a frame.
+pub fn read_frame<T: for<'de> Deserialize<'de>>(r: &mut impl std::io::Read) -> Result<Option<T>, FrameError> {
+    read_payload(r)?.map(|p| decode(&p)).transpose()
+}
+
+fn varint(b: &[u8]) -> Option<(u32, &[u8])> {
+    let mut v: u32 = 0;
+    for (i, byte) in b.iter().enumerate().take(5) {
+        v |= u32::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((v, &b[i + 1..]));
+        }
+    }
+    None
+}
+
+/// The kind (variant index) and request id of a payload that may not decode (a message kind
+/// newer than this side): every request message starts with its `id` (see module docs).
+pub fn frame_id(payload: &[u8]) -> Option<(u32, u32)> {
+    let (kind, rest) = varint(payload)?;
+    let (id, _) = varint(rest)?;
+    Some((kind, id))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ready::{BootPhases, READY_VERSION};
 
-    fn hex(b: &[u8]) -> String {
-        b.iter().map(|x| format!("{x:02x}")).collect()
-    }
-
-    /// Each message kind, with its exact frame. If one of these changes, the wire format
-    /// changed: that breaks deployed guests unless the version is bumped (see module docs).
     #[test]
-    fn host_messages_are_pinned() {
-        let exec = ExecRequest {
-            command: Command::Argv(vec!["ls".into(), "-l".into()]),
-            env: vec![("A".into(), "1".into())],
-            cwd: Some("/".into()),
-            stdin: true,
-            timeout_ms: Some(1000),
-            pty: Some(PtySize { rows: 24, cols: 80 }),
-        };
-        let cases: Vec<(HostMsg, &str)> = vec![
-            (HostMsg::Hello { version: 1 }, "000000020001"),
-            (HostMsg::Exec { id: 7, request: exec }, "0000001901070002026c73022d6c010141013101012f0101e807011850"),
-            (HostMsg::Stdin { id: 7, data: b"hi".to_vec() }, "000000050207026869"),
-            (HostMsg::StdinClose { id: 7 }, "000000020307"),
-            (HostMsg::Signal { id: 7, signal: 2 }, "00000003040704"),
-            (
-                HostMsg::WriteFile { id: 1, file: WriteFile { path: "/f".into(), mode: 0o644, uid: 0, gid: 0 } },
-                "000000090501022f66a4030000",
-            ),
-            (HostMsg::FileData { id: 1, data: vec![0, 255] }, "0000000506010200ff"),
-            (HostMsg::FileEnd { id: 1 }, "000000020701"),
-            (HostMsg::ReadFile { id: 2, path: "/f".into() }, "000000050802022f66"),
-            (HostMsg::Stat { id: 3, path: "/".into() }, "000000040903012f"),
-            (HostMsg::SetEnv { id: 4, vars: vec![("K".into(), "v".into())] }, "000000070a0401014b0176"),
-            (HostMsg::Shutdown, "000000010b"),
-        ];
-        for (msg, want) in cases {
-            let frame = encode(&msg);
-            assert_eq!(hex(&frame), want, "{msg:?}");
-            let back: HostMsg = read_frame(&mut frame.as_slice()).unwrap().unwrap();
-            assert_eq!(back, msg);
-        }
+    fn an_unknown_message_kind_still_names_its_request() {
+        // Variant 200 (a kind from the future), id 300, then fields this side cannot read.
+        let payload = [0xc8, 0x01, 0xac, 0x02, 0xff, 0xff];
+        assert!(decode::<HostMsg>(&payload).is_err());
+        assert_eq!(frame_id(&payload), Some((200, 300)));
+        assert_eq!(frame_id(&[0x80]), None);
     }
 
     #[test]
-    fn guest_messages_are_pinned() {
-        let ready = Ready {
-            v: READY_VERSION,
-            host_key: "k".into(),
-            boot_us: BootPhases { init: 1, mounts: 2, network: 3, sshd: 4 },
-        };
-        let stat = FileStat { size: 5, mode: 0o100644, uid: 0, gid: 0, mtime: 10, is_dir: false };
-        let cases: Vec<(GuestMsg, &str)> = vec![
-            (GuestMsg::Hello { version: 1, ready }, "00000009000101016b01020304"),
-            (GuestMsg::Stdout { id: 7, data: b"ok".to_vec() }, "000000050107026f6b"),
-            (GuestMsg::Stderr { id: 7, data: vec![] }, "00000003020700"),
-            (GuestMsg::Exit { id: 7, status: ExitStatus::Code(1), timed_out: false }, "000000050307000200"),
-            (GuestMsg::Exit { id: 7, status: ExitStatus::Signal(9), timed_out: true }, "000000050307011201"),
-            (GuestMsg::FileData { id: 1, data: vec![1] }, "0000000404010101"),
-            (GuestMsg::FileEnd { id: 1, stat: stat.clone() }, "0000000a050105a4830200001400"),
-            (GuestMsg::StatResult { id: 3, stat: None }, "00000003060300"),
-            (GuestMsg::StatResult { id: 3, stat: Some(stat) }, "0000000b06030105a4830200001400"),
-            (GuestMsg::Done { id: 4 }, "000000020704"),
-            (GuestMsg::Error { id: 4, message: "no".into() }, "000000050804026e6f"),
-        ];
-        for (msg, want) in cases {
-            let frame = encode(&msg);
-            assert_eq!(hex(&frame), want, "{msg:?}");
-            let back: GuestMsg = read_frame(&mut frame.as_slice()).unwrap().unwrap();
-            assert_eq!(back, msg);
+    fn hello_takes_the_form_of_the_negotiated_version() {
+        let ready =
+            Ready { v: 1, host_key: "k".into(), boot_us: BootPhases { init: 1, mounts: 2, network: 3, sshd: 4 } };
+        for v in [1, 2] {
+            let m = GuestMsg::hello(v, &ready);
+            assert_eq!(m.since(), v, "{m:?}");
+            assert_eq!(m.as_hello().unwrap().unwrap(), (v, ready.clone()));
         }
     }
 

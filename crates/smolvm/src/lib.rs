@@ -10,6 +10,7 @@
 //! - [`digest`], [`lock`], [`timefmt`]: small shared utilities.
 
 pub mod agent;
+pub mod child;
 pub mod digest;
 pub mod images;
 pub mod lock;

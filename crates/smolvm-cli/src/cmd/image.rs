@@ -79,21 +79,11 @@ pub fn run(cmd: ImageCommand, json: bool) -> anyhow::Result<()> {
             Ok(())
         }
         ImageCommand::Prune => {
-            let sm = super::sandbox::open()?;
-            let keep = sm.db().images_in_use()?;
-            let mut freed = sm.images().remove_partials();
-            let mut removed = Vec::new();
-            for i in sm.images().list() {
-                if !keep.contains(&i.sha256) {
-                    sm.images().remove(&i.sha256)?;
-                    freed += i.allocated;
-                    removed.push(i.sha256);
-                }
-            }
+            let r = super::sandbox::open()?.prune_images()?;
             if json {
-                return print_json(&json!({ "removed": removed, "bytes_freed": freed }));
+                return print_json(&json!({ "removed": r.removed, "bytes_freed": r.bytes_freed }));
             }
-            say(format!("removed {} image(s), freed {freed} bytes", removed.len()));
+            say(format!("removed {} image(s), freed {} bytes", r.removed.len(), r.bytes_freed));
             Ok(())
         }
         ImageCommand::Import { release_dir } => {

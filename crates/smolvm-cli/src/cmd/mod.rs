@@ -32,7 +32,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Hermes(PresetCommand::Start(a)) => sandbox::preset_start("hermes", a, json),
         Command::Pi(PresetCommand::Start(a)) => sandbox::preset_start("pi", a, json),
         Command::Preset(PresetListCommand::List) => sandbox::preset_list(json),
-        Command::AgentProxy { dir } => smolvm::agent::proxy::run(&dir).map(|()| 0).map_err(Into::into),
+        Command::AgentProxy { dir } => smolvm::agent::proxy_main(&dir).map(|()| 0).map_err(Into::into),
         Command::Netd { dir } => smolvm::net::run(&dir).map(|()| 0).map_err(Into::into),
     }
 }

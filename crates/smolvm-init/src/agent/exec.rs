@@ -123,6 +123,8 @@ pub fn start(s: &mut Session, id: u32, req: ExecRequest) {
         };
         let deadline = Instant::now() + DRAIN_AFTER_EXIT;
         for p in pumps {
+            // A pump ends at EOF of its pipe, which a grandchild holding the pipe may delay
+            // for ever: wait for it, but only until the deadline (JoinHandle has no timed join).
             while !p.is_finished() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(2));
             }

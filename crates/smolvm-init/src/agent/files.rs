@@ -36,6 +36,13 @@ pub fn write_start(s: &mut Session, id: u32, meta: WriteFile) {
     }
 }
 
+/// Removes the temporary files of writes the host never finished (it disconnected).
+pub fn discard_all(s: &mut Session) {
+    for (_, w) in s.writes.drain() {
+        let _ = fs::remove_file(&w.tmp);
+    }
+}
+
 pub fn write_data(s: &mut Session, id: u32, data: &[u8]) {
     let Some(w) = s.writes.get_mut(&id) else { return };
     if let Err(e) = w.file.write_all(data) {

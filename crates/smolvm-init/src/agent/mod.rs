@@ -13,16 +13,36 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use smolvm_protocol::agent::{read_frame, GuestMsg, HostMsg, AGENT_PORT_NAME, PROTOCOL_VERSION};
+use smolvm_protocol::agent::{decode, frame_id, read_payload, GuestMsg, HostMsg, AGENT_PORT_NAME, PROTOCOL_VERSION};
 use smolvm_protocol::ready::Ready;
 
 use crate::log;
 
-/// Set by `main` once the guest is ready; the agent's Hello carries it.
-pub static READY: OnceLock<Ready> = OnceLock::new();
+/// Set by `main` once the guest is ready ([`set_ready`]); the agent's Hello carries it.
+static READY: (Mutex<Option<Ready>>, Condvar) = (Mutex::new(None), Condvar::new());
+
+/// Records the readiness facts (once) and wakes any Hello waiting for them.
+pub fn set_ready(r: Ready) {
+    let mut g = READY.0.lock().unwrap_or_else(|p| p.into_inner());
+    if g.is_none() {
+        *g = Some(r);
+        READY.1.notify_all();
+    }
+}
+
+/// Waits for [`set_ready`].
+fn wait_ready() -> Ready {
+    let mut g = READY.0.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        if let Some(r) = g.as_ref() {
+            return r.clone();
+        }
+        g = READY.1.wait(g).unwrap_or_else(|p| p.into_inner());
+    }
+}
 
 /// Sends frames to the host; shared by every thread of a session.
 #[derive(Clone)]
@@ -71,14 +91,17 @@ pub fn start() {
 }
 
 fn serve(port: PathBuf) {
+    // The port stays open across host connections: while it is open, what the host sends
+    // before we read again is queued by the kernel; a closed port would drop it (the first
+    // Hello after a reconnect was lost that way).
+    let file = match std::fs::OpenOptions::new().read(true).write(true).open(&port) {
+        Ok(f) => f,
+        Err(e) => {
+            log::error!("open {}: {e}; agent stopped", port.display());
+            return;
+        }
+    };
     loop {
-        let file = match std::fs::OpenOptions::new().read(true).write(true).open(&port) {
-            Ok(f) => f,
-            Err(e) => {
-                log::error!("open {}: {e}; agent stopped", port.display());
-                return;
-            }
-        };
         let writer = match file.try_clone() {
             Ok(w) => Writer(Arc::new(Mutex::new(w))),
             Err(e) => {
@@ -87,13 +110,16 @@ fn serve(port: PathBuf) {
             }
         };
         let mut session = Session { out: writer, procs: Arc::default(), writes: HashMap::new(), env: Vec::new() };
-        let mut reader = file;
+        let mut reader = &file;
         let mut got_any = false;
         loop {
-            match read_frame::<HostMsg>(&mut reader) {
-                Ok(Some(msg)) => {
+            match read_payload(&mut reader) {
+                Ok(Some(payload)) => {
                     got_any = true;
-                    handle(&mut session, msg);
+                    match decode::<HostMsg>(&payload) {
+                        Ok(msg) => handle(&mut session, msg),
+                        Err(e) => unknown(&session, &payload, &e),
+                    }
                 }
                 // End of stream: the host is not (or no longer) connected.
                 Ok(None) => break,
@@ -104,11 +130,25 @@ fn serve(port: PathBuf) {
             }
         }
         exec::kill_all(&session.procs);
+        files::discard_all(&mut session);
         if got_any {
             log::info!("agent: host disconnected");
         }
-        // While no host is connected, reads return end-of-stream at once; check again soon.
-        std::thread::sleep(Duration::from_millis(50));
+        // virtio-serial has no event for "a host connected": poll() reports EPOLLHUP while no
+        // host is there, so there is nothing to wait on. Read again shortly (the port stays
+        // open, so nothing sent meanwhile is lost).
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A frame this guest cannot decode (a newer host's message): an error for its request
+/// only, and the session goes on.
+fn unknown(s: &Session, payload: &[u8], e: &smolvm_protocol::agent::FrameError) {
+    match frame_id(payload) {
+        Some((kind, id)) => s
+            .out
+            .error(id, format!("this guest (agent protocol v{PROTOCOL_VERSION}) cannot read message kind {kind}: {e}")),
+        None => log::error!("agent: an undecodable frame without a request id: {e}"),
     }
 }
 
@@ -117,13 +157,8 @@ fn handle(s: &mut Session, msg: HostMsg) {
         HostMsg::Hello { version } => {
             // Hello waits for readiness: a host that connects during boot learns the guest is
             // ready from this answer.
-            let ready = loop {
-                if let Some(r) = READY.get() {
-                    break r.clone();
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            };
-            s.out.send(&GuestMsg::Hello { version: version.min(PROTOCOL_VERSION), ready });
+            let ready = wait_ready();
+            s.out.send(&GuestMsg::hello(version.min(PROTOCOL_VERSION), &ready));
         }
         HostMsg::Exec { id, request } => exec::start(s, id, request),
         HostMsg::Stdin { id, data } => exec::stdin(s, id, Some(data)),
@@ -145,6 +180,9 @@ fn handle(s: &mut Session, msg: HostMsg) {
                     s.out.send(&GuestMsg::Error { id, message: format!("write /etc/profile.d/smolvm-env.sh: {e}") })
                 }
             };
+        }
+        HostMsg::Ping { id } => {
+            s.out.send(&GuestMsg::Done { id });
         }
         HostMsg::Shutdown => {
             // SAFETY: kill(2) on our own pid; the supervisor turns SIGTERM into a power-off.

@@ -23,6 +23,8 @@ pub enum AgentError {
     Lost { sandbox: String, reason: String },
     #[error("sandbox {sandbox}: {message}")]
     Guest { sandbox: String, message: String },
+    #[error("sandbox {sandbox}: its guest speaks agent protocol v{guest}, and {message} needs v{needs}; recreate the sandbox from a newer release to use it")]
+    Unsupported { sandbox: String, message: &'static str, needs: u32, guest: u32 },
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -52,12 +54,19 @@ impl AgentClient {
         let mut stream = UnixStream::connect(socket).map_err(connect_err)?;
         stream.write_all(&encode(&HostMsg::Hello { version: PROTOCOL_VERSION })).map_err(connect_err)?;
         stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(connect_err)?;
-        let (version, ready) = match read_frame::<GuestMsg>(&mut stream) {
-            Ok(Some(GuestMsg::Hello { version, ready })) => (version, ready),
-            other => {
+        let reply = read_frame::<GuestMsg>(&mut stream);
+        let (version, ready) = match reply.as_ref().ok().and_then(|m| m.as_ref()).and_then(GuestMsg::as_hello) {
+            Some(Ok((v, ready))) => (v.min(PROTOCOL_VERSION), ready),
+            Some(Err(e)) => {
                 return Err(AgentError::Lost {
                     sandbox: sandbox.into(),
-                    reason: format!("no Hello from the agent ({other:?})"),
+                    reason: format!("the agent's Hello has unreadable readiness facts: {e}"),
+                })
+            }
+            None => {
+                return Err(AgentError::Lost {
+                    sandbox: sandbox.into(),
+                    reason: format!("no Hello from the agent ({reply:?})"),
                 })
             }
         };
@@ -94,7 +103,16 @@ impl AgentClient {
         AgentError::Lost { sandbox: self.sandbox.clone(), reason: reason.into() }
     }
 
+    /// Sends `msg` if the guest knows it (its protocol version is checked first).
     fn send(&self, msg: &HostMsg) -> Result<(), AgentError> {
+        if msg.since() > self.version {
+            return Err(AgentError::Unsupported {
+                sandbox: self.sandbox.clone(),
+                message: msg.kind(),
+                needs: msg.since(),
+                guest: self.version,
+            });
+        }
         lock(&self.out).write_all(&encode(msg)).map_err(|e| self.lost(e.to_string()))
     }
 
@@ -103,8 +121,22 @@ impl AgentClient {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel();
         lock(&self.waiters).insert(id, tx);
-        self.send(&make(id))?;
+        if let Err(e) = self.send(&make(id)) {
+            lock(&self.waiters).remove(&id);
+            return Err(e);
+        }
         Ok((id, rx))
+    }
+
+    /// A round trip to the guest agent (v2): it answers, so commands can run.
+    pub fn ping(&self) -> Result<(), AgentError> {
+        let (_, rx) = self.open(|id| HostMsg::Ping { id })?;
+        match rx.recv() {
+            Ok(GuestMsg::Done { .. }) => Ok(()),
+            Ok(GuestMsg::Error { message, .. }) => Err(AgentError::Guest { sandbox: self.sandbox.clone(), message }),
+            Ok(other) => Err(self.lost(format!("unexpected answer to Ping: {other:?}"))),
+            Err(_) => Err(self.lost("the connection closed")),
+        }
     }
 
     /// Starts a process; events arrive on the returned handle.

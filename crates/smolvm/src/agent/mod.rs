@@ -40,19 +40,45 @@ pub fn proxy_binary() -> PathBuf {
     PathBuf::from("smolvm")
 }
 
-/// Starts the proxy for the sandbox in `dir`, detached (its own session; output to
-/// `agent-proxy.log`). It exits by itself when the VM does.
+/// Starts the proxy for the sandbox in `dir`, detached (its own session; its log in
+/// `agent-proxy.log`), and returns once it serves clients (it says so on a pipe). It exits by
+/// itself when the VM does.
 pub fn spawn_proxy(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::process::CommandExt;
     let log = std::fs::File::create(dir.join("agent-proxy.log"))?;
     let mut cmd = std::process::Command::new(proxy_binary());
-    cmd.arg("__agent-proxy").arg(dir).stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
-    // SAFETY: setsid(2) is async-signal-safe, as required between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
+    cmd.arg("__agent-proxy")
+        .arg(dir)
+        .env_clear()
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(log);
+    if let Some(filter) = std::env::var_os("SMOLVM_LOG") {
+        cmd.env("SMOLVM_LOG", filter);
     }
-    cmd.spawn().map(|_| ())
+    crate::child::inherit_fd(&mut cmd, -1, -1);
+    let mut child = cmd.spawn()?;
+    let stdout = child.stdout.take().ok_or_else(|| std::io::Error::other("no stdout"))?;
+    let line = crate::child::read_line_timeout(stdout, std::time::Duration::from_secs(30)).map_err(|e| {
+        let _ = child.kill();
+        let log = std::fs::read_to_string(dir.join("agent-proxy.log")).unwrap_or_default();
+        std::io::Error::new(
+            e.kind(),
+            format!("the agent proxy did not start: {e}\n--- agent-proxy.log ---\n{}", log.trim()),
+        )
+    })?;
+    if line.trim() != "ready" {
+        return Err(std::io::Error::other(format!("the agent proxy said {line:?}")));
+    }
+    Ok(())
+}
+
+/// For `smolvm __agent-proxy DIR`: runs the proxy, printing its ready line on stdout.
+pub fn proxy_main(dir: &Path) -> std::io::Result<()> {
+    proxy::run(dir, || {
+        #[allow(clippy::print_stdout)]
+        {
+            println!("ready");
+        }
+        crate::child::close_stdout();
+    })
 }

@@ -4,11 +4,11 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
-use smolvm_protocol::agent::{encode, read_frame, GuestMsg, HostMsg, PROTOCOL_VERSION};
+use smolvm_protocol::agent::{decode, encode, frame_id, read_frame, read_payload, GuestMsg, HostMsg, PROTOCOL_VERSION};
+use smolvm_protocol::ready::Ready;
 
 /// Where a guest reply goes: a client's writer and the id that client used.
 struct Route {
@@ -26,27 +26,49 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+const HELLO_RESEND: std::time::Duration = std::time::Duration::from_millis(250);
+const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Whether `s` has bytes to read within `t`.
+fn readable_within(s: &UnixStream, t: std::time::Duration) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut p, 1, t.as_millis() as i32) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n > 0)
+}
+
 /// Runs the proxy for the sandbox directory `dir` until the VM's end of the port closes.
-pub fn run(dir: &Path) -> std::io::Result<()> {
-    let vm_path = super::vm_socket(dir);
-    // QEMU creates its socket while starting; give it a moment.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let vm = loop {
-        match UnixStream::connect(&vm_path) {
-            Ok(s) => break s,
-            Err(e) if Instant::now() < deadline => {
-                tracing::debug!("waiting for {}: {e}", vm_path.display());
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => return Err(e),
-        }
-    };
+/// `ready` is called once the client socket is bound (the process prints its ready line).
+pub fn run(dir: &Path, ready: impl FnOnce()) -> std::io::Result<()> {
+    // Started once the guest printed its readiness line, long after QEMU made this socket.
+    let vm = UnixStream::connect(super::vm_socket(dir))?;
     let vm_out = Arc::new(Mutex::new(vm.try_clone()?));
-    lock(&vm_out).write_all(&encode(&HostMsg::Hello { version: PROTOCOL_VERSION }))?;
     let mut vm_in = vm;
-    let hello = match read_frame::<GuestMsg>(&mut vm_in) {
-        Ok(Some(h @ GuestMsg::Hello { .. })) => h,
-        other => return Err(std::io::Error::other(format!("the guest agent did not answer Hello: {other:?}"))),
+    // Guests of protocol v1 close their port between host connections and lose what arrives
+    // meanwhile: a Hello that gets no answer within a moment is sent again (an extra answer is
+    // ignored below: a Hello has no request id).
+    let deadline = std::time::Instant::now() + HELLO_TIMEOUT;
+    loop {
+        lock(&vm_out).write_all(&encode(&HostMsg::Hello { version: PROTOCOL_VERSION }))?;
+        if readable_within(&vm_in, HELLO_RESEND)? {
+            break;
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the guest agent did not answer Hello within {HELLO_TIMEOUT:?}"),
+            ));
+        }
+    }
+    let reply = read_frame::<GuestMsg>(&mut vm_in);
+    let hello = match reply.as_ref().ok().and_then(|m| m.as_ref()).and_then(GuestMsg::as_hello) {
+        Some(Ok(h)) => h,
+        Some(Err(e)) => return Err(std::io::Error::other(format!("the guest agent's Hello is unreadable: {e}"))),
+        None => return Err(std::io::Error::other(format!("the guest agent did not answer Hello: {reply:?}"))),
     };
 
     let sock = super::client_socket(dir);
@@ -54,10 +76,10 @@ pub fn run(dir: &Path) -> std::io::Result<()> {
     let listener = UnixListener::bind(&sock)?;
     let routes = Arc::new(Mutex::new(Routes::default()));
     let next_id = Arc::new(AtomicU32::new(1));
+    let vm_gone = Arc::new(AtomicBool::new(false));
 
     // Guest -> clients.
-    let r = routes.clone();
-    let sock_for_exit = sock.clone();
+    let (r, gone, wake) = (routes.clone(), vm_gone.clone(), sock.clone());
     std::thread::spawn(move || {
         while let Ok(Some(mut msg)) = read_frame::<GuestMsg>(&mut vm_in) {
             let ends = msg.ends_request();
@@ -73,19 +95,24 @@ pub fn run(dir: &Path) -> std::io::Result<()> {
             drop(routes);
             let _ = lock(&out).write_all(&encode(&msg));
         }
-        // The VM is gone: so is the proxy.
-        let _ = std::fs::remove_file(&sock_for_exit);
-        std::process::exit(0);
+        // The VM is gone: so is the proxy. Wake the accept loop so that it sees it.
+        gone.store(true, Ordering::SeqCst);
+        let _ = UnixStream::connect(&wake);
     });
+    ready();
 
     let mut client_no = 0u64;
     for conn in listener.incoming() {
+        if vm_gone.load(Ordering::SeqCst) {
+            break;
+        }
         let Ok(conn) = conn else { continue };
         client_no += 1;
         let (routes, vm_out, next_id, hello) = (routes.clone(), vm_out.clone(), next_id.clone(), hello.clone());
         let client = client_no;
         std::thread::spawn(move || serve_client(client, conn, &routes, &vm_out, &next_id, &hello));
     }
+    let _ = std::fs::remove_file(&sock);
     Ok(())
 }
 
@@ -95,7 +122,7 @@ fn serve_client(
     routes: &Mutex<Routes>,
     vm_out: &Mutex<UnixStream>,
     next_id: &AtomicU32,
-    hello: &GuestMsg,
+    hello: &(u32, Ready),
 ) {
     let Ok(out) = conn.try_clone() else { return };
     let out = Arc::new(Mutex::new(out));
@@ -103,9 +130,22 @@ fn serve_client(
     // This client's ids -> global ids, and which of them are execs (killed if it goes away).
     let mut ids: HashMap<u32, u32> = HashMap::new();
     let mut execs: Vec<u32> = Vec::new();
-    while let Ok(Some(mut msg)) = read_frame::<HostMsg>(&mut input) {
-        if let HostMsg::Hello { .. } = msg {
-            let _ = lock(&out).write_all(&encode(hello));
+    while let Ok(Some(payload)) = read_payload(&mut input) {
+        let mut msg = match decode::<HostMsg>(&payload) {
+            Ok(m) => m,
+            Err(e) => {
+                // A newer client's message: an error for that request; the client stays.
+                if let Some((kind, id)) = frame_id(&payload) {
+                    let message = format!("this sandbox's agent proxy cannot read message kind {kind}: {e}");
+                    let _ = lock(&out).write_all(&encode(&GuestMsg::Error { id, message }));
+                }
+                continue;
+            }
+        };
+        if let HostMsg::Hello { version } = msg {
+            // Each client gets the answer in the form of the version it and the guest share.
+            let (guest, ready) = hello;
+            let _ = lock(&out).write_all(&encode(&GuestMsg::hello(version.min(*guest), ready)));
             continue;
         }
         let opens = msg.opens_request();
@@ -139,4 +179,94 @@ fn serve_client(
         }
     }
     routes.by_global.retain(|_, r| r.client != client);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::{client::ExecRequest, AgentClient, AgentError};
+    use smolvm_protocol::agent::{read_payload, Command, ExitStatus};
+    use smolvm_protocol::ready::BootPhases;
+
+    /// A guest of protocol v1 on the VM socket: answers Hello, exits each Exec with its id as
+    /// the exit code (so that routing mistakes show), and ends when told to.
+    fn old_guest(listener: UnixListener) -> std::thread::JoinHandle<Vec<HostMsg>> {
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut seen = Vec::new();
+            while let Ok(Some(p)) = read_payload(&mut s) {
+                let msg: HostMsg = decode(&p).unwrap();
+                let reply = match &msg {
+                    HostMsg::Hello { version } => {
+                        let ready = Ready { v: 1, host_key: "k".into(), boot_us: BootPhases::default() };
+                        Some(GuestMsg::hello((*version).min(1), &ready))
+                    }
+                    HostMsg::Exec { id, request } if request.command == Command::Argv(vec!["quit".into()]) => {
+                        seen.push(msg.clone());
+                        let _ = id;
+                        break;
+                    }
+                    HostMsg::Exec { id, .. } => {
+                        Some(GuestMsg::Exit { id: *id, status: ExitStatus::Code(*id as i32), timed_out: false })
+                    }
+                    _ => None,
+                };
+                seen.push(msg);
+                if let Some(r) = reply {
+                    s.write_all(&encode(&r)).unwrap();
+                }
+            }
+            seen
+        })
+    }
+
+    fn exec(argv: &str) -> ExecRequest {
+        ExecRequest {
+            command: Command::Argv(vec![argv.into()]),
+            env: vec![],
+            cwd: None,
+            stdin: false,
+            timeout_ms: None,
+            pty: None,
+        }
+    }
+
+    #[test]
+    fn clients_are_multiplexed_onto_an_old_guest_and_the_version_is_enforced() {
+        let dir = tempfile::tempdir().unwrap();
+        let guest = old_guest(UnixListener::bind(super::super::vm_socket(dir.path())).unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let d = dir.path().to_path_buf();
+        let proxy = std::thread::spawn(move || run(&d, move || tx.send(()).unwrap()));
+        rx.recv().unwrap();
+        let sock = super::super::client_socket(dir.path());
+        let a = AgentClient::connect("t", &sock).unwrap();
+        let b = AgentClient::connect("t", &sock).unwrap();
+        assert_eq!(a.version, 1, "the version both speak");
+        // Renumbered ids, routed back to the right client: each exit code is the global id.
+        let (ea, eb) = (a.exec_output(exec("x"), None).unwrap(), b.exec_output(exec("y"), None).unwrap());
+        assert_ne!(ea.code(), eb.code());
+        // A v2 message is refused before it is sent.
+        match a.ping() {
+            Err(AgentError::Unsupported { needs: 2, guest: 1, message: "Ping", .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        // A frame the proxy cannot decode is answered for its request only.
+        let mut raw = UnixStream::connect(&sock).unwrap();
+        raw.write_all(&encode(&HostMsg::Hello { version: 2 })).unwrap();
+        let _hello: GuestMsg = read_frame(&mut raw).unwrap().unwrap();
+        raw.write_all(&[0, 0, 0, 3, 0xc8, 0x01, 0x09]).unwrap(); // kind 200, id 9
+        match read_frame::<GuestMsg>(&mut raw).unwrap().unwrap() {
+            GuestMsg::Error { id: 9, message } => assert!(message.contains("kind 200"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+        let c = a.exec_output(exec("z"), None).unwrap();
+        assert!(c.code() > 0, "the session survived the bad frame");
+        // The guest goes away: the proxy ends (and removes its socket).
+        let _ = a.exec(exec("quit"));
+        let seen = guest.join().unwrap();
+        assert!(!seen.iter().any(|m| matches!(m, HostMsg::Ping { .. })), "Ping never reached the v1 guest");
+        proxy.join().unwrap().unwrap();
+        assert!(!sock.exists());
+    }
 }

@@ -141,30 +141,6 @@ pub struct Started {
     pub qemu_end: OwnedFd,
 }
 
-/// Makes `fd` the child's descriptor `target` (without close-on-exec) and starts a new
-/// session, between fork and exec. A negative `fd` only starts the session.
-pub(crate) fn inherit_fd(cmd: &mut std::process::Command, fd: RawFd, target: RawFd) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: only async-signal-safe calls (setsid, dup2, fcntl) run between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            libc::setsid();
-            if fd < 0 {
-                return Ok(());
-            }
-            if fd == target {
-                let flags = libc::fcntl(fd, libc::F_GETFD);
-                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            } else if libc::dup2(fd, target) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
 /// Starts the network process for the sandbox in `dir` (configured by its `net.json`), with
 /// `program` (the smolvm binary), and waits for its first line.
 pub fn spawn(dir: &Path, program: &Path, timeout: Duration) -> Result<Started, NetError> {
@@ -186,12 +162,12 @@ pub fn spawn(dir: &Path, program: &Path, timeout: Duration) -> Result<Started, N
     if let Some(filter) = std::env::var_os("SMOLVM_LOG") {
         cmd.env("SMOLVM_LOG", filter);
     }
-    inherit_fd(&mut cmd, theirs.as_raw_fd(), WIRE_FD);
+    crate::child::inherit_fd(&mut cmd, theirs.as_raw_fd(), WIRE_FD);
     let mut child = cmd.spawn().map_err(io(format!("start {} __netd", program.display())))?;
     drop(theirs);
     let pid = child.id() as i32;
     let stdout = child.stdout.take().ok_or_else(|| NetError::Start("no stdout".into()))?;
-    let line = read_line_timeout(stdout, timeout).map_err(|e| {
+    let line = crate::child::read_line_timeout(stdout, timeout).map_err(|e| {
         let _ = child.kill();
         let log = std::fs::read_to_string(process_log(dir)).unwrap_or_default();
         NetError::Start(format!("{e}\n--- netd.log ---\n{}", log.trim()))
@@ -204,22 +180,6 @@ pub fn spawn(dir: &Path, program: &Path, timeout: Duration) -> Result<Started, N
         return Err(NetError::Start(e));
     }
     Ok(Started { pid, ssh_port: ready.ssh_port, qemu_end: ours })
-}
-
-/// One line from `r` within `timeout`.
-fn read_line_timeout(r: std::process::ChildStdout, timeout: Duration) -> std::io::Result<String> {
-    let mut p = libc::pollfd { fd: r.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    // SAFETY: one valid pollfd.
-    let n = unsafe { libc::poll(&mut p, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
-    if n == 0 {
-        return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")));
-    }
-    let mut line = String::new();
-    BufReader::new(r.take(64 * 1024)).read_line(&mut line)?;
-    if line.is_empty() {
-        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "it exited without a word"));
-    }
-    Ok(line)
 }
 
 /// A request on the control socket.

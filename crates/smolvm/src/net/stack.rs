@@ -223,15 +223,7 @@ pub fn run(dir: &Path) -> io::Result<()> {
     let forwards: Vec<Forward> = netd.listeners.values().map(|(_, f)| *f).collect();
     let ssh_port = forwards.iter().find(|f| f.guest == 22).map(|f| f.host).unwrap_or(0);
     ready(&ReadyLine { ssh_port, forwards, error: None });
-    // SAFETY: after the ready line nothing writes to stdout; /dev/null replaces the pipe so
-    // that the parent sees EOF.
-    unsafe {
-        let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY);
-        if null >= 0 {
-            libc::dup2(null, 1);
-            libc::close(null);
-        }
-    }
+    crate::child::close_stdout();
     netd.run()
 }
 

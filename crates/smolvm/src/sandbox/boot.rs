@@ -66,8 +66,8 @@ fn spawn_qemu(cfg: &QemuConfig, wire: Option<&std::os::fd::OwnedFd>) -> Result<s
     let mut cmd = cfg.command();
     cmd.stdout(log.try_clone().map_err(io_err("qemu.log"))?).stderr(log);
     match wire {
-        Some(w) => net::inherit_fd(&mut cmd, w.as_raw_fd(), net::WIRE_FD),
-        None => net::inherit_fd(&mut cmd, -1, -1),
+        Some(w) => crate::child::inherit_fd(&mut cmd, w.as_raw_fd(), net::WIRE_FD),
+        None => crate::child::inherit_fd(&mut cmd, -1, -1),
     }
     tracing::debug!("starting {cmd:?}");
     // Not waited for once booted: QEMU outlives this process (it is re-parented when we exit).
@@ -145,11 +145,13 @@ impl Smolvm {
             BootError::NotReady { cause, console: console.display().to_string(), tail }
         };
         let pidfd = process::pidfd(pid).map_err(|e| fail(WaitError::Io(e)))?;
-        crate::agent::spawn_proxy(&dir).map_err(|e| fail(WaitError::Io(e)))?;
         let ready: Ready = wait_for_ready(&console, &pidfd, timeout).map_err(&mut fail)?;
-        // Ready on the console means sshd and the agent are up; the proxy binds its socket a
-        // moment later. Return only when a command can be sent.
-        if let Err(e) = wait_for_agent(&row.name, &dir, timeout) {
+        // Ready on the console means sshd and the agent are up. The proxy returns once it holds
+        // the agent's connection and serves clients; one Hello through it proves the path.
+        let agent = crate::agent::spawn_proxy(&dir).map_err(|e| e.to_string()).and_then(|()| {
+            crate::agent::AgentClient::connect(&row.name, &crate::agent::client_socket(&dir)).map_err(|e| e.to_string())
+        });
+        if let Err(e) = agent {
             let _ = process::signal(pid, libc::SIGKILL);
             return Err(BootError::Agent(e));
         }
@@ -166,20 +168,5 @@ impl Smolvm {
         row.ready_ms = Some(elapsed.as_millis() as u64);
         self.db().update(row)?;
         Ok(())
-    }
-}
-
-/// Connects to the agent proxy (retrying while it starts) and exchanges Hello.
-fn wait_for_agent(name: &str, dir: &Path, timeout: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match crate::agent::AgentClient::connect(name, &crate::agent::client_socket(dir)) {
-            Ok(_) => return Ok(()),
-            Err(e) if Instant::now() >= deadline => {
-                let log = std::fs::read_to_string(dir.join("agent-proxy.log")).unwrap_or_default();
-                return Err(format!("{e}\n--- agent-proxy.log ---\n{}", log.trim()));
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(5)),
-        }
     }
 }

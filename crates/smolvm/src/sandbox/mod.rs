@@ -259,15 +259,9 @@ impl Smolvm {
             Ok(c) => Ok(c),
             Err(first) => {
                 tracing::debug!("agent proxy of {name} not reachable ({first}); starting it");
-                crate::agent::spawn_proxy(&dir)?;
-                let deadline = std::time::Instant::now() + Duration::from_secs(10);
-                loop {
-                    match crate::agent::AgentClient::connect(name, &socket) {
-                        Ok(c) => return Ok(c),
-                        Err(e) if std::time::Instant::now() >= deadline => return Err(e),
-                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                    }
-                }
+                crate::agent::spawn_proxy(&dir)
+                    .map_err(|source| crate::agent::AgentError::Connect { sandbox: name.into(), source })?;
+                crate::agent::AgentClient::connect(name, &socket)
             }
         }
     }
@@ -340,6 +334,33 @@ impl Smolvm {
         c.args(["-q", "-r", "-p", "-P", &row.ssh_port.unwrap_or(22).to_string()]);
         c.arg(from_arg).arg(to_arg);
         Ok(c)
+    }
+}
+
+/// What `prune_images` removed.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PruneReport {
+    /// SHA-256 of each image removed.
+    pub removed: Vec<String>,
+    pub bytes_freed: u64,
+}
+
+impl Smolvm {
+    /// Removes cached images that no sandbox uses (kernels, base rootfs, preset layers) and
+    /// partial downloads.
+    pub fn prune_images(&self) -> Result<PruneReport, SandboxError> {
+        let keep = self.db.images_in_use()?;
+        let mut r = PruneReport { bytes_freed: self.images.remove_partials(), ..PruneReport::default() };
+        for i in self.images.list() {
+            if !keep.contains(&i.sha256) {
+                self.images
+                    .remove(&i.sha256)
+                    .map_err(|source| SandboxError::Io { what: format!("remove image {}", i.sha256), source })?;
+                r.bytes_freed += i.allocated;
+                r.removed.push(i.sha256);
+            }
+        }
+        Ok(r)
     }
 }
 

@@ -222,12 +222,20 @@ impl Db {
         Ok(())
     }
 
-    /// The SHA-256 of every image some sandbox uses (kept by `image prune`).
+    /// The SHA-256 of every image some sandbox uses (kept by `image prune`): kernels, base
+    /// rootfs and preset layers.
     pub fn images_in_use(&self) -> Result<Vec<String>, StateError> {
-        let mut st =
-            self.conn.prepare("SELECT kernel_sha256 FROM sandboxes UNION SELECT rootfs_sha256 FROM sandboxes")?;
-        let rows = st.query_map([], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
-        Ok(rows)
+        let mut st = self.conn.prepare("SELECT kernel_sha256, rootfs_sha256, layer_sha256s FROM sandboxes")?;
+        let mut out = Vec::new();
+        for r in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))? {
+            let (k, b, layers) = r?;
+            out.push(k);
+            out.push(b);
+            out.extend(layers.split(',').filter(|s| !s.is_empty()).map(str::to_string));
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
     }
 
     /// Environment variables set with `smolvm env set`.
@@ -325,7 +333,14 @@ mod tests {
         db.env_set("a", "K", "1").unwrap();
         db.env_set("a", "K", "2").unwrap();
         assert_eq!(db.env("a").unwrap(), vec![("K".to_string(), "2".to_string())]);
-        assert_eq!(db.images_in_use().unwrap().len(), 2);
+        assert_eq!(db.images_in_use().unwrap().len(), 2, "kernel and base");
+        let mut p = sample("p");
+        p.layer_sha256s = vec!["l".repeat(64)];
+        assert!(db.insert(&p).unwrap());
+        let used = db.images_in_use().unwrap();
+        assert_eq!(used.len(), 3, "a preset sandbox's layer is in use too: {used:?}");
+        assert!(used.contains(&"l".repeat(64)));
+        db.delete("p").unwrap();
         db.delete("a").unwrap();
         assert!(db.get("a").unwrap().is_none());
         assert!(db.env("a").unwrap().is_empty(), "env rows go with the sandbox");

@@ -1,0 +1,60 @@
+//! Starting helper processes (the network process, the agent proxy, QEMU): descriptors they
+//! inherit, and the one line each prints when it is ready, read with a deadline. A child that
+//! says "ready" on a pipe needs no polling of its sockets.
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
+
+/// Makes `fd` the child's descriptor `target` (without close-on-exec) and starts a new
+/// session, between fork and exec. A negative `fd` only starts the session.
+pub(crate) fn inherit_fd(cmd: &mut std::process::Command, fd: RawFd, target: RawFd) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only async-signal-safe calls (setsid, dup2, fcntl) run between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setsid();
+            if fd < 0 {
+                return Ok(());
+            }
+            if fd == target {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, target) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// One line from a child's stdout within `timeout`.
+pub(crate) fn read_line_timeout(r: std::process::ChildStdout, timeout: Duration) -> std::io::Result<String> {
+    let mut p = libc::pollfd { fd: r.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut p, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
+    if n == 0 {
+        return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")));
+    }
+    let mut line = String::new();
+    BufReader::new(r.take(64 * 1024)).read_line(&mut line)?;
+    if line.is_empty() {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "it exited without a word"));
+    }
+    Ok(line)
+}
+
+/// For the child itself: after its ready line, stdout becomes /dev/null so that the parent
+/// reading the pipe sees its end.
+pub fn close_stdout() {
+    // SAFETY: open/dup2/close on descriptors this process owns; nothing writes to stdout after.
+    unsafe {
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY);
+        if null >= 0 {
+            libc::dup2(null, 1);
+            libc::close(null);
+        }
+    }
+}
