@@ -21,6 +21,7 @@ use clap::Parser;
 use serde::Serialize;
 use serde_json::json;
 use smolvm::agent::client::{Command as AgentCommand, ExecRequest};
+use smolvm::config::{Config, ImageOverrides};
 use smolvm::paths::Home;
 use smolvm::sandbox::{CreateEvent, CreateOptions, Smolvm};
 use smolvm::vm::accel::{detect, HostFacts};
@@ -94,9 +95,8 @@ fn main() -> anyhow::Result<()> {
     let manifest = release.join("manifest.json");
     anyhow::ensure!(manifest.is_file(), "{} has no manifest.json", release.display());
     let server = Server::start(release.parent().context("release has no parent directory")?.to_path_buf())?;
-    // The library reads its image source from the environment; set it before any thread starts.
-    std::env::set_var("SMOLVM_IMAGES_URL", &server.url);
-    std::env::set_var("SMOLVM_IMAGES_MANIFEST", &manifest);
+    let _ = IMAGES
+        .set(ImageOverrides { manifest: Some(manifest.display().to_string()), url_prefix: Some(server.url.clone()) });
 
     let accel = detect(&HostFacts::probe());
     let machine = machine();
@@ -114,8 +114,7 @@ fn main() -> anyhow::Result<()> {
     if !args.network_only {
         cold_create(&args, work.path(), &mut report)?;
         let home = work.path().join("warm");
-        std::env::set_var("SMOLVM_HOME", &home);
-        let sm = Smolvm::open_at(Home::at(&home))?;
+        let sm = open(&home)?;
         warm_create_and_lifecycle(&args, &sm, &mut report)?;
         exec_and_cp(&args, &sm, work.path(), &mut report)?;
         presets(&args, &sm, &mut report)?;
@@ -146,6 +145,16 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The release under test, served by the benchmark's own HTTP server (set once in `main`).
+static IMAGES: std::sync::OnceLock<ImageOverrides> = std::sync::OnceLock::new();
+
+/// A `Smolvm` with its own home, using the release under test.
+pub(crate) fn open(home: &Path) -> anyhow::Result<Smolvm> {
+    let mut c = Config::new(Home::at(home));
+    c.images = IMAGES.get().cloned().unwrap_or_default();
+    Ok(Smolvm::open(c)?)
 }
 
 fn is_root() -> bool {
@@ -179,7 +188,7 @@ fn cold_create(args: &Args, work: &Path, report: &mut Report) -> anyhow::Result<
     let (mut total, mut fetch, mut boot) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..=args.runs {
         let home = work.join(format!("cold-{run}"));
-        let sm = Smolvm::open_at(Home::at(&home))?;
+        let sm = open(&home)?;
         let start = Instant::now();
         let mut booting_at = None;
         sm.create(&opts("cold"), &mut |e| {
@@ -403,7 +412,7 @@ fn density(args: &Args, home: &Path, report: &mut Report) -> anyhow::Result<()> 
         .map(|i| {
             let home = home.to_path_buf();
             std::thread::spawn(move || -> anyhow::Result<smolvm::sandbox::SandboxInfo> {
-                let sm = Smolvm::open_at(Home::at(&home))?;
+                let sm = open(&home)?;
                 Ok(sm.create(&opts(&format!("dense-{i}")), &mut |_| {})?)
             })
         })
@@ -421,7 +430,7 @@ fn density(args: &Args, home: &Path, report: &mut Report) -> anyhow::Result<()> 
         rss_total += r;
         pss_total += p;
     }
-    let sm = Smolvm::open_at(Home::at(home))?;
+    let sm = open(home)?;
     for i in &infos {
         sm.delete(&i.name, true)?;
     }

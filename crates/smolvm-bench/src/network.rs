@@ -17,7 +17,6 @@ use std::process::Command;
 
 use anyhow::{bail, Context};
 use smolvm::agent::client::{Command as AgentCommand, ExecRequest};
-use smolvm::paths::Home;
 use smolvm::sandbox::{CreateOptions, NetworkPolicy, Smolvm};
 
 use crate::Report;
@@ -148,7 +147,7 @@ pub fn figures(work: &Path, runs: usize, report: &mut Report) -> anyhow::Result<
         ("smolvm --allow-domain", allow, false),
     ] {
         let home = work.join(format!("net-{}", throughput.len()));
-        let mut sm = Smolvm::open_at(Home::at(&home))?;
+        let mut sm = crate::open(&home)?;
         if unrestricted {
             sm = sm.with_unrestricted_network_for_benchmarks();
         }

@@ -104,13 +104,13 @@ pub enum Command {
     /// Power a sandbox off cleanly (forced after --timeout seconds).
     Stop {
         name: String,
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, default_value_t = smolvm::sandbox::DEFAULT_STOP_TIMEOUT.as_secs())]
         timeout: u64,
     },
     /// Boot a stopped sandbox again, with its disk as it was.
     Start {
         name: String,
-        #[arg(long, default_value_t = 180)]
+        #[arg(long, default_value_t = smolvm::sandbox::DEFAULT_READY_TIMEOUT.as_secs())]
         timeout: u64,
     },
     /// Delete a sandbox (stopping it first; --force kills it).
@@ -197,6 +197,13 @@ pub struct NetworkArgs {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AccelArg {
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum NetworkModeArg {
     Nat,
     None,
@@ -208,21 +215,21 @@ pub struct CreateArgs {
     #[arg(long)]
     pub name: Option<String>,
     /// Memory in MiB.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = smolvm::sandbox::DEFAULT_MEMORY_MIB)]
     pub memory: u32,
     /// Virtual CPUs.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = smolvm::sandbox::DEFAULT_CPUS)]
     pub cpus: u32,
     /// Writable disk space in MiB (the base image is shared and read-only).
-    #[arg(long = "disk-size", default_value_t = 2048)]
+    #[arg(long = "disk-size", default_value_t = smolvm::sandbox::DEFAULT_DISK_MIB)]
     pub disk_size: u64,
     #[command(flatten)]
     pub net: NetworkArgs,
     /// auto: KVM where it works, else TCG (software emulation, slower).
-    #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
-    pub accel: String,
+    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+    pub accel: AccelArg,
     /// Seconds to wait for the guest to become ready.
-    #[arg(long, default_value_t = 180)]
+    #[arg(long, default_value_t = smolvm::sandbox::DEFAULT_READY_TIMEOUT.as_secs())]
     pub timeout: u64,
     /// Stack a preset's tooling layer over the base (codex, claude-code, hermes, pi).
     #[arg(long)]

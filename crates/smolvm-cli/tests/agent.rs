@@ -111,7 +111,9 @@ fn files_round_trip_and_twenty_concurrent_execs_on_one_connection() {
     assert_eq!(mode & 0o777, 0o750);
 
     // Twenty execs at once on one agent connection, each with its own id.
-    let sm = smolvm::sandbox::Smolvm::open_at(smolvm::paths::Home::at(f.home.path())).unwrap();
+    let mut config = smolvm::config::Config::new(smolvm::paths::Home::at(f.home.path()));
+    config.helper = env!("CARGO_BIN_EXE_smolvm").into();
+    let sm = smolvm::sandbox::Smolvm::open(config).unwrap();
     let client = sm.agent("fs").unwrap();
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..20)

@@ -11,6 +11,7 @@
 
 pub mod agent;
 pub mod child;
+pub mod config;
 pub mod digest;
 pub mod images;
 pub mod lock;

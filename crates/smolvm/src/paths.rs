@@ -17,18 +17,22 @@ pub struct Home {
 }
 
 impl Home {
-    /// From `SMOLVM_HOME`, else XDG, else `$HOME`.
-    pub fn from_env() -> Home {
-        if let Some(h) = std::env::var_os("SMOLVM_HOME").filter(|h| !h.is_empty()) {
-            return Home::at(Path::new(&h));
+    /// From the values of `SMOLVM_HOME`, `HOME`, `XDG_DATA_HOME` and `XDG_CACHE_HOME` (the
+    /// caller reads them; empty counts as unset).
+    pub fn from_vars(
+        smolvm_home: Option<PathBuf>,
+        home: Option<PathBuf>,
+        xdg_data: Option<PathBuf>,
+        xdg_cache: Option<PathBuf>,
+    ) -> Home {
+        let set = |v: Option<PathBuf>| v.filter(|p| !p.as_os_str().is_empty());
+        if let Some(h) = set(smolvm_home) {
+            return Home::at(&h);
         }
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
-        let xdg = |var: &str, default: &str| {
-            std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from).unwrap_or_else(|| home.join(default))
-        };
+        let home = set(home).unwrap_or_else(|| PathBuf::from("/root"));
         Home {
-            data: xdg("XDG_DATA_HOME", ".local/share").join("smolvm"),
-            cache: xdg("XDG_CACHE_HOME", ".cache").join("smolvm"),
+            data: set(xdg_data).unwrap_or_else(|| home.join(".local/share")).join("smolvm"),
+            cache: set(xdg_cache).unwrap_or_else(|| home.join(".cache")).join("smolvm"),
         }
     }
 

@@ -4,7 +4,6 @@ use std::process::Command;
 
 use serde_json::json;
 use smolvm::images::pins::ReleasePins;
-use smolvm::paths::Home;
 use smolvm::vm::accel::{detect, Accel, HostFacts};
 
 use super::{print_json, say};
@@ -18,17 +17,28 @@ fn version_of(cmd: &str, arg: &str) -> Option<String> {
 pub fn run(json: bool) -> anyhow::Result<i32> {
     let facts = HostFacts::probe();
     let accel = detect(&facts);
-    let home = Home::from_env();
-    let qemu = smolvm::vm::qemu::qemu_binary();
-    let tools = [
-        (qemu.as_str(), "--version", "runs the VMs (scripts/install-host-deps.sh)"),
-        ("mkfs.ext4", "-V", "makes each sandbox's disk (e2fsprogs)"),
-        ("ssh", "-V", "exec, ssh (openssh-client)"),
-        ("scp", "-h", "cp (openssh-client)"),
-        ("ssh-keygen", "-?", "the managed key (openssh-client)"),
+    let config = crate::config::from_env();
+    let home = config.home.clone();
+    let qemu = config.qemu.display().to_string();
+    let openssh = version_of("ssh", "-V").unwrap_or_default();
+    // scp and ssh-keygen have no version option: they come with ssh, whose version is shown.
+    let tools: [(&str, Option<&str>, &str); 5] = [
+        (qemu.as_str(), Some("--version"), "runs the VMs (scripts/install-host-deps.sh)"),
+        ("mkfs.ext4", Some("-V"), "makes each sandbox's disk (e2fsprogs)"),
+        ("ssh", Some("-V"), "ssh into a sandbox (openssh-client)"),
+        ("scp", None, "cp of directories (openssh-client)"),
+        ("ssh-keygen", None, "the managed key (openssh-client)"),
     ];
-    let found: Vec<_> =
-        tools.iter().map(|(t, a, why)| (*t, which(t).then(|| version_of(t, a).unwrap_or_default()), *why)).collect();
+    let found: Vec<_> = tools
+        .iter()
+        .map(|(t, a, why)| {
+            let v = match a {
+                Some(a) => version_of(t, a).unwrap_or_default(),
+                None => format!("present (with {openssh})"),
+            };
+            (*t, which(t).then_some(v), *why)
+        })
+        .collect();
     let pins = ReleasePins::compiled().ok();
     if json {
         print_json(&json!({

@@ -6,7 +6,6 @@ use std::path::Path;
 use anyhow::Context;
 use serde_json::json;
 use smolvm::images::build::{self, BuildEnv, Report};
-use smolvm::images::source::ImageSource;
 use smolvm::images::tag::Tag;
 use smolvm::images::{pin, Manifest, ReleasePins};
 
@@ -32,7 +31,7 @@ pub fn run(cmd: ImageCommand, json: bool) -> anyhow::Result<()> {
         }
         ImageCommand::Pull { preset } => {
             let sm = super::sandbox::open()?;
-            let src = ImageSource::from_env()?;
+            let src = sm.image_source()?;
             if let Some(w) = &src.pins_overridden {
                 eprintln!("{w}");
             }

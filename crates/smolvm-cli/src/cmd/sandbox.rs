@@ -7,13 +7,11 @@ use serde_json::json;
 use smolvm::sandbox::{presets, AccelChoice, CreateEvent, CreateOptions, SandboxInfo, Smolvm};
 
 use super::{print_json, say};
-use crate::cli::{CreateArgs, EnvCommand, PresetStartArgs};
+use crate::cli::{AccelArg, CreateArgs, EnvCommand, PresetStartArgs};
 use crate::progress::Progress;
 
 pub fn open() -> anyhow::Result<Smolvm> {
-    let sm = Smolvm::open().context("open smolvm's state (SMOLVM_HOME)")?;
-    // For tests that build their own "internet": names the sandboxes' resolver answers first.
-    Ok(sm.with_resolver_hosts(std::env::var_os("SMOLVM_RESOLVER_HOSTS").map(Into::into)))
+    Smolvm::open(crate::config::from_env()).context("open smolvm's state (SMOLVM_HOME)")
 }
 
 pub fn create(args: CreateArgs, json: bool) -> anyhow::Result<i32> {
@@ -37,10 +35,10 @@ fn create_sandbox(sm: &Smolvm, args: CreateArgs, json: bool) -> anyhow::Result<(
         cpus: args.cpus,
         disk_mib: args.disk_size,
         network: super::network::policy(&args.net)?,
-        accel: match args.accel.as_str() {
-            "kvm" => AccelChoice::Kvm,
-            "tcg" => AccelChoice::Tcg,
-            _ => AccelChoice::Auto,
+        accel: match args.accel {
+            AccelArg::Kvm => AccelChoice::Kvm,
+            AccelArg::Tcg => AccelChoice::Tcg,
+            AccelArg::Auto => AccelChoice::Auto,
         },
         ready_timeout: Duration::from_secs(args.timeout),
         preset: args.preset,
@@ -111,7 +109,7 @@ pub fn preset_start(preset: &str, mut args: PresetStartArgs, json: bool) -> anyh
 
 pub fn preset_list(json: bool) -> anyhow::Result<i32> {
     let sm = open()?;
-    let src = smolvm::images::source::ImageSource::from_env()?;
+    let src = sm.image_source()?;
     let rows: Vec<_> = presets::PRESETS
         .iter()
         .map(|p| {

@@ -23,36 +23,19 @@ pub fn client_socket(dir: &Path) -> PathBuf {
     dir.join("agent.sock")
 }
 
-/// The executable that runs the proxy: `SMOLVM_BIN`, else this program if it is `smolvm`, else
-/// a `smolvm` next to it, else `smolvm` on `PATH`.
-pub fn proxy_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("SMOLVM_BIN") {
-        return PathBuf::from(p);
-    }
-    if let Ok(exe) = std::env::current_exe() {
-        if exe.file_name().is_some_and(|n| n == "smolvm") {
-            return exe;
-        }
-        if let Some(sibling) = exe.parent().map(|d| d.join("smolvm")).filter(|p| p.is_file()) {
-            return sibling;
-        }
-    }
-    PathBuf::from("smolvm")
-}
-
 /// Starts the proxy for the sandbox in `dir`, detached (its own session; its log in
 /// `agent-proxy.log`), and returns once it serves clients (it says so on a pipe). It exits by
 /// itself when the VM does.
-pub fn spawn_proxy(dir: &Path) -> std::io::Result<()> {
+pub fn spawn_proxy(dir: &Path, helper: &Path, log_filter: Option<&str>) -> std::io::Result<()> {
     let log = std::fs::File::create(dir.join("agent-proxy.log"))?;
-    let mut cmd = std::process::Command::new(proxy_binary());
+    let mut cmd = std::process::Command::new(helper);
     cmd.arg("__agent-proxy")
         .arg(dir)
         .env_clear()
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(log);
-    if let Some(filter) = std::env::var_os("SMOLVM_LOG") {
+    if let Some(filter) = log_filter {
         cmd.env("SMOLVM_LOG", filter);
     }
     crate::child::inherit_fd(&mut cmd, -1, -1);

@@ -1,7 +1,8 @@
 //! Which assets to use and where to download them from.
 //!
 //! By default: the pins compiled into the binary, downloaded from the release URL they name.
-//! Two environment variables change that, for air-gapped hosts, mirrors and tests:
+//! Two overrides change that (`config::ImageOverrides`; the CLI takes them from these
+//! environment variables), for air-gapped hosts, mirrors and tests:
 //!
 //! - `SMOLVM_IMAGES_URL=<prefix>`: download `<prefix>/<tag>/<asset>` instead. That is the layout
 //!   `smolvm image build all --out DIR` writes, so serving `DIR` over HTTP makes a mirror.
@@ -44,14 +45,8 @@ pub enum SourceError {
 }
 
 impl ImageSource {
-    /// From the environment (see the module docs), else the compiled-in pins.
-    pub fn from_env() -> Result<ImageSource, SourceError> {
-        let manifest = std::env::var(ENV_IMAGES_MANIFEST).ok().filter(|v| !v.is_empty());
-        let prefix = std::env::var(ENV_IMAGES_URL).ok().filter(|v| !v.is_empty());
-        ImageSource::resolve(manifest.as_deref(), prefix.as_deref())
-    }
-
-    /// As [`ImageSource::from_env`], with the values given.
+    /// The source for these overrides (see the module docs): the compiled-in pins when both
+    /// are `None`.
     pub fn resolve(manifest: Option<&str>, url_prefix: Option<&str>) -> Result<ImageSource, SourceError> {
         let pins = ReleasePins::compiled().map_err(|e| SourceError::Pins(e.to_string()))?;
         let mut src = match manifest {

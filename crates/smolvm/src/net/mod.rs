@@ -143,7 +143,7 @@ pub struct Started {
 
 /// Starts the network process for the sandbox in `dir` (configured by its `net.json`), with
 /// `program` (the smolvm binary), and waits for its first line.
-pub fn spawn(dir: &Path, program: &Path, timeout: Duration) -> Result<Started, NetError> {
+pub fn spawn(dir: &Path, program: &Path, log_filter: Option<&str>, timeout: Duration) -> Result<Started, NetError> {
     let mut fds = [0; 2];
     // SAFETY: socketpair writes two descriptors into the array we own.
     if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) } != 0 {
@@ -159,7 +159,7 @@ pub fn spawn(dir: &Path, program: &Path, timeout: Duration) -> Result<Started, N
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(log);
-    if let Some(filter) = std::env::var_os("SMOLVM_LOG") {
+    if let Some(filter) = log_filter {
         cmd.env("SMOLVM_LOG", filter);
     }
     crate::child::inherit_fd(&mut cmd, theirs.as_raw_fd(), WIRE_FD);

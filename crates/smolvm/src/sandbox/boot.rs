@@ -61,7 +61,7 @@ pub(super) fn public_key_b64(keys: &Path) -> Result<String, BootError> {
 /// Starts QEMU detached: its own session (a Ctrl-C or a closed terminal does not reach it),
 /// its output in `qemu.log`, the network wire on its descriptor `net::WIRE_FD`.
 fn spawn_qemu(cfg: &QemuConfig, wire: Option<&std::os::fd::OwnedFd>) -> Result<std::process::Child, BootError> {
-    let spawn_err = |source: std::io::Error| BootError::Spawn { qemu: qemu::qemu_binary(), source };
+    let spawn_err = |source: std::io::Error| BootError::Spawn { qemu: cfg.qemu.display().to_string(), source };
     let log = std::fs::File::create(qemu::qemu_log(&cfg.dir)).map_err(io_err("create qemu.log"))?;
     let mut cmd = cfg.command();
     cmd.stdout(log.try_clone().map_err(io_err("qemu.log"))?).stderr(log);
@@ -90,7 +90,7 @@ impl Smolvm {
             policy: row.policy.clone(),
             ssh: Forward { host: 0, guest: 22 },
             forwards: self.db().forwards(&row.name)?,
-            dns_hosts: self.resolver_hosts.clone(),
+            dns_hosts: self.config().resolver_hosts.clone(),
         };
         let console = qemu::console_log(&dir);
         for stale in [qemu::qmp_socket(&dir), qemu::pid_file(&dir)] {
@@ -106,7 +106,8 @@ impl Smolvm {
             (Netdev::UnrestrictedUser { ssh_port: port }, None, port)
         } else {
             net::write_config(&dir, &netcfg)?;
-            let w = net::spawn(&dir, &crate::agent::proxy_binary(), Duration::from_secs(10))?;
+            let c = self.config();
+            let w = net::spawn(&dir, &c.helper, c.helper_log.as_deref(), Duration::from_secs(10))?;
             let port = w.ssh_port;
             (Netdev::Wire, Some(w), port)
         };
@@ -122,6 +123,7 @@ impl Smolvm {
             layers: files.layers.clone(),
             netdev: cfg_netdev,
             dir: dir.clone(),
+            qemu: self.config().qemu.clone(),
         };
         let mut child = match spawn_qemu(&cfg, wire.as_ref().map(|w| &w.qemu_end)) {
             Ok(c) => c,
@@ -148,9 +150,12 @@ impl Smolvm {
         let ready: Ready = wait_for_ready(&console, &pidfd, timeout).map_err(&mut fail)?;
         // Ready on the console means sshd and the agent are up. The proxy returns once it holds
         // the agent's connection and serves clients; one Hello through it proves the path.
-        let agent = crate::agent::spawn_proxy(&dir).map_err(|e| e.to_string()).and_then(|()| {
-            crate::agent::AgentClient::connect(&row.name, &crate::agent::client_socket(&dir)).map_err(|e| e.to_string())
-        });
+        let agent = crate::agent::spawn_proxy(&dir, &self.config().helper, self.config().helper_log.as_deref())
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                crate::agent::AgentClient::connect(&row.name, &crate::agent::client_socket(&dir))
+                    .map_err(|e| e.to_string())
+            });
         if let Err(e) = agent {
             let _ = process::signal(pid, libc::SIGKILL);
             return Err(BootError::Agent(e));

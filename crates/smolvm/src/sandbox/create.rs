@@ -34,9 +34,9 @@ impl Default for CreateOptions {
     fn default() -> Self {
         CreateOptions {
             name: None,
-            memory_mib: 512,
-            cpus: 1,
-            disk_mib: 2048,
+            memory_mib: super::DEFAULT_MEMORY_MIB,
+            cpus: super::DEFAULT_CPUS,
+            disk_mib: super::DEFAULT_DISK_MIB,
             network: NetworkPolicy::default(),
             accel: AccelChoice::Auto,
             ready_timeout: super::DEFAULT_READY_TIMEOUT,
@@ -140,7 +140,7 @@ impl Smolvm {
         if self.db().get(&name)?.is_some() {
             return Err(CreateError::Exists(name));
         }
-        let src = ImageSource::from_env()?;
+        let src = self.image_source()?;
         if let Some(w) = &src.pins_overridden {
             on(CreateEvent::Notice(w.clone()));
         }
@@ -173,7 +173,7 @@ impl Smolvm {
             cpus: opts.cpus,
             disk_mib: opts.disk_mib,
             policy: opts.network.clone(),
-            accel: accel.qemu_name().into(),
+            accel: accel.kind(),
             ssh_port: None,
             pid: None,
             pid_start: None,

@@ -1,13 +1,12 @@
 //! stop, start, delete, expose and env: changes to an existing sandbox, each under its lock.
 
-use std::io::Write;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use super::boot::{BootError, BootFiles};
 use super::{remove_all, SandboxError, Smolvm, Status};
 use crate::state::{SandboxState, StateError};
-use crate::vm::accel::Accel;
+use crate::vm::accel::{Accel, AccelKind};
 use crate::vm::process;
 use crate::vm::qemu;
 use crate::vm::qmp::Qmp;
@@ -120,9 +119,9 @@ impl Smolvm {
             .iter()
             .map(|sha| self.images().lookup_sha(sha).ok_or_else(|| missing("layer", sha)))
             .collect::<Result<Vec<_>, _>>()?;
-        let accel = match row.accel.as_str() {
-            "kvm" => Accel::Kvm,
-            _ => Accel::Tcg { reason: "as created".into() },
+        let accel = match row.accel {
+            AccelKind::Kvm => Accel::Kvm,
+            AccelKind::Tcg => Accel::Tcg { reason: "as created".into() },
         };
         let files = BootFiles { kernel, rootfs, layers };
         self.boot_row(&mut row, &accel, &files, timeout)?;
@@ -141,7 +140,7 @@ impl Smolvm {
                     wait_exit(pid, row.pid_start, Duration::from_secs(5));
                 }
             } else {
-                self.stop_locked(name, Duration::from_secs(30))?;
+                self.stop_locked(name, super::DEFAULT_STOP_TIMEOUT)?;
             }
         }
         remove_all(&self.dir(name));
@@ -208,31 +207,15 @@ impl Smolvm {
         Ok(self.db().env(name)?)
     }
 
-    /// Writes the environment file in the guest, if it runs (else on its next `env` change).
+    /// Hands the sandbox's variables to its guest through the agent (for login shells:
+    /// `/etc/profile.d/smolvm-env.sh`), if it runs; a stopped one gets them at its next start.
     fn push_env(&self, name: &str) -> Result<(), LifecycleError> {
         if Self::status_of(&self.row(name)?) != Status::Running {
             return Ok(());
         }
-        let body: String =
-            self.db().env(name)?.iter().map(|(k, v)| format!("export {k}={}\n", super::ssh::shell_quote(v))).collect();
-        let script = "umask 022; cat > /etc/profile.d/smolvm-env.sh.tmp && mv /etc/profile.d/smolvm-env.sh.tmp /etc/profile.d/smolvm-env.sh";
-        let mut cmd = self.ssh_command(name, &["sh".into(), "-c".into(), script.into()], false)?;
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| failed(name, format!("ssh: {e}")))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            let _ = stdin.write_all(body.as_bytes());
-        }
-        let out = child.wait_with_output().map_err(|e| failed(name, format!("ssh: {e}")))?;
-        if !out.status.success() {
-            return Err(failed(
-                name,
-                format!("write the environment file: {}", String::from_utf8_lossy(&out.stderr).trim()),
-            ));
-        }
-        Ok(())
+        let vars = self.db().env(name)?;
+        self.agent(name)
+            .and_then(|c| c.set_env(vars))
+            .map_err(|e| failed(name, format!("hand the environment to the guest: {e}")))
     }
 }

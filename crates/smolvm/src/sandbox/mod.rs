@@ -77,7 +77,7 @@ pub struct SandboxInfo {
     pub network_policy: NetworkPolicy,
     /// Connections the policy refused: how many, and the last few.
     pub network_refusals: crate::net::NetStats,
-    pub accel: String,
+    pub accel: crate::vm::accel::AccelKind,
     pub ssh_port: Option<u16>,
     pub pid: Option<i32>,
     pub image_tag: String,
@@ -105,25 +105,28 @@ pub enum SandboxError {
 /// The handle to one smolvm installation.
 #[derive(Debug)]
 pub struct Smolvm {
-    home: Home,
+    config: crate::config::Config,
     db: Db,
     images: ImageCache,
-    /// A hosts file for sandboxes' resolvers (tests that build their own "internet").
-    resolver_hosts: Option<PathBuf>,
     /// Boot with QEMU's unrestricted user-mode network instead (the benchmark's baseline).
     unrestricted_user_net: bool,
 }
 
 impl Smolvm {
-    /// Opens the installation named by the environment (`SMOLVM_HOME`, else XDG).
-    pub fn open() -> Result<Smolvm, StateError> {
-        Smolvm::open_at(Home::from_env())
+    /// Opens the installation `config` describes (creating its state on first use).
+    pub fn open(config: crate::config::Config) -> Result<Smolvm, StateError> {
+        let db = Db::open(&config.home.database())?;
+        let images = ImageCache::new(config.home.images());
+        Ok(Smolvm { config, db, images, unrestricted_user_net: false })
     }
 
+    /// [`Smolvm::open`] with the defaults for `home` (`config::Config::new`).
     pub fn open_at(home: Home) -> Result<Smolvm, StateError> {
-        let db = Db::open(&home.database())?;
-        let images = ImageCache::new(home.images());
-        Ok(Smolvm { home, db, images, resolver_hosts: None, unrestricted_user_net: false })
+        Smolvm::open(crate::config::Config::new(home))
+    }
+
+    pub fn config(&self) -> &crate::config::Config {
+        &self.config
     }
 
     /// Boots sandboxes from this handle on QEMU's stock user-mode network, **which reaches the
@@ -136,16 +139,8 @@ impl Smolvm {
         self
     }
 
-    /// Makes sandboxes booted from now on resolve names from `hosts` (`ADDRESS NAME...`
-    /// lines) before the host's resolver. The policy applies to those answers as to any: this
-    /// is for tests that build their own "internet" out of network namespaces.
-    pub fn with_resolver_hosts(mut self, hosts: Option<PathBuf>) -> Smolvm {
-        self.resolver_hosts = hosts;
-        self
-    }
-
     pub fn home(&self) -> &Home {
-        &self.home
+        &self.config.home
     }
 
     pub fn images(&self) -> &ImageCache {
@@ -157,13 +152,13 @@ impl Smolvm {
     }
 
     fn dir(&self, name: &str) -> PathBuf {
-        self.home.sandboxes().join(name)
+        self.config.home.sandboxes().join(name)
     }
 
     /// Serialises changes to one sandbox across processes. The lock file sits beside the
     /// sandbox directory so that `delete` can remove the directory while holding it.
     fn lock(&self, name: &str) -> Result<FileLock, SandboxError> {
-        let path = self.home.sandboxes().join(format!(".{name}.lock"));
+        let path = self.config.home.sandboxes().join(format!(".{name}.lock"));
         FileLock::exclusive(&path)
             .map_err(|source| SandboxError::Io { what: format!("lock {}", path.display()), source })
     }
@@ -194,7 +189,7 @@ impl Smolvm {
             network: row.policy.mode,
             network_policy: row.policy.clone(),
             network_refusals: crate::net::refusals::read_stats(&self.dir(&row.name)),
-            accel: row.accel.clone(),
+            accel: row.accel,
             ssh_port: row.ssh_port.filter(|_| live),
             pid: row.pid.filter(|_| live),
             image_tag: row.tag.clone(),
@@ -204,6 +199,12 @@ impl Smolvm {
             forwards: self.db.forwards(&row.name)?,
             dir: self.dir(&row.name),
         })
+    }
+
+    /// The images `create` uses now: the configured overrides, else the compiled-in pins.
+    pub fn image_source(&self) -> Result<crate::images::source::ImageSource, crate::images::source::SourceError> {
+        let o = &self.config.images;
+        crate::images::source::ImageSource::resolve(o.manifest.as_deref(), o.url_prefix.as_deref())
     }
 
     /// Every sandbox, oldest first.
@@ -226,7 +227,7 @@ impl Smolvm {
     /// Where the sandbox's SSH files are: (key, known_hosts, control socket).
     fn ssh_paths(&self, name: &str) -> (PathBuf, PathBuf, PathBuf) {
         let dir = self.dir(name);
-        (self.home.keys().join("id_ed25519"), dir.join("known_hosts"), dir.join("ssh.ctl"))
+        (self.config.home.keys().join("id_ed25519"), dir.join("known_hosts"), dir.join("ssh.ctl"))
     }
 
     /// A running sandbox's row, or a clear error.
@@ -259,7 +260,7 @@ impl Smolvm {
             Ok(c) => Ok(c),
             Err(first) => {
                 tracing::debug!("agent proxy of {name} not reachable ({first}); starting it");
-                crate::agent::spawn_proxy(&dir)
+                crate::agent::spawn_proxy(&dir, &self.config.helper, self.config.helper_log.as_deref())
                     .map_err(|source| crate::agent::AgentError::Connect { sandbox: name.into(), source })?;
                 crate::agent::AgentClient::connect(name, &socket)
             }
@@ -375,3 +376,10 @@ fn remove_all(path: &Path) {
 
 /// Guest readiness timeout: generous under emulation, where a boot takes seconds.
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long `stop` waits for a clean power-off before it terminates the VM.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// A sandbox's guest memory, MiB.
+pub const DEFAULT_MEMORY_MIB: u32 = 512;
+pub const DEFAULT_CPUS: u32 = 1;
+/// A sandbox's own writable disk, MiB (the base is shared and read-only).
+pub const DEFAULT_DISK_MIB: u64 = 2048;

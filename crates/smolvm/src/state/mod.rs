@@ -14,6 +14,23 @@ use rusqlite::{params, Connection, OptionalExtension, ToSql};
 use serde::Serialize;
 
 use crate::net::{Forward, NetworkMode, NetworkPolicy};
+use crate::vm::accel::AccelKind;
+
+impl ToSql for AccelKind {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::from(self.as_str()))
+    }
+}
+
+impl FromSql for AccelKind {
+    fn column_result(v: ValueRef<'_>) -> FromSqlResult<Self> {
+        match v.as_str()? {
+            "kvm" => Ok(AccelKind::Kvm),
+            "tcg" => Ok(AccelKind::Tcg),
+            other => Err(FromSqlError::Other(format!("unknown accelerator {other:?}").into())),
+        }
+    }
+}
 
 /// Why the state database failed.
 #[derive(Debug, thiserror::Error)]
@@ -87,7 +104,7 @@ pub struct SandboxRow {
     pub disk_mib: u64,
     /// What the sandbox may reach.
     pub policy: NetworkPolicy,
-    pub accel: String,
+    pub accel: AccelKind,
     pub ssh_port: Option<u16>,
     pub pid: Option<i32>,
     /// The VMM's start time (clock ticks since host boot), so a recycled PID is not mistaken
@@ -300,7 +317,7 @@ mod tests {
             cpus: 1,
             disk_mib: 2048,
             policy: NetworkPolicy { allow_domains: vec!["a.test".parse().unwrap()], ..NetworkPolicy::default() },
-            accel: "tcg".into(),
+            accel: AccelKind::Tcg,
             ssh_port: None,
             pid: None,
             pid_start: None,

@@ -20,7 +20,37 @@ pub enum Accel {
     Tcg { reason: String },
 }
 
+/// Which accelerator, without the why: what a sandbox's row records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccelKind {
+    Kvm,
+    Tcg,
+}
+
+impl AccelKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccelKind::Kvm => "kvm",
+            AccelKind::Tcg => "tcg",
+        }
+    }
+}
+
+impl std::fmt::Display for AccelKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
 impl Accel {
+    pub fn kind(&self) -> AccelKind {
+        match self {
+            Accel::Kvm => AccelKind::Kvm,
+            Accel::Tcg { .. } => AccelKind::Tcg,
+        }
+    }
+
     /// The QEMU `-accel` value.
     pub fn qemu_name(&self) -> &'static str {
         match self {

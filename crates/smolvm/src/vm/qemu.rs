@@ -24,6 +24,8 @@ pub struct QemuConfig {
     pub netdev: Netdev,
     /// The sandbox directory: console log, QMP socket, pid file, QEMU's own log.
     pub dir: PathBuf,
+    /// The QEMU executable.
+    pub qemu: PathBuf,
 }
 
 /// What the guest's virtio-net device is connected to.
@@ -36,11 +38,6 @@ pub enum Netdev {
     /// 10.0.2.2 and everything the host reaches. Only for measuring the enforced network
     /// against it (smolvm-bench) and for booting an image by hand; never for a sandbox.
     UnrestrictedUser { ssh_port: u16 },
-}
-
-/// The QEMU binary (`SMOLVM_QEMU` overrides it).
-pub fn qemu_binary() -> String {
-    std::env::var("SMOLVM_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".to_string())
 }
 
 pub fn console_log(dir: &Path) -> PathBuf {
@@ -59,7 +56,7 @@ pub fn qemu_log(dir: &Path) -> PathBuf {
 impl QemuConfig {
     /// The full command. The caller detaches it (own session, output to `qemu.log`).
     pub fn command(&self) -> Command {
-        let mut c = Command::new(qemu_binary());
+        let mut c = Command::new(&self.qemu);
         let cpu = match self.accel {
             Accel::Kvm => "host",
             Accel::Tcg { .. } => "max",

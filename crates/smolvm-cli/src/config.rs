@@ -1,0 +1,42 @@
+//! The library's configuration, from this process's environment: the only place that reads it.
+//!
+//! | variable | what |
+//! |---|---|
+//! | `SMOLVM_HOME` | everything in one directory (else XDG data and cache directories) |
+//! | `SMOLVM_IMAGES_MANIFEST` | another release's `manifest.json` (path or URL) |
+//! | `SMOLVM_IMAGES_URL` | a mirror prefix: `<prefix>/<tag>/<asset>` |
+//! | `SMOLVM_QEMU` | the QEMU executable |
+//! | `SMOLVM_BIN` | the `smolvm` that runs the helpers (default: this program) |
+//! | `SMOLVM_LOG` | log filter, also handed to the helpers |
+//! | `SMOLVM_RESOLVER_HOSTS` | a hosts file for sandboxes' resolvers (tests) |
+
+use std::path::PathBuf;
+
+use smolvm::config::{Config, ImageOverrides};
+use smolvm::paths::Home;
+
+fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn path(name: &str) -> Option<PathBuf> {
+    std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from)
+}
+
+pub fn home() -> Home {
+    Home::from_vars(path("SMOLVM_HOME"), path("HOME"), path("XDG_DATA_HOME"), path("XDG_CACHE_HOME"))
+}
+
+pub fn from_env() -> Config {
+    let mut c = Config::new(home());
+    c.images = ImageOverrides { manifest: var("SMOLVM_IMAGES_MANIFEST"), url_prefix: var("SMOLVM_IMAGES_URL") };
+    if let Some(q) = path("SMOLVM_QEMU") {
+        c.qemu = q;
+    }
+    if let Some(b) = path("SMOLVM_BIN") {
+        c.helper = b;
+    }
+    c.helper_log = var("SMOLVM_LOG");
+    c.resolver_hosts = path("SMOLVM_RESOLVER_HOSTS");
+    c
+}

@@ -1,0 +1,61 @@
+//! How a [`crate::sandbox::Smolvm`] is set up: every value the library would otherwise look up
+//! in the process environment. The CLI builds it from its environment (`SMOLVM_HOME`,
+//! `SMOLVM_IMAGES_MANIFEST`, ...); an SDK user builds it in code. The library itself never
+//! reads the environment.
+
+use std::path::PathBuf;
+
+use crate::paths::Home;
+
+/// Where a sandbox's images come from. Both `None`: the release pinned in this binary (or the
+/// one `image import` made this home's default).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageOverrides {
+    /// Another release's `manifest.json`, a path or an http(s) URL.
+    pub manifest: Option<String>,
+    /// Download `<prefix>/<tag>/<asset>` instead of the release's own URLs (a mirror).
+    pub url_prefix: Option<String>,
+}
+
+/// The configuration of one smolvm installation.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub home: Home,
+    pub images: ImageOverrides,
+    /// The QEMU system emulator.
+    pub qemu: PathBuf,
+    /// The `smolvm` executable that runs each sandbox's helper processes (`__netd`,
+    /// `__agent-proxy`).
+    pub helper: PathBuf,
+    /// A `tracing` filter handed to the helpers (their logs are in the sandbox directory).
+    pub helper_log: Option<String>,
+    /// A hosts file that sandboxes' resolvers consult first (tests that build an "internet").
+    pub resolver_hosts: Option<PathBuf>,
+}
+
+impl Config {
+    /// Defaults for `home`: the compiled-in release, `qemu-system-x86_64` on `PATH`, and this
+    /// program as the helper if it is `smolvm` (else a `smolvm` beside it, else on `PATH`).
+    pub fn new(home: Home) -> Config {
+        Config {
+            home,
+            images: ImageOverrides::default(),
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            helper: default_helper(),
+            helper_log: None,
+            resolver_hosts: None,
+        }
+    }
+}
+
+fn default_helper() -> PathBuf {
+    if let Ok(exe) = std::env::current_exe() {
+        if exe.file_name().is_some_and(|n| n == "smolvm") {
+            return exe;
+        }
+        if let Some(sibling) = exe.parent().map(|d| d.join("smolvm")).filter(|p| p.is_file()) {
+            return sibling;
+        }
+    }
+    PathBuf::from("smolvm")
+}
