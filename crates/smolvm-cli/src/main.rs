@@ -6,6 +6,7 @@
 mod cli;
 mod cmd;
 mod config;
+mod hints;
 mod progress;
 
 use clap::Parser;
@@ -39,6 +40,10 @@ fn error_text(e: &anyhow::Error) -> String {
             text.push_str(": ");
             text.push_str(&c);
         }
+    }
+    if let Some(h) = hints::for_chain(e.chain()) {
+        text.push_str("\n  hint: ");
+        text.push_str(&h);
     }
     text
 }

@@ -58,9 +58,8 @@ const MOUNTS: &[Mount] = &[
     },
 ];
 
-fn cstr(s: &str) -> CString {
-    // Our strings are literals or paths from /proc/self/mounts; neither holds a NUL byte.
-    CString::new(s).unwrap_or_default()
+fn cstr(s: &str) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("a NUL byte in {s:?}")))
 }
 
 fn mount(m: &Mount) -> io::Result<()> {
@@ -68,7 +67,7 @@ fn mount(m: &Mount) -> io::Result<()> {
         // A read-only root still has the directories the image was built with.
         log::info!("cannot create {}: {e}", m.target);
     }
-    let (src, tgt, fs, data) = (cstr(m.source), cstr(m.target), cstr(m.fstype), cstr(m.data));
+    let (src, tgt, fs, data) = (cstr(m.source)?, cstr(m.target)?, cstr(m.fstype)?, cstr(m.data)?);
     // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
     let rc = unsafe { libc::mount(src.as_ptr(), tgt.as_ptr(), fs.as_ptr(), m.flags, data.as_ptr().cast()) };
     if rc == 0 {
@@ -112,7 +111,10 @@ pub fn unmount_all() {
     let targets: Vec<String> =
         table.lines().filter_map(|l| l.split_whitespace().nth(1)).map(|t| t.replace("\\040", " ")).collect();
     for target in targets.iter().rev().filter(|t| t.as_str() != "/") {
-        let t = cstr(target);
+        let Ok(t) = cstr(target) else {
+            log::info!("umount {target:?}: a NUL byte in the path");
+            continue;
+        };
         // SAFETY: `t` is a valid NUL-terminated path.
         if unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) } != 0 {
             let e = io::Error::last_os_error();
@@ -121,7 +123,7 @@ pub fn unmount_all() {
             }
         }
     }
-    let root = cstr("/");
+    let root = c"/";
     // SAFETY: valid NUL-terminated strings; NULL fstype and data are allowed with MS_REMOUNT.
     let rc = unsafe {
         libc::mount(

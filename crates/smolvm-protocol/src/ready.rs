@@ -46,8 +46,7 @@ pub struct BootPhases {
 impl Ready {
     /// The full console line, without a trailing newline.
     pub fn to_line(&self) -> String {
-        // Serializing plain strings and integers cannot fail.
-        let json = serde_json::to_string(self).unwrap_or_default();
+        let json = serde_json::to_string(self).expect("plain strings and integers serialize");
         format!("{READY_PREFIX}{json}")
     }
 

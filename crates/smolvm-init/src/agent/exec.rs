@@ -110,14 +110,14 @@ pub fn start(s: &mut Session, id: u32, req: ExecRequest) {
     std::thread::spawn(move || {
         let mut timed_out = false;
         let raw = match timeout {
-            None => exited.recv().unwrap_or(0),
+            None => exited.recv().ok(),
             Some(t) => match exited.recv_timeout(t) {
-                Ok(st) => st,
+                Ok(st) => Some(st),
                 Err(_) => {
                     timed_out = true;
                     // SAFETY: kill(2) of the process group we created.
                     unsafe { libc::kill(-pid, libc::SIGKILL) };
-                    exited.recv().unwrap_or(0)
+                    exited.recv().ok()
                 }
             },
         };
@@ -133,11 +133,16 @@ pub fn start(s: &mut Session, id: u32, req: ExecRequest) {
             }
         }
         procs.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-        let st = std::process::ExitStatus::from_raw(raw);
-        let status = match (st.code(), st.signal()) {
-            (Some(c), _) => ExitStatus::Code(c),
-            (None, Some(sig)) => ExitStatus::Signal(sig),
-            _ => ExitStatus::Code(-1),
+        // No status (the reaper's channel closed) is not success: -1, as for a status that
+        // is neither an exit nor a signal.
+        let st = raw.map(std::process::ExitStatus::from_raw);
+        let status = match st.map(|st| (st.code(), st.signal())) {
+            Some((Some(c), _)) => ExitStatus::Code(c),
+            Some((None, Some(sig))) => ExitStatus::Signal(sig),
+            _ => {
+                crate::log::error!("agent: no exit status for exec {id}");
+                ExitStatus::Code(-1)
+            }
         };
         out.send(&GuestMsg::Exit { id, status, timed_out });
         drop(child);

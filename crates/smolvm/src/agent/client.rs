@@ -17,13 +17,13 @@ use smolvm_protocol::ready::Ready;
 /// Why an agent operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("cannot reach the agent of sandbox {sandbox} ({source}); check `smolvm status {sandbox}` and `smolvm logs {sandbox}`")]
+    #[error("cannot reach the agent of sandbox {sandbox}: {source}")]
     Connect { sandbox: String, source: std::io::Error },
-    #[error("lost the agent connection of sandbox {sandbox}: {reason}; check `smolvm status {sandbox}` (the VM may have stopped) and `smolvm logs {sandbox}`")]
+    #[error("lost the agent connection of sandbox {sandbox}: {reason}")]
     Lost { sandbox: String, reason: String },
     #[error("sandbox {sandbox}: {message}")]
     Guest { sandbox: String, message: String },
-    #[error("sandbox {sandbox}: its guest speaks agent protocol v{guest}, and {message} needs v{needs}; recreate the sandbox from a newer release to use it")]
+    #[error("sandbox {sandbox}: its guest speaks agent protocol v{guest}, and {message} needs v{needs}")]
     Unsupported { sandbox: String, message: &'static str, needs: u32, guest: u32 },
     #[error("{0}")]
     Io(#[from] std::io::Error),

@@ -56,21 +56,13 @@ pub enum FetchEvent {
 /// Why an image could not be made available.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    #[error(
-        "cannot download {url}: {reason}\n\
-         The image release could not be reached. Any of these works without it:\n\
-         - serve a release directory over HTTP and set SMOLVM_IMAGES_URL=http://HOST/DIR (assets at DIR/<tag>/<asset>)\n\
-         - load a locally built release: smolvm image import DIR/<tag>\n\
-         - build one here: smolvm image build all --out DIR"
-    )]
+    #[error("cannot download {url}: {reason}; the image release could not be reached")]
     Unreachable { url: String, reason: String },
-    #[error("{url}: the server answered HTTP {status}; check SMOLVM_IMAGES_URL / SMOLVM_IMAGES_MANIFEST, or that the release {tag} is published")]
-    Http { url: String, status: u16, tag: String },
+    #[error("{url}: the server answered HTTP {status}")]
+    Http { url: String, status: u16 },
     #[error(
         "{what} of {url} does not match its pin: expected sha256 {expected} ({expected_size} bytes), \
-         got sha256 {actual} ({actual_size} bytes). Nothing of it was kept.\n\
-         Retry; if it happens again, the server (or a proxy) serves other bytes than the release pinned in this binary: \
-         check SMOLVM_IMAGES_URL and SMOLVM_IMAGES_MANIFEST, or rebuild and re-import the release (smolvm image import)"
+         got sha256 {actual} ({actual_size} bytes). Nothing of it was kept"
     )]
     Mismatch { url: String, what: &'static str, expected: String, actual: String, expected_size: u64, actual_size: u64 },
     #[error("{what}: {source}")]
@@ -184,7 +176,7 @@ impl ImageCache {
     fn write_stamp(&self, sha: &str) -> io::Result<()> {
         let stamp = Stamp::of(&self.blob(sha), sha)?;
         let tmp = self.stamp(sha).with_extension("verified.tmp");
-        fs::write(&tmp, serde_json::to_vec(&stamp).unwrap_or_default())?;
+        fs::write(&tmp, serde_json::to_vec(&stamp).expect("a stamp serializes"))?;
         fs::rename(tmp, self.stamp(sha))
     }
 
@@ -319,7 +311,7 @@ impl ImageCache {
                 return Err(Failure::Transfer("the server refused to resume; starting over".into()));
             }
             429 | 500..=599 => return Err(Failure::Transfer(format!("HTTP {status}"))),
-            _ => return Err(Failure::Fatal(FetchError::Http { url: url.into(), status, tag: String::new() })),
+            _ => return Err(Failure::Fatal(FetchError::Http { url: url.into(), status })),
         }
         let mut part_file = OpenOptions::new()
             .create(true)

@@ -58,7 +58,7 @@ impl Manifest {
     /// Pretty JSON with a trailing newline.
     pub fn to_json(&self) -> String {
         // A struct of strings, integers and enums always serializes.
-        serde_json::to_string_pretty(self).unwrap_or_default() + "\n"
+        serde_json::to_string_pretty(self).expect("a manifest serializes") + "\n"
     }
 
     /// `SHA256SUMS` in `sha256sum` format: `<hex>  <name>` per asset.

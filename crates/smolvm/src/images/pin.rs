@@ -52,7 +52,7 @@ pub fn pin(release_dir: &Path, release_toml: &Path) -> Result<ReleasePins, PinEr
 /// The TOML text of `pins`, with the explanatory header.
 pub fn render(pins: &ReleasePins) -> String {
     // Plain strings, integers and tables: serialization cannot fail.
-    format!("{HEADER}\n{}", toml::to_string(pins).unwrap_or_default())
+    format!("{HEADER}\n{}", toml::to_string(pins).expect("pins (strings and integers) serialize"))
 }
 
 /// Every asset exists with the manifest's size and SHA-256, and `SHA256SUMS` agrees.

@@ -59,9 +59,9 @@ pub enum PolicyError {
     Domain(String),
     #[error("{0:?} is not a CIDR (e.g. 203.0.113.0/24, 2001:db8::/32, or a single address)")]
     Cidr(String),
-    #[error("--allow-host-port 0 is not a port")]
+    #[error("host port 0 is not a port")]
     HostPort,
-    #[error("--network none admits nothing; it cannot be combined with --allow-domain or --allow-cidr")]
+    #[error("network mode none admits nothing: it cannot be combined with allowed domains or ranges")]
     NoneWithAllowList,
 }
 

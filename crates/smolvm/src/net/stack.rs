@@ -210,7 +210,7 @@ struct Netd {
 pub fn run(dir: &Path) -> io::Result<()> {
     let ready = |line: &ReadyLine| {
         let mut out = io::stdout().lock();
-        let _ = writeln!(out, "{}", serde_json::to_string(line).unwrap_or_default());
+        let _ = writeln!(out, "{}", serde_json::to_string(line).expect("a ready line serializes"));
         let _ = out.flush();
     };
     let mut netd = match Netd::new(dir) {

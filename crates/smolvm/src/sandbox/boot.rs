@@ -31,7 +31,7 @@ pub(super) struct BootFiles {
 /// Why a boot failed; the console tail is included where it helps.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
-    #[error("{qemu} failed to start: {source}\n  (is QEMU installed? scripts/install-host-deps.sh installs it; `smolvm doctor` checks)")]
+    #[error("{qemu} failed to start: {source}")]
     Spawn { qemu: String, source: std::io::Error },
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },

@@ -62,20 +62,30 @@ pub enum CreateEvent {
 pub enum CreateError {
     #[error(transparent)]
     Name(#[from] names::NameError),
-    #[error("a sandbox named {0:?} already exists (smolvm delete it, or choose another --name)")]
+    #[error("a sandbox named {0:?} already exists")]
     Exists(String),
-    #[error("invalid options: {0}")]
-    Options(String),
+    #[error("memory of {0} MiB is below the minimum of 128 MiB")]
+    Memory(u32),
+    #[error("{0} vCPUs: the range is 1 to 64")]
+    Cpus(u32),
+    #[error("a disk of {0} MiB is below the minimum of 64 MiB")]
+    DiskSize(u64),
+    #[error("no preset named {0:?}")]
+    NoPreset(String),
     #[error("invalid network policy: {0}")]
     Network(#[from] PolicyError),
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error(transparent)]
     Fetch(#[from] FetchError),
-    #[error("--accel kvm was asked for, but KVM cannot be used here: {0}; use --accel auto or tcg")]
+    #[error("KVM was asked for, but it cannot be used here: {0}")]
     NoKvm(String),
-    #[error("preparing the sandbox: {0}")]
-    Prepare(String),
+    #[error("make the sandbox's disk: {0}")]
+    Disk(#[from] disk::DiskError),
+    #[error("the managed SSH key: {0}")]
+    Key(#[from] ssh::KeyError),
+    #[error("create {path}: {source}")]
+    Dir { path: String, source: std::io::Error },
     #[error(transparent)]
     Boot(#[from] BootError),
     #[error(transparent)]
@@ -133,8 +143,14 @@ impl Smolvm {
             }
             None => names::generate(),
         };
-        if opts.memory_mib < 128 || opts.cpus == 0 || opts.cpus > 64 || opts.disk_mib < 64 {
-            return Err(CreateError::Options("need --memory >= 128, --cpus 1..64, --disk-size >= 64".into()));
+        if opts.memory_mib < 128 {
+            return Err(CreateError::Memory(opts.memory_mib));
+        }
+        if opts.cpus == 0 || opts.cpus > 64 {
+            return Err(CreateError::Cpus(opts.cpus));
+        }
+        if opts.disk_mib < 64 {
+            return Err(CreateError::DiskSize(opts.disk_mib));
         }
         opts.network.validate()?;
         if self.db().get(&name)?.is_some() {
@@ -159,7 +175,7 @@ impl Smolvm {
         };
         if let Some(p) = &opts.preset {
             if super::presets::find(p).is_none() {
-                return Err(CreateError::Options(format!("no preset named {p:?} (smolvm preset list)")));
+                return Err(CreateError::NoPreset(p.clone()));
             }
         }
         let images = self.ensure_images(&src, opts.preset.as_deref(), &mut |e| on(CreateEvent::Fetch(e)))?;
@@ -212,9 +228,9 @@ impl Smolvm {
         on: &mut dyn FnMut(CreateEvent),
     ) -> Result<(), CreateError> {
         let dir = self.dir(&row.name);
-        std::fs::create_dir_all(&dir).map_err(|e| CreateError::Prepare(format!("create {}: {e}", dir.display())))?;
-        disk::create_upper(&dir.join("disk.ext4"), opts.disk_mib).map_err(CreateError::Prepare)?;
-        ssh::ensure_key(&self.home().keys()).map_err(CreateError::Prepare)?;
+        std::fs::create_dir_all(&dir).map_err(|source| CreateError::Dir { path: dir.display().to_string(), source })?;
+        disk::create_upper(&dir.join("disk.ext4"), opts.disk_mib)?;
+        ssh::ensure_key(&self.home().keys())?;
         on(CreateEvent::Booting { accel: accel.qemu_name().into() });
         let files = BootFiles {
             kernel: images.kernel.clone(),

@@ -8,22 +8,33 @@
 use std::path::Path;
 use std::process::Command;
 
+/// Why the disk could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("{what} {path}: {source}")]
+    Io { what: &'static str, path: String, source: std::io::Error },
+    #[error("run mkfs.ext4: {0}")]
+    NoMkfs(std::io::Error),
+    #[error("mkfs.ext4 {path}: {stderr}")]
+    Mkfs { path: String, stderr: String },
+}
+
 /// Creates `path` as a sparse file of `size_mib` MiB holding an empty ext4 filesystem.
-pub fn create_upper(path: &Path, size_mib: u64) -> Result<(), String> {
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(|e| format!("create {}: {e}", path.display()))?;
-    f.set_len(size_mib * 1024 * 1024).map_err(|e| format!("size {}: {e}", path.display()))?;
+pub fn create_upper(path: &Path, size_mib: u64) -> Result<(), DiskError> {
+    let io = |what| move |source| DiskError::Io { what, path: path.display().to_string(), source };
+    let f = std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(io("create"))?;
+    f.set_len(size_mib * 1024 * 1024).map_err(io("size"))?;
     drop(f);
     let out = Command::new("mkfs.ext4")
         .args(["-q", "-F", "-m", "0", "-L", "smolvm-upper", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"])
         .arg(path)
         .output()
-        .map_err(|e| format!("run mkfs.ext4 ({e}); install e2fsprogs (scripts/install-host-deps.sh)"))?;
+        .map_err(DiskError::NoMkfs)?;
     if !out.status.success() {
-        return Err(format!("mkfs.ext4 {}: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim()));
+        return Err(DiskError::Mkfs {
+            path: path.display().to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(())
 }

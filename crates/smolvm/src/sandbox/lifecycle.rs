@@ -20,12 +20,18 @@ pub enum LifecycleError {
     State(#[from] StateError),
     #[error(transparent)]
     Boot(#[from] BootError),
-    #[error("sandbox {name}: {reason}")]
-    Failed { name: String, reason: String },
-}
-
-fn failed(name: &str, reason: impl Into<String>) -> LifecycleError {
-    LifecycleError::Failed { name: name.to_string(), reason: reason.into() }
+    #[error("sandbox {name}: its {what} image (sha256 {sha256}) is no longer cached (release {tag})")]
+    ImageGone { name: String, what: &'static str, sha256: String, tag: String },
+    #[error("sandbox {name}: forward 127.0.0.1:{host} -> guest {guest}: {source}")]
+    Forward { name: String, host: u16, guest: u16, source: crate::net::NetError },
+    #[error("sandbox {name}: {key:?} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)")]
+    VarName { name: String, key: String },
+    #[error("sandbox {name}: hand the environment to the guest: {source}")]
+    Env { name: String, source: crate::agent::AgentError },
+    #[error("sandbox {name}: {source}")]
+    Policy { name: String, source: crate::net::PolicyError },
+    #[error("sandbox {name}: the new network policy is saved but not applied to the running sandbox: {source}")]
+    PolicyNotApplied { name: String, source: crate::net::NetError },
 }
 
 /// Waits up to `timeout` for `pid` to exit.
@@ -101,14 +107,11 @@ impl Smolvm {
         if Self::status_of(&row) == Status::Running {
             return Ok(());
         }
-        let missing = |what: &str, sha: &str| {
-            failed(
-                name,
-                format!(
-                    "its {what} image (sha256 {sha}) is no longer cached; run `smolvm image pull` for release {}",
-                    row.tag
-                ),
-            )
+        let missing = |what: &'static str, sha: &str| LifecycleError::ImageGone {
+            name: name.into(),
+            what,
+            sha256: sha.into(),
+            tag: row.tag.clone(),
         };
         let kernel =
             self.images().lookup_sha(&row.kernel_sha256).ok_or_else(|| missing("kernel", &row.kernel_sha256))?;
@@ -172,9 +175,15 @@ impl Smolvm {
         let _lock = self.lock(name)?;
         self.running(name)?;
         let forward = crate::net::Forward { host: host_port.unwrap_or(0), guest: guest_port };
-        let reply = crate::net::control(&self.dir(name), &crate::net::ControlRequest::Forward { forward })
-            .map_err(|e| failed(name, format!("forward 127.0.0.1:{} -> {guest_port}: {e}", forward.host)))?;
-        let bound = reply.forward.ok_or_else(|| failed(name, "the network process named no port"))?;
+        let reply = crate::net::control(&self.dir(name), &crate::net::ControlRequest::Forward { forward }).map_err(
+            |source| LifecycleError::Forward { name: name.into(), host: forward.host, guest: guest_port, source },
+        )?;
+        let bound = reply.forward.ok_or_else(|| LifecycleError::Forward {
+            name: name.into(),
+            host: forward.host,
+            guest: guest_port,
+            source: crate::net::NetError::Refused("it named no port".into()),
+        })?;
         self.db().forward_add(name, bound)?;
         Ok(bound.host)
     }
@@ -186,7 +195,7 @@ impl Smolvm {
             && !key.starts_with(|c: char| c.is_ascii_digit())
             && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !valid {
-            return Err(failed(name, format!("{key:?} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)")));
+            return Err(LifecycleError::VarName { name: name.into(), key: key.into() });
         }
         let _lock = self.lock(name)?;
         self.row(name)?;
@@ -216,6 +225,6 @@ impl Smolvm {
         let vars = self.db().env(name)?;
         self.agent(name)
             .and_then(|c| c.set_env(vars))
-            .map_err(|e| failed(name, format!("hand the environment to the guest: {e}")))
+            .map_err(|source| LifecycleError::Env { name: name.into(), source })
     }
 }

@@ -21,6 +21,7 @@ use std::time::Duration;
 use serde::Serialize;
 use smolvm_protocol::ready::BootPhases;
 
+pub use boot::BootError;
 pub use create::{CreateError, CreateEvent, CreateOptions};
 pub use lifecycle::LifecycleError;
 
@@ -92,10 +93,10 @@ pub struct SandboxInfo {
 /// Errors shared by every operation on an existing sandbox.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
-    #[error("no sandbox named {0:?} (smolvm list shows them)")]
+    #[error("no sandbox named {0:?}")]
     NotFound(String),
-    #[error("sandbox {name} is {status}, not running: {hint}")]
-    NotRunning { name: String, status: Status, hint: &'static str },
+    #[error("sandbox {name} is {status}, not running")]
+    NotRunning { name: String, status: Status },
     #[error(transparent)]
     State(#[from] StateError),
     #[error("{what}: {source}")]
@@ -235,17 +236,7 @@ impl Smolvm {
         let row = self.row(name)?;
         match Self::status_of(&row) {
             Status::Running => Ok(row),
-            status => Err(SandboxError::NotRunning {
-                name: name.to_string(),
-                status,
-                hint: match status {
-                    Status::Crashed => {
-                        "its VM exited; see smolvm logs, then smolvm delete it (or smolvm start it again)"
-                    }
-                    Status::Creating => "wait for smolvm create to finish",
-                    _ => "smolvm start it first",
-                },
-            }),
+            status => Err(SandboxError::NotRunning { name: name.to_string(), status }),
         }
     }
 
@@ -276,7 +267,10 @@ impl Smolvm {
         timeout: Option<Duration>,
     ) -> Result<crate::agent::ExecOutput, crate::agent::AgentError> {
         let client = self.agent(name)?;
-        let env = self.db().env(name).unwrap_or_default();
+        let env = self
+            .db()
+            .env(name)
+            .map_err(|e| crate::agent::AgentError::Guest { sandbox: name.into(), message: e.to_string() })?;
         client.exec_output(
             crate::agent::client::ExecRequest {
                 command: crate::agent::client::Command::Argv(argv.to_vec()),

@@ -7,7 +7,7 @@ impl Smolvm {
     /// Replaces a sandbox's network policy. A running sandbox applies it to every new
     /// connection at once (no restart); a stopped one at its next start.
     pub fn set_network(&self, name: &str, policy: &NetworkPolicy) -> Result<(), LifecycleError> {
-        policy.validate().map_err(|e| LifecycleError::Failed { name: name.into(), reason: e.to_string() })?;
+        policy.validate().map_err(|source| LifecycleError::Policy { name: name.into(), source })?;
         let _lock = self.lock(name)?;
         let row = self.row(name)?;
         self.db().set_policy(name, policy)?;
@@ -21,9 +21,6 @@ impl Smolvm {
             net::write_config(&dir, &cfg)?;
             net::control(&dir, &net::ControlRequest::Reload).map(|_| ())
         };
-        apply().map_err(|e| LifecycleError::Failed {
-            name: name.into(),
-            reason: format!("the new policy is saved but not applied to the running sandbox: {e}"),
-        })
+        apply().map_err(|source| LifecycleError::PolicyNotApplied { name: name.into(), source })
     }
 }

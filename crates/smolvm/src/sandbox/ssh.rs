@@ -7,13 +7,28 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// Why the managed key could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("{what} {path}: {source}")]
+    Io { what: &'static str, path: String, source: std::io::Error },
+    #[error("run ssh-keygen: {0}")]
+    NoKeygen(std::io::Error),
+    #[error("ssh-keygen: {0}")]
+    Keygen(String),
+}
+
 /// The managed key pair under `<home>/keys/`, created on first use.
-pub fn ensure_key(keys_dir: &Path) -> Result<PathBuf, String> {
+pub fn ensure_key(keys_dir: &Path) -> Result<PathBuf, KeyError> {
     let key = keys_dir.join("id_ed25519");
     if key.exists() && key.with_extension("pub").exists() {
         return Ok(key);
     }
-    std::fs::create_dir_all(keys_dir).map_err(|e| format!("create {}: {e}", keys_dir.display()))?;
+    let io = |what, p: &Path| {
+        let path = p.display().to_string();
+        move |source| KeyError::Io { what, path, source }
+    };
+    std::fs::create_dir_all(keys_dir).map_err(io("create", keys_dir))?;
     let _ = std::fs::set_permissions(keys_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700));
     // Generated under a temporary name and renamed: a concurrent create never sees half a key.
     let tmp = keys_dir.join(format!(".id_ed25519.{}", std::process::id()));
@@ -24,9 +39,9 @@ pub fn ensure_key(keys_dir: &Path) -> Result<PathBuf, String> {
         .arg("-f")
         .arg(&tmp)
         .output()
-        .map_err(|e| format!("run ssh-keygen ({e}); install openssh-client"))?;
+        .map_err(KeyError::NoKeygen)?;
     if !out.status.success() {
-        return Err(format!("ssh-keygen: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        return Err(KeyError::Keygen(String::from_utf8_lossy(&out.stderr).trim().to_string()));
     }
     let tmp_pub = PathBuf::from(format!("{}.pub", tmp.display()));
     if key.exists() && key.with_extension("pub").exists() {
@@ -35,8 +50,8 @@ pub fn ensure_key(keys_dir: &Path) -> Result<PathBuf, String> {
         let _ = std::fs::remove_file(&tmp_pub);
         return Ok(key);
     }
-    std::fs::rename(&tmp_pub, key.with_extension("pub")).map_err(|e| format!("install public key: {e}"))?;
-    std::fs::rename(&tmp, &key).map_err(|e| format!("install private key: {e}"))?;
+    std::fs::rename(&tmp_pub, key.with_extension("pub")).map_err(io("install", &key.with_extension("pub")))?;
+    std::fs::rename(&tmp, &key).map_err(io("install", &key))?;
     Ok(key)
 }
 

@@ -37,6 +37,8 @@ impl FromSql for AccelKind {
 pub enum StateError {
     #[error("state database {path}: {source}")]
     Open { path: String, source: rusqlite::Error },
+    #[error("lock the state database {path}: {source}")]
+    Lock { path: String, source: std::io::Error },
     #[error("state database: {0}")]
     Query(#[from] rusqlite::Error),
     #[error(
@@ -179,8 +181,9 @@ impl Db {
         }
         // Creating the file, switching it to WAL and migrating it are serialised across
         // processes (SQLite's busy handler does not cover the journal-mode switch).
-        let _guard = crate::lock::FileLock::exclusive(&path.with_extension("db.lock"))
-            .map_err(|e| open_err(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
+        let lock_path = path.with_extension("db.lock");
+        let _guard = crate::lock::FileLock::exclusive(&lock_path)
+            .map_err(|source| StateError::Lock { path: lock_path.display().to_string(), source })?;
         let conn = Connection::open(path).map_err(open_err)?;
         conn.busy_timeout(Duration::from_secs(30)).map_err(open_err)?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;

@@ -1,0 +1,106 @@
+//! What to do about an error: the library says what failed, in its own terms; the CLI, which
+//! knows its flags and commands, adds the hint (a line after the error).
+
+use smolvm::agent::AgentError;
+use smolvm::images::fetch::FetchError;
+use smolvm::net::{NetError, PolicyError};
+use smolvm::sandbox::{BootError, CreateError, LifecycleError, SandboxError, Status};
+
+/// The hint for the first error in `chain` that has one.
+pub fn for_chain<'a>(chain: impl Iterator<Item = &'a (dyn std::error::Error + 'static)>) -> Option<String> {
+    chain.into_iter().find_map(hint)
+}
+
+fn hint(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    if let Some(e) = e.downcast_ref::<CreateError>() {
+        return Some(match e {
+            CreateError::Exists(n) => format!("smolvm delete {n}, or choose another --name"),
+            CreateError::Memory(_) | CreateError::Cpus(_) | CreateError::DiskSize(_) => {
+                "see --memory, --cpus and --disk-size in smolvm create --help".into()
+            }
+            CreateError::NoPreset(_) => "smolvm preset list names them".into(),
+            CreateError::NoKvm(_) => "use --accel auto or --accel tcg; smolvm doctor explains".into(),
+            CreateError::Disk(_) => "mkfs.ext4 comes with e2fsprogs (scripts/install-host-deps.sh)".into(),
+            CreateError::Key(_) => "ssh-keygen comes with openssh-client (scripts/install-host-deps.sh)".into(),
+            // Transparent wrappers: their source() skips the inner error, so look inside.
+            CreateError::Fetch(f) => return hint(f),
+            CreateError::Boot(b) => return hint(b),
+            CreateError::Sandbox(s) => return hint(s),
+            CreateError::Network(p) => return hint(p),
+            _ => return None,
+        });
+    }
+    if let Some(e) = e.downcast_ref::<FetchError>() {
+        return Some(match e {
+            FetchError::Unreachable { .. } => "the image release could not be reached; any of these works without it:\n\
+                 - serve a release directory over HTTP and set SMOLVM_IMAGES_URL=http://HOST/DIR (assets at DIR/<tag>/<asset>)\n\
+                 - load a locally built release: smolvm image import DIR/<tag>\n\
+                 - build one here: smolvm image build all --out DIR"
+                .into(),
+            FetchError::Http { .. } => {
+                "check SMOLVM_IMAGES_URL and SMOLVM_IMAGES_MANIFEST, or that the release is published (smolvm image show)"
+                    .into()
+            }
+            FetchError::Mismatch { .. } => "Retry; if it happens again, the server (or a proxy) serves other bytes than \
+                 the release pinned in this binary: check SMOLVM_IMAGES_URL and SMOLVM_IMAGES_MANIFEST, or rebuild \
+                 and re-import the release (smolvm image import)"
+                .into(),
+            FetchError::Io { .. } => return None,
+        });
+    }
+    if let Some(e) = e.downcast_ref::<SandboxError>() {
+        return match e {
+            SandboxError::NotFound(_) => Some("smolvm list shows the sandboxes".into()),
+            SandboxError::NotRunning { name, status } => Some(match status {
+                Status::Crashed => {
+                    format!("its VM exited; see smolvm logs {name}, then smolvm delete {name} (or smolvm start {name})")
+                }
+                Status::Creating => "wait for smolvm create to finish".into(),
+                _ => format!("smolvm start {name} first"),
+            }),
+            _ => None,
+        };
+    }
+    if let Some(e) = e.downcast_ref::<AgentError>() {
+        return match e {
+            AgentError::Connect { sandbox, .. } | AgentError::Lost { sandbox, .. } => {
+                Some(format!("check smolvm status {sandbox} (the VM may have stopped) and smolvm logs {sandbox}"))
+            }
+            AgentError::Unsupported { .. } => Some(
+                "the sandbox's image is older than this smolvm: recreate it from a newer release to use this".into(),
+            ),
+            _ => None,
+        };
+    }
+    if let Some(e) = e.downcast_ref::<BootError>() {
+        return match e {
+            BootError::Spawn { .. } => {
+                Some("is QEMU installed? scripts/install-host-deps.sh installs it; smolvm doctor checks".into())
+            }
+            _ => None,
+        };
+    }
+    if let Some(e) = e.downcast_ref::<LifecycleError>() {
+        return match e {
+            LifecycleError::ImageGone { tag, .. } => {
+                Some(format!("smolvm image pull (release {tag}), or smolvm image import DIR/{tag}"))
+            }
+            LifecycleError::Sandbox(s) => hint(s),
+            LifecycleError::Boot(b) => hint(b),
+            LifecycleError::Policy { source, .. } => hint(source),
+            LifecycleError::Env { source, .. } => hint(source),
+            _ => None,
+        };
+    }
+    if let Some(e) = e.downcast_ref::<PolicyError>() {
+        return Some(match e {
+            PolicyError::HostPort => "--allow-host-port takes a port from 1 to 65535".into(),
+            PolicyError::NoneWithAllowList => "drop --network none, or the --allow-domain / --allow-cidr flags".into(),
+            _ => "see the NETWORK section of smolvm --help".into(),
+        });
+    }
+    if let Some(NetError::NotRunning(_)) = e.downcast_ref::<NetError>() {
+        return Some("the sandbox is not running, or its network process died: smolvm status shows which".into());
+    }
+    None
+}
