@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use smolvm::sandbox::presets::{self, Preset};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -20,7 +21,7 @@ QUICK START:
   smolvm delete box                        stop it and remove its disk
 
 PRESETS (the same base, with an AI coding agent's tooling as a layer on top):
-  smolvm codex start | claude-code start | hermes start | pi start   [--name N] [--no-attach]
+  smolvm {presets}   [--name N] [--no-attach]
   smolvm preset list                       layer sizes, and which are cached
 
 LIFECYCLE:
@@ -52,7 +53,7 @@ IMAGES (for maintainers and air-gapped hosts):
   smolvm image build all --out dist      build kernel + base rootfs, write dist/<tag>/ (a release)
   smolvm image build kernel --out DIR    only the guest kernel (vmlinux ELF + bzImage)
   smolvm image build base --out DIR      only the base rootfs (ext4, smolvm-init at /init)
-  smolvm image pin dist/<tag>            pin that release in images/release.toml (then rebuild)
+  smolvm image pin dist/<tag>            pin that release in recipes/release.toml (then rebuild)
   smolvm image show                      the pins compiled into this binary
 
 Builds are cached by recipe hash under /var/cache/smolvm/build (SMOLVM_BUILD_CACHE).
@@ -141,18 +142,6 @@ pub enum Command {
     /// Build, pin, fetch and inspect the kernel and rootfs images.
     #[command(subcommand)]
     Image(ImageCommand),
-    /// OpenAI's Codex CLI in a sandbox: `smolvm codex start` (OPENAI_API_KEY is handed over).
-    #[command(subcommand)]
-    Codex(PresetCommand),
-    /// Anthropic's Claude Code in a sandbox: `smolvm claude-code start` (ANTHROPIC_API_KEY).
-    #[command(subcommand, name = "claude-code")]
-    ClaudeCode(PresetCommand),
-    /// Nous Research's Hermes agent in a sandbox: `smolvm hermes start`.
-    #[command(subcommand)]
-    Hermes(PresetCommand),
-    /// The pi coding agent in a sandbox: `smolvm pi start`.
-    #[command(subcommand)]
-    Pi(PresetCommand),
     /// The presets: layer size and whether it is cached.
     #[command(subcommand)]
     Preset(PresetListCommand),
@@ -280,11 +269,11 @@ pub enum ImageCommand {
     /// Build images from Debian's packages (needs root and the Debian mirror).
     #[command(subcommand)]
     Build(BuildCommand),
-    /// Check a built release and write its pins to images/release.toml.
+    /// Check a built release and write its pins to recipes/release.toml.
     Pin {
         /// The release directory, DIR/<tag> as written by `image build all`.
         release_dir: PathBuf,
-        /// The pins file to rewrite (default: the checkout's images/release.toml).
+        /// The pins file to rewrite (default: the checkout's recipes/release.toml).
         #[arg(long)]
         release_toml: Option<PathBuf>,
     },
@@ -359,4 +348,37 @@ pub struct BuildArgs {
     /// Build cache directory (default: /var/cache/smolvm/build as root).
     #[arg(long, env = "SMOLVM_BUILD_CACHE")]
     pub cache: Option<PathBuf>,
+}
+
+/// What the command line asked for: a built-in command, or `<preset> start`.
+#[derive(Debug)]
+pub enum Parsed {
+    Main(Cli),
+    Preset { preset: &'static Preset, verbose: u8, json: bool, command: PresetCommand },
+}
+
+/// The grammar: [`Cli`], plus one `<preset> start` subcommand per entry of the preset table.
+pub fn command() -> clap::Command {
+    let mut cmd = Cli::command();
+    let names: Vec<String> = presets::PRESETS.iter().map(|p| format!("{} start", p.name)).collect();
+    let help = cmd.get_after_help().map(|h| h.to_string()).unwrap_or_default();
+    cmd = cmd.after_help(help.replace("{presets}", &names.join(" | ")));
+    for p in presets::PRESETS {
+        let about =
+            format!("{} in a sandbox: `smolvm {} start` ({} handed over)", p.about, p.name, p.api_keys.join(", "));
+        let sub = PresetCommand::augment_subcommands(clap::Command::new(p.name).about(about)).subcommand_required(true);
+        cmd = cmd.subcommand(sub);
+    }
+    cmd
+}
+
+pub fn parse() -> Parsed {
+    let m = command().get_matches();
+    if let Some((name, sub)) = m.subcommand() {
+        if let Some(preset) = presets::find(name) {
+            let command = PresetCommand::from_arg_matches(sub).unwrap_or_else(|e| e.exit());
+            return Parsed::Preset { preset, verbose: m.get_count("verbose"), json: m.get_flag("json"), command };
+        }
+    }
+    Parsed::Main(Cli::from_arg_matches(&m).unwrap_or_else(|e| e.exit()))
 }

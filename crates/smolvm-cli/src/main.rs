@@ -9,19 +9,21 @@ mod config;
 mod hints;
 mod progress;
 
-use clap::Parser;
-
 fn main() -> std::process::ExitCode {
-    let cli = cli::Cli::parse();
+    let parsed = cli::parse();
+    let verbose = match &parsed {
+        cli::Parsed::Main(c) => c.verbose,
+        cli::Parsed::Preset { verbose, .. } => *verbose,
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("SMOLVM_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(match cli.verbose {
+        tracing_subscriber::EnvFilter::new(match verbose {
             0 => "smolvm=info",
             1 => "smolvm=debug",
             _ => "smolvm=trace",
         })
     });
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
-    match cmd::run(cli) {
+    match cmd::dispatch(parsed) {
         Ok(code) => std::process::ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
             eprintln!("smolvm: error: {}", error_text(&e));

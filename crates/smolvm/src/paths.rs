@@ -42,7 +42,7 @@ impl Home {
     }
 
     pub fn images(&self) -> PathBuf {
-        self.cache.join("images")
+        self.cache.join("recipes")
     }
 
     pub fn sandboxes(&self) -> PathBuf {

@@ -3,7 +3,7 @@
 use std::process::Command;
 
 use serde_json::json;
-use smolvm::images::pins::ReleasePins;
+use smolvm::images::release_pins::ReleasePins;
 use smolvm::vm::accel::{detect, Accel, HostFacts};
 
 use super::{print_json, say};

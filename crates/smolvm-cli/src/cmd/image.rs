@@ -5,9 +5,10 @@ use std::path::Path;
 
 use anyhow::Context;
 use serde_json::json;
-use smolvm::images::build::{self, BuildEnv, Report};
 use smolvm::images::tag::Tag;
-use smolvm::images::{pin, Manifest, ReleasePins};
+use smolvm::images::{Manifest, ReleasePins};
+use smolvm_release::pinning as pin;
+use smolvm_release::{self as build, BuildEnv, Report};
 
 use super::{print_json, say};
 use crate::cli::{BuildArgs, BuildCommand, ImageCommand};
@@ -19,7 +20,7 @@ pub fn run(cmd: ImageCommand, json: bool) -> anyhow::Result<()> {
         ImageCommand::Pin { release_dir, release_toml } => {
             let toml_path = match release_toml {
                 Some(p) => p,
-                None => BuildEnv::discover(None, None)?.source.join("images/release.toml"),
+                None => BuildEnv::discover(None, None)?.source.join("recipes/release.toml"),
             };
             let pins = pin::pin(&release_dir, &toml_path).with_context(|| format!("pin {}", release_dir.display()))?;
             if json {

@@ -6,7 +6,16 @@ mod image;
 mod network;
 mod sandbox;
 
-use crate::cli::{Cli, Command, PresetCommand, PresetListCommand};
+use crate::cli::{Cli, Command, Parsed, PresetCommand, PresetListCommand};
+
+pub fn dispatch(parsed: Parsed) -> anyhow::Result<i32> {
+    match parsed {
+        Parsed::Main(cli) => run(cli),
+        Parsed::Preset { preset, json, command: PresetCommand::Start(a), .. } => {
+            sandbox::preset_start(preset.name, a, json)
+        }
+    }
+}
 
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
     let json = cli.json;
@@ -27,10 +36,6 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Env(c) => sandbox::env(c, json),
         Command::Doctor => doctor::run(json),
         Command::Image(c) => image::run(c, json).map(|()| 0),
-        Command::Codex(PresetCommand::Start(a)) => sandbox::preset_start("codex", a, json),
-        Command::ClaudeCode(PresetCommand::Start(a)) => sandbox::preset_start("claude-code", a, json),
-        Command::Hermes(PresetCommand::Start(a)) => sandbox::preset_start("hermes", a, json),
-        Command::Pi(PresetCommand::Start(a)) => sandbox::preset_start("pi", a, json),
         Command::Preset(PresetListCommand::List) => sandbox::preset_list(json),
         Command::AgentProxy { dir } => smolvm::agent::proxy_main(&dir).map(|()| 0).map_err(Into::into),
         Command::Netd { dir } => smolvm::net::run(&dir).map(|()| 0).map_err(Into::into),

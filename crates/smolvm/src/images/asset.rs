@@ -1,4 +1,4 @@
-//! One published file of a release, as both `manifest.json` and `images/release.toml` list it.
+//! One published file of a release, as both `manifest.json` and `recipes/release.toml` list it.
 
 use serde::{Deserialize, Serialize};
 

@@ -14,7 +14,7 @@ use std::path::Path;
 
 use super::asset::{Asset, AssetKind, Format};
 use super::manifest::{Manifest, ManifestError};
-use super::pins::ReleasePins;
+use super::release_pins::ReleasePins;
 
 /// Environment variable names.
 pub const ENV_IMAGES_URL: &str = "SMOLVM_IMAGES_URL";

@@ -3,18 +3,18 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::base::{build_base, BASE_ROOTFS_FILE};
-use super::compress::zstd_cached;
-use super::init::build_init;
-use super::kernel::{build_kernel, KERNEL_BZIMAGE_FILE, KERNEL_ELF_FILE};
-use super::preset::{build_layer, PRESETS};
-use super::run::copy_sparse;
-use super::{BuildEnv, BuildError, Report};
-use crate::digest::sha256_file;
-use crate::images::manifest::{MANIFEST_FILE, SHA256SUMS_FILE};
-use crate::images::tag::Tag;
-use crate::images::{Asset, AssetKind, Blob, Format, Manifest};
-use crate::timefmt::{now_secs, rfc3339_utc};
+use crate::base::{build_base, BASE_ROOTFS_FILE};
+use crate::compress::zstd_cached;
+use crate::init::build_init;
+use crate::kernel::{build_kernel, KERNEL_BZIMAGE_FILE, KERNEL_ELF_FILE};
+use crate::preset::{build_layer, presets as all_presets};
+use crate::run::copy_sparse;
+use crate::{BuildEnv, BuildError, Report};
+use smolvm::digest::sha256_file;
+use smolvm::images::manifest::{MANIFEST_FILE, SHA256SUMS_FILE};
+use smolvm::images::tag::Tag;
+use smolvm::images::{Asset, AssetKind, Blob, Format, Manifest};
+use smolvm::timefmt::{now_secs, rfc3339_utc};
 
 /// A finished release directory.
 #[derive(Debug, Clone)]
@@ -92,7 +92,7 @@ pub fn build_release(
         (kernel.dir.join(KERNEL_BZIMAGE_FILE), AssetKind::Kernel, Format::Bzimage, false, None),
         (base.ext4(), AssetKind::Rootfs, Format::Ext4, true, None),
     ];
-    for preset in PRESETS.iter().filter(|_| presets) {
+    for preset in all_presets().filter(|_| presets) {
         let layer = report.step(&format!("layer {preset}"), || {
             let (p, hit) = build_layer(env, preset, &base.ext4(), epoch)?;
             let detail = format!("{} bytes apparent", fs::metadata(&p).map(|m| m.len()).unwrap_or(0));

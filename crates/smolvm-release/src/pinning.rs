@@ -1,14 +1,14 @@
-//! `smolvm image pin DIR/<tag>`: rewrite `images/release.toml` from a built release.
+//! `smolvm image pin DIR/<tag>`: rewrite `recipes/release.toml` from a built release.
 
 use std::fs;
 use std::path::Path;
 
-use super::manifest::{parse_sha256sums, ManifestError, MANIFEST_FILE, SHA256SUMS_FILE};
-use super::pins::{PinsError, ReleasePins};
-use super::Manifest;
-use crate::digest::sha256_file;
+use smolvm::digest::sha256_file;
+use smolvm::images::manifest::{parse_sha256sums, ManifestError, MANIFEST_FILE, SHA256SUMS_FILE};
+use smolvm::images::release_pins::{PinsError, ReleasePins};
+use smolvm::images::Manifest;
 
-/// Where releases are published unless `images/release.toml` already says otherwise.
+/// Where releases are published unless `recipes/release.toml` already says otherwise.
 pub const DEFAULT_URL_TEMPLATE: &str = "https://github.com/smolvm/smolvm/releases/download/{tag}/{asset}";
 
 const HEADER: &str = "\

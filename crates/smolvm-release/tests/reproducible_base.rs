@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 use smolvm::digest::sha256_file;
-use smolvm::images::build::{build_base, build_base_into, build_init, BuildEnv};
+use smolvm_release::{build_base, build_base_into, build_init, BuildEnv};
 
 #[test]
 #[ignore = "runs mmdebstrap (root, Debian mirror): run scripts/test.sh"]

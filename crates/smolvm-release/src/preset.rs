@@ -4,13 +4,16 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::cache::{self, RecipeHash};
-use super::run::run;
-use super::{BuildEnv, BuildError};
-use crate::digest::sha256_file;
+use crate::cache::{self, RecipeHash};
+use crate::run::run;
+use crate::{BuildEnv, BuildError};
+use smolvm::digest::sha256_file;
 
-/// The presets every release carries, each built by `images/presets/<name>.sh`.
-pub const PRESETS: &[&str] = &["codex", "claude-code", "hermes", "pi"];
+/// The presets every release carries (the one table: `smolvm::sandbox::presets::PRESETS`),
+/// each built by `recipes/presets/<name>.sh`.
+pub fn presets() -> impl Iterator<Item = &'static str> {
+    smolvm::sandbox::presets::PRESETS.iter().map(|p| p.name)
+}
 
 /// The layer image's file name inside a build directory (the release asset adds `.zst`).
 pub fn layer_file(preset: &str) -> String {
@@ -20,8 +23,9 @@ pub fn layer_file(preset: &str) -> String {
 /// Builds (or finds in the cache) the layer of `preset` over `base` (the base rootfs ext4 of
 /// the same release). The key: the base's bytes, the preset's recipe and the layer script.
 pub fn build_layer(env: &BuildEnv, preset: &str, base: &Path, epoch: i64) -> Result<(PathBuf, bool), BuildError> {
-    if !PRESETS.contains(&preset) {
-        return Err(BuildError::Invalid(format!("no preset named {preset:?}; the presets are {}", PRESETS.join(", "))));
+    if smolvm::sandbox::presets::find(preset).is_none() {
+        let all: Vec<&str> = presets().collect();
+        return Err(BuildError::Invalid(format!("no preset named {preset:?}; the presets are {}", all.join(", "))));
     }
     let recipe = env.recipe(&format!("presets/{preset}.sh"));
     let script = env.recipe("presets/build-layer.sh");
@@ -41,4 +45,20 @@ pub fn build_layer(env: &BuildEnv, preset: &str, base: &Path, epoch: i64) -> Res
         )
     })?;
     Ok((dir.join(layer_file(preset)), hit))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_preset_has_a_recipe_and_a_pinned_layer() {
+        let env = crate::BuildEnv::discover(None, None).expect("the checkout");
+        let pins = smolvm::images::ReleasePins::compiled().expect("the compiled pins");
+        for p in super::presets() {
+            assert!(env.recipe(&format!("presets/{p}.sh")).is_file(), "no recipe for preset {p}");
+            assert!(
+                pins.assets.iter().any(|a| a.preset.as_deref() == Some(p)),
+                "no layer of preset {p} in recipes/release.toml"
+            );
+        }
+    }
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Regenerates images/kernel/x86_64.config from x86_64.fragment against a kernel source package:
-#   images/kernel/regen-config.sh /var/cache/smolvm/build/src/linux-source-6.12_*.deb
+# Regenerates recipes/kernel/x86_64.config from x86_64.fragment against a kernel source package:
+#   recipes/kernel/regen-config.sh /var/cache/smolvm/build/src/linux-source-6.12_*.deb
 # Run it after editing the fragment or when a new source version drops an option (the build
 # says so), then review the diff of x86_64.config like code.
 set -euo pipefail

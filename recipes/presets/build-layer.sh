@@ -2,7 +2,7 @@
 # Builds one preset layer: the files a preset adds to the base rootfs, as an ext4 image that
 # the guest stacks over the base with overlayfs (deletions are overlayfs whiteouts).
 # Called by `smolvm image build preset NAME`, which owns caching and hashing; by hand:
-#   SOURCE_DATE_EPOCH=... images/presets/build-layer.sh BASE.ext4 RECIPE.sh OUT.ext4
+#   SOURCE_DATE_EPOCH=... recipes/presets/build-layer.sh BASE.ext4 RECIPE.sh OUT.ext4
 # Needs root (loop and overlay mounts, chroot) and the package registries (apt, npm, PyPI).
 set -euo pipefail
 base=$1 recipe=$2 out=$3

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use super::BuildError;
+use crate::BuildError;
 
 /// Runs `cmd` with its output on our stderr (the tools' progress goes to the user), and fails with the
 /// command line, its status and `hint`.

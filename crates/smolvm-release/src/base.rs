@@ -4,10 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::cache::{self, RecipeHash};
-use super::run::run;
-use super::{BuildEnv, BuildError};
-use crate::digest::sha256_file;
+use crate::cache::{self, RecipeHash};
+use crate::run::run;
+use crate::{BuildEnv, BuildError};
+use smolvm::digest::sha256_file;
 
 /// The ext4 image's file name inside a build directory (the release asset adds `.zst`).
 pub const BASE_ROOTFS_FILE: &str = "base-x86_64-rootfs.ext4";

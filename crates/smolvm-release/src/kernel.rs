@@ -4,10 +4,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::cache::{self, RecipeHash};
-use super::run::{output, run};
-use super::{BuildEnv, BuildError};
-use crate::digest::sha256_file;
+use crate::cache::{self, RecipeHash};
+use crate::run::{output, run};
+use crate::{BuildEnv, BuildError};
+use smolvm::digest::sha256_file;
 
 /// Debian's kernel source package, and the suite it is taken from.
 pub const SOURCE_PACKAGE: &str = "linux-source-6.12";

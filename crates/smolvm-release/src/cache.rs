@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::{BuildEnv, BuildError};
-use crate::lock::FileLock;
+use crate::{BuildEnv, BuildError};
+use smolvm::lock::FileLock;
 
 /// Marker written last into a finished entry.
 const COMPLETE: &str = ".complete";

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the smolvm base rootfs: Debian minbase + packages, stripped, with smolvm-init at /init.
 # Called by `smolvm image build base`, which owns caching and hashing; runnable by hand too:
-#   SOURCE_DATE_EPOCH=... images/base/build.sh OUT.ext4 INIT_BINARY PACKAGES OVERLAY_DIR
+#   SOURCE_DATE_EPOCH=... recipes/base/build.sh OUT.ext4 INIT_BINARY PACKAGES OVERLAY_DIR
 # Needs root (mmdebstrap --mode=root, files owned by root in the image).
 set -euo pipefail
 out=$1 init=$2 packages=$3 overlay=$4

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use super::run::run;
-use super::{BuildEnv, BuildError};
+use crate::run::run;
+use crate::{BuildEnv, BuildError};
 
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 

@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::cache::{self, RecipeHash};
-use super::run::run;
-use super::{BuildEnv, BuildError};
+use crate::cache::{self, RecipeHash};
+use crate::run::run;
+use crate::{BuildEnv, BuildError};
 
 /// The zstd settings of every `.zst` asset. `--long` (a 128 MiB window) finds repeats far
 /// apart in a filesystem image; decoders accept that window by default.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the smolvm guest kernel from Debian's linux-source package.
 # Called by `smolvm image build kernel`, which owns caching and hashing; runnable by hand too:
-#   images/kernel/build.sh SOURCE_DEB CONFIG FRAGMENT OUTDIR
+#   recipes/kernel/build.sh SOURCE_DEB CONFIG FRAGMENT OUTDIR
 # Outputs OUTDIR/vmlinux-x86_64.elf (PVH-bootable ELF) and OUTDIR/vmlinux-x86_64.image (bzImage).
 set -euo pipefail
 deb=$1 config=$2 fragment=$3 out=$4
@@ -32,7 +32,7 @@ while IFS= read -r line; do
     lost=1
   fi
 done < <(grep -E '^CONFIG_[A-Z0-9_]+=' "$fragment")
-[ "$lost" = 0 ] || { echo "kernel: regenerate images/kernel/x86_64.config (images/kernel/regen-config.sh)" >&2; exit 1; }
+[ "$lost" = 0 ] || { echo "kernel: regenerate recipes/kernel/x86_64.config (recipes/kernel/regen-config.sh)" >&2; exit 1; }
 
 echo "kernel: make -j$jobs vmlinux bzImage" >&2
 make -C "$src" -s ARCH=x86_64 -j"$jobs" vmlinux bzImage

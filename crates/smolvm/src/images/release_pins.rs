@@ -1,4 +1,4 @@
-//! `images/release.toml`: the single source of truth for the images this binary uses.
+//! `recipes/release.toml`: the single source of truth for the images this binary uses.
 //!
 //! The file is compiled in (`include_str!`), so a `smolvm` binary always knows exactly which
 //! bytes it will boot: the release tag (`IMAGES_RELEASE_TAG`), where assets are downloaded from,
@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 use super::asset::{Asset, AssetKind};
 use super::tag::Tag;
 
-/// The text of `images/release.toml` as compiled into this binary.
-pub const IMAGES_RELEASE_TOML: &str = include_str!("../../../../images/release.toml");
+/// The text of `recipes/release.toml` as compiled into this binary.
+pub const IMAGES_RELEASE_TOML: &str = include_str!("../../../../recipes/release.toml");
 
 /// The pins of one release.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,7 +48,7 @@ impl ReleasePins {
     /// The pins compiled into this binary. Parsed once; a test keeps the file valid.
     pub fn compiled() -> Result<&'static ReleasePins, &'static PinsError> {
         static PINS: OnceLock<Result<ReleasePins, PinsError>> = OnceLock::new();
-        PINS.get_or_init(|| ReleasePins::parse(IMAGES_RELEASE_TOML, "images/release.toml (compiled in)")).as_ref()
+        PINS.get_or_init(|| ReleasePins::parse(IMAGES_RELEASE_TOML, "recipes/release.toml (compiled in)")).as_ref()
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -90,7 +90,7 @@ mod tests {
     use crate::images::Format;
 
     fn compiled() -> &'static ReleasePins {
-        ReleasePins::compiled().expect("images/release.toml must load")
+        ReleasePins::compiled().expect("recipes/release.toml must load")
     }
 
     #[test]

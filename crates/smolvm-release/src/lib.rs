@@ -1,7 +1,7 @@
 //! Building a release from source: the guest kernel, the init, the base rootfs.
 //!
-//! The heavy lifting is done by the project's recipe scripts (`images/kernel/build.sh`,
-//! `images/base/build.sh`), which stay readable and runnable by hand; this module owns what a
+//! The heavy lifting is done by the project's recipe scripts (`recipes/kernel/build.sh`,
+//! `recipes/base/build.sh`), which stay readable and runnable by hand; this module owns what a
 //! script does badly: cache keys, locking, atomic results, hashing, the manifest and a report.
 //!
 //! Every intermediate is cached under the build cache (default `/var/cache/smolvm/build` for
@@ -14,6 +14,7 @@ mod cache;
 mod compress;
 mod init;
 mod kernel;
+pub mod pinning;
 mod preset;
 mod release;
 mod run;
@@ -26,13 +27,13 @@ use serde::Serialize;
 pub use base::{build_base, build_base_into, BaseBuild, BASE_ROOTFS_FILE};
 pub use init::build_init;
 pub use kernel::{build_kernel, KernelBuild, KERNEL_BZIMAGE_FILE, KERNEL_ELF_FILE};
-pub use preset::{build_layer, layer_file, PRESETS};
+pub use preset::{build_layer, layer_file, presets};
 pub use release::{build_release, source_date_epoch, ReleaseBuild};
 
 /// Why a build failed. Each variant says what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("cannot find the smolvm source checkout (a directory with images/release.toml): building images needs one; run smolvm from inside the repository or pass --source DIR")]
+    #[error("cannot find the smolvm source checkout (a directory with recipes/release.toml): building images needs one; run smolvm from inside the repository or pass --source DIR")]
     NoCheckout,
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
@@ -52,7 +53,7 @@ impl BuildError {
 /// Where sources and the cache are, and how much CPU to use.
 #[derive(Debug, Clone)]
 pub struct BuildEnv {
-    /// The source checkout (holds `images/` and the workspace `Cargo.toml`).
+    /// The source checkout (holds `recipes/` and the workspace `Cargo.toml`).
     pub source: PathBuf,
     /// The build cache.
     pub cache: PathBuf,
@@ -61,22 +62,16 @@ pub struct BuildEnv {
 }
 
 impl BuildEnv {
-    /// Finds the checkout (from `source`, else upwards from the current directory, else the one
-    /// this binary was compiled from) and the cache (from `cache`, `SMOLVM_BUILD_CACHE`, or the
+    /// Finds the checkout (from `source`, else upwards from the current directory) and the cache (from `cache`, `SMOLVM_BUILD_CACHE`, or the
     /// default).
     pub fn discover(source: Option<PathBuf>, cache: Option<PathBuf>) -> Result<BuildEnv, BuildError> {
-        let is_checkout = |p: &Path| p.join("images/release.toml").is_file() && p.join("Cargo.toml").is_file();
+        let is_checkout = |p: &Path| p.join("recipes/release.toml").is_file() && p.join("Cargo.toml").is_file();
         let source = match source {
             Some(s) if is_checkout(&s) => s,
             Some(_) => return Err(BuildError::NoCheckout),
             None => {
                 let cwd = std::env::current_dir().map_err(BuildError::io("current directory"))?;
-                let compiled = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-                cwd.ancestors()
-                    .find(|p| is_checkout(p))
-                    .map(Path::to_path_buf)
-                    .or_else(|| is_checkout(&compiled).then_some(compiled))
-                    .ok_or(BuildError::NoCheckout)?
+                cwd.ancestors().find(|p| is_checkout(p)).map(Path::to_path_buf).ok_or(BuildError::NoCheckout)?
             }
         };
         let source = source.canonicalize().map_err(BuildError::io("resolve the source checkout"))?;
@@ -87,7 +82,7 @@ impl BuildEnv {
     }
 
     pub(crate) fn recipe(&self, rel: &str) -> PathBuf {
-        self.source.join("images").join(rel)
+        self.source.join("recipes").join(rel)
     }
 }
 
