@@ -20,12 +20,8 @@ if ! "$smolvm" image pull; then
   say "the release could not be downloaded: building it locally instead (kernel and base only: about 10 minutes the first time; cached afterwards)"
   # Preset layers are left out here (`smolvm image build all --out dist` builds them too).
   dir=$("$smolvm" image build all --no-presets --out dist --force --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["dir"])')
-  matches=$("$smolvm" image import "$dir" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["matches_pins"])')
-  if [ "$matches" != True ]; then
-    # A local build has its own digests (Debian's packages move on); use its manifest.
-    export SMOLVM_IMAGES_MANIFEST="$PWD/$dir/manifest.json"
-    say "using the locally built release: SMOLVM_IMAGES_MANIFEST=$SMOLVM_IMAGES_MANIFEST"
-  fi
+  # Import checks its SHA256SUMS and makes it this home's release: later creates use it.
+  "$smolvm" image import "$dir"
 fi
 
 say "creating sandbox $name"
@@ -35,9 +31,6 @@ say "creating sandbox $name"
 say "running a command in it: uname -a"
 "$smolvm" exec "$name" -- uname -a
 
-if [ -n "${SMOLVM_IMAGES_MANIFEST:-}" ]; then
-  printf '\nFor further `smolvm create` with the local release: export SMOLVM_IMAGES_MANIFEST=%s\n' "$SMOLVM_IMAGES_MANIFEST" >&2
-fi
 cat >&2 <<TXT
 
 Done. The sandbox is still running:

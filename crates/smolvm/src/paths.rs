@@ -56,4 +56,9 @@ impl Home {
     pub fn database(&self) -> PathBuf {
         self.data.join("state.db")
     }
+
+    /// The manifest of the release `smolvm image import` made this home's default.
+    pub fn default_release(&self) -> PathBuf {
+        self.data.join("release.json")
+    }
 }

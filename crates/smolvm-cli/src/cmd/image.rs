@@ -90,35 +90,48 @@ pub fn run(cmd: ImageCommand, json: bool) -> anyhow::Result<()> {
             let sm = super::sandbox::open()?;
             let manifest = Manifest::load(&release_dir.join("manifest.json"))?;
             pin::verify_release_dir(&release_dir, &manifest)?;
-            for a in &manifest.assets {
-                sm.images().import(a, &release_dir.join(&a.name)).with_context(|| format!("import {}", a.name))?;
-            }
+            sm.import_release(&release_dir, &manifest).with_context(|| format!("import {}", release_dir.display()))?;
             // The pins are in force for this release if each of its assets is pinned as is (a
             // release built without the preset layers still qualifies).
             let pinned = ReleasePins::compiled()
                 .map(|p| p.tag == manifest.tag && manifest.assets.iter().all(|a| p.assets.contains(a)))
                 .unwrap_or(false);
             if json {
-                return print_json(
-                    &json!({ "tag": manifest.tag, "assets": manifest.assets.len(), "matches_pins": pinned }),
-                );
+                return print_json(&json!({
+                    "tag": manifest.tag, "assets": manifest.assets.len(), "matches_pins": pinned, "default": true,
+                }));
             }
-            say(format!("imported {} ({} assets, SHA256SUMS checked)", manifest.tag, manifest.assets.len()));
-            if !pinned {
-                say(format!(
-                    "this release is not the one pinned in this binary; use it with SMOLVM_IMAGES_MANIFEST={}",
-                    release_dir.join("manifest.json").display()
-                ));
-            }
+            say(format!(
+                "imported {} ({} assets, SHA256SUMS checked); it is now this home's release{}",
+                manifest.tag,
+                manifest.assets.len(),
+                if pinned { " (the one pinned in this binary)" } else { " (not the one pinned in this binary)" }
+            ));
             Ok(())
         }
         ImageCommand::Show => {
             let pins = ReleasePins::compiled().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let src = super::sandbox::open()?.image_source()?;
+            let in_use = json!({ "tag": src.tag, "origin": src.origin, "pinned": src.is_pinned() });
             if json {
-                return print_json(
-                    &json!({ "pins": pins, "urls": pins.assets.iter().map(|a| pins.url(&a.name)).collect::<Vec<_>>() }),
-                );
+                return print_json(&json!({
+                    "in_use": in_use,
+                    "pins": pins,
+                    "urls": pins.assets.iter().map(|a| pins.url(&a.name)).collect::<Vec<_>>(),
+                }));
             }
+            let origin = match &src.origin {
+                smolvm::images::source::ReleaseOrigin::Compiled => "the release pinned in this binary".to_string(),
+                smolvm::images::source::ReleaseOrigin::Imported(_) => {
+                    "imported into this home (smolvm image import)".into()
+                }
+                smolvm::images::source::ReleaseOrigin::Override(loc) => format!("SMOLVM_IMAGES_MANIFEST={loc}"),
+            };
+            say(format!(
+                "in use: {} ({origin}; {})",
+                src.tag,
+                if src.is_pinned() { "pinned" } else { "not pinned in this binary" }
+            ));
             say(format!("IMAGES_RELEASE_TAG {}", pins.tag));
             for a in &pins.assets {
                 say(format!("{:<32} {:>11} bytes  sha256 {}", a.name, a.size, a.sha256));
@@ -128,7 +141,6 @@ pub fn run(cmd: ImageCommand, json: bool) -> anyhow::Result<()> {
         }
     }
 }
-
 fn env_for(common: &BuildArgs) -> anyhow::Result<BuildEnv> {
     fs::create_dir_all(&common.out).with_context(|| format!("create {}", common.out.display()))?;
     Ok(BuildEnv::discover(common.source.clone(), common.cache.clone())?)

@@ -184,7 +184,7 @@ pub fn status(name: &str, json: bool) -> anyhow::Result<i32> {
     say(format!("status:   {}", s.status));
     say(format!("resources: {} MiB memory, {} vCPU, {} MiB disk, accel {}", s.memory_mib, s.cpus, s.disk_mib, s.accel));
     super::network::print_policy(&s);
-    say(format!("images:   {}", s.image_tag));
+    say(format!("images:   {}{}", s.image_tag, if s.pinned { "" } else { " (not pinned in this binary)" }));
     if let Some(p) = s.ssh_port {
         say(format!("ssh:      127.0.0.1:{p} (smolvm ssh {})", s.name));
     }

@@ -29,6 +29,23 @@ pub struct ImageSource {
     url_template: String,
     /// Set when the compiled-in pins are not in force: the one-line warning to print.
     pub pins_overridden: Option<String>,
+    /// Where the asset list came from.
+    pub origin: ReleaseOrigin,
+    /// For a manifest given as a local path: its directory, where its assets are read from
+    /// (unless a mirror prefix is given).
+    pub local_dir: Option<std::path::PathBuf>,
+}
+
+/// Where a source's asset list came from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase", tag = "kind", content = "from")]
+pub enum ReleaseOrigin {
+    /// The pins compiled into this binary.
+    Compiled,
+    /// The release `smolvm image import` made this home's default (checked by its digests).
+    Imported(String),
+    /// A manifest given for this run (`SMOLVM_IMAGES_MANIFEST`).
+    Override(String),
 }
 
 /// Why the image source could not be set up.
@@ -55,14 +72,22 @@ impl ImageSource {
                 assets: pins.assets.clone(),
                 url_template: pins.url_template.clone(),
                 pins_overridden: None,
+                origin: ReleaseOrigin::Compiled,
+                local_dir: None,
             },
             Some(loc) => {
                 let m = load_manifest(loc)?;
+                let what = if m.tag == pins.tag {
+                    format!("release {} with other digests than the ones pinned in this binary", m.tag)
+                } else {
+                    format!("release {} instead of the one pinned in this binary ({})", m.tag, pins.tag)
+                };
+                let local_dir = (!is_url(loc)).then(|| {
+                    let p = Path::new(loc);
+                    p.parent().map(Path::to_path_buf).unwrap_or_default()
+                });
                 ImageSource {
-                    pins_overridden: Some(format!(
-                        "warning: {ENV_IMAGES_MANIFEST}={loc}: using release {} from that manifest; the images pinned in this binary ({}) are overridden",
-                        m.tag, pins.tag
-                    )),
+                    pins_overridden: Some(format!("warning: {ENV_IMAGES_MANIFEST}={loc}: using {what}")),
                     tag: m.tag,
                     assets: m.assets,
                     // Assets of a manifest given by URL sit next to it.
@@ -70,13 +95,31 @@ impl ImageSource {
                         Some((dir, _)) if is_url(loc) => format!("{dir}/{{asset}}"),
                         _ => pins.url_template.clone(),
                     },
+                    origin: ReleaseOrigin::Override(loc.to_string()),
+                    local_dir,
                 }
             }
         };
         if let Some(prefix) = url_prefix {
             src.url_template = format!("{}/{{tag}}/{{asset}}", prefix.trim_end_matches('/'));
+            src.local_dir = None;
         }
         Ok(src)
+    }
+
+    /// The release `smolvm image import` recorded as a home's default (`path`, a copy of its
+    /// manifest): its assets are in the cache already, checked against these digests.
+    pub fn imported(path: &Path) -> Result<ImageSource, SourceError> {
+        let mut src = ImageSource::resolve(path.to_str(), None)?;
+        src.origin = ReleaseOrigin::Imported(src.tag.clone());
+        src.pins_overridden = None;
+        src.local_dir = None;
+        Ok(src)
+    }
+
+    /// Whether every asset is pinned, as is, in this binary.
+    pub fn is_pinned(&self) -> bool {
+        ReleasePins::compiled().is_ok_and(|p| self.assets.iter().all(|a| p.assets.contains(a)))
     }
 
     /// The download URL of an asset.
@@ -154,7 +197,15 @@ mod tests {
         std::fs::write(&path, m.to_json()).unwrap();
         let src = ImageSource::resolve(path.to_str(), Some("http://127.0.0.1:1")).unwrap();
         assert_eq!(src.tag, "images-2030.01.02.3");
-        assert!(src.pins_overridden.as_deref().unwrap().contains("overridden"));
+        assert!(src.pins_overridden.as_deref().unwrap().contains("instead of the one pinned"));
         assert!(src.url(src.kernel().unwrap()).starts_with("http://127.0.0.1:1/images-2030.01.02.3/"));
+        assert_eq!(src.local_dir, None, "a mirror prefix wins over the manifest's directory");
+        let local = ImageSource::resolve(path.to_str(), None).unwrap();
+        assert_eq!(local.local_dir.as_deref(), Some(dir.path()), "assets are read next to a local manifest");
+        // The same tag with other digests is said so, not "tag X instead of tag X".
+        let same = Manifest { tag: pins.tag.clone(), created: "x".into(), assets: vec![] };
+        std::fs::write(&path, same.to_json()).unwrap();
+        let w = ImageSource::resolve(path.to_str(), None).unwrap().pins_overridden.unwrap();
+        assert!(w.contains("with other digests") && w.matches(&pins.tag).count() == 1, "{w}");
     }
 }

@@ -115,14 +115,19 @@ impl Smolvm {
         preset: Option<&str>,
         on: &mut dyn FnMut(FetchEvent),
     ) -> Result<BootImages, CreateError> {
+        // A local manifest's assets are read from its directory; others are downloaded.
+        let mut get = |a: &crate::images::Asset| match &src.local_dir {
+            Some(dir) => self.images().import(a, &dir.join(&a.name)),
+            None => self.images().ensure(a, &src.url(a), on),
+        };
         let kernel = src.kernel()?;
         let rootfs = src.base_rootfs()?;
-        let kernel_path = self.images().ensure(kernel, &src.url(kernel), on)?;
-        let rootfs_path = self.images().ensure(rootfs, &src.url(rootfs), on)?;
+        let kernel_path = get(kernel)?;
+        let rootfs_path = get(rootfs)?;
         let mut layers = Vec::new();
         if let Some(p) = preset {
             let layer = src.layer(p)?;
-            layers.push((self.images().ensure(layer, &src.url(layer), on)?, layer.content_sha256().to_string()));
+            layers.push((get(layer)?, layer.content_sha256().to_string()));
         }
         Ok(BootImages {
             tag: src.tag.clone(),

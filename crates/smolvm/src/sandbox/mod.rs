@@ -82,6 +82,8 @@ pub struct SandboxInfo {
     pub ssh_port: Option<u16>,
     pub pid: Option<i32>,
     pub image_tag: String,
+    /// Whether its kernel, base and layers are all pinned in this binary.
+    pub pinned: bool,
     pub preset: Option<String>,
     pub boot_us: Option<BootPhases>,
     /// Host-measured milliseconds from starting QEMU to the guest's readiness (last boot).
@@ -194,6 +196,10 @@ impl Smolvm {
             ssh_port: row.ssh_port.filter(|_| live),
             pid: row.pid.filter(|_| live),
             image_tag: row.tag.clone(),
+            pinned: crate::images::ReleasePins::compiled().is_ok_and(|p| {
+                let pinned = |sha: &str| p.assets.iter().any(|a| a.content_sha256() == sha);
+                pinned(&row.kernel_sha256) && pinned(&row.rootfs_sha256) && row.layer_sha256s.iter().all(|s| pinned(s))
+            }),
             preset: row.preset.clone(),
             boot_us: row.boot_json.as_deref().and_then(|j| serde_json::from_str(j).ok()),
             ready_ms: row.ready_ms,
@@ -202,10 +208,37 @@ impl Smolvm {
         })
     }
 
-    /// The images `create` uses now: the configured overrides, else the compiled-in pins.
+    /// The images `create` uses now: the configured overrides, else this home's default
+    /// release (`import_release`), else the compiled-in pins.
     pub fn image_source(&self) -> Result<crate::images::source::ImageSource, crate::images::source::SourceError> {
+        use crate::images::source::ImageSource;
         let o = &self.config.images;
-        crate::images::source::ImageSource::resolve(o.manifest.as_deref(), o.url_prefix.as_deref())
+        let default = self.config.home.default_release();
+        if o.manifest.is_none() && default.is_file() {
+            let mut src = ImageSource::imported(&default)?;
+            if let Some(prefix) = &o.url_prefix {
+                src = ImageSource::resolve(default.to_str(), Some(prefix))?;
+                src.origin = crate::images::source::ReleaseOrigin::Imported(src.tag.clone());
+                src.pins_overridden = None;
+            }
+            return Ok(src);
+        }
+        ImageSource::resolve(o.manifest.as_deref(), o.url_prefix.as_deref())
+    }
+
+    /// Loads a built release (`DIR/<tag>`, already checked against its SHA256SUMS) into the
+    /// cache, verifying each asset's digest, and makes it this home's default release.
+    pub fn import_release(&self, dir: &Path, manifest: &crate::images::Manifest) -> Result<(), CreateError> {
+        for a in &manifest.assets {
+            self.images.import(a, &dir.join(&a.name))?;
+        }
+        let path = self.config.home.default_release();
+        let tmp = path.with_extension("json.tmp");
+        let io =
+            |source| SandboxError::Io { what: format!("record the default release in {}", path.display()), source };
+        std::fs::write(&tmp, manifest.to_json()).map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        Ok(())
     }
 
     /// Every sandbox, oldest first.
