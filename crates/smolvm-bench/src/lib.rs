@@ -1,5 +1,4 @@
-//! Support for the `smolvm-bench` binary, shared with the end-to-end tests: a real HTTP server
-//! on 127.0.0.1 that serves a release directory, and summary statistics.
+//! Support for the `smolvm-bench` binary: summary statistics. (The HTTP server it shares with
+//! the tests is in `smolvm-testkit`.)
 
-pub mod http;
 pub mod stats;

@@ -25,8 +25,8 @@ use smolvm::config::{Config, ImageOverrides};
 use smolvm::paths::Home;
 use smolvm::sandbox::{CreateEvent, CreateOptions, Smolvm};
 use smolvm::vm::accel::{detect, HostFacts};
-use smolvm_bench::http::Server;
 use smolvm_bench::stats::Summary;
+use smolvm_testkit::http::Server;
 
 #[derive(Debug, Parser)]
 #[command(name = "smolvm-bench", about = "Measure smolvm: create, exec, cp, teardown, memory, density")]

@@ -90,7 +90,7 @@ pub fn leave_world(inet: &str) {
 pub fn serve_inet(dir: &Path) -> anyhow::Result<()> {
     // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number: we end with the benchmark.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-    smolvm_bench::http::Server::start_on(dir.to_path_buf(), &format!("{INET_IP}:80"))?;
+    smolvm_testkit::http::Server::start_on(dir.to_path_buf(), &format!("{INET_IP}:80"))?;
     let dns = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 2), 53))?;
     #[allow(clippy::print_stdout)]
     {

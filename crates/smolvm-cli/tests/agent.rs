@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use common::{ok, release_dir, smolvm};
 use sha2::{Digest, Sha256};
 use smolvm::agent::client::{Command as AgentCommand, ExecRequest, ExitStatus};
-use smolvm_bench::http::Server;
+use smolvm_testkit::http::Server;
 
 struct Fixture {
     release: std::path::PathBuf,

@@ -11,7 +11,7 @@ use std::process::Command;
 
 use common::{ok, release_dir, smolvm, tag_of};
 use smolvm::images::{AssetKind, Manifest};
-use smolvm_bench::http::{Fault, Server};
+use smolvm_testkit::http::{Fault, Server};
 
 struct Fixture {
     release: std::path::PathBuf,

@@ -8,7 +8,7 @@ mod common;
 
 use common::{ok, release_dir, smolvm};
 use smolvm::images::{AssetKind, Manifest};
-use smolvm_bench::http::Server;
+use smolvm_testkit::http::Server;
 
 fn version_check(preset: &str, tool: &str) {
     let release = release_dir();

@@ -9,17 +9,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use smolvm::images::{AssetKind, Format};
-use smolvm::vm::accel::{detect, Accel, HostFacts};
-use smolvm_protocol::ready::Ready;
+use smolvm::vm::accel::{detect, HostFacts};
+use smolvm::vm::qemu::{kernel_cmdline, Netdev, QemuConfig};
 
 /// Kills QEMU if the test panics before it powers off.
 struct Vm(Child);
@@ -32,14 +30,6 @@ impl Drop for Vm {
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// The host's TSC frequency in kHz. Under TCG the guest kernel sometimes fails to calibrate
-/// the TSC against the emulated PIT; telling it the frequency avoids that.
-fn tsc_khz() -> Option<u64> {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let mhz: f64 = cpuinfo.lines().find(|l| l.starts_with("cpu MHz"))?.split(':').nth(1)?.trim().parse().ok()?;
-    Some((mhz * 1000.0) as u64)
 }
 
 fn ssh(key: &Path, known_hosts: &Path, port: u16, cmd: &str) -> std::process::Output {
@@ -75,73 +65,43 @@ fn release_boots_and_serves_strict_ssh() {
 
     let accel = detect(&HostFacts::probe());
     let port = free_port();
-    let mut append = format!(
-        "console=ttyS0 root=/dev/vda rw init=/init pci=off \
-         ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off:10.0.2.3 smolvm.authorized_key_b64={key_b64}"
-    );
-    if let (Accel::Tcg { .. }, Some(khz)) = (&accel, tsc_khz()) {
-        append.push_str(&format!(" tsc_early_khz={khz}"));
-    }
+    // The production command lines (QemuConfig::command, kernel_cmdline) and disk layout: the
+    // base read-only under an empty upper disk. The network is QEMU's user-mode one: what is
+    // under test here is the image, and nothing untrusted runs.
+    let upper = work.path().join("disk.ext4");
+    smolvm::sandbox::disk::create_upper(&upper, 512).unwrap();
+    let cfg = QemuConfig {
+        name: "smolvm".into(),
+        accel: accel.clone(),
+        memory_mib: 512,
+        cpus: 1,
+        kernel: kernel.clone(),
+        cmdline: kernel_cmdline("smolvm", &accel, 0, &key_b64),
+        base: disk.clone(),
+        upper: upper.clone(),
+        layers: vec![],
+        netdev: Netdev::UnrestrictedUser { ssh_port: port },
+        dir: work.path().to_path_buf(),
+        qemu: "qemu-system-x86_64".into(),
+    };
+    let console = smolvm::vm::qemu::console_log(work.path());
+    std::fs::write(&console, b"").unwrap();
     let started = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-M",
-            "microvm,rtc=on,pic=off",
-            "-accel",
-            accel.qemu_name(),
-            "-cpu",
-            if accel == Accel::Kvm { "host" } else { "max" },
-        ])
-        .args(["-m", "512", "-smp", "1", "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none"])
-        .args(["-serial", "stdio"])
-        .arg("-kernel")
-        .arg(&kernel)
-        .args(["-append", &append])
-        .arg("-drive")
-        .arg(format!("id=root,file={},format=raw,if=none", disk.display()))
-        .args(["-device", "virtio-blk-device,drive=root"])
-        .args([
-            "-netdev",
-            &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:22"),
-            "-device",
-            "virtio-net-device,netdev=n0",
-        ])
-        .args(["-device", "virtio-rng-device"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+    let child = cfg
+        .command()
+        .stdout(Stdio::null())
         .stderr(std::fs::File::create(work.path().join("qemu.stderr")).unwrap())
         .spawn()
         .expect("start qemu-system-x86_64 (scripts/install-host-deps.sh installs it)");
-    let stdout = child.stdout.take().unwrap();
     let mut vm = Vm(child);
-
-    // The console is read line by line on a thread; the readiness line is pushed by the guest.
-    let (tx, rx) = mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
+    let pidfd = smolvm::vm::process::pidfd(vm.0.id() as i32).unwrap();
+    let ready = smolvm::vm::ready::wait_for_ready(&console, &pidfd, Duration::from_secs(300)).unwrap_or_else(|e| {
+        panic!(
+            "no readiness line ({e}); console:\n{}\nQEMU stderr:\n{}",
+            smolvm::vm::ready::console_tail(&console, 60),
+            std::fs::read_to_string(work.path().join("qemu.stderr")).unwrap_or_default()
+        )
     });
-    let mut console = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let ready = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => {
-                if let Some(r) = Ready::parse_line(&line) {
-                    break r.expect("readiness line parses");
-                }
-                console.push(line);
-            }
-            Err(e) => panic!(
-                "no readiness line ({e:?}: timeout after 300 s, or QEMU exited); console:\n{}\nQEMU stderr:\n{}",
-                console.join("\n"),
-                std::fs::read_to_string(work.path().join("qemu.stderr")).unwrap_or_default()
-            ),
-        }
-    };
     eprintln!("ready after {:?} ({}): {:?}", started.elapsed(), accel.qemu_name(), ready.boot_us);
     assert!(ready.host_key.starts_with("ssh-ed25519 "), "{}", ready.host_key);
     assert!(ready.boot_us.init <= ready.boot_us.mounts && ready.boot_us.mounts <= ready.boot_us.network);
@@ -193,5 +153,7 @@ fn release_boots_and_serves_strict_ssh() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(status.success(), "QEMU exited with {status}");
+    // Both disks are clean: the sandbox's own (written) and the shared base (never written).
+    common::run(Command::new("e2fsck").arg("-fn").arg(&upper));
     common::run(Command::new("e2fsck").arg("-fn").arg(&disk));
 }

@@ -157,3 +157,72 @@ pub fn tsc_khz() -> Option<u64> {
     let mhz: f64 = cpuinfo.lines().find(|l| l.starts_with("cpu MHz"))?.split(':').nth(1)?.trim().parse().ok()?;
     Some((mhz * 1000.0) as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(netdev: Netdev) -> QemuConfig {
+        QemuConfig {
+            name: "t".into(),
+            accel: Accel::Kvm,
+            memory_mib: 512,
+            cpus: 2,
+            kernel: "/k".into(),
+            cmdline: "console=ttyS0".into(),
+            base: "/base".into(),
+            upper: "/dir/disk.ext4".into(),
+            layers: vec!["/layer".into()],
+            netdev,
+            dir: "/dir".into(),
+            qemu: "/usr/bin/qemu-system-x86_64".into(),
+        }
+    }
+
+    fn args(c: &QemuConfig) -> Vec<String> {
+        c.command().get_args().map(|a| a.to_string_lossy().into_owned()).collect()
+    }
+
+    fn value_of<'a>(args: &'a [String], flag: &str, containing: &str) -> Option<&'a str> {
+        args.windows(2).find(|w| w[0] == flag && w[1].contains(containing)).map(|w| w[1].as_str())
+    }
+
+    #[test]
+    fn the_command_line_is_a_microvm_on_our_wire_with_read_only_shared_disks() {
+        let c = cfg(Netdev::Wire);
+        assert_eq!(c.command().get_program(), "/usr/bin/qemu-system-x86_64");
+        let a = args(&c);
+        assert!(value_of(&a, "-machine", "microvm").is_some_and(|m| m.contains("pic=off")), "{a:?}");
+        assert_eq!(value_of(&a, "-accel", ""), Some("kvm"));
+        assert_eq!(value_of(&a, "-cpu", ""), Some("host"));
+        assert_eq!(value_of(&a, "-smp", ""), Some("2"));
+        // The network is the wire on descriptor 3: never QEMU's user-mode network.
+        assert_eq!(value_of(&a, "-netdev", ""), Some("stream,id=net0,server=off,addr.type=fd,addr.str=3"));
+        assert!(!a.iter().any(|x| x.starts_with("user,")), "{a:?}");
+        // Base and layer are shared read-only; the sandbox's own disk is writable.
+        assert!(value_of(&a, "-drive", "file=/base").is_some_and(|d| d.contains("readonly=on")));
+        assert!(value_of(&a, "-drive", "file=/layer").is_some_and(|d| d.contains("readonly=on")));
+        assert!(value_of(&a, "-drive", "file=/dir/disk.ext4").is_some_and(|d| !d.contains("readonly")));
+        // QEMU's own seccomp sandbox stays on.
+        assert!(value_of(&a, "-sandbox", "on")
+            .is_some_and(|s| s.contains("spawn=deny") && s.contains("elevateprivileges=deny")));
+        let tcg = QemuConfig { accel: Accel::Tcg { reason: "test".into() }, ..c };
+        assert_eq!(value_of(&args(&tcg), "-cpu", ""), Some("max"));
+    }
+
+    #[test]
+    fn the_unrestricted_baseline_is_only_what_it_says() {
+        let a = args(&cfg(Netdev::UnrestrictedUser { ssh_port: 2222 }));
+        assert_eq!(value_of(&a, "-netdev", ""), Some("user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22"));
+    }
+
+    #[test]
+    fn the_kernel_command_line_has_the_route_the_resolver_and_no_secret() {
+        let k = kernel_cmdline("box", &Accel::Kvm, 2, "a2V5");
+        assert!(k.contains("ip=10.0.2.15::10.0.2.2:255.255.255.0:box:eth0:off:10.0.2.3"), "{k}");
+        assert!(k.contains("smolvm.layers=/dev/vdc,/dev/vdd"), "{k}");
+        assert!(k.contains("smolvm.authorized_key_b64=a2V5") && k.contains("root=/dev/vda ro"), "{k}");
+        assert!(!k.contains("tsc_early_khz"), "only under TCG: {k}");
+        assert!(!kernel_cmdline("box", &Accel::Kvm, 0, "a2V5").contains("smolvm.layers"));
+    }
+}

@@ -106,3 +106,68 @@ pub fn console_tail(console: &Path, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smolvm_protocol::ready::BootPhases;
+    use std::io::Write;
+
+    fn ready_line() -> String {
+        Ready {
+            v: 1,
+            host_key: "ssh-ed25519 AAAA".into(),
+            boot_us: BootPhases { init: 1, mounts: 2, network: 3, sshd: 4 },
+        }
+        .to_line()
+    }
+
+    /// A stand-in VMM: a child process whose pidfd the wait watches.
+    fn vmm(seconds: &str) -> (std::process::Child, OwnedFd) {
+        let child = std::process::Command::new("sleep").arg(seconds).spawn().unwrap();
+        let fd = crate::vm::process::pidfd(child.id() as i32).unwrap();
+        (child, fd)
+    }
+
+    #[test]
+    fn the_line_written_later_is_seen_without_polling() {
+        let dir = tempfile::tempdir().unwrap();
+        let console = dir.path().join("console.log");
+        std::fs::write(&console, b"[    0.1] booting\n").unwrap();
+        let (mut child, fd) = vmm("30");
+        let path = console.clone();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+            // In two writes, the line split mid-way, as a console may deliver it.
+            let line = ready_line();
+            let (a, b) = line.split_at(10);
+            f.write_all(a.as_bytes()).unwrap();
+            f.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            writeln!(f, "{b}").unwrap();
+        });
+        let got = wait_for_ready(&console, &fd, Duration::from_secs(20)).unwrap();
+        assert_eq!(got.host_key, "ssh-ed25519 AAAA");
+        writer.join().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    #[test]
+    fn an_exit_a_timeout_and_a_malformed_line_are_told_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let console = dir.path().join("console.log");
+        std::fs::write(&console, b"no line here\n").unwrap();
+        let (mut child, fd) = vmm("0.1");
+        assert!(matches!(wait_for_ready(&console, &fd, Duration::from_secs(20)), Err(WaitError::Exited)));
+        let _ = child.wait();
+
+        let (mut child, fd) = vmm("30");
+        assert!(matches!(wait_for_ready(&console, &fd, Duration::from_millis(200)), Err(WaitError::Timeout(_))));
+        std::fs::write(&console, b"SMOLVM_READY {not json\n").unwrap();
+        assert!(matches!(wait_for_ready(&console, &fd, Duration::from_secs(5)), Err(WaitError::Malformed(_))));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
