@@ -72,6 +72,13 @@ fn hint(e: &(dyn std::error::Error + 'static)) -> Option<String> {
             _ => None,
         };
     }
+    if let Some(e) = e.downcast_ref::<smolvm::sandbox::CopyError>() {
+        return match e {
+            smolvm::sandbox::CopyError::Agent(a) => hint(a),
+            smolvm::sandbox::CopyError::Sandbox(s) => hint(s),
+            _ => None,
+        };
+    }
     if let Some(e) = e.downcast_ref::<BootError>() {
         return match e {
             BootError::Spawn { .. } => {

@@ -88,52 +88,17 @@ pub fn cp(from: &str, to: &str) -> anyhow::Result<i32> {
     let sm = open()?;
     match (remote(from), remote(to)) {
         (None, Some((name, path))) => {
-            let local = Path::new(from);
-            let meta = std::fs::metadata(local).with_context(|| from.to_string())?;
-            if meta.is_dir() {
+            if Path::new(from).is_dir() {
                 return scp(&sm, from, to);
             }
-            let client = sm.agent(name)?;
-            // `box:/dir/` or an existing directory: keep the file's name.
-            let mut target = path.to_string();
-            let is_dir = path.ends_with('/') || client.stat(path)?.is_some_and(|s| s.is_dir);
-            if is_dir {
-                let file_name = local.file_name().context("source has no file name")?.to_string_lossy();
-                target = format!("{}/{file_name}", path.trim_end_matches('/'));
-            }
-            let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777;
-            let mut f = std::fs::File::open(local).with_context(|| format!("open {from}"))?;
-            client.write_file(&target, &mut f, mode, 0, 0)?;
+            sm.copy_in(name, Path::new(from), path)?;
             Ok(0)
         }
-        (Some((name, path)), None) => {
-            let client = sm.agent(name)?;
-            let stat = client.stat(path)?.with_context(|| format!("{name}:{path}: no such file"))?;
-            if stat.is_dir {
-                return scp(&sm, from, to);
-            }
-            let mut target = Path::new(to).to_path_buf();
-            if target.is_dir() {
-                target = target.join(Path::new(path).file_name().context("source has no file name")?);
-            }
-            // Written beside the target and renamed: an interrupted copy leaves no half file.
-            let tmp = target.with_file_name(format!(
-                ".{}.smolvm-partial",
-                target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
-            ));
-            let result = (|| -> anyhow::Result<()> {
-                let mut f = std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
-                client.read_file(path, &mut f)?;
-                f.sync_all()?;
-                std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(stat.mode & 0o7777))?;
-                std::fs::rename(&tmp, &target)?;
-                Ok(())
-            })();
-            if result.is_err() {
-                let _ = std::fs::remove_file(&tmp);
-            }
-            result.map(|()| 0)
-        }
+        (Some((name, path)), None) => match sm.copy_out(name, path, Path::new(to)) {
+            Ok(_) => Ok(0),
+            Err(smolvm::sandbox::CopyError::Directory { .. }) => scp(&sm, from, to),
+            Err(e) => Err(e.into()),
+        },
         _ => anyhow::bail!(
             "cp {from} {to}: exactly one side must be NAME:/absolute/path (e.g. smolvm cp ./f box:/root/f)"
         ),

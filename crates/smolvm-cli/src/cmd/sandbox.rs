@@ -61,34 +61,7 @@ pub fn preset_start(preset: &str, mut args: PresetStartArgs, json: bool) -> anyh
     args.create.preset = Some(preset.to_string());
     let (info, seconds) = create_sandbox(&sm, args.create, json)?;
     let name = info.name.clone();
-    let mut handed = Vec::new();
-    if let Some(body) = presets::secrets_env(p, |k| std::env::var(k).ok().filter(|v| !v.is_empty())) {
-        let client = sm.agent(&name)?;
-        client.exec_output(
-            smolvm::agent::client::ExecRequest {
-                command: smolvm::agent::client::Command::Argv(vec![
-                    "mkdir".into(),
-                    "-p".into(),
-                    "-m".into(),
-                    "0700".into(),
-                    "/root/.config/smolvm".into(),
-                ]),
-                env: vec![],
-                cwd: None,
-                stdin: false,
-                timeout_ms: Some(30_000),
-                pty: None,
-            },
-            None,
-        )?;
-        client.write_file(presets::SECRETS_PATH, &mut body.as_bytes(), 0o600, 0, 0)?;
-        handed = p
-            .api_keys
-            .iter()
-            .filter(|k| std::env::var(k).is_ok_and(|v| !v.is_empty()))
-            .map(|k| k.to_string())
-            .collect();
-    }
+    let handed = sm.hand_over_keys(&name, p, |k| std::env::var(k).ok().filter(|v| !v.is_empty()))?;
     if json {
         print_json(&json!({ "sandbox": info, "seconds": seconds, "api_keys_handed_over": handed }))?;
     } else {

@@ -9,6 +9,7 @@
 mod boot;
 mod create;
 pub mod disk;
+mod files;
 mod lifecycle;
 pub mod names;
 mod network;
@@ -23,6 +24,7 @@ use smolvm_protocol::ready::BootPhases;
 
 pub use boot::BootError;
 pub use create::{CreateError, CreateEvent, CreateOptions};
+pub use files::CopyError;
 pub use lifecycle::LifecycleError;
 
 use crate::images::fetch::ImageCache;
