@@ -10,6 +10,10 @@ mod hints;
 mod progress;
 
 fn main() -> std::process::ExitCode {
+    // Everything smolvm and its children (QEMU, the helpers) create is the user's alone: keys,
+    // disks, sockets, logs.
+    // SAFETY: umask(2) only sets this process's file mode mask.
+    unsafe { libc::umask(0o077) };
     let parsed = cli::parse();
     let verbose = match &parsed {
         cli::Parsed::Main(c) => c.verbose,

@@ -63,6 +63,12 @@ fn create_exec_cp_stop_start_delete_over_http() {
     let created = json(&ok(f.cmd().args(["create", "--name", "t1", "--json"])));
     assert_eq!(created["sandbox"]["status"], "running", "{created}");
 
+    // Nothing in the home is readable by other users: keys, disks, sockets, logs, the database.
+    for p in common::files_under(f.home.path()) {
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::symlink_metadata(&p).unwrap().permissions());
+        assert_eq!(mode & 0o007, 0, "{} is open to other users (mode {mode:o})", p.display());
+    }
+
     let uname = ok(f.cmd().args(["exec", "t1", "--", "uname", "-a"]));
     assert!(uname.starts_with("Linux t1 ") && uname.contains("smolvm"), "{uname}");
 

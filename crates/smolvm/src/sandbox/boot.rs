@@ -64,6 +64,8 @@ fn spawn_qemu(cfg: &QemuConfig, wire: Option<&std::os::fd::OwnedFd>) -> Result<s
     let spawn_err = |source: std::io::Error| BootError::Spawn { qemu: cfg.qemu.display().to_string(), source };
     let log = std::fs::File::create(qemu::qemu_log(&cfg.dir)).map_err(io_err("create qemu.log"))?;
     let mut cmd = cfg.command();
+    // QEMU needs nothing of our environment (host API keys and tokens must not reach it).
+    cmd.env_clear().env("PATH", "/usr/local/bin:/usr/bin:/bin");
     cmd.stdout(log.try_clone().map_err(io_err("qemu.log"))?).stderr(log);
     match wire {
         Some(w) => crate::child::inherit_fd(&mut cmd, w.as_raw_fd(), net::WIRE_FD),

@@ -120,6 +120,8 @@ pub struct Smolvm {
 impl Smolvm {
     /// Opens the installation `config` describes (creating its state on first use).
     pub fn open(config: crate::config::Config) -> Result<Smolvm, StateError> {
+        crate::state::private_dir(&config.home.data)?;
+        crate::state::private_dir(&config.home.cache)?;
         let db = Db::open(&config.home.database())?;
         let images = ImageCache::new(config.home.images());
         Ok(Smolvm { config, db, images, unrestricted_user_net: false })
@@ -326,6 +328,7 @@ impl Smolvm {
         let row = self.running(name)?;
         let (key, known, control) = self.ssh_paths(name);
         let mut c = std::process::Command::new("ssh");
+        ssh::child_env(&mut c);
         c.args(ssh::common_options(&key, &known, &control));
         c.args(["-p", &row.ssh_port.unwrap_or(22).to_string()]);
         if tty {
@@ -360,6 +363,7 @@ impl Smolvm {
         let row = self.running(&name)?;
         let (key, known, control) = self.ssh_paths(&name);
         let mut c = std::process::Command::new("scp");
+        ssh::child_env(&mut c);
         c.args(ssh::common_options(&key, &known, &control));
         c.args(["-q", "-r", "-p", "-P", &row.ssh_port.unwrap_or(22).to_string()]);
         c.arg(from_arg).arg(to_arg);

@@ -62,9 +62,12 @@ pub fn write_known_hosts(path: &Path, port: u16, host_key: &str) -> std::io::Res
     std::fs::rename(tmp, path)
 }
 
-/// The options every ssh/scp invocation gets.
+/// The options every ssh/scp invocation gets. No user configuration is read (`-F /dev/null`),
+/// and nothing of the user's is handed to the guest: no agent (a `Host * ForwardAgent yes`
+/// in `~/.ssh/config` must never give a guest the user's keys), no X11, no forwards, no local
+/// commands.
 pub fn common_options(key: &Path, known_hosts: &Path, control: &Path) -> Vec<String> {
-    let mut v: Vec<String> = Vec::new();
+    let mut v: Vec<String> = vec!["-F".into(), "/dev/null".into()];
     let mut o = |s: String| {
         v.push("-o".into());
         v.push(s);
@@ -77,11 +80,26 @@ pub fn common_options(key: &Path, known_hosts: &Path, control: &Path) -> Vec<Str
     o("BatchMode=yes".into());
     o("LogLevel=ERROR".into());
     o("ConnectTimeout=30".into());
+    o("ForwardAgent=no".into());
+    o("ForwardX11=no".into());
+    o("ClearAllForwardings=yes".into());
+    o("PermitLocalCommand=no".into());
     // One TCP+SSH handshake per sandbox, reused by later commands for five minutes.
     o("ControlMaster=auto".into());
     o(format!("ControlPath={}", control.display()));
     o("ControlPersist=300".into());
     v
+}
+
+/// The environment an ssh/scp child keeps: what a terminal session needs, passed through
+/// untouched, nothing else (no `SSH_AUTH_SOCK`, no API keys or tokens of the host).
+pub fn child_env(cmd: &mut Command) {
+    cmd.env_clear();
+    for k in ["PATH", "HOME", "TERM", "LANG", "LC_ALL", "USER", "LOGNAME"] {
+        if let Some(v) = std::env::var_os(k) {
+            cmd.env(k, v);
+        }
+    }
 }
 
 /// Quotes one word for a POSIX shell.
@@ -99,6 +117,28 @@ pub fn remote_command(argv: &[String]) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn no_user_config_no_agent_no_forwards_reach_a_guest() {
+        let o = common_options(Path::new("/k"), Path::new("/kh"), Path::new("/ctl"));
+        // `-F /dev/null` first: a user's `Host * ForwardAgent yes` is never read.
+        assert_eq!(&o[..2], ["-F", "/dev/null"]);
+        for want in [
+            "ForwardAgent=no",
+            "ForwardX11=no",
+            "ClearAllForwardings=yes",
+            "PermitLocalCommand=no",
+            "StrictHostKeyChecking=yes",
+        ] {
+            assert!(o.iter().any(|x| x == want), "{want} missing from {o:?}");
+        }
+        let mut c = Command::new("ssh");
+        c.env("SSH_AUTH_SOCK", "/tmp/agent").env("OPENAI_API_KEY", "sk-x");
+        child_env(&mut c);
+        let kept: Vec<String> =
+            c.get_envs().filter(|(_, v)| v.is_some()).map(|(k, _)| k.to_string_lossy().into_owned()).collect();
+        assert!(!kept.iter().any(|k| k == "SSH_AUTH_SOCK" || k == "OPENAI_API_KEY"), "{kept:?}");
+    }
+
     use super::*;
 
     #[test]

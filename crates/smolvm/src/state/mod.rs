@@ -39,6 +39,12 @@ pub enum StateError {
     Open { path: String, source: rusqlite::Error },
     #[error("lock the state database {path}: {source}")]
     Lock { path: String, source: std::io::Error },
+    #[error("{path} can be written by other users (mode {mode:o}): smolvm keeps sandboxes' keys and disks there and refuses it")]
+    SharedHome { path: String, mode: u32 },
+    #[error("{path} belongs to another user (uid {owner})")]
+    ForeignHome { path: String, owner: u32 },
+    #[error("create {path}: {source}")]
+    Home { path: String, source: std::io::Error },
     #[error("state database: {0}")]
     Query(#[from] rusqlite::Error),
     #[error(
@@ -126,6 +132,23 @@ pub struct SandboxRow {
     pub layer_sha256s: Vec<String>,
 }
 
+/// Creates `dir` (0700) if needed and refuses it if another user owns it or can write it.
+pub fn private_dir(dir: &Path) -> Result<(), StateError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let err = |source| StateError::Home { path: dir.display().to_string(), source };
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(err)?;
+    let meta = std::fs::metadata(dir).map_err(err)?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(StateError::ForeignHome { path: dir.display().to_string(), owner: meta.uid() });
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(StateError::SharedHome { path: dir.display().to_string(), mode: meta.mode() & 0o7777 });
+    }
+    Ok(())
+}
+
 /// The state database.
 #[derive(Debug)]
 pub struct Db {
@@ -185,6 +208,8 @@ impl Db {
         let _guard = crate::lock::FileLock::exclusive(&lock_path)
             .map_err(|source| StateError::Lock { path: lock_path.display().to_string(), source })?;
         let conn = Connection::open(path).map_err(open_err)?;
+        // The database names every sandbox and its keys' paths: the owner's only.
+        let _ = std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600));
         conn.busy_timeout(Duration::from_secs(30)).map_err(open_err)?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
         conn.pragma_update(None, "foreign_keys", "ON").map_err(open_err)?;
@@ -333,6 +358,18 @@ mod tests {
             preset: None,
             layer_sha256s: vec![],
         }
+    }
+
+    #[test]
+    fn a_home_other_users_can_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("home");
+        private_dir(&home).unwrap();
+        assert_eq!(std::fs::metadata(&home).unwrap().permissions().mode() & 0o777, 0o700);
+        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = private_dir(&home).unwrap_err().to_string();
+        assert!(err.contains("written by other users"), "{err}");
     }
 
     #[test]
