@@ -95,8 +95,11 @@ fn main() -> anyhow::Result<()> {
     let manifest = release.join("manifest.json");
     anyhow::ensure!(manifest.is_file(), "{} has no manifest.json", release.display());
     let server = Server::start(release.parent().context("release has no parent directory")?.to_path_buf())?;
-    let _ = IMAGES
-        .set(ImageOverrides { manifest: Some(manifest.display().to_string()), url_prefix: Some(server.url.clone()) });
+    let _ = IMAGES.set(ImageOverrides {
+        manifest: Some(manifest.display().to_string()),
+        url_prefix: Some(server.url.clone()),
+        ..ImageOverrides::default()
+    });
 
     let accel = detect(&HostFacts::probe());
     let machine = machine();

@@ -248,11 +248,15 @@ pub enum PresetListCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum EnvCommand {
-    /// Set variables: `smolvm env set NAME KEY=VALUE...`.
+    /// Set variables: `smolvm env set NAME KEY=VALUE...`; `KEY` alone reads its value from
+    /// stdin, and `--from-env VAR` copies this shell's VAR (values need not be on the command
+    /// line, where `ps` shows them).
     Set {
         name: String,
-        #[arg(required = true)]
         vars: Vec<String>,
+        /// Copy this variable (name and value) from the environment of this command.
+        #[arg(long = "from-env", value_name = "VAR")]
+        from_env: Vec<String>,
     },
     /// List the variables set on a sandbox.
     List { name: String },

@@ -5,6 +5,7 @@
 //! | `SMOLVM_HOME` | everything in one directory (else XDG data and cache directories) |
 //! | `SMOLVM_IMAGES_MANIFEST` | another release's `manifest.json` (path or URL) |
 //! | `SMOLVM_IMAGES_URL` | a mirror prefix: `<prefix>/<tag>/<asset>` |
+//! | `SMOLVM_ALLOW_INSECURE_MANIFEST=1` | accept `SMOLVM_IMAGES_MANIFEST` over plain http |
 //! | `SMOLVM_QEMU` | the QEMU executable |
 //! | `SMOLVM_BIN` | the `smolvm` that runs the helpers (default: this program) |
 //! | `SMOLVM_LOG` | log filter, also handed to the helpers |
@@ -29,7 +30,11 @@ pub fn home() -> Home {
 
 pub fn from_env() -> Config {
     let mut c = Config::new(home());
-    c.images = ImageOverrides { manifest: var("SMOLVM_IMAGES_MANIFEST"), url_prefix: var("SMOLVM_IMAGES_URL") };
+    c.images = ImageOverrides {
+        manifest: var("SMOLVM_IMAGES_MANIFEST"),
+        url_prefix: var("SMOLVM_IMAGES_URL"),
+        allow_insecure_manifest: var("SMOLVM_ALLOW_INSECURE_MANIFEST").is_some_and(|v| v == "1"),
+    };
     if let Some(q) = path("SMOLVM_QEMU") {
         c.qemu = q;
     }

@@ -24,6 +24,7 @@ fn hint(e: &(dyn std::error::Error + 'static)) -> Option<String> {
             CreateError::Key(_) => "ssh-keygen comes with openssh-client (scripts/install-host-deps.sh)".into(),
             // Transparent wrappers: their source() skips the inner error, so look inside.
             CreateError::Fetch(f) => return hint(f),
+            CreateError::Source(s) => return hint(s),
             CreateError::Boot(b) => return hint(b),
             CreateError::Sandbox(s) => return hint(s),
             CreateError::Network(p) => return hint(p),
@@ -47,6 +48,11 @@ fn hint(e: &(dyn std::error::Error + 'static)) -> Option<String> {
                 .into(),
             FetchError::Io { .. } => return None,
         });
+    }
+    if let Some(smolvm::images::source::SourceError::InsecureManifest { .. }) =
+        e.downcast_ref::<smolvm::images::source::SourceError>()
+    {
+        return Some("serve it over https, give a local path, or set SMOLVM_ALLOW_INSECURE_MANIFEST=1".into());
     }
     if let Some(e) = e.downcast_ref::<SandboxError>() {
         return match e {

@@ -280,6 +280,15 @@ fn network_none_expose_crash_and_concurrent_commands() {
     assert_eq!(json(&ok(f.cmd().args(["status", "iso", "--json"])))["status"], "stopped");
     ok(f.cmd().args(["start", "iso"]));
     assert_eq!(ok(f.cmd().args(["exec", "iso", "--", "bash", "-lc", "echo $K"])).trim(), "v");
+    // Values need not be on the command line: from stdin, or from this environment.
+    let mut c = f.cmd().args(["env", "set", "iso", "S"]).stdin(std::process::Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(&mut c.stdin.take().unwrap(), b"from stdin\n").unwrap();
+    assert!(c.wait().unwrap().success());
+    ok(f.cmd().env("SMV_T", "from env").args(["env", "set", "iso", "--from-env", "SMV_T"]));
+    assert_eq!(
+        ok(f.cmd().args(["exec", "iso", "--", "bash", "-lc", "echo $S, $SMV_T"])).trim(),
+        "from stdin, from env"
+    );
 
     // A VM that dies shows as crashed, and delete cleans it up.
     let pid = json(&ok(f.cmd().args(["status", "iso", "--json"])))["pid"].as_i64().unwrap();

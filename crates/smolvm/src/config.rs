@@ -15,6 +15,10 @@ pub struct ImageOverrides {
     pub manifest: Option<String>,
     /// Download `<prefix>/<tag>/<asset>` instead of the release's own URLs (a mirror).
     pub url_prefix: Option<String>,
+    /// Accept a manifest over plain `http://`. Off by default: the manifest *is* the list of
+    /// digests everything else is checked against, so whoever can alter it in transit chooses
+    /// what the sandboxes boot. (Assets may come over http: each is checked against it.)
+    pub allow_insecure_manifest: bool,
 }
 
 /// The configuration of one smolvm installation.

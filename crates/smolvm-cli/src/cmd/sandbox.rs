@@ -236,10 +236,27 @@ pub fn expose(name: &str, guest: u16, host: Option<u16>, json: bool) -> anyhow::
 pub fn env(cmd: EnvCommand, json: bool) -> anyhow::Result<i32> {
     let sm = open()?;
     match cmd {
-        EnvCommand::Set { name, vars } => {
+        EnvCommand::Set { name, vars, from_env } => {
+            anyhow::ensure!(
+                !vars.is_empty() || !from_env.is_empty(),
+                "give KEY=VALUE, KEY (value on stdin) or --from-env VAR"
+            );
+            let from_stdin: Vec<&String> = vars.iter().filter(|v| !v.contains('=')).collect();
+            anyhow::ensure!(from_stdin.len() <= 1, "only one KEY can take its value from stdin");
             for v in &vars {
-                let (k, val) = v.split_once('=').with_context(|| format!("{v:?}: expected KEY=VALUE"))?;
-                sm.env_set(&name, k, val)?;
+                match v.split_once('=') {
+                    Some((k, val)) => sm.env_set(&name, k, val)?,
+                    None => {
+                        let mut val = String::new();
+                        std::io::Read::read_to_string(&mut std::io::stdin(), &mut val)
+                            .context("read the value from stdin")?;
+                        sm.env_set(&name, v, val.strip_suffix('\n').unwrap_or(&val))?;
+                    }
+                }
+            }
+            for k in &from_env {
+                let val = std::env::var(k).with_context(|| format!("--from-env {k}: not set in this environment"))?;
+                sm.env_set(&name, k, &val)?;
             }
         }
         EnvCommand::Unset { name, keys } => {

@@ -207,7 +207,7 @@ impl ImageCache {
         let origin = file.display().to_string();
         let tmp = self.tmp_path(asset)?;
         let result = (|| {
-            let mut sink = Sink::create(&tmp, asset.is_zstd())?;
+            let mut sink = Sink::create(&tmp, asset)?;
             let mut hasher = Sha256::new();
             let mut f = File::open(file).map_err(io_err(format!("open {origin}")))?;
             let (total, sink_error) =
@@ -320,7 +320,7 @@ impl ImageCache {
             .truncate(have == 0)
             .open(part)
             .map_err(fatal_io(format!("open {}", part.display())))?;
-        let mut sink = Sink::create(tmp, asset.is_zstd()).map_err(Failure::Fatal)?;
+        let mut sink = Sink::create(tmp, asset).map_err(Failure::Fatal)?;
         let mut hasher = Sha256::new();
         if have > 0 {
             let mut f = File::open(part).map_err(fatal_io(format!("read {}", part.display())))?;
@@ -530,15 +530,23 @@ fn is_local_write_error(e: &io::Error) -> bool {
         || e.kind() == io::ErrorKind::StorageFull
 }
 
-/// Writes content to a file, hashing it and leaving holes where it is zero.
+/// Writes content to a file, hashing it and leaving holes where it is zero, and never more
+/// than `limit` bytes: a decompression bomb stops at the pinned size.
 struct ContentWriter {
     file: File,
     hasher: Sha256,
     pos: u64,
+    limit: u64,
 }
 
 impl Write for ContentWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.pos + buf.len() as u64 > self.limit {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the content is longer than its pinned {} bytes", self.limit),
+            ));
+        }
         self.hasher.update(buf);
         for block in buf.chunks(SPARSE_BLOCK) {
             if block.iter().all(|b| *b == 0) {
@@ -563,14 +571,16 @@ enum Sink {
 }
 
 impl Sink {
-    fn create(path: &Path, zstd: bool) -> Result<Sink, FetchError> {
+    fn create(path: &Path, asset: &Asset) -> Result<Sink, FetchError> {
+        let zstd = asset.is_zstd();
+        let limit = asset.uncompressed.as_ref().map_or(asset.size, |u| u.size);
         let file = OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(true)
             .open(path)
             .map_err(io_err(format!("create {}", path.display())))?;
-        let w = ContentWriter { file, hasher: Sha256::new(), pos: 0 };
+        let w = ContentWriter { file, hasher: Sha256::new(), pos: 0, limit };
         if !zstd {
             return Ok(Sink::Plain(w));
         }
@@ -607,5 +617,22 @@ impl Write for Sink {
             Sink::Plain(w) => w.flush(),
             Sink::Zstd(d) => d.flush(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sha2::Digest;
+
+    #[test]
+    fn content_past_the_pinned_size_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::File::create(dir.path().join("out")).unwrap();
+        let mut w = super::ContentWriter { file, hasher: sha2::Sha256::new(), pos: 0, limit: 8 };
+        use std::io::Write;
+        assert!(w.write_all(&[1; 8]).is_ok());
+        let err = w.write_all(&[1]).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+        assert_eq!(w.pos, 8);
     }
 }

@@ -57,6 +57,8 @@ pub enum SourceError {
     Manifest(#[from] ManifestError),
     #[error("{ENV_IMAGES_MANIFEST}={url}: download failed: {reason}")]
     ManifestDownload { url: String, reason: String },
+    #[error("{url}: a manifest over plain http is refused (whoever alters it in transit chooses the digests)")]
+    InsecureManifest { url: String },
     #[error("the release {tag} has no {what} asset for x86_64")]
     Missing { tag: String, what: &'static str },
 }

@@ -148,7 +148,8 @@ impl Smolvm {
         }
         remove_all(&self.dir(name));
         self.db().delete(name)?;
-        let _ = std::fs::remove_file(self.home().sandboxes().join(format!(".{name}.lock")));
+        // The lock file stays (empty): removing it would let a command waiting on the old file
+        // and one opening a new file both hold "the" lock.
         Ok(())
     }
 

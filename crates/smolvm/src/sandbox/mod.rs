@@ -217,6 +217,9 @@ impl Smolvm {
     pub fn image_source(&self) -> Result<crate::images::source::ImageSource, crate::images::source::SourceError> {
         use crate::images::source::ImageSource;
         let o = &self.config.images;
+        if let Some(m) = o.manifest.as_deref().filter(|m| m.starts_with("http://") && !o.allow_insecure_manifest) {
+            return Err(crate::images::source::SourceError::InsecureManifest { url: m.to_string() });
+        }
         let default = self.config.home.default_release();
         if o.manifest.is_none() && default.is_file() {
             let mut src = ImageSource::imported(&default)?;

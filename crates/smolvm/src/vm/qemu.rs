@@ -53,6 +53,11 @@ pub fn qemu_log(dir: &Path) -> PathBuf {
     dir.join("qemu.log")
 }
 
+/// A value inside a QEMU `key=value,...` option: a comma is written as two.
+fn opt(p: &Path) -> String {
+    p.display().to_string().replace(',', ",,")
+}
+
 impl QemuConfig {
     /// The full command. The caller detaches it (own session, output to `qemu.log`).
     pub fn command(&self) -> Command {
@@ -70,7 +75,7 @@ impl QemuConfig {
         let drive = |id: &str, file: &Path, ro: bool| {
             format!(
                 "id={id},file={},format=raw,if=none,cache=unsafe,aio=threads{}",
-                file.display(),
+                opt(file),
                 if ro { ",readonly=on" } else { "" }
             )
         };
@@ -87,7 +92,7 @@ impl QemuConfig {
             .arg("-append")
             .arg(&self.cmdline)
             .arg("-chardev")
-            .arg(format!("file,id=console,path={}", console_log(&self.dir).display()))
+            .arg(format!("file,id=console,path={}", opt(&console_log(&self.dir))))
             .args(["-serial", "chardev:console"])
             .arg("-drive")
             .arg(drive("base", &self.base, true))
@@ -106,11 +111,11 @@ impl QemuConfig {
             // The guest agent's port; the agent proxy is its one client.
             .args(["-device", "virtio-serial-device"])
             .arg("-chardev")
-            .arg(format!("socket,id=agent,path={},server=on,wait=off", crate::agent::vm_socket(&self.dir).display()))
+            .arg(format!("socket,id=agent,path={},server=on,wait=off", opt(&crate::agent::vm_socket(&self.dir))))
             .arg("-device")
             .arg(format!("virtserialport,chardev=agent,name={}", smolvm_protocol::agent::AGENT_PORT_NAME))
             .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", qmp_socket(&self.dir).display()))
+            .arg(format!("unix:{},server=on,wait=off", opt(&qmp_socket(&self.dir))))
             .arg("-pidfile")
             .arg(pid_file(&self.dir))
             // Least privilege: QEMU's seccomp filter forbids it to spawn processes, change its
@@ -208,6 +213,14 @@ mod tests {
             .is_some_and(|s| s.contains("spawn=deny") && s.contains("elevateprivileges=deny")));
         let tcg = QemuConfig { accel: Accel::Tcg { reason: "test".into() }, ..c };
         assert_eq!(value_of(&args(&tcg), "-cpu", ""), Some("max"));
+    }
+
+    #[test]
+    fn a_comma_in_a_path_cannot_add_an_option() {
+        let c = QemuConfig { upper: "/d/x,readonly=off,file=/etc/shadow".into(), ..cfg(Netdev::Wire) };
+        let a = args(&c);
+        let d = value_of(&a, "-drive", "id=upper").unwrap();
+        assert!(d.contains("file=/d/x,,readonly=off,,file=/etc/shadow,format=raw"), "{d}");
     }
 
     #[test]
