@@ -24,6 +24,9 @@ fn path(name: &str) -> Option<PathBuf> {
     std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from)
 }
 
+/// The umask this process started with (main narrows its own to 077).
+pub static USER_UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
 pub fn home() -> Home {
     Home::from_vars(path("SMOLVM_HOME"), path("HOME"), path("XDG_DATA_HOME"), path("XDG_CACHE_HOME"))
 }
@@ -43,5 +46,8 @@ pub fn from_env() -> Config {
     }
     c.helper_log = var("SMOLVM_LOG");
     c.resolver_hosts = path("SMOLVM_RESOLVER_HOSTS");
+    if let Some(m) = USER_UMASK.get() {
+        c.user_umask = *m;
+    }
     c
 }

@@ -13,7 +13,9 @@ fn main() -> std::process::ExitCode {
     // Everything smolvm and its children (QEMU, the helpers) create is the user's alone: keys,
     // disks, sockets, logs.
     // SAFETY: umask(2) only sets this process's file mode mask.
-    unsafe { libc::umask(0o077) };
+    let user_umask = unsafe { libc::umask(0o077) };
+    // Files written for the user elsewhere (smolvm cp out) keep the user's own mask.
+    let _ = config::USER_UMASK.set(user_umask as u32);
     let parsed = cli::parse();
     let verbose = match &parsed {
         cli::Parsed::Main(c) => c.verbose,

@@ -141,9 +141,34 @@ fn files_round_trip_and_twenty_concurrent_execs_on_one_connection() {
             assert_eq!(String::from_utf8_lossy(&out.stderr), format!("err-{i}\n"));
         }
     });
+    // Output past the cap: the beginning is kept, the process killed, the result marked.
+    let flood = client
+        .exec(ExecRequest {
+            command: AgentCommand::Argv(vec!["yes".into()]),
+            env: vec![],
+            cwd: None,
+            stdin: false,
+            timeout_ms: None,
+            pty: None,
+        })
+        .unwrap()
+        .collect_capped(1 << 20)
+        .unwrap();
+    assert!(flood.truncated && flood.stdout.len() == 1 << 20, "{} bytes", flood.stdout.len());
+    assert_eq!(flood.status, ExitStatus::Signal(9));
     drop(client);
 
-    // A lost agent is an error that names the sandbox, not a hang.
+    // A lost agent is an error that names the sandbox, not a hang; the CLI says what to check.
+    let mut cli = f
+        .cmd()
+        .args(["exec", "fs", "--", "sh", "-c", "echo started; sleep 600"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(cli.stdout.take().unwrap()), &mut first).unwrap();
+    assert_eq!(first, "started\n");
     let pid = serde_json::from_str::<serde_json::Value>(&ok(f.cmd().args(["status", "fs", "--json"]))).unwrap()["pid"]
         .as_i64()
         .unwrap();
@@ -159,7 +184,12 @@ fn files_round_trip_and_twenty_concurrent_execs_on_one_connection() {
         })
         .unwrap();
     ok(Command::new("kill").args(["-9", &pid.to_string()]));
-    let err = h.collect().unwrap_err().to_string();
-    assert!(err.contains("fs") && err.contains("smolvm status fs"), "{err}");
+    match h.collect() {
+        Err(smolvm::agent::AgentError::Lost { sandbox, .. }) => assert_eq!(sandbox, "fs"),
+        other => panic!("not a lost agent: {other:?}"),
+    }
+    let out = cli.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("fs") && err.contains("smolvm status fs"), "{err}");
     ok(f.cmd().args(["delete", "fs"]));
 }

@@ -35,6 +35,9 @@ pub struct Config {
     pub helper_log: Option<String>,
     /// A hosts file that sandboxes' resolvers consult first (tests that build an "internet").
     pub resolver_hosts: Option<PathBuf>,
+    /// The mask for files written for the user outside the home (`copy_out`): the user's own
+    /// umask, which a program may have narrowed for its own files.
+    pub user_umask: u32,
 }
 
 impl Config {
@@ -48,8 +51,18 @@ impl Config {
             helper: default_helper(),
             helper_log: None,
             resolver_hosts: None,
+            user_umask: current_umask(),
         }
     }
+}
+
+/// This process's umask, read without changing it (other threads may be creating files).
+pub fn current_umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Umask:").map(|v| v.trim().to_string())))
+        .and_then(|v| u32::from_str_radix(&v, 8).ok())
+        .unwrap_or(0o022)
 }
 
 fn default_helper() -> PathBuf {

@@ -42,7 +42,7 @@ impl Home {
     }
 
     pub fn images(&self) -> PathBuf {
-        self.cache.join("recipes")
+        self.cache.join("images")
     }
 
     pub fn sandboxes(&self) -> PathBuf {

@@ -237,6 +237,10 @@ pub enum ExecEvent {
     Exit { status: ExitStatus, timed_out: bool },
 }
 
+/// How much of an exec's output a collecting call keeps by default (stdout and stderr
+/// together); a process that writes more is killed and its output marked truncated.
+pub const DEFAULT_OUTPUT_CAP: usize = 64 << 20;
+
 /// A collected exec.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecOutput {
@@ -244,6 +248,8 @@ pub struct ExecOutput {
     pub stderr: Vec<u8>,
     pub status: ExitStatus,
     pub timed_out: bool,
+    /// The output passed the cap: what is here is its beginning, and the process was killed.
+    pub truncated: bool,
 }
 
 impl ExecOutput {
@@ -334,12 +340,28 @@ impl ExecHandle<'_> {
 
     /// Waits for the end, collecting the output.
     pub fn collect(self) -> Result<ExecOutput, AgentError> {
+        self.collect_capped(DEFAULT_OUTPUT_CAP)
+    }
+
+    /// As [`ExecHandle::collect`], keeping at most `cap` bytes of output: past it the process
+    /// is killed (SIGKILL), the rest discarded, and the result marked `truncated`.
+    pub fn collect_capped(self, cap: usize) -> Result<ExecOutput, AgentError> {
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let mut truncated = false;
         loop {
-            match self.next_event()? {
-                ExecEvent::Stdout(d) => stdout.extend_from_slice(&d),
-                ExecEvent::Stderr(d) => stderr.extend_from_slice(&d),
-                ExecEvent::Exit { status, timed_out } => return Ok(ExecOutput { stdout, stderr, status, timed_out }),
+            let (is_stdout, d) = match self.next_event()? {
+                ExecEvent::Stdout(d) => (true, d),
+                ExecEvent::Stderr(d) => (false, d),
+                ExecEvent::Exit { status, timed_out } => {
+                    return Ok(ExecOutput { stdout, stderr, status, timed_out, truncated })
+                }
+            };
+            let take = cap.saturating_sub(stdout.len() + stderr.len()).min(d.len());
+            let buf = if is_stdout { &mut stdout } else { &mut stderr };
+            buf.extend_from_slice(&d[..take]);
+            if take < d.len() && !truncated {
+                truncated = true;
+                self.signal(libc::SIGKILL)?;
             }
         }
     }

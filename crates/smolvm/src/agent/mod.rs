@@ -23,10 +23,37 @@ pub fn client_socket(dir: &Path) -> PathBuf {
     dir.join("agent.sock")
 }
 
+/// A proxy that was started; [`ProxyStart::ready`] waits for its word.
+#[derive(Debug)]
+pub struct ProxyStart {
+    child: std::process::Child,
+    stdout: Option<std::process::ChildStdout>,
+    dir: PathBuf,
+}
+
+impl ProxyStart {
+    /// Returns once the proxy holds the guest's connection and serves clients (it says so on
+    /// a pipe), or fails after `timeout`.
+    pub fn ready(mut self, timeout: std::time::Duration) -> std::io::Result<()> {
+        let stdout = self.stdout.take().ok_or_else(|| std::io::Error::other("no stdout"))?;
+        let line = crate::child::read_line_timeout(stdout, timeout).map_err(|e| {
+            let _ = self.child.kill();
+            let log = std::fs::read_to_string(self.dir.join("agent-proxy.log")).unwrap_or_default();
+            std::io::Error::new(
+                e.kind(),
+                format!("the agent proxy did not start: {e}\n--- agent-proxy.log ---\n{}", log.trim()),
+            )
+        })?;
+        if line.trim() != "ready" {
+            return Err(std::io::Error::other(format!("the agent proxy said {line:?}")));
+        }
+        Ok(())
+    }
+}
+
 /// Starts the proxy for the sandbox in `dir`, detached (its own session; its log in
-/// `agent-proxy.log`), and returns once it serves clients (it says so on a pipe). It exits by
-/// itself when the VM does.
-pub fn spawn_proxy(dir: &Path, helper: &Path, log_filter: Option<&str>) -> std::io::Result<()> {
+/// `agent-proxy.log`). It exits by itself when the VM does.
+pub fn spawn_proxy(dir: &Path, helper: &Path, log_filter: Option<&str>) -> std::io::Result<ProxyStart> {
     let log = std::fs::File::create(dir.join("agent-proxy.log"))?;
     let mut cmd = std::process::Command::new(helper);
     cmd.arg("__agent-proxy")
@@ -40,19 +67,8 @@ pub fn spawn_proxy(dir: &Path, helper: &Path, log_filter: Option<&str>) -> std::
     }
     crate::child::inherit_fd(&mut cmd, -1, -1);
     let mut child = cmd.spawn()?;
-    let stdout = child.stdout.take().ok_or_else(|| std::io::Error::other("no stdout"))?;
-    let line = crate::child::read_line_timeout(stdout, std::time::Duration::from_secs(30)).map_err(|e| {
-        let _ = child.kill();
-        let log = std::fs::read_to_string(dir.join("agent-proxy.log")).unwrap_or_default();
-        std::io::Error::new(
-            e.kind(),
-            format!("the agent proxy did not start: {e}\n--- agent-proxy.log ---\n{}", log.trim()),
-        )
-    })?;
-    if line.trim() != "ready" {
-        return Err(std::io::Error::other(format!("the agent proxy said {line:?}")));
-    }
-    Ok(())
+    let stdout = child.stdout.take();
+    Ok(ProxyStart { child, stdout, dir: dir.to_path_buf() })
 }
 
 /// For `smolvm __agent-proxy DIR`: runs the proxy, printing its ready line on stdout.

@@ -28,6 +28,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 const HELLO_RESEND: std::time::Duration = std::time::Duration::from_millis(250);
 const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// As long as a boot may take under emulation (the sandbox's readiness timeout).
+const READY_TIMEOUT: std::time::Duration = crate::sandbox::DEFAULT_READY_TIMEOUT;
 
 /// Whether `s` has bytes to read within `t`.
 fn readable_within(s: &UnixStream, t: std::time::Duration) -> std::io::Result<bool> {
@@ -44,14 +46,27 @@ fn readable_within(s: &UnixStream, t: std::time::Duration) -> std::io::Result<bo
 /// Runs the proxy for the sandbox directory `dir` until the VM's end of the port closes.
 /// `ready` is called once the client socket is bound (the process prints its ready line).
 pub fn run(dir: &Path, ready: impl FnOnce()) -> std::io::Result<()> {
-    // Started once the guest printed its readiness line, long after QEMU made this socket.
-    let vm = UnixStream::connect(super::vm_socket(dir))?;
+    // Started right after QEMU, so that its Hello is waiting when the guest first opens its
+    // port. QEMU makes this socket while it starts, and tells no one: connect until it exists
+    // (bounded; normally a few milliseconds).
+    let path = super::vm_socket(dir);
+    let deadline = std::time::Instant::now() + HELLO_TIMEOUT;
+    let vm = loop {
+        match UnixStream::connect(&path) {
+            Ok(s) => break s,
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::trace!("waiting for {}: {e}", path.display());
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let vm_out = Arc::new(Mutex::new(vm.try_clone()?));
     let mut vm_in = vm;
     // Guests of protocol v1 close their port between host connections and lose what arrives
     // meanwhile: a Hello that gets no answer within a moment is sent again (an extra answer is
-    // ignored below: a Hello has no request id).
-    let deadline = std::time::Instant::now() + HELLO_TIMEOUT;
+    // ignored below: a Hello has no request id). A booting guest answers once it is ready.
+    let deadline = std::time::Instant::now() + READY_TIMEOUT;
     loop {
         lock(&vm_out).write_all(&encode(&HostMsg::Hello { version: PROTOCOL_VERSION }))?;
         if readable_within(&vm_in, HELLO_RESEND)? {
@@ -60,7 +75,7 @@ pub fn run(dir: &Path, ready: impl FnOnce()) -> std::io::Result<()> {
         if std::time::Instant::now() >= deadline {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                format!("the guest agent did not answer Hello within {HELLO_TIMEOUT:?}"),
+                format!("the guest agent did not answer Hello within {READY_TIMEOUT:?}"),
             ));
         }
     }

@@ -149,15 +149,15 @@ impl Smolvm {
             BootError::NotReady { cause, console: console.display().to_string(), tail }
         };
         let pidfd = process::pidfd(pid).map_err(|e| fail(WaitError::Io(e)))?;
+        // The proxy starts with QEMU, so that its Hello waits for the guest's agent.
+        let proxy = crate::agent::spawn_proxy(&dir, &self.config().helper, self.config().helper_log.as_deref())
+            .map_err(|e| fail(WaitError::Io(e)))?;
         let ready: Ready = wait_for_ready(&console, &pidfd, timeout).map_err(&mut fail)?;
-        // Ready on the console means sshd and the agent are up. The proxy returns once it holds
+        // Ready on the console means sshd and the agent are up. The proxy says so once it holds
         // the agent's connection and serves clients; one Hello through it proves the path.
-        let agent = crate::agent::spawn_proxy(&dir, &self.config().helper, self.config().helper_log.as_deref())
-            .map_err(|e| e.to_string())
-            .and_then(|()| {
-                crate::agent::AgentClient::connect(&row.name, &crate::agent::client_socket(&dir))
-                    .map_err(|e| e.to_string())
-            });
+        let agent = proxy.ready(timeout).map_err(|e| e.to_string()).and_then(|()| {
+            crate::agent::AgentClient::connect(&row.name, &crate::agent::client_socket(&dir)).map_err(|e| e.to_string())
+        });
         if let Err(e) = agent {
             let _ = process::signal(pid, libc::SIGKILL);
             return Err(BootError::Agent(e));

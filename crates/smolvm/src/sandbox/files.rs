@@ -59,15 +59,6 @@ impl Write for Capped<'_> {
     }
 }
 
-/// This process's umask (read without changing it: other threads may be creating files).
-fn umask() -> u32 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Umask:").map(|v| v.trim().to_string())))
-        .and_then(|v| u32::from_str_radix(&v, 8).ok())
-        .unwrap_or(0o022)
-}
-
 impl Smolvm {
     /// Copies the local file `local` to `remote` in the sandbox (into it if `remote` is a
     /// directory or ends in `/`), keeping its permission bits. Returns the guest path written.
@@ -119,7 +110,7 @@ impl Smolvm {
                 return Err(CopyError::TooLong { path: format!("{name}:{remote}"), announced: stat.size });
             }
             read?;
-            let mode = stat.mode & 0o777 & !umask();
+            let mode = stat.mode & 0o777 & !self.config().user_umask;
             file.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(io_err("chmod", &tmp))?;
             file.sync_all().map_err(io_err("sync", &tmp))?;
             std::fs::rename(&tmp, &target).map_err(io_err("rename into", &target))
@@ -147,8 +138,8 @@ mod tests {
 
     #[test]
     fn the_umask_is_read_without_changing_it() {
-        let m = umask();
+        let m = crate::config::current_umask();
         assert!(m <= 0o777);
-        assert_eq!(umask(), m);
+        assert_eq!(crate::config::current_umask(), m);
     }
 }

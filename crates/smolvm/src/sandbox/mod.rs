@@ -292,6 +292,7 @@ impl Smolvm {
             Err(first) => {
                 tracing::debug!("agent proxy of {name} not reachable ({first}); starting it");
                 crate::agent::spawn_proxy(&dir, &self.config.helper, self.config.helper_log.as_deref())
+                    .and_then(|p| p.ready(Duration::from_secs(30)))
                     .map_err(|source| crate::agent::AgentError::Connect { sandbox: name.into(), source })?;
                 crate::agent::AgentClient::connect(name, &socket)
             }
