@@ -112,6 +112,14 @@ fn hint(e: &(dyn std::error::Error + 'static)) -> Option<String> {
             _ => "see the NETWORK section of smolvm --help".into(),
         });
     }
+    if let Some(smolvm_release::BuildError::NoCheckout) = e.downcast_ref::<smolvm_release::BuildError>() {
+        return Some("run smolvm from inside the repository, or pass --source DIR".into());
+    }
+    if let Some(smolvm_release::pinning::PinError::Mismatch { .. }) =
+        e.downcast_ref::<smolvm_release::pinning::PinError>()
+    {
+        return Some("rebuild it: smolvm image build all --out DIR".into());
+    }
     if let Some(NetError::NotRunning(_)) = e.downcast_ref::<NetError>() {
         return Some("the sandbox is not running, or its network process died: smolvm status shows which".into());
     }

@@ -33,7 +33,9 @@ pub use release::{build_release, source_date_epoch, ReleaseBuild};
 /// Why a build failed. Each variant says what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("cannot find the smolvm source checkout (a directory with recipes/release.toml): building images needs one; run smolvm from inside the repository or pass --source DIR")]
+    #[error(
+        "cannot find the smolvm source checkout (a directory with recipes/release.toml): building images needs one"
+    )]
     NoCheckout,
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },

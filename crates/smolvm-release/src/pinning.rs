@@ -22,7 +22,7 @@ const HEADER: &str = "\
 pub enum PinError {
     #[error(transparent)]
     Manifest(#[from] ManifestError),
-    #[error("{path}: {reason}; rebuild the release (smolvm image build all)")]
+    #[error("{path}: {reason}; the release must be rebuilt")]
     Mismatch { path: String, reason: String },
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },

@@ -16,10 +16,6 @@ use super::asset::{Asset, AssetKind, Format};
 use super::manifest::{Manifest, ManifestError};
 use super::release_pins::ReleasePins;
 
-/// Environment variable names.
-pub const ENV_IMAGES_URL: &str = "SMOLVM_IMAGES_URL";
-pub const ENV_IMAGES_MANIFEST: &str = "SMOLVM_IMAGES_MANIFEST";
-
 /// Where the asset list comes from, and where assets are downloaded from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageSource {
@@ -53,9 +49,9 @@ pub enum ReleaseOrigin {
 pub enum SourceError {
     #[error("the compiled-in pins are invalid: {0}")]
     Pins(String),
-    #[error("{ENV_IMAGES_MANIFEST}: {0}")]
+    #[error("the release manifest: {0}")]
     Manifest(#[from] ManifestError),
-    #[error("{ENV_IMAGES_MANIFEST}={url}: download failed: {reason}")]
+    #[error("the release manifest {url}: download failed: {reason}")]
     ManifestDownload { url: String, reason: String },
     #[error("{url}: a manifest over plain http is refused (whoever alters it in transit chooses the digests)")]
     InsecureManifest { url: String },
@@ -89,7 +85,7 @@ impl ImageSource {
                     p.parent().map(Path::to_path_buf).unwrap_or_default()
                 });
                 ImageSource {
-                    pins_overridden: Some(format!("warning: {ENV_IMAGES_MANIFEST}={loc}: using {what}")),
+                    pins_overridden: Some(format!("warning: the manifest {loc}: using {what}")),
                     tag: m.tag,
                     assets: m.assets,
                     // Assets of a manifest given by URL sit next to it.
