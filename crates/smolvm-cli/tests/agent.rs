@@ -110,6 +110,22 @@ fn files_round_trip_and_twenty_concurrent_execs_on_one_connection() {
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&back).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o750);
 
+    // The hostile guest (root inside) plants a setuid-root file, and the user copies it out to
+    // a destination where a symlink points at a file of theirs: the copy is an ordinary file
+    // (no setuid, setgid or sticky bit), the symlink is replaced, its target untouched.
+    ok(f.cmd().args(["exec", "fs", "--", "sh", "-c", "printf evil > /root/suid && chmod 7755 /root/suid"]));
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, b"mine").unwrap();
+    let dest = dir.path().join("dest");
+    std::os::unix::fs::symlink(&victim, &dest).unwrap();
+    ok(f.cmd().args(["cp", "fs:/root/suid", dest.to_str().unwrap()]));
+    assert_eq!(std::fs::read(&victim).unwrap(), b"mine", "the copy followed a host-side symlink");
+    let meta = std::fs::symlink_metadata(&dest).unwrap();
+    assert!(meta.file_type().is_file(), "the destination is still a symlink");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
+    assert_eq!(mode & 0o7000, 0, "setuid/setgid/sticky came back from the guest: {mode:o}");
+    assert_eq!(std::fs::read(&dest).unwrap(), b"evil");
+
     // Twenty execs at once on one agent connection, each with its own id.
     let mut config = smolvm::config::Config::new(smolvm::paths::Home::at(f.home.path()));
     config.helper = env!("CARGO_BIN_EXE_smolvm").into();
