@@ -210,13 +210,14 @@ impl World {
         c
     }
 
-    /// `smolvm` in the "host" namespace, with the test resolver.
+    /// `smolvm` in the "host" namespace, with the test resolver. No image variables: the
+    /// release `image import` made this home's default is used.
     fn cmd(&self) -> Command {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.host, env!("CARGO_BIN_EXE_smolvm")])
             .env("SMOLVM_HOME", self.home.path())
-            .env("SMOLVM_IMAGES_MANIFEST", self.release.join("manifest.json"))
-            .env("SMOLVM_IMAGES_URL", "http://127.0.0.1:9/unreachable")
+            .env_remove("SMOLVM_IMAGES_MANIFEST")
+            .env_remove("SMOLVM_IMAGES_URL")
             .env("SMOLVM_RESOLVER_HOSTS", self.files.path().join("hosts"))
             .env_remove("SMOLVM_LOG");
         c
@@ -372,6 +373,8 @@ fn the_network_policy_holds_against_a_hostile_guest() {
     common::ok(w.cmd().args(["start", "narrow"]));
     let s = w.status("narrow");
     assert_eq!(s["network"], "none", "{s}");
+    // Booted from the imported release (no manifest variable), which is not this binary's pins.
+    assert_eq!(s["pinned"], false, "{s}");
     assert_eq!(s["network_policy"]["mode"], "none", "{s}");
     assert!(s["network_refusals"]["refused"].as_u64().unwrap() >= 8, "{s}");
     assert_eq!(w.fetch("narrow", &format!("http://{C_TEST}/")), None);
