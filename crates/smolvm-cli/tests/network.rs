@@ -373,8 +373,11 @@ fn the_network_policy_holds_against_a_hostile_guest() {
     common::ok(w.cmd().args(["start", "narrow"]));
     let s = w.status("narrow");
     assert_eq!(s["network"], "none", "{s}");
-    // Booted from the imported release (no manifest variable), which is not this binary's pins.
-    assert_eq!(s["pinned"], false, "{s}");
+    // Booted from the imported release (no manifest variable); status and image show agree on
+    // whether that release is the one pinned in this binary.
+    let show: serde_json::Value = serde_json::from_str(&common::ok(w.cmd().args(["image", "show", "--json"]))).unwrap();
+    assert_eq!(show["in_use"]["origin"]["kind"], "imported", "{show}");
+    assert_eq!(s["pinned"], show["in_use"]["pinned"], "{s}");
     assert_eq!(s["network_policy"]["mode"], "none", "{s}");
     assert!(s["network_refusals"]["refused"].as_u64().unwrap() >= 8, "{s}");
     assert_eq!(w.fetch("narrow", &format!("http://{C_TEST}/")), None);
