@@ -30,6 +30,29 @@ pub(crate) fn inherit_fd(cmd: &mut std::process::Command, fd: RawFd, target: Raw
     }
 }
 
+/// `helper SUBCOMMAND DIR` (a sandbox's helper process: `__netd`, `__agent-proxy`) with an
+/// empty environment but the log filter, stdin closed, stdout a pipe for its ready line and
+/// stderr its log file.
+pub(crate) fn helper_command(
+    helper: &std::path::Path,
+    subcommand: &str,
+    dir: &std::path::Path,
+    log: std::fs::File,
+    log_filter: Option<&str>,
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new(helper);
+    cmd.arg(subcommand)
+        .arg(dir)
+        .env_clear()
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(log);
+    if let Some(filter) = log_filter {
+        cmd.env("SMOLVM_LOG", filter);
+    }
+    cmd
+}
+
 /// One line from a child's stdout within `timeout`.
 pub(crate) fn read_line_timeout(r: std::process::ChildStdout, timeout: Duration) -> std::io::Result<String> {
     let mut p = libc::pollfd { fd: r.as_raw_fd(), events: libc::POLLIN, revents: 0 };

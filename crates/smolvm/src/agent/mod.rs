@@ -55,16 +55,7 @@ impl ProxyStart {
 /// `agent-proxy.log`). It exits by itself when the VM does.
 pub fn spawn_proxy(dir: &Path, helper: &Path, log_filter: Option<&str>) -> std::io::Result<ProxyStart> {
     let log = std::fs::File::create(dir.join("agent-proxy.log"))?;
-    let mut cmd = std::process::Command::new(helper);
-    cmd.arg("__agent-proxy")
-        .arg(dir)
-        .env_clear()
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(log);
-    if let Some(filter) = log_filter {
-        cmd.env("SMOLVM_LOG", filter);
-    }
+    let mut cmd = crate::child::helper_command(helper, "__agent-proxy", dir, log, log_filter);
     crate::child::inherit_fd(&mut cmd, -1, -1);
     let mut child = cmd.spawn()?;
     let stdout = child.stdout.take();

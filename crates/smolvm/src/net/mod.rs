@@ -152,16 +152,7 @@ pub fn spawn(dir: &Path, program: &Path, log_filter: Option<&str>, timeout: Dura
     // SAFETY: both descriptors are fresh and owned by nothing else.
     let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     let log = std::fs::File::create(process_log(dir)).map_err(io("create netd.log"))?;
-    let mut cmd = std::process::Command::new(program);
-    cmd.arg("__netd")
-        .arg(dir)
-        .env_clear()
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(log);
-    if let Some(filter) = log_filter {
-        cmd.env("SMOLVM_LOG", filter);
-    }
+    let mut cmd = crate::child::helper_command(program, "__netd", dir, log, log_filter);
     crate::child::inherit_fd(&mut cmd, theirs.as_raw_fd(), WIRE_FD);
     let mut child = cmd.spawn().map_err(io(format!("start {} __netd", program.display())))?;
     drop(theirs);
