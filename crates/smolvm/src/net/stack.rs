@@ -342,7 +342,10 @@ impl Netd {
             // Timers of our own: connects, sniffs, UDP flows, the stats file.
             let tick = Duration::from_millis(if self.refusals.pending() { 200 } else { 1000 });
             timeout = Some(timeout.map_or(tick, |t| t.min(tick)));
-            if !self.dev.rx.is_empty() {
+            // Frames waiting for smoltcp: go again at once, unless smoltcp is held back by a full
+            // queue towards QEMU (a guest that stops reading must not make us spin; QEMU's
+            // reading wakes us through the wire's writable event).
+            if !self.dev.rx.is_empty() && self.dev.pending_out() < MAX_WIRE_OUT {
                 timeout = Some(Duration::ZERO);
             }
             match self.poll.poll(&mut events, timeout) {
