@@ -1,0 +1,479 @@
+//! TCP: each guest connection judged at its SYN, then held, sniffed or piped; forwards from
+//! the host to the guest.
+
+use super::*;
+
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// The host-side connect is in progress; `syn` is the guest's SYN, held until it succeeds
+    /// (`None` when the guest's side was accepted already, for a name check).
+    Connecting { syn: Option<Vec<u8>> },
+    /// Accepted in smoltcp; collecting the first bytes to learn the name.
+    Sniffing,
+    /// Both sides open: bytes flow.
+    Open,
+}
+
+pub(super) struct Conn {
+    key: FlowKey,
+    token: Token,
+    handle: Option<SocketHandle>,
+    phase: Phase,
+    stream: Option<TcpStream>,
+    /// Where the host side connects (the destination, or 127.0.0.1:port for a host port).
+    target: SocketAddr,
+    /// Guest bytes not yet written to the host (also the sniffed prefix).
+    to_host: Vec<u8>,
+    to_host_off: usize,
+    host_readable: bool,
+    host_writable: bool,
+    host_eof: bool,
+    shut_wr: bool,
+    since: Instant,
+}
+
+impl Netd {
+    pub(super) fn reset(&mut self, key: FlowKey, seq: smoltcp::wire::TcpSeqNumber) {
+        if let Some(m) = self.macs() {
+            let f = frames::tcp_reset(m, key.1, key.0, seq);
+            self.dev.push_frame(&f);
+        }
+    }
+
+    /// A guest SYN. Returns whether smoltcp should see it now.
+    pub(super) fn guest_syn(&mut self, key: FlowKey, seq: smoltcp::wire::TcpSeqNumber, frame: &[u8]) -> bool {
+        if let Some(id) = self.by_key.get(&key) {
+            // A retransmission: held while connecting, else smoltcp's socket has it.
+            return !matches!(self.conns[id].phase, Phase::Connecting { syn: Some(_) });
+        }
+        let (dst_ip, dst_port) = (*key.1.ip(), key.1.port());
+        let dest = key.1.to_string();
+        let (verdict, target) = if dst_ip == GATEWAY {
+            if self.decider.policy.allow_host_ports.contains(&dst_port) {
+                (Verdict::Allow, SocketAddr::from((Ipv4Addr::LOCALHOST, dst_port)))
+            } else {
+                (Verdict::Refuse("the host (not an --allow-host-port)".into()), key.1.into())
+            }
+        } else if dst_ip == DNS {
+            (Verdict::Refuse("the resolver answers UDP only".into()), key.1.into())
+        } else {
+            (self.decider.check_ip(IpAddr::V4(dst_ip), true), key.1.into())
+        };
+        if self.conns.len() >= MAX_CONNS {
+            self.refuse("tcp", dest, None, format!("more than {MAX_CONNS} connections open"));
+            self.reset(key, seq);
+            return false;
+        }
+        match verdict {
+            Verdict::Refuse(rule) => {
+                self.refuse("tcp", dest, None, rule);
+                self.reset(key, seq);
+                false
+            }
+            Verdict::Allow => {
+                self.open_conn(key, target, Phase::Connecting { syn: Some(frame.to_vec()) });
+                false
+            }
+            Verdict::NeedName => {
+                self.listen_for(key);
+                self.open_conn(key, target, Phase::Sniffing);
+                true
+            }
+        }
+    }
+
+    pub(super) fn listen_for(&mut self, key: FlowKey) {
+        let mut s =
+            tcp::Socket::new(tcp::SocketBuffer::new(vec![0; TCP_BUF]), tcp::SocketBuffer::new(vec![0; TCP_BUF]));
+        s.set_nagle_enabled(false);
+        let ep = IpEndpoint::new((*key.1.ip()).into(), key.1.port());
+        if let Err(e) = s.listen(ep) {
+            tracing::warn!("listen on {ep}: {e}");
+            return;
+        }
+        let h = self.sockets.add(s);
+        self.unassigned.push((h, Instant::now()));
+    }
+
+    pub(super) fn open_conn(&mut self, key: FlowKey, target: SocketAddr, phase: Phase) {
+        let token = self.token();
+        let id = token.0;
+        let mut c = Conn {
+            key,
+            token,
+            handle: None,
+            phase,
+            stream: None,
+            target,
+            to_host: Vec::new(),
+            to_host_off: 0,
+            host_readable: false,
+            host_writable: false,
+            host_eof: false,
+            shut_wr: false,
+            since: Instant::now(),
+        };
+        if matches!(c.phase, Phase::Connecting { .. }) && !self.connect_host(&mut c) {
+            if let Phase::Connecting { syn: Some(syn) } = &c.phase {
+                self.reset_from_syn(key, syn);
+            }
+            return;
+        }
+        self.by_key.insert(key, id);
+        self.by_token.insert(token, id);
+        self.conns.insert(id, c);
+    }
+
+    pub(super) fn reset_from_syn(&mut self, key: FlowKey, syn: &[u8]) {
+        let seq = EthernetFrame::new_checked(syn)
+            .ok()
+            .and_then(|e| Ipv4Packet::new_checked(e.payload()).ok().map(|i| i.payload().to_vec()))
+            .and_then(|p| TcpPacket::new_checked(&p[..]).ok().map(|t| t.seq_number()));
+        if let Some(seq) = seq {
+            self.reset(key, seq);
+        }
+    }
+
+    /// Starts the host-side connect of `c`; `false` if it failed at once.
+    pub(super) fn connect_host(&mut self, c: &mut Conn) -> bool {
+        match TcpStream::connect(c.target) {
+            Ok(mut s) => {
+                if self.poll.registry().register(&mut s, c.token, Interest::READABLE | Interest::WRITABLE).is_err() {
+                    return false;
+                }
+                let _ = s.set_nodelay(true);
+                c.stream = Some(s);
+                c.since = Instant::now();
+                true
+            }
+            Err(e) => {
+                tracing::debug!("connect {}: {e}", c.target);
+                false
+            }
+        }
+    }
+
+    /// Matches listening sockets that took a SYN to their connections.
+    pub(super) fn assign_listeners(&mut self) {
+        let mut still = Vec::new();
+        for (h, at) in std::mem::take(&mut self.unassigned) {
+            let s = self.sockets.get_mut::<tcp::Socket>(h);
+            if s.state() == tcp::State::Listen {
+                if at.elapsed() < SNIFF_TIMEOUT {
+                    still.push((h, at));
+                } else {
+                    self.sockets.remove(h);
+                }
+                continue;
+            }
+            let key = match (s.remote_endpoint(), s.local_endpoint()) {
+                (Some(r), Some(l)) => match (r.addr, l.addr) {
+                    (smoltcp::wire::IpAddress::Ipv4(ra), smoltcp::wire::IpAddress::Ipv4(la)) => {
+                        Some((SocketAddrV4::new(ra, r.port), SocketAddrV4::new(la, l.port)))
+                    }
+                },
+                _ => None,
+            };
+            match key.and_then(|k| self.by_key.get(&k).copied()) {
+                Some(id) if self.conns[&id].handle.is_none() => {
+                    if let Some(c) = self.conns.get_mut(&id) {
+                        c.handle = Some(h);
+                    }
+                }
+                _ => {
+                    s.abort();
+                    self.graveyard.push(h);
+                }
+            }
+        }
+        self.unassigned = still;
+    }
+
+    pub(super) fn host_event(&mut self, t: Token, readable: bool, writable: bool) {
+        if let Some(&id) = self.by_token.get(&t) {
+            let Some(c) = self.conns.get_mut(&id) else { return };
+            c.host_readable |= readable;
+            c.host_writable |= writable;
+            if let Phase::Connecting { .. } = c.phase {
+                if writable {
+                    self.connect_done(id);
+                }
+            }
+        } else if let Some(key) = self.udp_by_token.get(&t).copied() {
+            self.host_udp(key);
+        } else if self.listeners.contains_key(&t) {
+            self.accept_forward(t);
+        }
+    }
+
+    /// A host-side connect finished (or failed).
+    pub(super) fn connect_done(&mut self, id: usize) {
+        let Some(c) = self.conns.get_mut(&id) else { return };
+        let Some(s) = &c.stream else { return };
+        let result = match s.take_error() {
+            Ok(Some(e)) | Err(e) => Err(e),
+            Ok(None) => match s.peer_addr() {
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => return, // not yet
+                Err(e) => Err(e),
+            },
+        };
+        let key = c.key;
+        match result {
+            Ok(()) => {
+                let syn = match std::mem::replace(&mut c.phase, Phase::Open) {
+                    Phase::Connecting { syn } => syn,
+                    _ => None,
+                };
+                if let Some(syn) = syn {
+                    self.listen_for(key);
+                    self.dev.rx.push_front(syn);
+                }
+            }
+            Err(e) => {
+                tracing::debug!("connect {}: {e}", c.target);
+                self.fail(id);
+            }
+        }
+    }
+
+    /// Ends a connection with a reset to the guest.
+    pub(super) fn fail(&mut self, id: usize) {
+        let Some(c) = self.conns.remove(&id) else { return };
+        self.by_key.remove(&c.key);
+        self.by_token.remove(&c.token);
+        if let Phase::Connecting { syn: Some(syn) } = &c.phase {
+            self.reset_from_syn(c.key, syn);
+        }
+        if let Some(h) = c.handle {
+            self.sockets.get_mut::<tcp::Socket>(h).abort();
+            self.graveyard.push(h);
+        }
+    }
+
+    /// Ends a connection whose both sides are done.
+    pub(super) fn finish(&mut self, id: usize) {
+        let Some(c) = self.conns.remove(&id) else { return };
+        self.by_key.remove(&c.key);
+        self.by_token.remove(&c.token);
+        if let Some(h) = c.handle {
+            self.graveyard.push(h);
+        }
+    }
+
+    pub(super) fn pump(&mut self, id: usize) {
+        let action = {
+            let Some(c) = self.conns.get_mut(&id) else { return };
+            match c.handle {
+                None => {
+                    let limit =
+                        if matches!(c.phase, Phase::Connecting { .. }) { CONNECT_TIMEOUT } else { SNIFF_TIMEOUT };
+                    if c.since.elapsed() > limit {
+                        Action::Fail
+                    } else {
+                        Action::Keep
+                    }
+                }
+                Some(h) => {
+                    let s = self.sockets.get_mut::<tcp::Socket>(h);
+                    match c.phase {
+                        Phase::Connecting { .. } if c.since.elapsed() > CONNECT_TIMEOUT || !s.is_open() => Action::Fail,
+                        Phase::Connecting { .. } => Action::Keep,
+                        Phase::Sniffing => sniff_step(c, s),
+                        Phase::Open => pipe(c, s),
+                    }
+                }
+            }
+        };
+        match action {
+            Action::Keep => {}
+            Action::Fail => self.fail(id),
+            Action::Finish => self.finish(id),
+            Action::Named(found) => self.named(id, found),
+        }
+    }
+
+    /// The first bytes of a `NeedName` connection are in: check the name they give.
+    pub(super) fn named(&mut self, id: usize, found: Sniffed) {
+        let Some(c) = self.conns.get(&id) else { return };
+        let ip = IpAddr::V4(*c.key.1.ip());
+        let dest = c.key.1.to_string();
+        let name = found.name().map(str::to_string);
+        match self.decider.check_name(ip, name.as_deref()) {
+            Verdict::Allow => {
+                let mut c = self.conns.remove(&id).expect("present");
+                c.phase = Phase::Connecting { syn: None };
+                let ok = self.connect_host(&mut c);
+                self.conns.insert(id, c);
+                if !ok {
+                    self.fail(id);
+                }
+            }
+            Verdict::Refuse(rule) => {
+                self.fail(id);
+                let proto = match found {
+                    Sniffed::Tls(_) => "tls",
+                    Sniffed::Http(_) => "http",
+                    _ => "tcp",
+                };
+                self.refuse(proto, dest, name, rule);
+            }
+            Verdict::NeedName => self.fail(id),
+        }
+    }
+
+    /// A host client connected to a forward: open a connection to the guest.
+    pub(super) fn accept_forward(&mut self, t: Token) {
+        loop {
+            let Some((l, f)) = self.listeners.get(&t) else { return };
+            let guest_port = f.guest;
+            let (mut stream, _) = match l.accept() {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::warn!("accept on forward to {guest_port}: {e}");
+                    return;
+                }
+            };
+            if self.conns.len() >= MAX_CONNS {
+                continue;
+            }
+            self.next_port = if self.next_port >= 65000 { 49152 } else { self.next_port + 1 };
+            let local = SocketAddrV4::new(GATEWAY, self.next_port);
+            let remote = SocketAddrV4::new(GUEST, guest_port);
+            let mut s =
+                tcp::Socket::new(tcp::SocketBuffer::new(vec![0; TCP_BUF]), tcp::SocketBuffer::new(vec![0; TCP_BUF]));
+            s.set_nagle_enabled(false);
+            let cx = self.iface.context();
+            if let Err(e) =
+                s.connect(cx, IpEndpoint::new(GUEST.into(), guest_port), IpEndpoint::new(GATEWAY.into(), local.port()))
+            {
+                tracing::warn!("connect to the guest's port {guest_port}: {e}");
+                continue;
+            }
+            let h = self.sockets.add(s);
+            let token = self.token();
+            if self.poll.registry().register(&mut stream, token, Interest::READABLE | Interest::WRITABLE).is_err() {
+                self.sockets.remove(h);
+                continue;
+            }
+            let _ = stream.set_nodelay(true);
+            let id = token.0;
+            let key = (remote, local);
+            self.by_key.insert(key, id);
+            self.by_token.insert(token, id);
+            self.conns.insert(
+                id,
+                Conn {
+                    key,
+                    token,
+                    handle: Some(h),
+                    phase: Phase::Open,
+                    stream: Some(stream),
+                    target: SocketAddr::V4(remote),
+                    to_host: Vec::new(),
+                    to_host_off: 0,
+                    host_readable: true,
+                    host_writable: true,
+                    host_eof: false,
+                    shut_wr: false,
+                    since: Instant::now(),
+                },
+            );
+        }
+    }
+}
+
+/// What to do with a connection after moving its bytes.
+enum Action {
+    Keep,
+    Fail,
+    Finish,
+    Named(Sniffed),
+}
+
+/// Collects the first bytes of a connection until they name a host (or cannot).
+fn sniff_step(c: &mut Conn, s: &mut tcp::Socket) -> Action {
+    while s.can_recv() && c.to_host.len() < MAX_SNIFF {
+        let mut buf = [0u8; 4096];
+        let room = (MAX_SNIFF - c.to_host.len()).min(buf.len());
+        match s.recv_slice(&mut buf[..room]) {
+            Ok(n) if n > 0 => c.to_host.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    let found = sniff(&c.to_host);
+    let established = !matches!(s.state(), tcp::State::Listen | tcp::State::SynReceived);
+    let gave_up = (established && !s.may_recv()) || c.since.elapsed() > SNIFF_TIMEOUT;
+    if found != Sniffed::NeedMore || gave_up {
+        return Action::Named(found);
+    }
+    if !s.is_open() {
+        return Action::Finish;
+    }
+    Action::Keep
+}
+
+/// Moves bytes both ways between the guest's socket and the host's.
+fn pipe(c: &mut Conn, s: &mut tcp::Socket) -> Action {
+    let Some(stream) = c.stream.as_mut() else { return Action::Fail };
+    // Guest -> host.
+    loop {
+        if c.to_host_off == c.to_host.len() {
+            c.to_host.clear();
+            c.to_host_off = 0;
+            if !s.can_recv() {
+                break;
+            }
+            c.to_host.resize(64 * 1024, 0);
+            match s.recv_slice(&mut c.to_host) {
+                Ok(n) => c.to_host.truncate(n),
+                Err(_) => c.to_host.clear(),
+            }
+            if c.to_host.is_empty() {
+                break;
+            }
+        }
+        if !c.host_writable {
+            break;
+        }
+        match stream.write(&c.to_host[c.to_host_off..]) {
+            Ok(n) => c.to_host_off += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.host_writable = false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Action::Fail,
+        }
+    }
+    let flushed = c.to_host_off == c.to_host.len();
+    let established = !matches!(s.state(), tcp::State::SynSent | tcp::State::SynReceived | tcp::State::Listen);
+    if established && !s.may_recv() && s.recv_queue() == 0 && flushed && !c.shut_wr {
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        c.shut_wr = true;
+    }
+    // Host -> guest.
+    while c.host_readable && !c.host_eof && s.may_send() {
+        let room = s.send_capacity() - s.send_queue();
+        if room == 0 {
+            break;
+        }
+        let mut buf = [0u8; 64 * 1024];
+        let want = room.min(buf.len());
+        match stream.read(&mut buf[..want]) {
+            Ok(0) => {
+                c.host_eof = true;
+                s.close();
+            }
+            Ok(n) => {
+                let _ = s.send_slice(&buf[..n]);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.host_readable = false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Action::Fail,
+        }
+    }
+    match s.state() {
+        tcp::State::Closed | tcp::State::TimeWait if flushed || !c.host_writable => Action::Finish,
+        tcp::State::Closed if c.since.elapsed() > CONNECT_TIMEOUT => Action::Finish,
+        _ => Action::Keep,
+    }
+}

@@ -1,0 +1,51 @@
+//! The control socket: reload the policy, add a forward; one request per connection.
+
+use super::*;
+
+impl Netd {
+    pub(super) fn accept_control(&mut self) {
+        loop {
+            let (conn, _) = match self.control.accept() {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => return tracing::warn!("control socket: {e}"),
+            };
+            let reply = self.serve_control(conn);
+            if let Err(e) = reply {
+                tracing::warn!("control request: {e}");
+            }
+        }
+    }
+
+    /// One request, answered at once. The socket is the owner's only (the sandbox directory
+    /// is 0700), and a client gets a second to send its line.
+    fn serve_control(&mut self, conn: UnixStream) -> io::Result<()> {
+        // SAFETY: we take the descriptor out of mio's wrapper, which gives up ownership.
+        let std_conn = unsafe {
+            use std::os::fd::IntoRawFd;
+            std::os::unix::net::UnixStream::from_raw_fd(conn.into_raw_fd())
+        };
+        std_conn.set_nonblocking(false)?;
+        std_conn.set_read_timeout(Some(Duration::from_secs(1)))?;
+        let mut line = String::new();
+        io::BufReader::new((&std_conn).take(64 * 1024)).read_line(&mut line)?;
+        let reply = match serde_json::from_str::<ControlRequest>(&line) {
+            Err(e) => ControlReply { error: Some(format!("bad request: {e}")), forward: None },
+            Ok(ControlRequest::Reload) => match crate::net::read_config(&self.dir) {
+                Ok(cfg) => {
+                    tracing::info!("policy now: {}", cfg.policy.summary());
+                    self.decider.policy = cfg.policy;
+                    ControlReply::default()
+                }
+                Err(e) => ControlReply { error: Some(e.to_string()), forward: None },
+            },
+            Ok(ControlRequest::Forward { forward }) => match self.add_forward(forward) {
+                Ok(f) => ControlReply { error: None, forward: Some(f) },
+                Err(e) => ControlReply { error: Some(e.to_string()), forward: None },
+            },
+        };
+        let mut out = serde_json::to_string(&reply).map_err(io::Error::other)?;
+        out.push('\n');
+        (&std_conn).write_all(out.as_bytes())
+    }
+}
