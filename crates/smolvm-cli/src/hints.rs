@@ -98,6 +98,9 @@ fn hint(e: &(dyn std::error::Error + 'static)) -> Option<String> {
             LifecycleError::ImageGone { tag, .. } => {
                 Some(format!("smolvm image pull (release {tag}), or smolvm image import DIR/{tag}"))
             }
+            LifecycleError::StillRunning { name, .. } => {
+                Some(format!("smolvm delete {name} stops it (and removes the sandbox)"))
+            }
             LifecycleError::Sandbox(s) => hint(s),
             LifecycleError::Boot(b) => hint(b),
             LifecycleError::Policy { source, .. } => hint(source),

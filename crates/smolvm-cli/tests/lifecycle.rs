@@ -308,3 +308,55 @@ fn network_none_expose_crash_and_concurrent_commands() {
     ok(f.cmd().args(["delete", "iso"]));
     assert!(!f.home.path().join("sandboxes/iso").exists());
 }
+
+/// Processes that belong to sandbox `name` of `home`: its QEMU (by `-name`) and its helpers.
+fn processes_of(home: &Path, name: &str) -> Vec<String> {
+    let qemu_name = format!("smolvm-{name},process=smolvm-{name}");
+    let dir = home.join("sandboxes").join(name);
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let args: Vec<String> = cmd.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        let helper =
+            args.iter().any(|a| a == "__netd" || a == "__agent-proxy") && args.iter().any(|a| Path::new(a) == dir);
+        if args.contains(&qemu_name) || helper {
+            found.push(args.join(" "));
+        }
+    }
+    found
+}
+
+#[test]
+#[ignore = "boots the release under QEMU: run scripts/test.sh"]
+fn a_create_killed_at_any_point_leaves_nothing_after_delete() {
+    let f = fixture();
+    // Warm the image cache, so that the kills land in the sandbox's own steps.
+    ok(f.cmd().args(["image", "pull"]));
+    let dir = |n: &str| f.home.path().join("sandboxes").join(n);
+    type Point = fn(&Path) -> bool;
+    let points: [(&str, Point); 3] = [
+        ("its directory exists", |d: &Path| d.is_dir()),
+        ("QEMU wrote its pid", |d: &Path| d.join("qemu.pid").is_file()),
+        ("the guest's kernel is printing", |d: &Path| {
+            std::fs::metadata(d.join("console.log")).is_ok_and(|m| m.len() > 0)
+        }),
+    ];
+    for (i, (what, reached)) in points.iter().enumerate() {
+        let name = format!("k{i}");
+        let mut create = f.cmd().args(["create", "--name", &name]).spawn().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while !reached(&dir(&name)) {
+            assert!(std::time::Instant::now() < deadline, "{what}: never reached");
+            assert!(create.try_wait().unwrap().is_none(), "create ended before {what}");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        create.kill().unwrap(); // SIGKILL
+        create.wait().unwrap();
+        ok(f.cmd().args(["delete", "--force", &name]));
+        let left = processes_of(f.home.path(), &name);
+        assert!(left.is_empty(), "killed when {what}: still running after delete: {left:?}");
+        assert!(!dir(&name).exists(), "killed when {what}: its directory is still there");
+    }
+    let listed = json(&ok(f.cmd().args(["list", "--json"])));
+    assert_eq!(listed.as_array().unwrap().len(), 0, "{listed}");
+}

@@ -4,6 +4,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::time::Duration;
 
 /// Makes `fd` the child's descriptor `target` (without close-on-exec) and starts a new
@@ -51,6 +52,34 @@ pub(crate) fn helper_command(
         cmd.env("SMOLVM_LOG", filter);
     }
     cmd
+}
+
+/// Notes a helper's pid in the sandbox directory (`<what>.pid`), so that `delete` can stop it
+/// even when the process that started it is gone.
+pub(crate) fn record_pid(dir: &std::path::Path, what: &str, pid: i32) {
+    let _ = std::fs::write(dir.join(format!("{what}.pid")), pid.to_string());
+}
+
+/// Kills the helper `what` of the sandbox in `dir` if its pid file names a live process that
+/// is that helper of that directory (checked on its command line), and waits for it.
+pub(crate) fn kill_helper(dir: &std::path::Path, what: &str, subcommand: &str) {
+    let Some(pid) =
+        std::fs::read_to_string(dir.join(format!("{what}.pid"))).ok().and_then(|p| p.trim().parse::<i32>().ok())
+    else {
+        return;
+    };
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return };
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let ours = args.contains(&subcommand.as_bytes())
+        && args.iter().any(|a| std::path::Path::new(std::ffi::OsStr::from_bytes(a)) == dir);
+    if ours {
+        let started = crate::vm::process::start_time(pid);
+        let _ = crate::vm::process::signal(pid, libc::SIGKILL);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while crate::vm::process::is_alive(pid, started) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
 }
 
 /// One line from a child's stdout within `timeout`.

@@ -58,6 +58,7 @@ pub fn spawn_proxy(dir: &Path, helper: &Path, log_filter: Option<&str>) -> std::
     let mut cmd = crate::child::helper_command(helper, "__agent-proxy", dir, log, log_filter);
     crate::child::inherit_fd(&mut cmd, -1, -1);
     let mut child = cmd.spawn()?;
+    crate::child::record_pid(dir, "agent-proxy", child.id() as i32);
     let stdout = child.stdout.take();
     Ok(ProxyStart { child, stdout, dir: dir.to_path_buf() })
 }

@@ -157,6 +157,7 @@ pub fn spawn(dir: &Path, program: &Path, log_filter: Option<&str>, timeout: Dura
     let mut child = cmd.spawn().map_err(io(format!("start {} __netd", program.display())))?;
     drop(theirs);
     let pid = child.id() as i32;
+    crate::child::record_pid(dir, "netd", pid);
     let stdout = child.stdout.take().ok_or_else(|| NetError::Start("no stdout".into()))?;
     let line = crate::child::read_line_timeout(stdout, timeout).map_err(|e| {
         let _ = child.kill();

@@ -140,6 +140,11 @@ impl Smolvm {
         drop(wire);
         let pid = child.id() as i32;
         let pid_start = process::start_time(pid);
+        // Recorded at once: if this process dies now (Ctrl-C, SIGKILL), `delete` still finds
+        // and stops the VM it started.
+        row.pid = Some(pid);
+        row.pid_start = pid_start;
+        self.db().update(row)?;
         let mut fail = |cause: WaitError| {
             // How QEMU ended, if it did (before we kill it).
             let status = child.try_wait().ok().flatten().map(|s| format!(" (QEMU {s})")).unwrap_or_default();

@@ -20,6 +20,8 @@ pub enum LifecycleError {
     State(#[from] StateError),
     #[error(transparent)]
     Boot(#[from] BootError),
+    #[error("sandbox {name}: a VM (pid {pid}) still runs on its disk, left by an interrupted create or start")]
+    StillRunning { name: String, pid: i32 },
     #[error("sandbox {name}: its {what} image (sha256 {sha256}) is no longer cached (release {tag})")]
     ImageGone { name: String, what: &'static str, sha256: String, tag: String },
     #[error("sandbox {name}: forward 127.0.0.1:{host} -> guest {guest}: {source}")]
@@ -107,6 +109,10 @@ impl Smolvm {
         if Self::status_of(&row) == Status::Running {
             return Ok(());
         }
+        // Never a second VM on the same disk: one a killed create or start left behind runs on.
+        if let Some(pid) = row.pid.filter(|p| process::is_alive(*p, row.pid_start)) {
+            return Err(LifecycleError::StillRunning { name: name.into(), pid });
+        }
         let missing = |what: &'static str, sha: &str| LifecycleError::ImageGone {
             name: name.into(),
             what,
@@ -136,16 +142,12 @@ impl Smolvm {
     pub fn delete(&self, name: &str, force: bool) -> Result<(), LifecycleError> {
         let _lock = self.lock(name)?;
         let row = self.row(name)?;
-        if Self::status_of(&row) == Status::Running {
-            if force {
-                if let Some(pid) = row.pid {
-                    let _ = process::signal(pid, libc::SIGKILL);
-                    wait_exit(pid, row.pid_start, Duration::from_secs(5));
-                }
-            } else {
-                self.stop_locked(name, super::DEFAULT_STOP_TIMEOUT)?;
-            }
+        if Self::status_of(&row) == Status::Running && !force {
+            self.stop_locked(name, super::DEFAULT_STOP_TIMEOUT)?;
         }
+        // Whatever VM the row or the pid file names is stopped, whatever the recorded state:
+        // a create or start killed half-way leaves a VM the state never called running.
+        self.kill_vm(name, &row);
         remove_all(&self.dir(name));
         self.db().delete(name)?;
         // The lock file stays (empty): removing it would let a command waiting on the old file
@@ -156,18 +158,32 @@ impl Smolvm {
     /// Used when `create` fails: kill whatever started and forget the sandbox.
     pub(super) fn discard(&self, name: &str) {
         if let Ok(Some(row)) = self.db().get(name) {
-            if let Some(pid) = row.pid.filter(|p| process::is_alive(*p, row.pid_start)) {
-                let _ = process::signal(pid, libc::SIGKILL);
-            }
-        }
-        // A VM that was starting has a pid file but no row entry yet.
-        if let Ok(pid) = std::fs::read_to_string(qemu::pid_file(&self.dir(name))) {
-            if let Ok(pid) = pid.trim().parse::<i32>() {
-                let _ = process::signal(pid, libc::SIGKILL);
-            }
+            self.kill_vm(name, &row);
         }
         remove_all(&self.dir(name));
         let _ = self.db().delete(name);
+    }
+
+    /// Kills the sandbox's VM if one runs: the pid the row recorded (its start time checked),
+    /// and the pid QEMU wrote (checked to be this sandbox's QEMU by its `-name`). Its helpers
+    /// (network process, agent proxy) end with it.
+    fn kill_vm(&self, name: &str, row: &crate::state::SandboxRow) {
+        if let Some(pid) = row.pid.filter(|p| process::is_alive(*p, row.pid_start)) {
+            let _ = process::signal(pid, libc::SIGKILL);
+            wait_exit(pid, row.pid_start, Duration::from_secs(5));
+        }
+        let from_file =
+            std::fs::read_to_string(qemu::pid_file(&self.dir(name))).ok().and_then(|p| p.trim().parse::<i32>().ok());
+        if let Some(pid) = from_file.filter(|p| process::is_qemu_of(*p, name)) {
+            let started = process::start_time(pid);
+            let _ = process::signal(pid, libc::SIGKILL);
+            wait_exit(pid, started, Duration::from_secs(5));
+        }
+        // They would end on their own once QEMU's end of their sockets closes; not leaving it
+        // to a moment later keeps "deleted" exact.
+        let dir = self.dir(name);
+        crate::child::kill_helper(&dir, "netd", "__netd");
+        crate::child::kill_helper(&dir, "agent-proxy", "__agent-proxy");
     }
 
     /// Forwards 127.0.0.1:`host_port` (default: a free port) to the guest's `guest_port`.
