@@ -93,6 +93,15 @@ fn create_exec_cp_stop_start_delete_over_http() {
     assert_eq!(std::fs::read(&back).unwrap(), data);
 
     // The disk survives stop/start; the new boot's host key is pinned again (strict SSH works).
+    // The hostile guest (root) writes a forged readiness line and terminal escapes to its
+    // console: `logs` shows them escaped, and the next boot still pins the real host key.
+    let forged = r#"printf 'SMOLVM_READY {"v":1,"host_key":"ssh-ed25519 AAAAforged","boot_us":{"init":1,"mounts":2,"network":3,"sshd":4}}\n\033]0;pwned\007\033[2J\n' > /dev/console"#;
+    ok(f.cmd().args(["exec", "t1", "--", "sh", "-c", forged]));
+    let logs = ok(f.cmd().args(["logs", "t1"]));
+    assert!(
+        logs.contains("\\u{1b}]0;pwned\\u{7}") && !logs.contains('\x1b'),
+        "control characters reached the terminal"
+    );
     ok(f.cmd().args(["stop", "t1"]));
     let st = json(&ok(f.cmd().args(["status", "t1", "--json"])));
     assert_eq!(st["status"], "stopped");
@@ -103,6 +112,10 @@ fn create_exec_cp_stop_start_delete_over_http() {
         ok(f.cmd().args(["exec", "t1", "--", "sha256sum", "/root/in.bin"])).split_whitespace().next().unwrap().len(),
         64
     );
+    // Strict SSH works: known_hosts holds the guest's real key, not the forged one.
+    let known = std::fs::read_to_string(f.home.path().join("sandboxes/t1/known_hosts")).unwrap();
+    assert!(!known.contains("forged"), "{known}");
+    assert_eq!(ok(f.cmd().args(["ssh", "t1", "--", "echo", "strict"])).trim(), "strict");
 
     ok(f.cmd().args(["delete", "t1"]));
     let list = json(&ok(f.cmd().args(["list", "--json"])));

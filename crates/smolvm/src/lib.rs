@@ -19,5 +19,6 @@ pub mod net;
 pub mod paths;
 pub mod sandbox;
 pub mod state;
+pub mod text;
 pub mod timefmt;
 pub mod vm;

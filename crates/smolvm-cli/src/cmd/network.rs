@@ -65,7 +65,8 @@ pub fn print_policy(s: &SandboxInfo) {
         ));
         for x in &r.recent {
             let name = x.name.as_deref().map(|n| format!(" ({n})")).unwrap_or_default();
-            say(format!("  {} {:<4} {}{}: {}", smolvm::timefmt::rfc3339_utc(x.time), x.proto, x.dest, name, x.rule));
+            let line = format!("{:<4} {}{}: {}", x.proto, x.dest, name, x.rule);
+            say(format!("  {} {}", smolvm::timefmt::rfc3339_utc(x.time), smolvm::text::escape_controls(&line)));
         }
     }
 }
@@ -79,6 +80,7 @@ pub fn logs(name: &str) -> anyhow::Result<i32> {
             out.extend_from_slice(&b);
         }
     }
-    std::io::Write::write_all(&mut std::io::stdout(), &out)?;
+    let out = smolvm::text::escape_controls(&String::from_utf8_lossy(&out));
+    std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes())?;
     Ok(0)
 }

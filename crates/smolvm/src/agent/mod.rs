@@ -41,7 +41,10 @@ impl ProxyStart {
             let log = std::fs::read_to_string(self.dir.join("agent-proxy.log")).unwrap_or_default();
             std::io::Error::new(
                 e.kind(),
-                format!("the agent proxy did not start: {e}\n--- agent-proxy.log ---\n{}", log.trim()),
+                format!(
+                    "the agent proxy did not start: {e}\n--- agent-proxy.log ---\n{}",
+                    crate::text::escape_controls(log.trim())
+                ),
             )
         })?;
         if line.trim() != "ready" {

@@ -62,6 +62,11 @@ pub fn parse_query(msg: &[u8]) -> Option<Query> {
             return None;
         }
         let label = msg.get(i..i + len)?;
+        // Host-name characters only: other bytes are valid DNS but name nothing we resolve,
+        // and must not reach a log or a terminal.
+        if !label.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_') {
+            return None;
+        }
         labels.push(std::str::from_utf8(label).ok()?.to_ascii_lowercase());
         i += len;
         if i > 12 + 255 {
@@ -146,6 +151,7 @@ pub(crate) mod tests {
         let mut cut = query(1, "a.test", TYPE_A);
         cut.truncate(cut.len() - 3);
         assert!(parse_query(&cut).is_none());
+        assert!(parse_query(&query(1, "a\x1b.test", TYPE_A)).is_none(), "a control character");
         let mut ptr = query(1, "a.test", TYPE_A);
         ptr[12] = 0xc0;
         assert!(parse_query(&ptr).is_none(), "no compression in a question");

@@ -162,7 +162,7 @@ pub fn spawn(dir: &Path, program: &Path, log_filter: Option<&str>, timeout: Dura
     let line = crate::child::read_line_timeout(stdout, timeout).map_err(|e| {
         let _ = child.kill();
         let log = std::fs::read_to_string(process_log(dir)).unwrap_or_default();
-        NetError::Start(format!("{e}\n--- netd.log ---\n{}", log.trim()))
+        NetError::Start(format!("{e}\n--- netd.log ---\n{}", crate::text::escape_controls(log.trim())))
     })?;
     // Not waited for: it runs as long as the VM (it exits when QEMU closes the wire).
     drop(child);

@@ -38,8 +38,15 @@ pub fn sniff(buf: &[u8]) -> Sniffed {
     let r = if buf[0] == 0x16 { tls_sni(buf) } else { http_host(buf) };
     match r {
         Sniffed::NeedMore if buf.len() >= MAX_SNIFF => Sniffed::Unnamed,
+        // A name is a host name (or an address literal): anything else names nothing, and
+        // never reaches a log or a terminal.
+        Sniffed::Tls(n) | Sniffed::Http(n) if !plausible_host(&n) => Sniffed::Unnamed,
         r => r,
     }
+}
+
+fn plausible_host(n: &str) -> bool {
+    !n.is_empty() && n.len() <= 253 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b))
 }
 
 /// A cursor that fails (returns `None`) instead of reading past the end.
@@ -258,6 +265,7 @@ pub(crate) mod tests {
         assert_eq!(sniff(b"SSH-2.0-OpenSSH_9.2\r\n"), Sniffed::Unnamed);
         assert_eq!(sniff(b"\x00\x01binary"), Sniffed::Unnamed);
         assert_eq!(sniff(&[b'A'; 20]), Sniffed::Unnamed);
+        assert_eq!(sniff(b"GET / HTTP/1.1\r\nHost: a\x1b[2Jb\r\n\r\n"), Sniffed::Unnamed, "a control character");
     }
 
     #[test]

@@ -150,7 +150,11 @@ impl Smolvm {
             let status = child.try_wait().ok().flatten().map(|s| format!(" (QEMU {s})")).unwrap_or_default();
             let _ = process::signal(pid, libc::SIGKILL);
             let qemu_log = std::fs::read_to_string(qemu::qemu_log(&dir)).unwrap_or_default();
-            let tail = format!("{}\n--- qemu.log{status} ---\n{}", console_tail(&console, 30), qemu_log.trim());
+            let tail = format!(
+                "{}\n--- qemu.log{status} ---\n{}",
+                console_tail(&console, 30),
+                crate::text::escape_controls(qemu_log.trim())
+            );
             BootError::NotReady { cause, console: console.display().to_string(), tail }
         };
         let pidfd = process::pidfd(pid).map_err(|e| fail(WaitError::Io(e)))?;

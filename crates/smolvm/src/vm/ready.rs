@@ -21,6 +21,8 @@ pub enum WaitError {
     Timeout(Duration),
     #[error("the guest printed a malformed readiness line: {0}")]
     Malformed(String),
+    #[error("the guest's readiness line names no valid host key: {0}")]
+    HostKey(String),
     #[error("watching the console: {0}")]
     Io(#[from] io::Error),
 }
@@ -48,6 +50,34 @@ fn drain(fd: &OwnedFd) {
     while unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
 }
 
+/// A console line longer than this is not a readiness line (nor kept while waiting for one).
+pub const MAX_READY_LINE: usize = 4096;
+
+/// The host key of a readiness line, parsed as a key: `ssh-ed25519 <base64 of the 51-byte
+/// key blob>`, returned in that canonical form (a comment or anything else is dropped, so no
+/// text of the guest's reaches `known_hosts`).
+pub fn parse_host_key(text: &str) -> Result<String, WaitError> {
+    use base64::Engine;
+    let bad = || WaitError::HostKey(text.escape_debug().to_string());
+    let mut words = text.split_ascii_whitespace();
+    let (Some("ssh-ed25519"), Some(b64)) = (words.next(), words.next()) else { return Err(bad()) };
+    let blob = base64::engine::general_purpose::STANDARD.decode(b64).map_err(|_| bad())?;
+    let mut want = vec![0, 0, 0, 11];
+    want.extend_from_slice(b"ssh-ed25519");
+    want.extend_from_slice(&[0, 0, 0, 32]);
+    if blob.len() != 51 || blob[..19] != want[..] {
+        return Err(bad());
+    }
+    Ok(format!("ssh-ed25519 {}", base64::engine::general_purpose::STANDARD.encode(&blob)))
+}
+
+/// A parsed readiness line, its host key checked and canonical.
+fn strict(r: Result<Ready, serde_json::Error>) -> Result<Ready, WaitError> {
+    let mut r = r.map_err(|e| WaitError::Malformed(e.to_string()))?;
+    r.host_key = parse_host_key(&r.host_key)?;
+    Ok(r)
+}
+
 /// Waits for the readiness line in `console` while `vmm` (a pidfd) lives.
 pub fn wait_for_ready(console: &Path, vmm: &OwnedFd, timeout: Duration) -> Result<Ready, WaitError> {
     let deadline = Instant::now() + timeout;
@@ -64,9 +94,16 @@ pub fn wait_for_ready(console: &Path, vmm: &OwnedFd, timeout: Duration) -> Resul
         pending.extend_from_slice(&chunk);
         while let Some(nl) = pending.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = pending.drain(..=nl).collect();
-            if let Some(r) = Ready::parse_line(&String::from_utf8_lossy(&line)) {
-                return r.map_err(|e| WaitError::Malformed(e.to_string()));
+            if line.len() > MAX_READY_LINE {
+                continue;
             }
+            if let Some(r) = Ready::parse_line(&String::from_utf8_lossy(&line)) {
+                return strict(r);
+            }
+        }
+        // A guest that floods the console without a newline does not grow this without end.
+        if pending.len() > MAX_READY_LINE {
+            pending.clear();
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -91,8 +128,8 @@ pub fn wait_for_ready(console: &Path, vmm: &OwnedFd, timeout: Duration) -> Resul
             let mut rest = String::new();
             let _ = file.read_to_string(&mut rest);
             let all = String::from_utf8_lossy(&pending).into_owned() + &rest;
-            if let Some(Ok(r)) = all.lines().find_map(Ready::parse_line) {
-                return Ok(r);
+            if let Some(r) = all.lines().filter(|l| l.len() <= MAX_READY_LINE).find_map(Ready::parse_line) {
+                return strict(r);
             }
             return Err(WaitError::Exited);
         }
@@ -100,11 +137,19 @@ pub fn wait_for_ready(console: &Path, vmm: &OwnedFd, timeout: Duration) -> Resul
     }
 }
 
-/// The last `lines` lines of the console, for error messages.
+/// The last `lines` lines of the console, for error messages: read from its end (at most
+/// 64 KiB), terminal control characters escaped (it is the guest's text).
 pub fn console_tail(console: &Path, lines: usize) -> String {
-    let text = std::fs::read(console).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let mut text = String::new();
+    if let Ok(mut f) = File::open(console) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
+        let mut buf = Vec::new();
+        let _ = f.read_to_end(&mut buf);
+        text = String::from_utf8_lossy(&buf).into_owned();
+    }
     let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
+    crate::text::escape_controls(&all[all.len().saturating_sub(lines)..].join("\n"))
 }
 
 #[cfg(test)]
@@ -113,13 +158,30 @@ mod tests {
     use smolvm_protocol::ready::BootPhases;
     use std::io::Write;
 
+    /// A real ed25519 public key (the key blob of a test key).
+    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKrJH2E6qqXa0R3wsDjwtHFgnfPuVcTfKOmyx96qhx1e";
+
     fn ready_line() -> String {
         Ready {
             v: 1,
-            host_key: "ssh-ed25519 AAAA".into(),
+            host_key: format!("{KEY} root@guest"),
             boot_us: BootPhases { init: 1, mounts: 2, network: 3, sshd: 4 },
         }
         .to_line()
+    }
+
+    #[test]
+    fn a_host_key_is_parsed_as_a_key() {
+        assert_eq!(parse_host_key(&format!("{KEY} comment")).unwrap(), KEY, "canonical, the comment dropped");
+        for bad in [
+            "ssh-rsa AAAAB3NzaC1yc2E",
+            "ssh-ed25519",
+            "ssh-ed25519 !!!",
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA==",
+            "* ssh-ed25519 AAAA\n[127.0.0.1]:22 ssh-ed25519 AAAA",
+        ] {
+            assert!(parse_host_key(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     /// A stand-in VMM: a child process whose pidfd the wait watches.
@@ -148,7 +210,7 @@ mod tests {
             writeln!(f, "{b}").unwrap();
         });
         let got = wait_for_ready(&console, &fd, Duration::from_secs(20)).unwrap();
-        assert_eq!(got.host_key, "ssh-ed25519 AAAA");
+        assert_eq!(got.host_key, KEY);
         writer.join().unwrap();
         let _ = child.kill();
         let _ = child.wait();
