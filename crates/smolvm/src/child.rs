@@ -82,6 +82,25 @@ pub(crate) fn kill_helper(dir: &std::path::Path, what: &str, subcommand: &str) {
     }
 }
 
+/// Whether the process at the other end of a unix socket runs as this process's user
+/// (`SO_PEERCRED`): the sandbox's sockets serve their owner only, whatever the file modes say.
+pub fn peer_is_owner(fd: &impl AsRawFd) -> bool {
+    let mut cred = libc::ucred { pid: 0, uid: u32::MAX, gid: u32::MAX };
+    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a ucred we own.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: geteuid has no preconditions.
+    rc == 0 && cred.uid == unsafe { libc::geteuid() }
+}
+
 /// One line from a child's stdout within `timeout`.
 pub(crate) fn read_line_timeout(r: std::process::ChildStdout, timeout: Duration) -> std::io::Result<String> {
     let mut p = libc::pollfd { fd: r.as_raw_fd(), events: libc::POLLIN, revents: 0 };
@@ -108,5 +127,48 @@ pub fn close_stdout() {
             libc::dup2(null, 1);
             libc::close(null);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_owner_is_recognised_on_a_socket_pair() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(super::peer_is_owner(&a));
+    }
+
+    #[test]
+    fn another_user_is_not_the_owner() {
+        use std::os::unix::fs::PermissionsExt;
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return; // needs root to act as another user; CI runs as root
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let path = dir.path().join("s");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let script =
+            format!("import socket,time; s=socket.socket(socket.AF_UNIX); s.connect({:?}); time.sleep(5)", path);
+        let mut other = std::process::Command::new("setpriv")
+            .args(["--reuid", "65534", "--regid", "65534", "--clear-groups", "/usr/bin/python3", "-c", &script])
+            .spawn()
+            .unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let conn = loop {
+            match listener.accept() {
+                Ok((c, _)) => break c,
+                Err(_) if std::time::Instant::now() < deadline && other.try_wait().unwrap().is_none() => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Err(e) => panic!("the other user's client never connected: {e}"),
+            }
+        };
+        assert!(!super::peer_is_owner(&conn), "a client of uid 65534 passed as the owner");
+        let _ = other.kill();
+        let _ = other.wait();
     }
 }

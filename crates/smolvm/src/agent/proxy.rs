@@ -122,6 +122,10 @@ pub fn run(dir: &Path, ready: impl FnOnce()) -> std::io::Result<()> {
             break;
         }
         let Ok(conn) = conn else { continue };
+        if !crate::child::peer_is_owner(&conn) {
+            tracing::warn!("refused a client of another user");
+            continue;
+        }
         client_no += 1;
         let (routes, vm_out, next_id, hello) = (routes.clone(), vm_out.clone(), next_id.clone(), hello.clone());
         let client = client_no;

@@ -10,6 +10,10 @@ impl Netd {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => return tracing::warn!("control socket: {e}"),
             };
+            if !crate::child::peer_is_owner(&conn) {
+                tracing::warn!("control socket: refused a client of another user");
+                continue;
+            }
             let reply = self.serve_control(conn);
             if let Err(e) = reply {
                 tracing::warn!("control request: {e}");
