@@ -52,9 +52,20 @@ pub fn exec(name: &str, tty: bool, timeout: Option<u64>, command: &[String]) -> 
             });
         }
         let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr());
+        // The guest kills the command at its timeout; the host ends the call shortly after
+        // even if the guest does not (exit 124 all the same).
+        let deadline = timeout
+            .map(|s| std::time::Instant::now() + Duration::from_secs(s) + smolvm::agent::client::HOST_TIMEOUT_GRACE);
         loop {
             if INTERRUPTED.swap(false, Ordering::SeqCst) {
                 handle.signal(libc::SIGINT)?;
+            }
+            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                let _ = handle.signal(libc::SIGKILL);
+                let _ = out.flush();
+                eprintln!("smolvm: the command was killed after its timeout of {} s", timeout.unwrap_or(0));
+                // Not through the scope: a stdin pump may be blocked reading this process's stdin.
+                std::process::exit(124);
             }
             match handle.next_event_timeout(Duration::from_millis(100))? {
                 None => {}

@@ -241,6 +241,10 @@ pub enum ExecEvent {
 /// together); a process that writes more is killed and its output marked truncated.
 pub const DEFAULT_OUTPUT_CAP: usize = 64 << 20;
 
+/// How long past an exec's own timeout the host waits for the guest to end it before ending
+/// the call itself.
+pub const HOST_TIMEOUT_GRACE: Duration = Duration::from_secs(5);
+
 /// A collected exec.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecOutput {
@@ -346,10 +350,29 @@ impl ExecHandle<'_> {
     /// As [`ExecHandle::collect`], keeping at most `cap` bytes of output: past it the process
     /// is killed (SIGKILL), the rest discarded, and the result marked `truncated`.
     pub fn collect_capped(self, cap: usize) -> Result<ExecOutput, AgentError> {
+        self.collect_until(cap, None)
+    }
+
+    /// As [`ExecHandle::collect_capped`], and ended by the host at `deadline` whatever the
+    /// guest does: the process is killed through the agent and the result is `timed_out`
+    /// (status SIGKILL) without waiting for the guest to confirm it.
+    pub fn collect_until(self, cap: usize, deadline: Option<std::time::Instant>) -> Result<ExecOutput, AgentError> {
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
         let mut truncated = false;
         loop {
-            let (is_stdout, d) = match self.next_event()? {
+            let event = match deadline {
+                None => Some(self.next_event()?),
+                Some(d) => match d.checked_duration_since(std::time::Instant::now()) {
+                    Some(left) if !left.is_zero() => self.next_event_timeout(left)?,
+                    _ => None,
+                },
+            };
+            let Some(event) = event else {
+                let _ = self.signal(libc::SIGKILL);
+                let status = ExitStatus::Signal(libc::SIGKILL);
+                return Ok(ExecOutput { stdout, stderr, status, timed_out: true, truncated });
+            };
+            let (is_stdout, d) = match event {
                 ExecEvent::Stdout(d) => (true, d),
                 ExecEvent::Stderr(d) => (false, d),
                 ExecEvent::Exit { status, timed_out } => {

@@ -225,6 +225,8 @@ mod tests {
                         let _ = id;
                         break;
                     }
+                    // A guest that ignores the exec's timeout: never answers this one.
+                    HostMsg::Exec { request, .. } if request.command == Command::Argv(vec!["hang".into()]) => None,
                     HostMsg::Exec { id, .. } => {
                         Some(GuestMsg::Exit { id: *id, status: ExitStatus::Code(*id as i32), timed_out: false })
                     }
@@ -281,10 +283,18 @@ mod tests {
         }
         let c = a.exec_output(exec("z"), None).unwrap();
         assert!(c.code() > 0, "the session survived the bad frame");
+        // The host ends a call whose guest ignores its deadline, and kills the process.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(200);
+        let hung = a.exec(exec("hang")).unwrap().collect_until(1024, Some(deadline)).unwrap();
+        assert!(hung.timed_out && hung.status == ExitStatus::Signal(libc::SIGKILL), "{hung:?}");
         // The guest goes away: the proxy ends (and removes its socket).
         let _ = a.exec(exec("quit"));
         let seen = guest.join().unwrap();
         assert!(!seen.iter().any(|m| matches!(m, HostMsg::Ping { .. })), "Ping never reached the v1 guest");
+        assert!(
+            seen.iter().any(|m| matches!(m, HostMsg::Signal { signal: libc::SIGKILL, .. })),
+            "the hung process was not killed through the agent"
+        );
         proxy.join().unwrap().unwrap();
         assert!(!sock.exists());
     }

@@ -312,17 +312,24 @@ impl Smolvm {
             .db()
             .env(name)
             .map_err(|e| crate::agent::AgentError::Guest { sandbox: name.into(), message: e.to_string() })?;
-        client.exec_output(
-            crate::agent::client::ExecRequest {
-                command: crate::agent::client::Command::Argv(argv.to_vec()),
-                env,
-                cwd: None,
-                stdin: stdin.is_some(),
-                timeout_ms: timeout.map(|t| t.as_millis() as u64),
-                pty: None,
-            },
-            stdin,
-        )
+        let h = client.exec(crate::agent::client::ExecRequest {
+            command: crate::agent::client::Command::Argv(argv.to_vec()),
+            env,
+            cwd: None,
+            stdin: stdin.is_some(),
+            timeout_ms: timeout.map(|t| t.as_millis() as u64),
+            pty: None,
+        })?;
+        if let Some(data) = stdin {
+            for c in data.chunks(smolvm_protocol::agent::CHUNK) {
+                h.write_stdin(c)?;
+            }
+            h.close_stdin()?;
+        }
+        // The guest kills the process at its timeout; the host ends the call shortly after
+        // even if the guest does not.
+        let deadline = timeout.map(|t| std::time::Instant::now() + t + crate::agent::client::HOST_TIMEOUT_GRACE);
+        h.collect_until(crate::agent::client::DEFAULT_OUTPUT_CAP, deadline)
     }
 
     /// An `ssh` command into a running sandbox: strict host key, the managed key. With `argv`
