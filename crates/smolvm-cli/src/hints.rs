@@ -33,7 +33,7 @@ fn hint(e: &(dyn std::error::Error + 'static)) -> Option<String> {
     }
     if let Some(e) = e.downcast_ref::<FetchError>() {
         return Some(match e {
-            FetchError::Unreachable { .. } => "the image release could not be reached; any of these works without it:\n\
+            FetchError::Unreachable { .. } => "any of these works without it:\n\
                  - serve a release directory over HTTP and set SMOLVM_IMAGES_URL=http://HOST/DIR (assets at DIR/<tag>/<asset>)\n\
                  - load a locally built release: smolvm image import DIR/<tag>\n\
                  - build one here: smolvm image build all --out DIR"
