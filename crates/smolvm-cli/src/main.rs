@@ -10,13 +10,17 @@ mod hints;
 mod progress;
 
 fn main() -> std::process::ExitCode {
-    // Everything smolvm and its children (QEMU, the helpers) create is the user's alone: keys,
-    // disks, sockets, logs.
-    // SAFETY: umask(2) only sets this process's file mode mask.
-    let user_umask = unsafe { libc::umask(0o077) };
-    // Files written for the user elsewhere (smolvm cp out) keep the user's own mask.
-    let _ = config::USER_UMASK.set(user_umask as u32);
     let parsed = cli::parse();
+    // Everything smolvm and its children (QEMU, the helpers) create in its home is the user's
+    // alone: keys, disks, sockets, logs. A release being built is meant to be published: it
+    // keeps the user's mask.
+    let builds = matches!(&parsed, cli::Parsed::Main(c) if matches!(c.command, cli::Command::Image(cli::ImageCommand::Build(_) | cli::ImageCommand::Pin { .. })));
+    if !builds {
+        // SAFETY: umask(2) only sets this process's file mode mask.
+        let user_umask = unsafe { libc::umask(0o077) };
+        // Files written for the user elsewhere (smolvm cp out) keep the user's own mask.
+        let _ = config::USER_UMASK.set(user_umask as u32);
+    }
     let verbose = match &parsed {
         cli::Parsed::Main(c) => c.verbose,
         cli::Parsed::Preset { verbose, .. } => *verbose,

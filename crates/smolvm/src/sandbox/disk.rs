@@ -19,13 +19,25 @@ pub enum DiskError {
     Mkfs { path: String, stderr: String },
 }
 
+/// `mkfs.ext4`: from `PATH`, else where Debian puts it (`/usr/sbin`, not in an ordinary user's
+/// `PATH`).
+fn mkfs() -> std::path::PathBuf {
+    for dir in ["/usr/sbin", "/sbin"] {
+        let p = Path::new(dir).join("mkfs.ext4");
+        if p.is_file() {
+            return p;
+        }
+    }
+    "mkfs.ext4".into()
+}
+
 /// Creates `path` as a sparse file of `size_mib` MiB holding an empty ext4 filesystem.
 pub fn create_upper(path: &Path, size_mib: u64) -> Result<(), DiskError> {
     let io = |what| move |source| DiskError::Io { what, path: path.display().to_string(), source };
     let f = std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(io("create"))?;
     f.set_len(size_mib * 1024 * 1024).map_err(io("size"))?;
     drop(f);
-    let out = Command::new("mkfs.ext4")
+    let out = Command::new(mkfs())
         .args(["-q", "-F", "-m", "0", "-L", "smolvm-upper", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"])
         .arg(path)
         .output()
