@@ -107,6 +107,12 @@ fn create_exec_cp_stop_start_delete_over_http() {
     assert_eq!(st["status"], "stopped");
     let console = std::fs::read_to_string(f.home.path().join("sandboxes/t1/console.log")).unwrap();
     assert!(console.contains("smolvm-init: power off"), "stop was not a clean power-off:\n{console}");
+    // The helpers end with their VM (they are not left waiting for a client that never comes).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !processes_of(f.home.path(), "t1").is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(processes_of(f.home.path(), "t1"), Vec::<String>::new(), "left running after stop");
     ok(f.cmd().args(["start", "t1"]));
     assert_eq!(
         ok(f.cmd().args(["exec", "t1", "--", "sha256sum", "/root/in.bin"])).split_whitespace().next().unwrap().len(),

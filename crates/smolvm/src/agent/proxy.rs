@@ -94,7 +94,8 @@ pub fn run(dir: &Path, ready: impl FnOnce()) -> std::io::Result<()> {
     let vm_gone = Arc::new(AtomicBool::new(false));
 
     // Guest -> clients.
-    let (r, gone, wake) = (routes.clone(), vm_gone.clone(), sock.clone());
+    let (r, gone) = (routes.clone(), vm_gone.clone());
+    let listener_fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
     std::thread::spawn(move || {
         while let Ok(Some(mut msg)) = read_frame::<GuestMsg>(&mut vm_in) {
             let ends = msg.ends_request();
@@ -110,9 +111,13 @@ pub fn run(dir: &Path, ready: impl FnOnce()) -> std::io::Result<()> {
             drop(routes);
             let _ = lock(&out).write_all(&encode(&msg));
         }
-        // The VM is gone: so is the proxy. Wake the accept loop so that it sees it.
+        // The VM is gone: so is the proxy. Wake the accept loop so that it sees it: shutting
+        // the listening socket down makes accept fail at once (a connect by path would not
+        // reach it once `delete` has removed the directory).
         gone.store(true, Ordering::SeqCst);
-        let _ = UnixStream::connect(&wake);
+        // SAFETY: shutdown(2) on the listener's descriptor, which `run` keeps open (and owns)
+        // until the accept loop below has ended.
+        unsafe { libc::shutdown(listener_fd, libc::SHUT_RDWR) };
     });
     ready();
 
