@@ -15,11 +15,36 @@ PKGS_BASE=(mmdebstrap e2fsprogs zstd xz-utils bc flex bison libelf-dev libssl-de
            cpio lz4 openssh-client python3 iproute2 util-linux ca-certificates curl dwarves)
 PKG_QEMU=qemu-system-x86
 
+# The sandboxes' users. When smolvm runs as root, each sandbox's QEMU, network process and
+# agent proxy run as a uid of their own from a range reserved here for the system user
+# `smolvm` (in /etc/subuid and /etc/subgid, where tools that hand out uid ranges look before
+# they choose one). One uid per sandbox: a QEMU taken over by its guest cannot reach another
+# sandbox's processes or files.
+VM_USER=smolvm
+VM_RANGE_COUNT=65536
+VM_RANGE_START=1900000000   # far above users and systemd's ranges for containers
+vm_users() {
+  if ! getent passwd "$VM_USER" >/dev/null; then
+    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin \
+      --comment "smolvm sandboxes" "$VM_USER"
+  fi
+  touch /etc/subuid /etc/subgid
+  for f in /etc/subuid /etc/subgid; do
+    if ! grep -q "^$VM_USER:" "$f"; then
+      # After every range already there, if one reaches past our default start.
+      start=$(awk -F: -v s="$VM_RANGE_START" '$2+$3 > s { s = $2+$3 } END { print s }' "$f")
+      echo "$VM_USER:$start:$VM_RANGE_COUNT" >>"$f"
+      echo "install-host-deps: sandboxes run as uids $start-$((start + VM_RANGE_COUNT - 1)) ($f)" >&2
+    fi
+  done
+}
+
 missing=()
 for p in "${PKGS_BASE[@]}" "$PKG_QEMU"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed' || missing+=("$p")
 done
 if [ ${#missing[@]} -eq 0 ]; then
+  if [ "$(id -u)" = 0 ]; then vm_users; fi
   exit 0
 fi
 need_root
@@ -61,3 +86,4 @@ apt-get update -o APT::Update::Error-Mode=any >/dev/null 2>&1 || apt-get update 
 apt-get install -y --no-install-recommends "${PKGS_BASE[@]}"
 # Debian 12's QEMU 7.2 conflicts with the backported qemu-utils 10 that such hosts carry.
 apt-get install -y --no-install-recommends -t bookworm-backports "$PKG_QEMU"
+vm_users

@@ -147,10 +147,22 @@ pub enum Command {
     Preset(PresetListCommand),
     /// (internal) The agent proxy of one sandbox, started by smolvm itself.
     #[command(name = "__agent-proxy", hide = true)]
-    AgentProxy { dir: PathBuf },
+    AgentProxy {
+        /// The sandbox's `run/` directory (the process works in its current directory).
+        dir: PathBuf,
+        /// The uid whose clients are served.
+        #[arg(long)]
+        owner: u32,
+    },
     /// (internal) The network process of one sandbox, started by smolvm itself.
     #[command(name = "__netd", hide = true)]
-    Netd { dir: PathBuf },
+    Netd {
+        /// The sandbox's `run/` directory (the process works in its current directory).
+        dir: PathBuf,
+        /// The uid whose clients are served.
+        #[arg(long)]
+        owner: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]

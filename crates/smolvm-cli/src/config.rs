@@ -27,6 +27,16 @@ fn path(name: &str) -> Option<PathBuf> {
 /// The umask this process started with (main narrows its own to 077).
 pub static USER_UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
 
+/// The system user whose uid range sandboxes run in when smolvm is root.
+pub const VM_USER: &str = "smolvm";
+
+/// The range `scripts/install-host-deps.sh` reserved in `/etc/subuid` and `/etc/subgid`.
+pub fn vm_users() -> Option<smolvm::config::VmUsers> {
+    let subuid = std::fs::read_to_string("/etc/subuid").ok()?;
+    let subgid = std::fs::read_to_string("/etc/subgid").ok()?;
+    smolvm::config::VmUsers::from_subid_files(VM_USER, &subuid, &subgid)
+}
+
 pub fn home() -> Home {
     Home::from_vars(path("SMOLVM_HOME"), path("HOME"), path("XDG_DATA_HOME"), path("XDG_CACHE_HOME"))
 }
@@ -46,6 +56,7 @@ pub fn from_env() -> Config {
     }
     c.helper_log = var("SMOLVM_LOG");
     c.resolver_hosts = path("SMOLVM_RESOLVER_HOSTS");
+    c.vm_users = vm_users();
     if let Some(m) = USER_UMASK.get() {
         c.user_umask = *m;
     }

@@ -90,6 +90,12 @@ fn hint(e: &(dyn std::error::Error + 'static)) -> Option<String> {
             BootError::Spawn { .. } => {
                 Some("is QEMU installed? scripts/install-host-deps.sh installs it; smolvm doctor checks".into())
             }
+            BootError::NoVmUsers => Some(
+                "run scripts/install-host-deps.sh as root once: it creates the system user smolvm and its uid range \
+                 in /etc/subuid and /etc/subgid (or run smolvm as an ordinary user)"
+                    .into(),
+            ),
+            BootError::NoFreeUid { .. } => Some("delete sandboxes you no longer need (smolvm list)".into()),
             _ => None,
         };
     }

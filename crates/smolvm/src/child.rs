@@ -1,39 +1,109 @@
-//! Starting helper processes (the network process, the agent proxy, QEMU): descriptors they
-//! inherit, and the one line each prints when it is ready, read with a deadline. A child that
-//! says "ready" on a pipe needs no polling of its sockets.
+//! Starting helper processes (the network process, the agent proxy, QEMU): who they run as,
+//! which descriptors they inherit, where they work, and the one line each prints when it is
+//! ready, read with a deadline. A child that says "ready" on a pipe needs no polling.
+//!
+//! Every process that touches a guest's traffic is set up by [`Confine`] between fork and
+//! exec: its own session, descriptors at fixed numbers, its working directory (the sandbox's
+//! `run/` directory), its cgroup, `no_new_privs`, a 077 umask, and, when smolvm runs as root,
+//! the sandbox's own unprivileged uid and gid with no supplementary groups. The order matters:
+//! the cgroup is joined and the directory entered while still privileged, the identity is
+//! dropped last.
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::time::Duration;
 
-/// Makes `fd` the child's descriptor `target` (without close-on-exec) and starts a new
-/// session, between fork and exec. A negative `fd` only starts the session.
-pub(crate) fn inherit_fd(cmd: &mut std::process::Command, fd: RawFd, target: RawFd) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: only async-signal-safe calls (setsid, dup2, fcntl) run between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            libc::setsid();
-            if fd < 0 {
-                return Ok(());
-            }
-            if fd == target {
-                let flags = libc::fcntl(fd, libc::F_GETFD);
-                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                    return Err(std::io::Error::last_os_error());
+/// A uid and gid for a sandbox's processes (see [`crate::config::VmUsers`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Identity {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// At most this many descriptors are handed to one child (QEMU: wire, agent, console, kernel,
+/// base, upper disk and a few layers).
+const MAX_FDS: usize = 16;
+
+/// How one child of a sandbox is confined; applied by [`Confine::apply`] to a `Command`.
+#[derive(Debug, Default)]
+pub(crate) struct Confine {
+    /// (our descriptor, the child's number), each inherited without close-on-exec.
+    pub fds: Vec<(RawFd, RawFd)>,
+    /// The child's working directory.
+    pub cwd: Option<std::path::PathBuf>,
+    /// Run as this identity (only meaningful when we are root).
+    pub identity: Option<Identity>,
+    /// `cgroup.procs` files (one per hierarchy) the child writes itself into.
+    pub cgroup_procs: Vec<RawFd>,
+}
+
+impl Confine {
+    /// Installs the setup on `cmd` (it runs in the child, between fork and exec).
+    pub fn apply(self, cmd: &mut std::process::Command) {
+        use std::os::unix::process::CommandExt;
+        assert!(self.fds.len() <= MAX_FDS, "too many descriptors for one child");
+        let mut src = [-1; MAX_FDS];
+        let mut dst = [-1; MAX_FDS];
+        for (i, (s, d)) in self.fds.iter().enumerate() {
+            src[i] = *s;
+            dst[i] = *d;
+        }
+        let n = self.fds.len();
+        // Prepared before the fork: nothing below allocates.
+        let cwd = self.cwd.map(|p| std::ffi::CString::new(p.as_os_str().as_bytes()).expect("no NUL in a path"));
+        let identity = self.identity;
+        let mut procs = [-1; 4];
+        for (i, fd) in self.cgroup_procs.iter().take(4).enumerate() {
+            procs[i] = *fd;
+        }
+        // SAFETY: only async-signal-safe system calls (setsid, write, fcntl, dup2, chdir,
+        // prctl, umask, setgroups, setresgid, setresuid) run between fork and exec, on values
+        // prepared before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                let check = |rc: libc::c_int| if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) };
+                libc::setsid();
+                for fd in procs.iter().filter(|fd| **fd >= 0) {
+                    // "0" is the writing process: this child, before it execs.
+                    if libc::write(*fd, b"0".as_ptr().cast(), 1) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
-            } else if libc::dup2(fd, target) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+                // Moved out of the way first, so that no target number overwrites a source
+                // still to be placed; dup2 then clears close-on-exec on the copy.
+                let mut high = [-1; MAX_FDS];
+                for i in 0..n {
+                    high[i] = libc::fcntl(src[i], libc::F_DUPFD_CLOEXEC, 64);
+                    check(high[i])?;
+                }
+                for i in 0..n {
+                    check(libc::dup2(high[i], dst[i]))?;
+                }
+                if let Some(c) = &cwd {
+                    check(libc::chdir(c.as_ptr()))?;
+                }
+                libc::umask(0o077);
+                check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+                if let Some(id) = identity {
+                    if libc::geteuid() == 0 {
+                        check(libc::setgroups(0, std::ptr::null()))?;
+                        check(libc::setresgid(id.gid, id.gid, id.gid))?;
+                        check(libc::setresuid(id.uid, id.uid, id.uid))?;
+                    }
+                }
+                Ok(())
+            });
+        }
     }
 }
 
-/// `helper SUBCOMMAND DIR` (a sandbox's helper process: `__netd`, `__agent-proxy`) with an
-/// empty environment but the log filter, stdin closed, stdout a pipe for its ready line and
-/// stderr its log file.
+/// `helper SUBCOMMAND DIR --owner UID` (a sandbox's helper process: `__netd`,
+/// `__agent-proxy`) with an empty environment but the log filter, stdin closed, stdout a pipe
+/// for its ready line and stderr its log file. DIR names the sandbox's `run/` directory for
+/// the process list and for [`kill_helper`]'s check; the helper works in its current
+/// directory (set to DIR by [`Confine`]), since as the sandbox's user it cannot reach DIR by
+/// its path. UID is the user whose clients it serves.
 pub(crate) fn helper_command(
     helper: &std::path::Path,
     subcommand: &str,
@@ -42,8 +112,12 @@ pub(crate) fn helper_command(
     log_filter: Option<&str>,
 ) -> std::process::Command {
     let mut cmd = std::process::Command::new(helper);
+    // SAFETY: geteuid has no preconditions.
+    let owner = unsafe { libc::geteuid() };
     cmd.arg(subcommand)
         .arg(dir)
+        .arg("--owner")
+        .arg(owner.to_string())
         .env_clear()
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
@@ -52,6 +126,13 @@ pub(crate) fn helper_command(
         cmd.env("SMOLVM_LOG", filter);
     }
     cmd
+}
+
+/// For a helper itself, first thing: not dumpable, so that no process of the same uid (the
+/// sandbox's QEMU included) can ptrace it or open its `/proc` files.
+pub fn not_dumpable() {
+    // SAFETY: prctl(PR_SET_DUMPABLE) takes integers only.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
 }
 
 /// Notes a helper's pid in the sandbox directory (`<what>.pid`), so that `delete` can stop it
@@ -71,7 +152,7 @@ pub(crate) fn kill_helper(dir: &std::path::Path, what: &str, subcommand: &str) {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return };
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
     let ours = args.contains(&subcommand.as_bytes())
-        && args.iter().any(|a| std::path::Path::new(std::ffi::OsStr::from_bytes(a)) == dir);
+        && args.iter().any(|a| std::path::Path::new(std::ffi::OsStr::from_bytes(a)) == crate::vm::qemu::run_dir(dir));
     if ours {
         let started = crate::vm::process::start_time(pid);
         let _ = crate::vm::process::signal(pid, libc::SIGKILL);
@@ -82,9 +163,9 @@ pub(crate) fn kill_helper(dir: &std::path::Path, what: &str, subcommand: &str) {
     }
 }
 
-/// Whether the process at the other end of a unix socket runs as this process's user
-/// (`SO_PEERCRED`): the sandbox's sockets serve their owner only, whatever the file modes say.
-pub fn peer_is_owner(fd: &impl AsRawFd) -> bool {
+/// Whether the process at the other end of a unix socket runs as `owner` (`SO_PEERCRED`):
+/// the sandbox's sockets serve their owner only, whatever the file modes say.
+pub fn peer_is(fd: &impl AsRawFd, owner: u32) -> bool {
     let mut cred = libc::ucred { pid: 0, uid: u32::MAX, gid: u32::MAX };
     let mut len = size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `cred`, a ucred we own.
@@ -97,8 +178,13 @@ pub fn peer_is_owner(fd: &impl AsRawFd) -> bool {
             &mut len,
         )
     };
+    rc == 0 && cred.uid == owner
+}
+
+/// [`peer_is`] this process's own user.
+pub fn peer_is_owner(fd: &impl AsRawFd) -> bool {
     // SAFETY: geteuid has no preconditions.
-    rc == 0 && cred.uid == unsafe { libc::geteuid() }
+    peer_is(fd, unsafe { libc::geteuid() })
 }
 
 /// One line from a child's stdout within `timeout`.

@@ -35,6 +35,10 @@ pub struct Config {
     pub helper_log: Option<String>,
     /// A hosts file that sandboxes' resolvers consult first (tests that build an "internet").
     pub resolver_hosts: Option<PathBuf>,
+    /// The uids and gids that sandboxes' processes run as when this process is root (QEMU,
+    /// its network process and agent proxy: one uid per sandbox, so that no sandbox's QEMU can
+    /// reach another's processes or files). `None` as root: sandboxes refuse to boot.
+    pub vm_users: Option<VmUsers>,
     /// The mask for files written for the user outside the home (`copy_out`): the user's own
     /// umask, which a program may have narrowed for its own files.
     pub user_umask: u32,
@@ -51,8 +55,43 @@ impl Config {
             helper: default_helper(),
             helper_log: None,
             resolver_hosts: None,
+            vm_users: None,
             user_umask: current_umask(),
         }
+    }
+}
+
+/// A range of ids reserved for sandboxes: sandbox slot `i` runs as `uid_base + i`,
+/// `gid_base + i`. `scripts/install-host-deps.sh` creates the system user `smolvm` and gives
+/// it such a range in `/etc/subuid` and `/etc/subgid`, so that no other user or container
+/// tool on the host is handed the same ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmUsers {
+    pub uid_base: u32,
+    pub gid_base: u32,
+    pub count: u32,
+}
+
+impl VmUsers {
+    /// The identity of slot `slot`, if the range has it.
+    pub fn identity(&self, slot: u32) -> Option<crate::child::Identity> {
+        (slot < self.count).then(|| crate::child::Identity { uid: self.uid_base + slot, gid: self.gid_base + slot })
+    }
+
+    /// Parses the `NAME:START:COUNT` lines of `/etc/subuid` and `/etc/subgid` for `user`.
+    pub fn from_subid_files(user: &str, subuid: &str, subgid: &str) -> Option<VmUsers> {
+        let find = |text: &str| {
+            text.lines().find_map(|l| {
+                let mut f = l.trim().split(':');
+                (f.next()? == user).then_some(())?;
+                let start: u32 = f.next()?.parse().ok()?;
+                let count: u32 = f.next()?.parse().ok()?;
+                (start > 0 && count > 0 && start.checked_add(count).is_some()).then_some((start, count))
+            })
+        };
+        let (uid_base, ucount) = find(subuid)?;
+        let (gid_base, gcount) = find(subgid)?;
+        Some(VmUsers { uid_base, gid_base, count: ucount.min(gcount) })
     }
 }
 
@@ -75,4 +114,21 @@ fn default_helper() -> PathBuf {
         }
     }
     PathBuf::from("smolvm")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_range_comes_from_the_subid_files_and_is_bounded() {
+        let u = VmUsers::from_subid_files("smolvm", "alice:100000:65536\nsmolvm:300000:1000\n", "smolvm:400000:500");
+        let u = u.unwrap();
+        assert_eq!(u, VmUsers { uid_base: 300000, gid_base: 400000, count: 500 });
+        assert_eq!(u.identity(0), Some(crate::child::Identity { uid: 300000, gid: 400000 }));
+        assert_eq!(u.identity(500), None);
+        assert!(VmUsers::from_subid_files("smolvm", "alice:1:2", "smolvm:1:2").is_none());
+        assert!(VmUsers::from_subid_files("smolvm", "smolvm:0:5", "smolvm:1:2").is_none(), "never uid 0");
+        assert!(VmUsers::from_subid_files("smolvm", "smolvm:4294967290:100", "smolvm:1:2").is_none());
+    }
 }

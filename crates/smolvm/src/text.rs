@@ -15,6 +15,29 @@ pub fn escape_controls(s: &str) -> String {
     out
 }
 
+/// Opens a file that a sandbox's processes write (in its `run/` directory) for reading: no
+/// symbolic link is followed, and a FIFO or device planted in its place is refused instead of
+/// blocking or reading it.
+pub fn open_untrusted(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{} is not a file", path.display())));
+    }
+    Ok(f)
+}
+
+/// The contents of such a file, at most `max` bytes (its start).
+pub fn read_untrusted(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut b = Vec::new();
+    open_untrusted(path)?.take(max).read_to_end(&mut b)?;
+    Ok(b)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

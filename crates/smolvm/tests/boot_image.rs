@@ -11,7 +11,7 @@ mod common;
 
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -84,14 +84,25 @@ fn release_boots_and_serves_strict_ssh() {
         dir: work.path().to_path_buf(),
         qemu: "qemu-system-x86_64".into(),
     };
+    // The production plumbing too: the console and agent port are socket pairs (the agent
+    // proxy's job, here a thread that writes the console as the proxy does); QEMU works in
+    // `run/` and gets its kernel and disks as descriptors.
+    let run = smolvm::sandbox::boot_run_dir(work.path(), None).unwrap();
     let console = smolvm::vm::qemu::console_log(work.path());
-    std::fs::write(&console, b"").unwrap();
+    let (console_ours, console_qemu) = std::os::unix::net::UnixStream::pair().unwrap();
+    let (_agent_ours, agent_qemu) = std::os::unix::net::UnixStream::pair().unwrap();
+    let relay_dir = run.clone();
+    std::thread::spawn(move || smolvm::agent::console::relay(console_ours, &relay_dir));
     let started = Instant::now();
+    let plumbing = smolvm::vm::qemu::Plumbing {
+        wire: None,
+        agent: agent_qemu.into(),
+        console: console_qemu.into(),
+        identity: None,
+        cgroup_procs: vec![],
+    };
     let child = cfg
-        .command()
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(work.path().join("qemu.stderr")).unwrap())
-        .spawn()
+        .spawn(plumbing, std::fs::File::create(work.path().join("qemu.stderr")).unwrap())
         .expect("start qemu-system-x86_64 (scripts/install-host-deps.sh installs it)");
     let mut vm = Vm(child);
     let pidfd = smolvm::vm::process::pidfd(vm.0.id() as i32).unwrap();

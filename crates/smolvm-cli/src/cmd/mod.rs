@@ -37,8 +37,9 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Doctor => doctor::run(json),
         Command::Image(c) => image::run(c, json).map(|()| 0),
         Command::Preset(PresetListCommand::List) => sandbox::preset_list(json),
-        Command::AgentProxy { dir } => smolvm::agent::proxy_main(&dir).map(|()| 0).map_err(Into::into),
-        Command::Netd { dir } => smolvm::net::run(&dir).map(|()| 0).map_err(Into::into),
+        // DIR only names the sandbox in the process list: they work in their current directory.
+        Command::AgentProxy { dir: _, owner } => smolvm::agent::proxy_main(owner).map(|()| 0).map_err(Into::into),
+        Command::Netd { dir: _, owner } => smolvm::net::netd_main(owner).map(|()| 0).map_err(Into::into),
     }
 }
 

@@ -72,14 +72,7 @@ pub fn print_policy(s: &SandboxInfo) {
 }
 
 pub fn logs(name: &str) -> anyhow::Result<i32> {
-    let info = super::sandbox::open()?.info(name)?;
-    let path = smolvm::net::refusals::log_path(&info.dir);
-    let mut out = Vec::new();
-    for p in [path.with_extension("log.1"), path.clone()] {
-        if let Ok(b) = std::fs::read(&p) {
-            out.extend_from_slice(&b);
-        }
-    }
+    let out = super::sandbox::open()?.network_log(name)?;
     let out = smolvm::text::escape_controls(&String::from_utf8_lossy(&out));
     std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes())?;
     Ok(0)

@@ -3,24 +3,31 @@
 //! A virtio-serial port has one host-side client at a time, so each running sandbox has an
 //! agent proxy ([`proxy`]): a small process (`smolvm __agent-proxy DIR`) that holds the one
 //! connection to the guest for the VM's life and serves any number of local clients on
-//! `<sandbox>/agent.sock`, renumbering their request ids onto the guest connection. Clients
-//! ([`client`]) speak the same protocol to the proxy as the proxy speaks to the guest.
+//! `<sandbox>/run/agent.sock`, renumbering their request ids onto the guest connection.
+//! Clients ([`client`]) speak the same protocol to the proxy as the proxy speaks to the guest.
+//! The proxy also writes the guest's serial console to `console.log` ([`console`]).
+//!
+//! The proxy is started before QEMU, with its ends of two socket pairs (agent port, console)
+//! whose other ends QEMU gets: no socket file stands between them, and the proxy runs as the
+//! sandbox's user, like QEMU.
 
 pub mod client;
+pub mod console;
 pub mod proxy;
 
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 pub use client::{AgentClient, AgentError, ExecEvent, ExecHandle, ExecOutput};
 
-/// QEMU's end of the agent port (one client: the proxy).
-pub fn vm_socket(dir: &Path) -> PathBuf {
-    dir.join("agent-vm.sock")
-}
+/// The proxy's end of the agent port's socket pair.
+pub const PROXY_VM_FD: RawFd = 3;
+/// The proxy's end of the console's socket pair.
+pub const PROXY_CONSOLE_FD: RawFd = 4;
 
 /// The proxy's socket, for any number of clients.
 pub fn client_socket(dir: &Path) -> PathBuf {
-    dir.join("agent.sock")
+    crate::vm::qemu::run_dir(dir).join("agent.sock")
 }
 
 /// A proxy that was started; [`ProxyStart::ready`] waits for its word.
@@ -54,21 +61,59 @@ impl ProxyStart {
     }
 }
 
+/// The proxy's descriptors and confinement.
+#[derive(Debug)]
+pub struct ProxyPlumbing {
+    pub vm: OwnedFd,
+    pub console: OwnedFd,
+    pub identity: Option<crate::child::Identity>,
+    pub cgroup_procs: Vec<RawFd>,
+}
+
 /// Starts the proxy for the sandbox in `dir`, detached (its own session; its log in
-/// `agent-proxy.log`). It exits by itself when the VM does.
-pub fn spawn_proxy(dir: &Path, helper: &Path, log_filter: Option<&str>) -> std::io::Result<ProxyStart> {
+/// `agent-proxy.log`), confined like QEMU. It exits by itself when the VM does.
+pub fn spawn_proxy(
+    dir: &Path,
+    helper: &Path,
+    log_filter: Option<&str>,
+    p: ProxyPlumbing,
+) -> std::io::Result<ProxyStart> {
     let log = std::fs::File::create(dir.join("agent-proxy.log"))?;
-    let mut cmd = crate::child::helper_command(helper, "__agent-proxy", dir, log, log_filter);
-    crate::child::inherit_fd(&mut cmd, -1, -1);
+    let run = crate::vm::qemu::run_dir(dir);
+    let mut cmd = crate::child::helper_command(helper, "__agent-proxy", &run, log, log_filter);
+    crate::child::Confine {
+        fds: vec![(p.vm.as_raw_fd(), PROXY_VM_FD), (p.console.as_raw_fd(), PROXY_CONSOLE_FD)],
+        cwd: Some(run),
+        identity: p.identity,
+        cgroup_procs: p.cgroup_procs,
+    }
+    .apply(&mut cmd);
     let mut child = cmd.spawn()?;
     crate::child::record_pid(dir, "agent-proxy", child.id() as i32);
     let stdout = child.stdout.take();
     Ok(ProxyStart { child, stdout, dir: dir.to_path_buf() })
 }
 
-/// For `smolvm __agent-proxy DIR`: runs the proxy, printing its ready line on stdout.
-pub fn proxy_main(dir: &Path) -> std::io::Result<()> {
-    proxy::run(dir, || {
+/// For `smolvm __agent-proxy DIR --owner UID`: runs the proxy in its working directory on the
+/// descriptors its parent gave it, printing its ready line on stdout.
+pub fn proxy_main(owner: u32) -> std::io::Result<()> {
+    use std::os::fd::FromRawFd;
+    crate::child::not_dumpable();
+    // SAFETY: the parent handed us these two descriptors (socket pair ends) and nothing else
+    // in this process owns them.
+    let (vm, console) = unsafe {
+        (
+            std::os::unix::net::UnixStream::from_raw_fd(PROXY_VM_FD),
+            std::os::unix::net::UnixStream::from_raw_fd(PROXY_CONSOLE_FD),
+        )
+    };
+    let here = Path::new(".");
+    std::thread::spawn(move || {
+        if let Err(e) = console::relay(console, Path::new(".")) {
+            tracing::warn!("console: {e}");
+        }
+    });
+    proxy::run(here, vm, owner, || {
         #[allow(clippy::print_stdout)]
         {
             println!("ready");

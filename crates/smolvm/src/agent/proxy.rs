@@ -27,7 +27,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 const HELLO_RESEND: std::time::Duration = std::time::Duration::from_millis(250);
-const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// As long as a boot may take under emulation (the sandbox's readiness timeout).
 const READY_TIMEOUT: std::time::Duration = crate::sandbox::DEFAULT_READY_TIMEOUT;
 
@@ -43,24 +42,10 @@ fn readable_within(s: &UnixStream, t: std::time::Duration) -> std::io::Result<bo
     Ok(n > 0)
 }
 
-/// Runs the proxy for the sandbox directory `dir` until the VM's end of the port closes.
+/// Runs the proxy in the directory `dir` (the sandbox's `run/`) on `vm`, the agent port's
+/// socket, until the VM's end closes. Clients are served only if they run as `owner`.
 /// `ready` is called once the client socket is bound (the process prints its ready line).
-pub fn run(dir: &Path, ready: impl FnOnce()) -> std::io::Result<()> {
-    // Started right after QEMU, so that its Hello is waiting when the guest first opens its
-    // port. QEMU makes this socket while it starts, and tells no one: connect until it exists
-    // (bounded; normally a few milliseconds).
-    let path = super::vm_socket(dir);
-    let deadline = std::time::Instant::now() + HELLO_TIMEOUT;
-    let vm = loop {
-        match UnixStream::connect(&path) {
-            Ok(s) => break s,
-            Err(e) if std::time::Instant::now() < deadline => {
-                tracing::trace!("waiting for {}: {e}", path.display());
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            Err(e) => return Err(e),
-        }
-    };
+pub fn run(dir: &Path, vm: UnixStream, owner: u32, ready: impl FnOnce()) -> std::io::Result<()> {
     let vm_out = Arc::new(Mutex::new(vm.try_clone()?));
     let mut vm_in = vm;
     // Guests of protocol v1 close their port between host connections and lose what arrives
@@ -86,7 +71,7 @@ pub fn run(dir: &Path, ready: impl FnOnce()) -> std::io::Result<()> {
         None => return Err(std::io::Error::other(format!("the guest agent did not answer Hello: {reply:?}"))),
     };
 
-    let sock = super::client_socket(dir);
+    let sock = dir.join("agent.sock");
     let _ = std::fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock)?;
     let routes = Arc::new(Mutex::new(Routes::default()));
@@ -127,7 +112,7 @@ pub fn run(dir: &Path, ready: impl FnOnce()) -> std::io::Result<()> {
             break;
         }
         let Ok(conn) = conn else { continue };
-        if !crate::child::peer_is_owner(&conn) {
+        if !crate::child::peer_is(&conn, owner) {
             tracing::warn!("refused a client of another user");
             continue;
         }
@@ -214,9 +199,8 @@ mod tests {
 
     /// A guest of protocol v1 on the VM socket: answers Hello, exits each Exec with its id as
     /// the exit code (so that routing mistakes show), and ends when told to.
-    fn old_guest(listener: UnixListener) -> std::thread::JoinHandle<Vec<HostMsg>> {
+    fn old_guest(mut s: UnixStream) -> std::thread::JoinHandle<Vec<HostMsg>> {
         std::thread::spawn(move || {
-            let (mut s, _) = listener.accept().unwrap();
             let mut seen = Vec::new();
             while let Ok(Some(p)) = read_payload(&mut s) {
                 let msg: HostMsg = decode(&p).unwrap();
@@ -260,12 +244,15 @@ mod tests {
     #[test]
     fn clients_are_multiplexed_onto_an_old_guest_and_the_version_is_enforced() {
         let dir = tempfile::tempdir().unwrap();
-        let guest = old_guest(UnixListener::bind(super::super::vm_socket(dir.path())).unwrap());
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let guest = old_guest(theirs);
         let (tx, rx) = std::sync::mpsc::channel();
         let d = dir.path().to_path_buf();
-        let proxy = std::thread::spawn(move || run(&d, move || tx.send(()).unwrap()));
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        let proxy = std::thread::spawn(move || run(&d, ours, me, move || tx.send(()).unwrap()));
         rx.recv().unwrap();
-        let sock = super::super::client_socket(dir.path());
+        let sock = dir.path().join("agent.sock");
         let a = AgentClient::connect("t", &sock).unwrap();
         let b = AgentClient::connect("t", &sock).unwrap();
         assert_eq!(a.version, 1, "the version both speak");

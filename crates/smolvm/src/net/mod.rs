@@ -11,9 +11,11 @@
 //!   each guest TCP connection and UDP flow in smoltcp, asks the [`policy::Decider`], and only
 //!   then opens the host-side socket. It also serves the host-to-guest forwards (SSH, `expose`)
 //!   on 127.0.0.1, and refusals go to [`refusals`].
-//! - **The library** writes the process's configuration ([`NetConfig`], `net.json`), starts
-//!   it before QEMU ([`spawn`]), and changes a running sandbox's policy or forwards over its
-//!   control socket ([`control`]).
+//! - **The library** writes the process's configuration ([`NetConfig`], `net.json` in the
+//!   sandbox directory), starts it before QEMU ([`spawn`]) with that file as its standard
+//!   input, and changes a running sandbox's policy or forwards over its control socket
+//!   ([`control`]). The process runs as the sandbox's user in the sandbox's `run/` directory
+//!   and reads no file of the home.
 //!
 //! Addresses are those of QEMU's user-mode network, so guests and tools see the familiar
 //! layout: the guest is 10.0.2.15/24, the gateway 10.0.2.2, the resolver 10.0.2.3. The host is
@@ -67,10 +69,11 @@ pub struct NetConfig {
     /// `expose` forwards, kept across stop/start.
     #[serde(default)]
     pub forwards: Vec<Forward>,
-    /// A hosts file (`ADDRESS NAME...` lines) the resolver consults before the host's
-    /// resolver. For tests that build their own "internet"; unset in normal use.
+    /// Hosts-file lines (`ADDRESS NAME...`) the resolver consults before the host's resolver
+    /// (the text, not a path: the process cannot read the caller's files). For tests that
+    /// build their own "internet"; unset in normal use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dns_hosts: Option<PathBuf>,
+    pub dns_hosts: Option<String>,
 }
 
 /// Why the network process could not be started or reached.
@@ -96,8 +99,11 @@ pub fn config_path(dir: &Path) -> PathBuf {
 }
 
 pub fn control_socket(dir: &Path) -> PathBuf {
-    dir.join("net.sock")
+    crate::vm::qemu::run_dir(dir).join(CONTROL_SOCKET)
 }
+
+/// The control socket's name in the process's working directory.
+pub const CONTROL_SOCKET: &str = "net.sock";
 
 pub fn process_log(dir: &Path) -> PathBuf {
     dir.join("netd.log")
@@ -142,8 +148,16 @@ pub struct Started {
 }
 
 /// Starts the network process for the sandbox in `dir` (configured by its `net.json`), with
-/// `program` (the smolvm binary), and waits for its first line.
-pub fn spawn(dir: &Path, program: &Path, log_filter: Option<&str>, timeout: Duration) -> Result<Started, NetError> {
+/// `program` (the smolvm binary), confined to the sandbox's `run/` directory as `identity`
+/// in the cgroup of `cgroup_procs`, and waits for its first line.
+pub fn spawn(
+    dir: &Path,
+    program: &Path,
+    log_filter: Option<&str>,
+    identity: Option<crate::child::Identity>,
+    cgroup_procs: Vec<RawFd>,
+    timeout: Duration,
+) -> Result<Started, NetError> {
     let mut fds = [0; 2];
     // SAFETY: socketpair writes two descriptors into the array we own.
     if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) } != 0 {
@@ -152,8 +166,12 @@ pub fn spawn(dir: &Path, program: &Path, log_filter: Option<&str>, timeout: Dura
     // SAFETY: both descriptors are fresh and owned by nothing else.
     let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     let log = std::fs::File::create(process_log(dir)).map_err(io("create netd.log"))?;
-    let mut cmd = crate::child::helper_command(program, "__netd", dir, log, log_filter);
-    crate::child::inherit_fd(&mut cmd, theirs.as_raw_fd(), WIRE_FD);
+    let config = std::fs::File::open(config_path(dir)).map_err(io("open net.json"))?;
+    let run = crate::vm::qemu::run_dir(dir);
+    let mut cmd = crate::child::helper_command(program, "__netd", &run, log, log_filter);
+    cmd.stdin(config);
+    crate::child::Confine { fds: vec![(theirs.as_raw_fd(), WIRE_FD)], cwd: Some(run), identity, cgroup_procs }
+        .apply(&mut cmd);
     let mut child = cmd.spawn().map_err(io(format!("start {} __netd", program.display())))?;
     drop(theirs);
     let pid = child.id() as i32;
@@ -178,8 +196,8 @@ pub fn spawn(dir: &Path, program: &Path, log_filter: Option<&str>, timeout: Dura
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub(crate) enum ControlRequest {
-    /// Read `net.json` again and apply its policy to new connections.
-    Reload,
+    /// Apply this policy to new connections.
+    Reload { policy: NetworkPolicy },
     /// Add a forward; the reply names the host port bound.
     Forward { forward: Forward },
 }
@@ -190,6 +208,17 @@ pub(crate) struct ControlReply {
     pub error: Option<String>,
     #[serde(default)]
     pub forward: Option<Forward>,
+}
+
+/// For `smolvm __netd DIR --owner UID`: reads the configuration from standard input (at most
+/// 1 MiB) and runs the process in its working directory.
+pub fn netd_main(owner: u32) -> std::io::Result<()> {
+    crate::child::not_dumpable();
+    let mut body = Vec::new();
+    std::io::stdin().take(1 << 20).read_to_end(&mut body)?;
+    let cfg: NetConfig = serde_json::from_slice(&body)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("the configuration: {e}")))?;
+    run(Path::new("."), cfg, owner)
 }
 
 /// Sends one request to a running sandbox's network process.

@@ -54,7 +54,10 @@ pub fn stats_path(dir: &Path) -> PathBuf {
 
 /// Reads a sandbox's refusal figures (zero if it has none yet).
 pub fn read_stats(dir: &Path) -> NetStats {
-    std::fs::read(stats_path(dir)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    crate::text::read_untrusted(&stats_path(dir), 1 << 20)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
 }
 
 /// The refusal log of one sandbox, owned by its network process.

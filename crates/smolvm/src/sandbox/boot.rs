@@ -1,10 +1,12 @@
 //! Booting a sandbox from its row and its images: the one boot path of `create` and `start`.
 //!
-//! Order: the network process first (it binds the SSH forward and holds one end of the wire),
-//! then QEMU with the other end, then the readiness line on the console, then the agent. Any
-//! failure kills what was started; the caller removes what it made.
+//! Order: the sandbox's `run/` directory and cgroup; the network process (it binds the SSH
+//! forward and holds one end of the wire); the agent proxy (agent port and console); QEMU with
+//! the other ends; then the readiness line on the console, then the agent. All three run as
+//! the sandbox's own uid when smolvm is root. Any failure kills what was started; the caller
+//! removes what it made.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -12,9 +14,11 @@ use base64::Engine;
 use smolvm_protocol::ready::Ready;
 
 use super::Smolvm;
+use crate::child::Identity;
 use crate::net::{self, Forward, NetConfig, NetError};
 use crate::state::{SandboxRow, SandboxState};
 use crate::vm::accel::Accel;
+use crate::vm::cgroup::{self, Limits};
 use crate::vm::process;
 use crate::vm::qemu::{self, kernel_cmdline, Netdev, QemuConfig};
 use crate::vm::ready::{console_tail, wait_for_ready, WaitError};
@@ -43,6 +47,12 @@ pub enum BootError {
     Agent(String),
     #[error(transparent)]
     State(#[from] crate::state::StateError),
+    #[error(
+        "smolvm runs as root, and this host has no range of uids for sandboxes: QEMU and its helpers never run as root"
+    )]
+    NoVmUsers,
+    #[error("all {count} uids of the sandboxes' range are taken")]
+    NoFreeUid { count: u32 },
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BootError {
@@ -59,24 +69,57 @@ pub(super) fn public_key_b64(keys: &Path) -> Result<String, BootError> {
 }
 
 /// Starts QEMU detached: its own session (a Ctrl-C or a closed terminal does not reach it),
-/// its output in `qemu.log`, the network wire on its descriptor `net::WIRE_FD`.
-fn spawn_qemu(cfg: &QemuConfig, wire: Option<&std::os::fd::OwnedFd>) -> Result<std::process::Child, BootError> {
-    let spawn_err = |source: std::io::Error| BootError::Spawn { qemu: cfg.qemu.display().to_string(), source };
+/// its output in `qemu.log`, confined like its helpers (`vm::qemu::QemuConfig::spawn`).
+fn spawn_qemu(cfg: &QemuConfig, plumbing: qemu::Plumbing) -> Result<std::process::Child, BootError> {
     let log = std::fs::File::create(qemu::qemu_log(&cfg.dir)).map_err(io_err("create qemu.log"))?;
-    let mut cmd = cfg.command();
-    // QEMU needs nothing of our environment (host API keys and tokens must not reach it).
-    cmd.env_clear().env("PATH", "/usr/local/bin:/usr/bin:/bin");
-    cmd.stdout(log.try_clone().map_err(io_err("qemu.log"))?).stderr(log);
-    match wire {
-        Some(w) => crate::child::inherit_fd(&mut cmd, w.as_raw_fd(), net::WIRE_FD),
-        None => crate::child::inherit_fd(&mut cmd, -1, -1),
+    cfg.spawn(plumbing, log).map_err(|source| BootError::Spawn { qemu: cfg.qemu.display().to_string(), source })
+}
+
+/// A connected pair of stream sockets: (ours, theirs).
+fn socket_pair(what: &str) -> Result<(OwnedFd, OwnedFd), BootError> {
+    let (a, b) = std::os::unix::net::UnixStream::pair().map_err(io_err(format!("socket pair for {what}")))?;
+    Ok((a.into(), b.into()))
+}
+
+/// Makes the sandbox's `run/` directory afresh, owned by `identity` (the processes that work
+/// in it), with an empty console log that the booting process opens before any of them runs.
+pub(crate) fn make_run_dir(dir: &Path, identity: Option<Identity>) -> Result<PathBuf, BootError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let run = qemu::run_dir(dir);
+    if run.exists() {
+        std::fs::remove_dir_all(&run).map_err(io_err(format!("remove {}", run.display())))?;
     }
-    tracing::debug!("starting {cmd:?}");
-    // Not waited for once booted: QEMU outlives this process (it is re-parented when we exit).
-    cmd.spawn().map_err(spawn_err)
+    std::fs::DirBuilder::new().mode(0o700).create(&run).map_err(io_err(format!("create {}", run.display())))?;
+    let console = qemu::console_log(dir);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&console)
+        .map_err(io_err(format!("create {}", console.display())))?;
+    if let Some(id) = identity {
+        let chown = |p: &Path| {
+            std::os::unix::fs::chown(p, Some(id.uid), Some(id.gid)).map_err(io_err(format!("chown {}", p.display())))
+        };
+        chown(&run)?;
+        std::os::unix::fs::fchown(&f, Some(id.uid), Some(id.gid)).map_err(io_err("chown console.log"))?;
+    }
+    Ok(run)
 }
 
 impl Smolvm {
+    /// Who the sandbox's processes run as: its own uid when we are root, else the caller.
+    fn identity_of(&self, name: &str) -> Result<Option<Identity>, BootError> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Ok(None);
+        }
+        let users = self.config().vm_users.ok_or(BootError::NoVmUsers)?;
+        let slot = self.db().uid_slot(name)?;
+        users.identity(slot).map(Some).ok_or(BootError::NoFreeUid { count: users.count })
+    }
+
     /// Boots `row`'s sandbox from `files` and waits until a command can run in it; on success
     /// the row says `running` with its pid, port, host key and boot figures.
     pub(super) fn boot_row(
@@ -88,17 +131,29 @@ impl Smolvm {
     ) -> Result<(), BootError> {
         let dir = self.dir(&row.name);
         let key_b64 = public_key_b64(&self.home().keys())?;
+        let identity = self.identity_of(&row.name)?;
+        let dns_hosts = match &self.config().resolver_hosts {
+            Some(p) => Some(std::fs::read_to_string(p).map_err(io_err(format!("read {}", p.display())))?),
+            None => None,
+        };
         let netcfg = NetConfig {
             policy: row.policy.clone(),
             ssh: Forward { host: 0, guest: 22 },
             forwards: self.db().forwards(&row.name)?,
-            dns_hosts: self.config().resolver_hosts.clone(),
+            dns_hosts,
         };
+        let _ = std::fs::remove_file(qemu::pid_file(&dir));
+        make_run_dir(&dir, identity)?;
         let console = qemu::console_log(&dir);
-        for stale in [qemu::qmp_socket(&dir), qemu::pid_file(&dir)] {
-            let _ = std::fs::remove_file(stale);
-        }
-        std::fs::write(&console, b"").map_err(io_err(format!("create {}", console.display())))?;
+        let limits = Limits::for_guest(row.memory_mib, accel);
+        let group = match cgroup::create(&self.cgroups, &row.name, &limits) {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::warn!("{}: no resource limits: {e}", row.name);
+                None
+            }
+        };
+        let procs = group.as_ref().map(|g| g.procs_fds()).unwrap_or_default();
         let started = Instant::now();
         let (cfg_netdev, wire, ssh_port) = if self.unrestricted_user_net {
             let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -109,9 +164,42 @@ impl Smolvm {
         } else {
             net::write_config(&dir, &netcfg)?;
             let c = self.config();
-            let w = net::spawn(&dir, &c.helper, c.helper_log.as_deref(), Duration::from_secs(10))?;
+            let w =
+                net::spawn(&dir, &c.helper, c.helper_log.as_deref(), identity, procs.clone(), Duration::from_secs(10))?;
             let port = w.ssh_port;
             (Netdev::Wire, Some(w), port)
+        };
+        let kill_netd = |wire: &Option<net::Started>| {
+            if let Some(w) = wire {
+                let _ = process::signal(w.pid, libc::SIGKILL);
+            }
+        };
+        // The agent proxy starts before QEMU, holding its ends of the agent and console pairs.
+        let pairs = socket_pair("the agent port").and_then(|a| Ok((a, socket_pair("the console")?)));
+        let ((agent_ours, agent_qemu), (console_ours, console_qemu)) = match pairs {
+            Ok(p) => p,
+            Err(e) => {
+                kill_netd(&wire);
+                return Err(e);
+            }
+        };
+        let proxy = crate::agent::spawn_proxy(
+            &dir,
+            &self.config().helper,
+            self.config().helper_log.as_deref(),
+            crate::agent::ProxyPlumbing {
+                vm: agent_ours,
+                console: console_ours,
+                identity,
+                cgroup_procs: procs.clone(),
+            },
+        );
+        let proxy = match proxy {
+            Ok(p) => p,
+            Err(e) => {
+                kill_netd(&wire);
+                return Err(io_err("start the agent proxy")(e));
+            }
         };
         let cfg = QemuConfig {
             name: row.name.clone(),
@@ -127,21 +215,29 @@ impl Smolvm {
             dir: dir.clone(),
             qemu: self.config().qemu.clone(),
         };
-        let mut child = match spawn_qemu(&cfg, wire.as_ref().map(|w| &w.qemu_end)) {
+        let (wire_pid, qemu_end) = match wire {
+            Some(w) => (Some(w.pid), Some(w.qemu_end)),
+            None => (None, None),
+        };
+        let plumbing =
+            qemu::Plumbing { wire: qemu_end, agent: agent_qemu, console: console_qemu, identity, cgroup_procs: procs };
+        // Our copies of QEMU's ends close when `plumbing` is dropped inside, so that the
+        // helpers see QEMU's exit.
+        let mut child = match spawn_qemu(&cfg, plumbing) {
             Ok(c) => c,
             Err(e) => {
-                if let Some(w) = &wire {
-                    let _ = process::signal(w.pid, libc::SIGKILL);
+                if let Some(p) = wire_pid {
+                    let _ = process::signal(p, libc::SIGKILL);
                 }
                 return Err(e);
             }
         };
-        // Our copy of QEMU's end: closed, so that the network process sees QEMU's exit.
-        drop(wire);
+        drop(group);
         let pid = child.id() as i32;
         let pid_start = process::start_time(pid);
         // Recorded at once: if this process dies now (Ctrl-C, SIGKILL), `delete` still finds
-        // and stops the VM it started.
+        // and stops the VM it started (the row, and a pid file that smolvm, not QEMU, writes).
+        let _ = std::fs::write(qemu::pid_file(&dir), format!("{pid} {}", pid_start.unwrap_or(0)));
         row.pid = Some(pid);
         row.pid_start = pid_start;
         self.db().update(row)?;
@@ -149,7 +245,8 @@ impl Smolvm {
             // How QEMU ended, if it did (before we kill it).
             let status = child.try_wait().ok().flatten().map(|s| format!(" (QEMU {s})")).unwrap_or_default();
             let _ = process::signal(pid, libc::SIGKILL);
-            let qemu_log = std::fs::read_to_string(qemu::qemu_log(&dir)).unwrap_or_default();
+            let qemu_log = std::fs::read(qemu::qemu_log(&dir)).unwrap_or_default();
+            let qemu_log = String::from_utf8_lossy(&qemu_log[qemu_log.len().saturating_sub(16 * 1024)..]).into_owned();
             let tail = format!(
                 "{}\n--- qemu.log{status} ---\n{}",
                 console_tail(&console, 30),
@@ -158,9 +255,6 @@ impl Smolvm {
             BootError::NotReady { cause, console: console.display().to_string(), tail }
         };
         let pidfd = process::pidfd(pid).map_err(|e| fail(WaitError::Io(e)))?;
-        // The proxy starts with QEMU, so that its Hello waits for the guest's agent.
-        let proxy = crate::agent::spawn_proxy(&dir, &self.config().helper, self.config().helper_log.as_deref())
-            .map_err(|e| fail(WaitError::Io(e)))?;
         let ready: Ready = wait_for_ready(&console, &pidfd, timeout).map_err(&mut fail)?;
         // Ready on the console means sshd and the agent are up. The proxy says so once it holds
         // the agent's connection and serves clients; one Hello through it proves the path.

@@ -99,6 +99,7 @@ impl Smolvm {
         row.ssh_port = None;
         self.db().update(&row)?;
         let _ = std::fs::remove_file(self.dir(name).join("ssh.ctl"));
+        crate::vm::cgroup::remove(&self.cgroups, name);
         Ok(())
     }
 
@@ -172,10 +173,14 @@ impl Smolvm {
             let _ = process::signal(pid, libc::SIGKILL);
             wait_exit(pid, row.pid_start, Duration::from_secs(5));
         }
-        let from_file =
-            std::fs::read_to_string(qemu::pid_file(&self.dir(name))).ok().and_then(|p| p.trim().parse::<i32>().ok());
-        if let Some(pid) = from_file.filter(|p| process::is_qemu_of(*p, name)) {
-            let started = process::start_time(pid);
+        // The pid file: "PID START", written by smolvm as soon as QEMU was spawned.
+        let from_file = std::fs::read_to_string(qemu::pid_file(&self.dir(name))).ok().and_then(|p| {
+            let mut w = p.split_whitespace();
+            Some((w.next()?.parse::<i32>().ok()?, w.next().and_then(|s| s.parse::<u64>().ok()).filter(|s| *s != 0)))
+        });
+        if let Some((pid, started)) =
+            from_file.filter(|(p, s)| process::is_alive(*p, *s) && process::is_qemu_of(*p, name))
+        {
             let _ = process::signal(pid, libc::SIGKILL);
             wait_exit(pid, started, Duration::from_secs(5));
         }
@@ -184,6 +189,7 @@ impl Smolvm {
         let dir = self.dir(name);
         crate::child::kill_helper(&dir, "netd", "__netd");
         crate::child::kill_helper(&dir, "agent-proxy", "__agent-proxy");
+        crate::vm::cgroup::remove(&self.cgroups, name);
     }
 
     /// Forwards 127.0.0.1:`host_port` (default: a free port) to the guest's `guest_port`.

@@ -107,6 +107,12 @@ pub enum SandboxError {
     Io { what: String, source: std::io::Error },
 }
 
+/// Makes a sandbox directory's `run/` as a boot does (for tests that start QEMU themselves).
+#[doc(hidden)]
+pub fn boot_run_dir(dir: &Path, identity: Option<crate::child::Identity>) -> Result<PathBuf, BootError> {
+    boot::make_run_dir(dir, identity)
+}
+
 /// The handle to one smolvm installation.
 #[derive(Debug)]
 pub struct Smolvm {
@@ -115,6 +121,8 @@ pub struct Smolvm {
     images: ImageCache,
     /// Boot with QEMU's unrestricted user-mode network instead (the benchmark's baseline).
     unrestricted_user_net: bool,
+    /// What this host offers for sandboxes' resource limits.
+    cgroups: crate::vm::cgroup::Support,
 }
 
 impl Smolvm {
@@ -124,7 +132,8 @@ impl Smolvm {
         crate::state::private_dir(&config.home.cache)?;
         let db = Db::open(&config.home.database())?;
         let images = ImageCache::new(config.home.images());
-        Ok(Smolvm { config, db, images, unrestricted_user_net: false })
+        let cgroups = crate::vm::cgroup::detect();
+        Ok(Smolvm { config, db, images, unrestricted_user_net: false, cgroups })
     }
 
     /// [`Smolvm::open`] with the defaults for `home` (`config::Config::new`).
@@ -144,6 +153,11 @@ impl Smolvm {
     pub fn with_unrestricted_network_for_benchmarks(mut self) -> Smolvm {
         self.unrestricted_user_net = true;
         self
+    }
+
+    /// How sandboxes' host processes are limited on this host (`doctor`).
+    pub fn cgroup_support(&self) -> &crate::vm::cgroup::Support {
+        &self.cgroups
     }
 
     pub fn home(&self) -> &Home {
@@ -195,7 +209,7 @@ impl Smolvm {
             disk_mib: row.disk_mib,
             network: row.policy.mode,
             network_policy: row.policy.clone(),
-            network_refusals: crate::net::refusals::read_stats(&self.dir(&row.name)),
+            network_refusals: crate::net::refusals::read_stats(&crate::vm::qemu::run_dir(&self.dir(&row.name))),
             accel: row.accel,
             ssh_port: row.ssh_port.filter(|_| live),
             pid: row.pid.filter(|_| live),
@@ -259,10 +273,23 @@ impl Smolvm {
         self.info_of(&row)
     }
 
-    /// The console log of a sandbox (kernel and init messages).
-    pub fn console_log(&self, name: &str) -> Result<PathBuf, SandboxError> {
+    /// The console of a sandbox (kernel and init messages): its last `max` bytes, across the
+    /// rotation (at most `agent::console::TOTAL_CAP` are kept). The guest's text, unescaped.
+    pub fn console(&self, name: &str, max: u64) -> Result<Vec<u8>, SandboxError> {
         self.row(name)?;
-        Ok(crate::vm::qemu::console_log(&self.dir(name)))
+        Ok(crate::agent::console::tail(&crate::vm::qemu::run_dir(&self.dir(name)), max))
+    }
+
+    /// The network process's log of refused connections (at most 2 MiB: the log and the one
+    /// it rotated), the guest's names in it unescaped.
+    pub fn network_log(&self, name: &str) -> Result<Vec<u8>, SandboxError> {
+        self.row(name)?;
+        let path = crate::net::refusals::log_path(&crate::vm::qemu::run_dir(&self.dir(name)));
+        let mut out = Vec::new();
+        for p in [path.with_extension("log.1"), path] {
+            out.extend(crate::text::read_untrusted(&p, 1 << 20).unwrap_or_default());
+        }
+        Ok(out)
     }
 
     /// Where the sandbox's SSH files are: (key, known_hosts, control socket).
@@ -280,23 +307,13 @@ impl Smolvm {
         }
     }
 
-    /// A connection to a running sandbox's agent (commands and files without SSH). Restarts
-    /// the sandbox's agent proxy if it is gone.
+    /// A connection to a running sandbox's agent (commands and files without SSH). The proxy
+    /// holds QEMU's agent port from boot (a socket pair), so a proxy that is gone cannot be
+    /// replaced: the sandbox needs a stop and start.
     pub fn agent(&self, name: &str) -> Result<crate::agent::AgentClient, crate::agent::AgentError> {
         self.running(name)
             .map_err(|e| crate::agent::AgentError::Guest { sandbox: name.into(), message: e.to_string() })?;
-        let dir = self.dir(name);
-        let socket = crate::agent::client_socket(&dir);
-        match crate::agent::AgentClient::connect(name, &socket) {
-            Ok(c) => Ok(c),
-            Err(first) => {
-                tracing::debug!("agent proxy of {name} not reachable ({first}); starting it");
-                crate::agent::spawn_proxy(&dir, &self.config.helper, self.config.helper_log.as_deref())
-                    .and_then(|p| p.ready(Duration::from_secs(30)))
-                    .map_err(|source| crate::agent::AgentError::Connect { sandbox: name.into(), source })?;
-                crate::agent::AgentClient::connect(name, &socket)
-            }
-        }
+        crate::agent::AgentClient::connect(name, &crate::agent::client_socket(&self.dir(name)))
     }
 
     /// Runs `argv` in a running sandbox through its agent and collects the output.

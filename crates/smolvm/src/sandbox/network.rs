@@ -19,7 +19,7 @@ impl Smolvm {
             let mut cfg = net::read_config(&dir)?;
             cfg.policy = policy.clone();
             net::write_config(&dir, &cfg)?;
-            net::control(&dir, &net::ControlRequest::Reload).map(|_| ())
+            net::control(&dir, &net::ControlRequest::Reload { policy: policy.clone() }).map(|_| ())
         };
         apply().map_err(|source| LifecycleError::PolicyNotApplied { name: name.into(), source })
     }

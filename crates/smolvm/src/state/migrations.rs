@@ -46,6 +46,9 @@ const STEPS: &[&str] = &[
      ALTER TABLE sandboxes ADD COLUMN layer_sha256s TEXT NOT NULL DEFAULT '';",
     // 4: the network policy (JSON of `net::NetworkPolicy`); NULL: the `network` mode alone.
     "ALTER TABLE sandboxes ADD COLUMN network_policy TEXT;",
+    // 5: the slot of the uid and gid its processes run as (`config::VmUsers`), unique.
+    "ALTER TABLE sandboxes ADD COLUMN uid_slot INTEGER;
+     CREATE UNIQUE INDEX sandboxes_uid_slot ON sandboxes(uid_slot);",
 ];
 
 pub(super) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StateError> {

@@ -262,6 +262,29 @@ impl Db {
         Ok(rows)
     }
 
+    /// The sandbox's uid slot, given the lowest free one the first time (one statement, so
+    /// two sandboxes booting at once cannot get the same; the unique index guards it too).
+    pub fn uid_slot(&self, name: &str) -> Result<u32, StateError> {
+        self.conn.execute(
+            "UPDATE sandboxes SET uid_slot = (
+                SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM sandboxes WHERE uid_slot = 0) THEN 0
+                ELSE (SELECT MIN(a.uid_slot) + 1 FROM sandboxes a WHERE a.uid_slot IS NOT NULL
+                      AND NOT EXISTS (SELECT 1 FROM sandboxes b WHERE b.uid_slot = a.uid_slot + 1)) END)
+             WHERE name = ?1 AND uid_slot IS NULL",
+            [name],
+        )?;
+        Ok(self.conn.query_row("SELECT uid_slot FROM sandboxes WHERE name=?1", [name], |r| r.get(0))?)
+    }
+
+    /// The slot a sandbox holds, if any (for `status`).
+    pub fn uid_slot_of(&self, name: &str) -> Result<Option<u32>, StateError> {
+        Ok(self
+            .conn
+            .query_row("SELECT uid_slot FROM sandboxes WHERE name=?1", [name], |r| r.get(0))
+            .optional()?
+            .flatten())
+    }
+
     pub fn delete(&self, name: &str) -> Result<(), StateError> {
         self.conn.execute("DELETE FROM sandboxes WHERE name=?1", [name])?;
         Ok(())
@@ -404,5 +427,20 @@ mod tests {
         // Reopening runs no migration twice.
         drop(db);
         Db::open(&dir.path().join("state.db")).unwrap();
+    }
+
+    #[test]
+    fn uid_slots_are_unique_and_reused_after_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("state.db")).unwrap();
+        for n in ["a", "b", "c"] {
+            assert!(db.insert(&sample(n)).unwrap());
+        }
+        assert_eq!(db.uid_slot("a").unwrap(), 0);
+        assert_eq!(db.uid_slot("b").unwrap(), 1);
+        assert_eq!(db.uid_slot("a").unwrap(), 0, "kept");
+        db.delete("a").unwrap();
+        assert_eq!(db.uid_slot("c").unwrap(), 0, "the lowest free slot");
+        assert_eq!(db.uid_slot_of("b").unwrap(), Some(1));
     }
 }

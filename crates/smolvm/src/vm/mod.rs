@@ -2,6 +2,7 @@
 //! process, and the wait for the guest's readiness line.
 
 pub mod accel;
+pub mod cgroup;
 pub mod process;
 pub mod qemu;
 pub mod qmp;

@@ -1,9 +1,31 @@
 //! The QEMU backend: a `microvm` machine, the PVH kernel booted directly, virtio-mmio devices.
 
+//!
+//! QEMU opens nothing in smolvm's home by path. It runs as the sandbox's own user (when smolvm
+//! is root) in the sandbox's `run/` directory, and gets everything else as descriptors opened
+//! for it: the network wire, the agent and console sockets, the kernel (read through
+//! `/proc/self/fd`, since the x86 loader takes a file name) and the disks (`-add-fd` fd sets,
+//! which QEMU duplicates instead of reopening). So a QEMU taken over by its guest holds its
+//! own disks and nothing else of the host's.
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use super::accel::Accel;
+
+/// QEMU's end of the agent port's socket pair (the agent proxy holds the other).
+pub const AGENT_FD: RawFd = 4;
+/// QEMU's end of the serial console's socket pair (the agent proxy writes it to `console.log`).
+pub const CONSOLE_FD: RawFd = 5;
+/// The kernel image.
+pub const KERNEL_FD: RawFd = 6;
+/// The first disk's descriptor: the base, then the sandbox's disk, then the layers; disk `i`
+/// is fd set `i + 1`.
+pub const FIRST_DISK_FD: RawFd = 7;
+/// Under emulation, the translation cache's size in MiB (QEMU's default is 1 GiB): counted in
+/// the sandbox's memory ceiling (`cgroup::TCG_CACHE_MIB`).
+pub const TCG_TB_SIZE_MIB: u64 = super::cgroup::TCG_CACHE_MIB;
 
 /// Everything needed to start one guest.
 #[derive(Debug, Clone)]
@@ -22,7 +44,7 @@ pub struct QemuConfig {
     pub layers: Vec<PathBuf>,
     /// The guest's network card and what is behind it.
     pub netdev: Netdev,
-    /// The sandbox directory: console log, QMP socket, pid file, QEMU's own log.
+    /// The sandbox directory (QEMU's log); QEMU itself works in its `run/` directory.
     pub dir: PathBuf,
     /// The QEMU executable.
     pub qemu: PathBuf,
@@ -40,12 +62,19 @@ pub enum Netdev {
     UnrestrictedUser { ssh_port: u16 },
 }
 
+/// The directory that a sandbox's QEMU and helpers work in, owned by the sandbox's user: its
+/// sockets, the console and the network log. Everything in it is written by processes that a
+/// guest may have taken over, and is read as such (`crate::text::open_untrusted`).
+pub fn run_dir(dir: &Path) -> PathBuf {
+    dir.join("run")
+}
 pub fn console_log(dir: &Path) -> PathBuf {
-    dir.join("console.log")
+    run_dir(dir).join("console.log")
 }
 pub fn qmp_socket(dir: &Path) -> PathBuf {
-    dir.join("qmp.sock")
+    run_dir(dir).join("qmp.sock")
 }
+/// QEMU's pid and start time, written by smolvm (not by QEMU) in the sandbox directory.
 pub fn pid_file(dir: &Path) -> PathBuf {
     dir.join("qemu.pid")
 }
@@ -53,9 +82,17 @@ pub fn qemu_log(dir: &Path) -> PathBuf {
     dir.join("qemu.log")
 }
 
-/// A value inside a QEMU `key=value,...` option: a comma is written as two.
-fn opt(p: &Path) -> String {
-    p.display().to_string().replace(',', ",,")
+/// The descriptors a QEMU is started with, besides the files of its [`QemuConfig`].
+#[derive(Debug)]
+pub struct Plumbing {
+    /// The network wire ([`Netdev::Wire`]).
+    pub wire: Option<OwnedFd>,
+    pub agent: OwnedFd,
+    pub console: OwnedFd,
+    /// Run as this user (when we are root).
+    pub identity: Option<crate::child::Identity>,
+    /// `cgroup.procs` descriptors to join.
+    pub cgroup_procs: Vec<RawFd>,
 }
 
 impl QemuConfig {
@@ -72,36 +109,49 @@ impl QemuConfig {
             }
             Netdev::UnrestrictedUser { ssh_port } => format!("user,id=net0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22"),
         };
-        let drive = |id: &str, file: &Path, ro: bool| {
+        // Disk `i` is fd set `i + 1` (see `FIRST_DISK_FD`). The shared read-only images keep
+        // `cache=unsafe` (nothing is written to them); the sandbox's own disk is `writeback`:
+        // the host page cache, and the guest's flushes (fsync, journal commits) reach the
+        // host's disk, so a host crash does not leave a torn ext4 behind.
+        let drive = |id: &str, set: usize, ro: bool| {
             format!(
-                "id={id},file={},format=raw,if=none,cache=unsafe,aio=threads{}",
-                opt(file),
-                if ro { ",readonly=on" } else { "" }
+                "id={id},file=/dev/fdset/{set},format=raw,if=none,cache={},aio=threads{}",
+                if ro { "unsafe" } else { "writeback" },
+                // A writable drive opens its file read-write at once: with QEMU's default
+                // (auto-read-only), it would first want a read-only descriptor in the set.
+                if ro { ",readonly=on" } else { ",auto-read-only=off" }
             )
         };
+        let accel = match self.accel {
+            Accel::Kvm => "kvm".to_string(),
+            Accel::Tcg { .. } => format!("tcg,tb-size={TCG_TB_SIZE_MIB}"),
+        };
+        for i in 0..2 + self.layers.len() {
+            c.arg("-add-fd").arg(format!("fd={},set={}", FIRST_DISK_FD + i as RawFd, i + 1));
+        }
         c.arg("-name")
             .arg(format!("smolvm-{},process=smolvm-{}", self.name, self.name))
             // pic=off: with the legacy 8259 present, an early timer interrupt was sometimes
             // delivered as vector 0 under TCG, a "divide error" in start_kernel that resets the
             // VM (a quarter of boots on the development machine); nothing here needs the PIC.
-            .args(["-machine", "microvm,rtc=on,pic=off", "-accel", self.accel.qemu_name(), "-cpu", cpu])
+            .args(["-machine", "microvm,rtc=on,pic=off", "-accel", &accel, "-cpu", cpu])
             .args(["-m", &self.memory_mib.to_string(), "-smp", &self.cpus.to_string()])
             .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
             .arg("-kernel")
-            .arg(&self.kernel)
+            .arg(format!("/proc/self/fd/{KERNEL_FD}"))
             .arg("-append")
             .arg(&self.cmdline)
             .arg("-chardev")
-            .arg(format!("file,id=console,path={}", opt(&console_log(&self.dir))))
+            .arg(format!("socket,id=console,fd={CONSOLE_FD}"))
             .args(["-serial", "chardev:console"])
             .arg("-drive")
-            .arg(drive("base", &self.base, true))
+            .arg(drive("base", 1, true))
             .args(["-device", "virtio-blk-device,drive=base"])
             .arg("-drive")
-            .arg(drive("upper", &self.upper, false))
+            .arg(drive("upper", 2, false))
             .args(["-device", "virtio-blk-device,drive=upper"]);
-        for (i, layer) in self.layers.iter().enumerate() {
-            c.arg("-drive").arg(drive(&format!("layer{i}"), layer, true));
+        for i in 0..self.layers.len() {
+            c.arg("-drive").arg(drive(&format!("layer{i}"), 3 + i, true));
             c.args(["-device", &format!("virtio-blk-device,drive=layer{i}")]);
         }
         c.arg("-netdev")
@@ -111,19 +161,68 @@ impl QemuConfig {
             // The guest agent's port; the agent proxy is its one client.
             .args(["-device", "virtio-serial-device"])
             .arg("-chardev")
-            .arg(format!("socket,id=agent,path={},server=on,wait=off", opt(&crate::agent::vm_socket(&self.dir))))
+            .arg(format!("socket,id=agent,fd={AGENT_FD}"))
             .arg("-device")
             .arg(format!("virtserialport,chardev=agent,name={}", smolvm_protocol::agent::AGENT_PORT_NAME))
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", opt(&qmp_socket(&self.dir))))
-            .arg("-pidfile")
-            .arg(pid_file(&self.dir))
+            // Relative to its working directory, the sandbox's `run/`.
+            .args(["-qmp", "unix:qmp.sock,server=on,wait=off"])
             // Least privilege: QEMU's seccomp filter forbids it to spawn processes, change its
             // privileges or use obsolete system calls. (`spawn=deny` is also why QEMU is not
             // asked to `-daemonize`: that forks after the filter is in place.)
             .args(["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"])
             .stdin(Stdio::null());
         c
+    }
+
+    /// Starts QEMU with `plumbing`, confined (`child::Confine`): its working directory the
+    /// sandbox's `run/`, its own session, its output in `log`, an empty environment. Opens
+    /// the kernel and disks for it.
+    pub fn spawn(&self, plumbing: Plumbing, log: std::fs::File) -> std::io::Result<std::process::Child> {
+        use std::os::unix::fs::PermissionsExt;
+        let open = |p: &Path, write: bool| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(write)
+                .open(p)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("open {}: {e}", p.display())))
+        };
+        let kernel = open(&self.kernel, false)?;
+        // QEMU reopens the kernel through /proc/self/fd as the sandbox's user: the image must
+        // be readable by others (it is a published image; the cache directory stays closed).
+        let mode = kernel.metadata()?.permissions().mode();
+        if mode & 0o004 == 0 {
+            kernel.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+        }
+        let mut disks = vec![open(&self.base, false)?, open(&self.upper, true)?];
+        for l in &self.layers {
+            disks.push(open(l, false)?);
+        }
+        let mut cmd = self.command();
+        // QEMU needs nothing of our environment (host API keys and tokens must not reach it).
+        cmd.env_clear().env("PATH", "/usr/local/bin:/usr/bin:/bin");
+        cmd.stdout(log.try_clone()?).stderr(log);
+        let mut fds = vec![
+            (plumbing.agent.as_raw_fd(), AGENT_FD),
+            (plumbing.console.as_raw_fd(), CONSOLE_FD),
+            (kernel.as_raw_fd(), KERNEL_FD),
+        ];
+        if let Some(w) = &plumbing.wire {
+            fds.push((w.as_raw_fd(), crate::net::WIRE_FD));
+        }
+        for (i, d) in disks.iter().enumerate() {
+            fds.push((d.as_raw_fd(), FIRST_DISK_FD + i as RawFd));
+        }
+        crate::child::Confine {
+            fds,
+            cwd: Some(run_dir(&self.dir)),
+            identity: plumbing.identity,
+            cgroup_procs: plumbing.cgroup_procs,
+        }
+        .apply(&mut cmd);
+        tracing::debug!("starting {cmd:?}");
+        // Not waited for once booted: QEMU outlives this process (it is re-parented when we
+        // exit). Our copies of its descriptors close when this returns.
+        cmd.spawn()
     }
 }
 
@@ -204,23 +303,24 @@ mod tests {
         // The network is the wire on descriptor 3: never QEMU's user-mode network.
         assert_eq!(value_of(&a, "-netdev", ""), Some("stream,id=net0,server=off,addr.type=fd,addr.str=3"));
         assert!(!a.iter().any(|x| x.starts_with("user,")), "{a:?}");
-        // Base and layer are shared read-only; the sandbox's own disk is writable.
-        assert!(value_of(&a, "-drive", "file=/base").is_some_and(|d| d.contains("readonly=on")));
-        assert!(value_of(&a, "-drive", "file=/layer").is_some_and(|d| d.contains("readonly=on")));
-        assert!(value_of(&a, "-drive", "file=/dir/disk.ext4").is_some_and(|d| !d.contains("readonly")));
+        // Base and layer are shared read-only; the sandbox's own disk is writable, and flushed.
+        // All are descriptors: QEMU opens no file of the home by path.
+        assert!(value_of(&a, "-drive", "id=base").is_some_and(|d| d.contains("fdset/1") && d.contains("readonly=on")));
+        assert!(value_of(&a, "-drive", "id=layer0").is_some_and(|d| d.contains("fdset/3") && d.contains("readonly=on")));
+        let upper = value_of(&a, "-drive", "id=upper").unwrap();
+        assert!(
+            upper.contains("fdset/2") && !upper.contains("readonly") && upper.contains("cache=writeback"),
+            "{upper}"
+        );
+        assert_eq!(a.iter().filter(|x| *x == "-add-fd").count(), 3);
+        assert_eq!(value_of(&a, "-kernel", ""), Some("/proc/self/fd/6"));
+        assert!(!a.iter().any(|x| x.contains("/dir") || x.contains("/base") || x.contains("/k")), "no path: {a:?}");
         // QEMU's own seccomp sandbox stays on.
         assert!(value_of(&a, "-sandbox", "on")
             .is_some_and(|s| s.contains("spawn=deny") && s.contains("elevateprivileges=deny")));
         let tcg = QemuConfig { accel: Accel::Tcg { reason: "test".into() }, ..c };
         assert_eq!(value_of(&args(&tcg), "-cpu", ""), Some("max"));
-    }
-
-    #[test]
-    fn a_comma_in_a_path_cannot_add_an_option() {
-        let c = QemuConfig { upper: "/d/x,readonly=off,file=/etc/shadow".into(), ..cfg(Netdev::Wire) };
-        let a = args(&c);
-        let d = value_of(&a, "-drive", "id=upper").unwrap();
-        assert!(d.contains("file=/d/x,,readonly=off,,file=/etc/shadow,format=raw"), "{d}");
+        assert_eq!(value_of(&args(&tcg), "-accel", ""), Some("tcg,tb-size=256"));
     }
 
     #[test]

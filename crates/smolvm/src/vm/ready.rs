@@ -4,7 +4,6 @@
 //! and read each new chunk as it is written: no sleeping, no polling of SSH. The wait ends on
 //! the readiness line, on the VMM's exit, or at the deadline.
 
-use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
@@ -82,7 +81,8 @@ fn strict(r: Result<Ready, serde_json::Error>) -> Result<Ready, WaitError> {
 pub fn wait_for_ready(console: &Path, vmm: &OwnedFd, timeout: Duration) -> Result<Ready, WaitError> {
     let deadline = Instant::now() + timeout;
     let notify = inotify_on(console)?;
-    let mut file = File::open(console)?;
+    // Written by the sandbox's own processes: no symbolic link is followed.
+    let mut file = crate::text::open_untrusted(console)?;
     let mut pending = Vec::new();
     let mut offset = 0u64;
     loop {
@@ -138,16 +138,10 @@ pub fn wait_for_ready(console: &Path, vmm: &OwnedFd, timeout: Duration) -> Resul
 }
 
 /// The last `lines` lines of the console, for error messages: read from its end (at most
-/// 64 KiB), terminal control characters escaped (it is the guest's text).
+/// 64 KiB, across its rotation), terminal control characters escaped (it is the guest's text).
 pub fn console_tail(console: &Path, lines: usize) -> String {
-    let mut text = String::new();
-    if let Ok(mut f) = File::open(console) {
-        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-        let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
-        let mut buf = Vec::new();
-        let _ = f.read_to_end(&mut buf);
-        text = String::from_utf8_lossy(&buf).into_owned();
-    }
+    let dir = console.parent().unwrap_or(Path::new("."));
+    let text = String::from_utf8_lossy(&crate::agent::console::tail(dir, 64 * 1024)).into_owned();
     let all: Vec<&str> = text.lines().collect();
     crate::text::escape_controls(&all[all.len().saturating_sub(lines)..].join("\n"))
 }

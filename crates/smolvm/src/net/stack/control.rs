@@ -10,7 +10,7 @@ impl Netd {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => return tracing::warn!("control socket: {e}"),
             };
-            if !crate::child::peer_is_owner(&conn) {
+            if !crate::child::peer_is(&conn, self.owner) {
                 tracing::warn!("control socket: refused a client of another user");
                 continue;
             }
@@ -22,7 +22,7 @@ impl Netd {
     }
 
     /// One request, answered at once. The socket is the owner's only (the sandbox directory
-    /// is 0700), and a client gets a second to send its line.
+    /// is 0700, the peer's uid is checked), and a client gets a second to send its line.
     fn serve_control(&mut self, conn: UnixStream) -> io::Result<()> {
         // SAFETY: we take the descriptor out of mio's wrapper, which gives up ownership.
         let std_conn = unsafe {
@@ -35,10 +35,10 @@ impl Netd {
         io::BufReader::new((&std_conn).take(64 * 1024)).read_line(&mut line)?;
         let reply = match serde_json::from_str::<ControlRequest>(&line) {
             Err(e) => ControlReply { error: Some(format!("bad request: {e}")), forward: None },
-            Ok(ControlRequest::Reload) => match crate::net::read_config(&self.dir) {
-                Ok(cfg) => {
-                    tracing::info!("policy now: {}", cfg.policy.summary());
-                    self.decider.policy = cfg.policy;
+            Ok(ControlRequest::Reload { policy }) => match policy.validate() {
+                Ok(()) => {
+                    tracing::info!("policy now: {}", policy.summary());
+                    self.decider.policy = policy;
                     ControlReply::default()
                 }
                 Err(e) => ControlReply { error: Some(e.to_string()), forward: None },

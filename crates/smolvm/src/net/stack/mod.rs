@@ -83,6 +83,8 @@ use wire::Wire;
 
 struct Netd {
     dir: PathBuf,
+    /// The user whose clients the control socket serves.
+    owner: u32,
     poll: Poll,
     wire: UnixStream,
     wire_in: Vec<u8>,
@@ -113,16 +115,16 @@ struct Netd {
     dns_hosts: Arc<HashMap<String, Vec<Ipv4Addr>>>,
 }
 
-/// Runs the network process for the sandbox directory `dir`: reads `net.json`, takes the wire
-/// on descriptor [`WIRE_FD`], binds the forwards, prints its [`ReadyLine`] on stdout, then
-/// serves until QEMU closes the wire.
-pub fn run(dir: &Path) -> io::Result<()> {
+/// Runs the network process in the directory `dir` with `cfg`: takes the wire on descriptor
+/// [`WIRE_FD`], binds the forwards, prints its [`ReadyLine`] on stdout, then serves until QEMU
+/// closes the wire. The control socket serves clients of uid `owner` only.
+pub fn run(dir: &Path, cfg: super::NetConfig, owner: u32) -> io::Result<()> {
     let ready = |line: &ReadyLine| {
         let mut out = io::stdout().lock();
         let _ = writeln!(out, "{}", serde_json::to_string(line).expect("a ready line serializes"));
         let _ = out.flush();
     };
-    let mut netd = match Netd::new(dir) {
+    let mut netd = match Netd::new(dir, cfg, owner) {
         Ok(n) => n,
         Err(e) => {
             ready(&ReadyLine { ssh_port: 0, forwards: vec![], error: Some(e.to_string()) });
@@ -137,8 +139,7 @@ pub fn run(dir: &Path) -> io::Result<()> {
 }
 
 impl Netd {
-    fn new(dir: &Path) -> io::Result<Netd> {
-        let cfg = super::read_config(dir).map_err(io::Error::other)?;
+    fn new(dir: &Path, cfg: super::NetConfig, owner: u32) -> io::Result<Netd> {
         // SAFETY: the parent gave us this descriptor (one end of a socket pair) and nothing
         // else in this process owns it.
         let wire_std = unsafe { std::os::unix::net::UnixStream::from_raw_fd(WIRE_FD) };
@@ -146,7 +147,7 @@ impl Netd {
         let mut wire = UnixStream::from_std(wire_std);
         let poll = Poll::new()?;
         poll.registry().register(&mut wire, WIRE, Interest::READABLE | Interest::WRITABLE)?;
-        let sock_path = super::control_socket(dir);
+        let sock_path = dir.join(super::CONTROL_SOCKET);
         let _ = std::fs::remove_file(&sock_path);
         let mut control = UnixListener::bind(&sock_path)?;
         poll.registry().register(&mut control, CONTROL, Interest::READABLE)?;
@@ -167,6 +168,7 @@ impl Netd {
         let dns_hosts = Arc::new(load_hosts(cfg.dns_hosts.as_deref())?);
         let mut netd = Netd {
             dir: dir.to_path_buf(),
+            owner,
             poll,
             wire,
             wire_in: Vec::new(),
@@ -259,7 +261,7 @@ impl Netd {
             if !self.read_wire()? {
                 tracing::debug!("QEMU closed the wire; exiting");
                 self.refusals.flush(true);
-                let _ = std::fs::remove_file(super::control_socket(&self.dir));
+                let _ = std::fs::remove_file(self.dir.join(super::CONTROL_SOCKET));
                 return Ok(());
             }
             while let Ok(done) = self.lookups_rx.try_recv() {

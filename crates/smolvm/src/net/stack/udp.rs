@@ -15,13 +15,10 @@ pub(super) struct Lookup {
     addrs: Result<Vec<Ipv4Addr>, String>,
 }
 
-pub(super) fn load_hosts(path: Option<&Path>) -> io::Result<HashMap<String, Vec<Ipv4Addr>>> {
+pub(super) fn load_hosts(text: Option<&str>) -> io::Result<HashMap<String, Vec<Ipv4Addr>>> {
     let mut map: HashMap<String, Vec<Ipv4Addr>> = HashMap::new();
-    let Some(path) = path else { return Ok(map) };
-    let f = std::fs::File::open(path)
-        .map_err(|e| io::Error::new(e.kind(), format!("the resolver's hosts file {}: {e}", path.display())))?;
-    for line in io::BufReader::new(f).lines() {
-        let line = line?;
+    let Some(text) = text else { return Ok(map) };
+    for line in text.lines() {
         let line = line.split('#').next().unwrap_or_default();
         let mut words = line.split_whitespace();
         let Some(addr) = words.next() else { continue };
