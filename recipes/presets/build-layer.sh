@@ -2,10 +2,12 @@
 # Builds one preset layer: the files a preset adds to the base rootfs, as an ext4 image that
 # the guest stacks over the base with overlayfs (deletions are overlayfs whiteouts).
 # Called by `smolvm image build preset NAME`, which owns caching and hashing; by hand:
-#   SOURCE_DATE_EPOCH=... recipes/presets/build-layer.sh BASE.ext4 RECIPE.sh OUT.ext4
+#   SOURCE_DATE_EPOCH=... recipes/presets/build-layer.sh BASE.ext4 RECIPE.sh OUT.ext4 [LOCKS]
+# LOCKS: the preset's lock files (recipes/presets/NAME/), which the recipe finds in
+# /run/recipe (a tmpfs: not kept in the layer).
 # Needs root (loop and overlay mounts, chroot) and the package registries (apt, npm, PyPI).
 set -euo pipefail
-base=$1 recipe=$2 out=$3
+base=$1 recipe=$2 out=$3 locks=${4:-}
 : "${SOURCE_DATE_EPOCH:?set SOURCE_DATE_EPOCH for a reproducible image}"
 
 work=$(mktemp -d "${out%/*}/.layer-work.XXXXXX")
@@ -34,6 +36,8 @@ mounts+=("$work/root/etc/resolv.conf")
 # here): where the host reaches the registries through a TLS-inspecting proxy, its CA is in
 # there. The layer keeps Debian's own bundle.
 cp /etc/ssl/certs/ca-certificates.crt "$work/root/run/host-ca.crt"
+mkdir -p "$work/root/run/recipe"
+if [ -n "$locks" ]; then cp -r "$locks"/. "$work/root/run/recipe/"; fi
 
 echo "layer: running $(basename "$recipe")" >&2
 chroot "$work/root" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \

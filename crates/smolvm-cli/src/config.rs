@@ -34,7 +34,13 @@ pub const VM_USER: &str = "smolvm";
 pub fn vm_users() -> Option<smolvm::config::VmUsers> {
     let subuid = std::fs::read_to_string("/etc/subuid").ok()?;
     let subgid = std::fs::read_to_string("/etc/subgid").ok()?;
-    smolvm::config::VmUsers::from_subid_files(VM_USER, &subuid, &subgid)
+    // The user's primary group, from /etc/passwd (NAME:x:UID:GID:...).
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    let gid = passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.first() == Some(&VM_USER)).then(|| f.get(3)?.parse::<u32>().ok()).flatten()
+    })?;
+    smolvm::config::VmUsers::from_subid_files(VM_USER, &subuid, &subgid, gid)
 }
 
 pub fn home() -> Home {

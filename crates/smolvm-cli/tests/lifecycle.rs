@@ -105,7 +105,7 @@ fn create_exec_cp_stop_start_delete_over_http() {
     ok(f.cmd().args(["stop", "t1"]));
     let st = json(&ok(f.cmd().args(["status", "t1", "--json"])));
     assert_eq!(st["status"], "stopped");
-    let console = std::fs::read_to_string(f.home.path().join("sandboxes/t1/console.log")).unwrap();
+    let console = std::fs::read_to_string(f.home.path().join("sandboxes/t1/run/console.log")).unwrap();
     assert!(console.contains("smolvm-init: power off"), "stop was not a clean power-off:\n{console}");
     // The helpers end with their VM (they are not left waiting for a client that never comes).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -331,7 +331,7 @@ fn network_none_expose_crash_and_concurrent_commands() {
 /// Processes that belong to sandbox `name` of `home`: its QEMU (by `-name`) and its helpers.
 fn processes_of(home: &Path, name: &str) -> Vec<String> {
     let qemu_name = format!("smolvm-{name},process=smolvm-{name}");
-    let dir = home.join("sandboxes").join(name);
+    let dir = home.join("sandboxes").join(name).join("run");
     let mut found = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
@@ -355,9 +355,9 @@ fn a_create_killed_at_any_point_leaves_nothing_after_delete() {
     type Point = fn(&Path) -> bool;
     let points: [(&str, Point); 3] = [
         ("its directory exists", |d: &Path| d.is_dir()),
-        ("QEMU wrote its pid", |d: &Path| d.join("qemu.pid").is_file()),
+        ("QEMU's pid is recorded", |d: &Path| d.join("qemu.pid").is_file()),
         ("the guest's kernel is printing", |d: &Path| {
-            std::fs::metadata(d.join("console.log")).is_ok_and(|m| m.len() > 0)
+            std::fs::metadata(d.join("run/console.log")).is_ok_and(|m| m.len() > 0)
         }),
     ];
     for (i, (what, reached)) in points.iter().enumerate() {

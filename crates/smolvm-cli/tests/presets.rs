@@ -34,7 +34,7 @@ fn version_check(preset: &str, tool: &str) {
     assert_eq!(file, format!("600\nexport {key_var}={secret}\n"));
     let cmdline = ok(cmd().args(["exec", &name, "--", "cat", "/proc/cmdline"]));
     let status = ok(cmd().args(["status", &name, "--json"]));
-    let console = std::fs::read_to_string(home.path().join(format!("sandboxes/{name}/console.log"))).unwrap();
+    let console = std::fs::read_to_string(home.path().join(format!("sandboxes/{name}/run/console.log"))).unwrap();
     for (what, text) in [("/proc/cmdline", &cmdline), ("status", &status), ("console", &console)] {
         assert!(!text.contains(&secret), "the API key leaked into {what}");
     }

@@ -53,8 +53,9 @@ fn query_source() -> Result<Source, BuildError> {
 /// Downloads the source package into `<cache>/src/` (once), checking apt's SHA-256.
 fn fetch_source(env: &BuildEnv, src: &Source) -> Result<PathBuf, BuildError> {
     let dir = env.cache.join("src");
+    private_source_dir(&dir)?;
     let deb = dir.join(&src.filename);
-    if deb.exists() && sha256_file(&deb).map(|(_, h)| h == src.sha256).unwrap_or(false) {
+    if verified_file_sha256(&deb).as_deref() == Some(src.sha256.as_str()) {
         return Ok(deb);
     }
     let tmp = tempdir_in(&dir)?;
@@ -75,7 +76,63 @@ fn fetch_source(env: &BuildEnv, src: &Source) -> Result<PathBuf, BuildError> {
     }
     fs::rename(&got, &deb).map_err(BuildError::io(format!("move into {}", deb.display())))?;
     let _ = fs::remove_dir_all(&tmp);
+    // Checked again where it now lies. The download directory had to be writable by apt's
+    // sandbox user, so the file checked there could have been swapped (or made a symbolic
+    // link) before the move; the source directory is writable by us only, and what is built
+    // is what is verified here.
+    let verified = verified_file_sha256(&deb);
+    if verified.as_deref() != Some(src.sha256.as_str()) {
+        let _ = fs::remove_file(&deb);
+        return Err(BuildError::Invalid(format!(
+            "{} changed while it was moved into {} (SHA-256 {}, apt's index says {}): run the build again",
+            src.filename,
+            dir.display(),
+            verified.unwrap_or_else(|| "unreadable, or not a regular file".into()),
+            src.sha256
+        )));
+    }
     Ok(deb)
+}
+
+/// The SHA-256 of `path` if it is a regular file (no symbolic link followed).
+fn verified_file_sha256(path: &Path) -> Option<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path).ok()?;
+    if !f.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).ok()?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Some(format!("{:x}", h.finalize()))
+}
+
+/// The directory of downloaded sources: ours, and writable by nobody else.
+fn private_source_dir(dir: &Path) -> Result<(), BuildError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    fs::create_dir_all(dir).map_err(BuildError::io(format!("create {}", dir.display())))?;
+    let meta = fs::symlink_metadata(dir).map_err(BuildError::io(format!("stat {}", dir.display())))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if !meta.is_dir() || meta.uid() != me {
+        return Err(BuildError::Invalid(format!(
+            "{} is not a directory of this user: remove it and run the build again",
+            dir.display()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755))
+            .map_err(BuildError::io(format!("chmod {}", dir.display())))?;
+    }
+    Ok(())
 }
 
 fn tempdir_in(dir: &Path) -> Result<PathBuf, BuildError> {

@@ -5,7 +5,7 @@
 //! Every process that touches a guest's traffic is set up by [`Confine`] between fork and
 //! exec: its own session, descriptors at fixed numbers, its working directory (the sandbox's
 //! `run/` directory), its cgroup, `no_new_privs`, a 077 umask, and, when smolvm runs as root,
-//! the sandbox's own unprivileged uid and gid with no supplementary groups. The order matters:
+//! the sandbox's own unprivileged uid and gid with one supplementary group (see [`Identity`]). The order matters:
 //! the cgroup is joined and the directory entered while still privileged, the identity is
 //! dropped last.
 
@@ -19,6 +19,10 @@ use std::time::Duration;
 pub struct Identity {
     pub uid: u32,
     pub gid: u32,
+    /// The one supplementary group: the group of the system user `smolvm`, which may read
+    /// the kernel images (0640) that QEMU reopens by `/proc/self/fd`. Nothing else is
+    /// readable by that group.
+    pub images_gid: u32,
 }
 
 /// At most this many descriptors are handed to one child (QEMU: wire, agent, console, kernel,
@@ -87,7 +91,8 @@ impl Confine {
                 check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
                 if let Some(id) = identity {
                     if libc::geteuid() == 0 {
-                        check(libc::setgroups(0, std::ptr::null()))?;
+                        let groups = [id.images_gid];
+                        check(libc::setgroups(1, groups.as_ptr()))?;
                         check(libc::setresgid(id.gid, id.gid, id.gid))?;
                         check(libc::setresuid(id.uid, id.uid, id.uid))?;
                     }

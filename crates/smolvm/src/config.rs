@@ -70,16 +70,24 @@ pub struct VmUsers {
     pub uid_base: u32,
     pub gid_base: u32,
     pub count: u32,
+    /// The group of the user `smolvm`: the sandboxes' one supplementary group, which may read
+    /// the kernel images.
+    pub images_gid: u32,
 }
 
 impl VmUsers {
     /// The identity of slot `slot`, if the range has it.
     pub fn identity(&self, slot: u32) -> Option<crate::child::Identity> {
-        (slot < self.count).then(|| crate::child::Identity { uid: self.uid_base + slot, gid: self.gid_base + slot })
+        (slot < self.count).then(|| crate::child::Identity {
+            uid: self.uid_base + slot,
+            gid: self.gid_base + slot,
+            images_gid: self.images_gid,
+        })
     }
 
-    /// Parses the `NAME:START:COUNT` lines of `/etc/subuid` and `/etc/subgid` for `user`.
-    pub fn from_subid_files(user: &str, subuid: &str, subgid: &str) -> Option<VmUsers> {
+    /// Parses the `NAME:START:COUNT` lines of `/etc/subuid` and `/etc/subgid` for `user`, whose
+    /// group is `images_gid`.
+    pub fn from_subid_files(user: &str, subuid: &str, subgid: &str, images_gid: u32) -> Option<VmUsers> {
         let find = |text: &str| {
             text.lines().find_map(|l| {
                 let mut f = l.trim().split(':');
@@ -91,7 +99,7 @@ impl VmUsers {
         };
         let (uid_base, ucount) = find(subuid)?;
         let (gid_base, gcount) = find(subgid)?;
-        Some(VmUsers { uid_base, gid_base, count: ucount.min(gcount) })
+        Some(VmUsers { uid_base, gid_base, count: ucount.min(gcount), images_gid })
     }
 }
 
@@ -122,13 +130,13 @@ mod tests {
 
     #[test]
     fn the_range_comes_from_the_subid_files_and_is_bounded() {
-        let u = VmUsers::from_subid_files("smolvm", "alice:100000:65536\nsmolvm:300000:1000\n", "smolvm:400000:500");
+        let u = VmUsers::from_subid_files("smolvm", "alice:100000:65536\nsmolvm:300000:1000\n", "smolvm:400000:500", 9);
         let u = u.unwrap();
-        assert_eq!(u, VmUsers { uid_base: 300000, gid_base: 400000, count: 500 });
-        assert_eq!(u.identity(0), Some(crate::child::Identity { uid: 300000, gid: 400000 }));
+        assert_eq!(u, VmUsers { uid_base: 300000, gid_base: 400000, count: 500, images_gid: 9 });
+        assert_eq!(u.identity(0), Some(crate::child::Identity { uid: 300000, gid: 400000, images_gid: 9 }));
         assert_eq!(u.identity(500), None);
-        assert!(VmUsers::from_subid_files("smolvm", "alice:1:2", "smolvm:1:2").is_none());
-        assert!(VmUsers::from_subid_files("smolvm", "smolvm:0:5", "smolvm:1:2").is_none(), "never uid 0");
-        assert!(VmUsers::from_subid_files("smolvm", "smolvm:4294967290:100", "smolvm:1:2").is_none());
+        assert!(VmUsers::from_subid_files("smolvm", "alice:1:2", "smolvm:1:2", 9).is_none());
+        assert!(VmUsers::from_subid_files("smolvm", "smolvm:0:5", "smolvm:1:2", 9).is_none(), "never uid 0");
+        assert!(VmUsers::from_subid_files("smolvm", "smolvm:4294967290:100", "smolvm:1:2", 9).is_none());
     }
 }

@@ -15,6 +15,12 @@ pub fn escape_controls(s: &str) -> String {
     out
 }
 
+/// A serial console's text for a terminal: its CR LF line ends as LF, then
+/// [`escape_controls`].
+pub fn escape_console(s: &str) -> String {
+    escape_controls(&s.replace("\r\n", "\n"))
+}
+
 /// Opens a file that a sandbox's processes write (in its `run/` directory) for reading: no
 /// symbolic link is followed, and a FIFO or device planted in its place is refused instead of
 /// blocking or reading it.

@@ -40,6 +40,20 @@ pub fn run(json: bool) -> anyhow::Result<i32> {
         })
         .collect();
     let pins = ReleasePins::compiled().ok();
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let users = config.vm_users;
+    let cgroups = smolvm::vm::cgroup::detect();
+    let privilege = match (me, users) {
+        (0, Some(u)) => {
+            json!({ "ok": true, "runs_as": "a uid per sandbox", "uids": [u.uid_base, u.uid_base + u.count - 1], "user": crate::config::VM_USER })
+        }
+        (0, None) => {
+            json!({ "ok": false, "runs_as": null, "problem": "root without the smolvm user's uid range: sandboxes refuse to boot (run scripts/install-host-deps.sh)" })
+        }
+        (uid, _) => json!({ "ok": true, "runs_as": "the calling user", "uids": [uid, uid] }),
+    };
+    let privilege_ok = privilege["ok"].as_bool().unwrap_or(false);
     if json {
         print_json(&json!({
             "accel": accel,
@@ -47,8 +61,10 @@ pub fn run(json: bool) -> anyhow::Result<i32> {
             "tools": found.iter().map(|(t, v, why)| json!({ "tool": t, "found": v.is_some(), "version": v, "for": why })).collect::<Vec<_>>(),
             "home": { "data": home.data, "cache": home.cache },
             "images_release_tag": pins.map(|p| p.tag.clone()),
+            "sandbox_processes": privilege,
+            "limits": { "support": cgroups, "overhead_mib_kvm": smolvm::vm::cgroup::OVERHEAD_MIB_KVM, "tcg_cache_mib": smolvm::vm::cgroup::TCG_CACHE_MIB, "pids_max": smolvm::vm::cgroup::PIDS_MAX, "cpu_weight": smolvm::vm::cgroup::CPU_WEIGHT },
         }))?;
-        return Ok(if found.iter().all(|(_, v, _)| v.is_some()) { 0 } else { 1 });
+        return Ok(if found.iter().all(|(_, v, _)| v.is_some()) && privilege_ok { 0 } else { 1 });
     }
     match &accel {
         Accel::Kvm => say("accelerator: kvm (hardware virtualization)"),
@@ -67,6 +83,35 @@ pub fn run(json: bool) -> anyhow::Result<i32> {
                 say(format!("MISSING  {t:<22} needed for: {why}"));
             }
         }
+    }
+    match (me, users) {
+        (0, Some(u)) => say(format!(
+            "ok       sandboxes' QEMU and helpers run as uids {}-{} (one per sandbox; user {}), never root",
+            u.uid_base,
+            u.uid_base + u.count - 1,
+            crate::config::VM_USER
+        )),
+        (0, None) => {
+            ok = false;
+            say("MISSING  a uid range for sandboxes: as root, sandboxes refuse to boot; run scripts/install-host-deps.sh");
+        }
+        (uid, _) => say(format!("ok       sandboxes' QEMU and helpers run as you (uid {uid})")),
+    }
+    let limits = format!(
+        "memory = guest + {} MiB (+{} MiB under emulation), {} tasks, cpu weight {}",
+        smolvm::vm::cgroup::OVERHEAD_MIB_KVM,
+        smolvm::vm::cgroup::TCG_CACHE_MIB,
+        smolvm::vm::cgroup::PIDS_MAX,
+        smolvm::vm::cgroup::CPU_WEIGHT
+    );
+    match &cgroups {
+        smolvm::vm::cgroup::Support::V2 { parent } => {
+            say(format!("ok       limits: cgroup v2 under {}: {limits}", parent.display()))
+        }
+        smolvm::vm::cgroup::Support::V1 { memory, .. } => {
+            say(format!("ok       limits: cgroup v1 (memory group under {}): {limits}", memory.display()))
+        }
+        smolvm::vm::cgroup::Support::Unavailable { reason } => say(format!("note     limits: none: {reason}")),
     }
     say(format!("state:   {}", home.data.display()));
     say(format!("images:  {}", home.cache.display()));

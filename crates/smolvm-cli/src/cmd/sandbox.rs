@@ -174,6 +174,20 @@ pub fn status(name: &str, json: bool) -> anyhow::Result<i32> {
             ms(b.sshd.saturating_sub(b.network))
         ));
     }
+    if let Some(uid) = s.host.uid {
+        say(format!("host uid: {uid} (QEMU, its network process and agent proxy)"));
+    }
+    match (&s.host.limits, &s.host.limits_note) {
+        (Some(l), _) => say(format!(
+            "limits:   memory {} MiB, {} tasks, cpu weight {} ({})",
+            l.memory_max_bytes.map(|b| (b >> 20).to_string()).unwrap_or_else(|| "?".into()),
+            l.pids_max.map(|p| p.to_string()).unwrap_or_else(|| "?".into()),
+            l.cpu_weight.map(|p| p.to_string()).unwrap_or_else(|| "?".into()),
+            l.groups.iter().map(|g| g.display().to_string()).collect::<Vec<_>>().join(", ")
+        )),
+        (None, Some(why)) => say(format!("limits:   none: {why}")),
+        (None, None) => {}
+    }
     say(format!("dir:      {}", s.dir.display()));
     Ok(0)
 }
@@ -219,7 +233,7 @@ fn done(json: bool, name: &str, what: &str) -> anyhow::Result<i32> {
 pub fn logs(name: &str) -> anyhow::Result<i32> {
     let text = open()?.console(name, smolvm::agent::console::TOTAL_CAP)?;
     // The guest's text: its control characters are escaped, not sent to the terminal.
-    let text = smolvm::text::escape_controls(&String::from_utf8_lossy(&text));
+    let text = smolvm::text::escape_console(&String::from_utf8_lossy(&text));
     std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes())?;
     Ok(0)
 }

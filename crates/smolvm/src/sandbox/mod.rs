@@ -91,7 +91,20 @@ pub struct SandboxInfo {
     /// Host-measured milliseconds from starting QEMU to the guest's readiness (last boot).
     pub ready_ms: Option<u64>,
     pub forwards: Vec<crate::net::Forward>,
+    /// Who its host processes run as, and what limits them.
+    pub host: HostSide,
     pub dir: PathBuf,
+}
+
+/// The host side of a sandbox: QEMU and its helpers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HostSide {
+    /// The uid of its QEMU (while it runs), else the one its next boot gets.
+    pub uid: Option<u32>,
+    /// The cgroup limits in force, read back from its group (while it runs).
+    pub limits: Option<crate::vm::cgroup::Applied>,
+    /// Why there are none, when it runs without.
+    pub limits_note: Option<String>,
 }
 
 /// Errors shared by every operation on an existing sandbox.
@@ -222,8 +235,33 @@ impl Smolvm {
             boot_us: row.boot_json.as_deref().and_then(|j| serde_json::from_str(j).ok()),
             ready_ms: row.ready_ms,
             forwards: self.db.forwards(&row.name)?,
+            host: self.host_side(row, live)?,
             dir: self.dir(&row.name),
         })
+    }
+
+    fn host_side(&self, row: &SandboxRow, live: bool) -> Result<HostSide, SandboxError> {
+        let running_uid = row.pid.filter(|_| live).and_then(process::uid_of);
+        let planned = || -> Result<Option<u32>, SandboxError> {
+            // SAFETY: geteuid has no preconditions.
+            let me = unsafe { libc::geteuid() };
+            if me != 0 {
+                return Ok(Some(me));
+            }
+            let slot = self.db.uid_slot_of(&row.name)?;
+            Ok(slot.zip(self.config.vm_users).and_then(|(s, u)| u.identity(s)).map(|i| i.uid))
+        };
+        let uid = match running_uid {
+            Some(u) => Some(u),
+            None => planned()?,
+        };
+        let limits = live.then(|| crate::vm::cgroup::applied(&self.cgroups, &row.name)).flatten();
+        let limits_note = match (&self.cgroups, live, &limits) {
+            (crate::vm::cgroup::Support::Unavailable { reason }, true, _) => Some(reason.clone()),
+            (_, true, None) => Some("its group could not be made (see the log of its start)".into()),
+            _ => None,
+        };
+        Ok(HostSide { uid, limits, limits_note })
     }
 
     /// The images `create` uses now: the configured overrides, else this home's default

@@ -66,3 +66,9 @@ mod tests {
         assert!(!is_alive(i32::MAX, None));
     }
 }
+
+/// The real uid of process `pid` (from `/proc/PID/status`).
+pub fn uid_of(pid: i32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|v| v.split_whitespace().next()?.parse().ok())
+}

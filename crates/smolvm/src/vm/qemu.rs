@@ -187,11 +187,16 @@ impl QemuConfig {
                 .map_err(|e| std::io::Error::new(e.kind(), format!("open {}: {e}", p.display())))
         };
         let kernel = open(&self.kernel, false)?;
-        // QEMU reopens the kernel through /proc/self/fd as the sandbox's user: the image must
-        // be readable by others (it is a published image; the cache directory stays closed).
-        let mode = kernel.metadata()?.permissions().mode();
-        if mode & 0o004 == 0 {
-            kernel.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+        // QEMU reopens the kernel through /proc/self/fd as the sandbox's user: the image is
+        // made readable by the sandboxes' shared group (0640), never by other users.
+        if let Some(id) = plumbing.identity {
+            let meta = kernel.metadata()?;
+            if std::os::unix::fs::MetadataExt::gid(&meta) != id.images_gid {
+                std::os::unix::fs::fchown(&kernel, None, Some(id.images_gid))?;
+            }
+            if meta.permissions().mode() & 0o777 != 0o640 {
+                kernel.set_permissions(std::fs::Permissions::from_mode(0o640))?;
+            }
         }
         let mut disks = vec![open(&self.base, false)?, open(&self.upper, true)?];
         for l in &self.layers {

@@ -143,7 +143,7 @@ pub fn console_tail(console: &Path, lines: usize) -> String {
     let dir = console.parent().unwrap_or(Path::new("."));
     let text = String::from_utf8_lossy(&crate::agent::console::tail(dir, 64 * 1024)).into_owned();
     let all: Vec<&str> = text.lines().collect();
-    crate::text::escape_controls(&all[all.len().saturating_sub(lines)..].join("\n"))
+    crate::text::escape_console(&all[all.len().saturating_sub(lines)..].join("\n"))
 }
 
 #[cfg(test)]
