@@ -120,6 +120,7 @@ fn main() -> anyhow::Result<()> {
         let sm = open(&home)?;
         warm_create_and_lifecycle(&args, &sm, &mut report)?;
         exec_and_cp(&args, &sm, work.path(), &mut report)?;
+        disk_durability(&args, &home, &mut report)?;
         presets(&args, &sm, &mut report)?;
         if args.density > 0 {
             density(&args, &home, &mut report)?;
@@ -157,6 +158,7 @@ static IMAGES: std::sync::OnceLock<ImageOverrides> = std::sync::OnceLock::new();
 pub(crate) fn open(home: &Path) -> anyhow::Result<Smolvm> {
     let mut c = Config::new(Home::at(home));
     c.images = IMAGES.get().cloned().unwrap_or_default();
+    c.vm_users = smolvm::config::VmUsers::of_system_user(smolvm::config::VM_USER);
     Ok(Smolvm::open(c)?)
 }
 
@@ -200,7 +202,7 @@ fn cold_create(args: &Args, work: &Path, report: &mut Report) -> anyhow::Result<
             }
         })?;
         let t = start.elapsed();
-        sm.delete("cold", true)?;
+        sm.delete("cold")?;
         std::fs::remove_dir_all(&home)?;
         if run > 0 {
             total.push(ms(t));
@@ -236,12 +238,12 @@ fn warm_create_and_lifecycle(args: &Args, sm: &Smolvm, report: &mut Report) -> a
         sm.start("warm", Duration::from_secs(180))?;
         let t_start = t2.elapsed();
         let t3 = Instant::now();
-        sm.delete("warm", false)?;
+        sm.delete("warm")?;
         let t_delete = t3.elapsed();
         let t4 = Instant::now();
         sm.create(&opts("life"), &mut |_| {})?;
         anyhow::ensure!(sm.exec("life", &["true".into()], None, None)?.code() == 0, "exec true failed");
-        sm.delete("life", true)?;
+        sm.delete("life")?;
         let t_life = t4.elapsed();
         if run == 0 {
             continue;
@@ -297,7 +299,7 @@ fn exec_and_cp(args: &Args, sm: &Smolvm, work: &Path, report: &mut Report) -> an
         let t = Instant::now();
         ssh_exec(sm, "first", &["true"])?;
         first.push(ms(t.elapsed()));
-        sm.delete("first", true)?;
+        sm.delete("first")?;
     }
     first.remove(0);
     report.add("first exec after ready (ssh, new connection)", "ms", &first);
@@ -378,7 +380,41 @@ fn exec_and_cp(args: &Args, sm: &Smolvm, work: &Path, report: &mut Report) -> an
     report.add(&format!("cp host -> guest ({} MiB, agent)", args.cp_mib), "MiB/s", &up);
     report.add(&format!("cp guest -> host ({} MiB, agent)", args.cp_mib), "MiB/s", &down);
     drop(client);
-    sm.delete("exec", true)?;
+    sm.delete("exec")?;
+    Ok(())
+}
+
+/// What the durable disk costs: the sandbox disk is `cache=writeback` (the guest's flushes
+/// reach the host's disk); against `cache=unsafe` (flushes ignored), in the same run: create,
+/// 100 small writes each followed by `sync`, and 64 MiB written with `fsync` at the end.
+fn disk_durability(args: &Args, home: &Path, report: &mut Report) -> anyhow::Result<()> {
+    let small = "i=0; while [ $i -lt 100 ]; do echo $i > /root/f; sync; i=$((i+1)); done";
+    let big = "dd if=/dev/zero of=/root/big bs=1M count=64 conv=fsync status=none; rm /root/big";
+    for (label, unsafe_cache) in [("writeback", false), ("unsafe", true)] {
+        let sm = if unsafe_cache { open(home)?.with_unsafe_disk_cache_for_benchmarks() } else { open(home)? };
+        let (mut create, mut syncs, mut fsync) = (vec![], vec![], vec![]);
+        for run in 0..=args.runs {
+            let t = Instant::now();
+            sm.create(&opts("disk"), &mut |_| {})?;
+            let c = ms(t.elapsed());
+            let timed = |script: &str| -> anyhow::Result<f64> {
+                let t = Instant::now();
+                let out = sm.exec("disk", &["sh".into(), "-c".into(), script.into()], None, None)?;
+                anyhow::ensure!(out.code() == 0, "{script}: {}", String::from_utf8_lossy(&out.stderr));
+                Ok(ms(t.elapsed()))
+            };
+            let (s, f) = (timed(small)?, timed(big)?);
+            sm.delete("disk")?;
+            if run > 0 {
+                create.push(c);
+                syncs.push(s);
+                fsync.push(f);
+            }
+        }
+        report.add(&format!("disk cache={label}: create"), "ms", &create);
+        report.add(&format!("disk cache={label}: 100 x (write + sync)"), "ms", &syncs);
+        report.add(&format!("disk cache={label}: 64 MiB + fsync"), "ms", &fsync);
+    }
     Ok(())
 }
 
@@ -397,7 +433,7 @@ fn presets(args: &Args, sm: &Smolvm, report: &mut Report) -> anyhow::Result<()> 
             let t = Instant::now();
             sm.create(&o, &mut |_| {})?;
             let took = ms(t.elapsed());
-            sm.delete("preset", true)?;
+            sm.delete("preset")?;
             if run > 0 {
                 samples.push(took);
             }
@@ -435,7 +471,7 @@ fn density(args: &Args, home: &Path, report: &mut Report) -> anyhow::Result<()> 
     }
     let sm = open(home)?;
     for i in &infos {
-        sm.delete(&i.name, true)?;
+        sm.delete(&i.name)?;
     }
     report.add(&format!("density: {} creates at once, all ready", args.density), "ms", &[all_ready]);
     report.add(&format!("density: total QEMU RSS of {}", args.density), "MiB", &[rss_total as f64 / 1024.0]);

@@ -154,7 +154,7 @@ pub fn figures(work: &Path, runs: usize, report: &mut Report) -> anyhow::Result<
         let opts = CreateOptions { name: Some("net".into()), network: policy, ..CreateOptions::default() };
         sm.create(&opts, &mut |_| {})?;
         let res = probe(&sm, runs);
-        sm.delete("net", true)?;
+        sm.delete("net")?;
         let v = res?;
         let get = |k: &str| -> Vec<f64> {
             v[k].as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect()).unwrap_or_default()

@@ -25,7 +25,7 @@ PRESETS (the same base, with an AI coding agent's tooling as a layer on top):
   smolvm preset list                       layer sizes, and which are cached
 
 LIFECYCLE:
-  list | status NAME | stop NAME | start NAME | delete NAME [--force] | logs NAME
+  list | status NAME | stop NAME | start NAME | delete NAME | logs NAME
   expose NAME GUEST_PORT [HOST_PORT]       forward 127.0.0.1:HOST_PORT to the guest
   logs NAME [--network]                    console log, or the connections the policy refused
 
@@ -114,11 +114,13 @@ pub enum Command {
         #[arg(long, default_value_t = smolvm::sandbox::DEFAULT_READY_TIMEOUT.as_secs())]
         timeout: u64,
     },
-    /// Delete a sandbox (stopping it first; --force kills it).
+    /// Delete a sandbox: its VM is killed (its disk is thrown away, so no clean power-off is
+    /// needed), its disk and record removed.
     #[command(alias = "rm")]
     Delete {
         names: Vec<String>,
-        #[arg(short, long)]
+        /// Accepted for scripts written for older versions: delete never waits for the guest.
+        #[arg(short, long, hide = true)]
         force: bool,
     },
     /// Print a sandbox's console log (kernel and init messages), or with --network the

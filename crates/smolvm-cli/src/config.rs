@@ -28,19 +28,11 @@ fn path(name: &str) -> Option<PathBuf> {
 pub static USER_UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
 
 /// The system user whose uid range sandboxes run in when smolvm is root.
-pub const VM_USER: &str = "smolvm";
+pub const VM_USER: &str = smolvm::config::VM_USER;
 
 /// The range `scripts/install-host-deps.sh` reserved in `/etc/subuid` and `/etc/subgid`.
 pub fn vm_users() -> Option<smolvm::config::VmUsers> {
-    let subuid = std::fs::read_to_string("/etc/subuid").ok()?;
-    let subgid = std::fs::read_to_string("/etc/subgid").ok()?;
-    // The user's primary group, from /etc/passwd (NAME:x:UID:GID:...).
-    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
-    let gid = passwd.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        (f.first() == Some(&VM_USER)).then(|| f.get(3)?.parse::<u32>().ok()).flatten()
-    })?;
-    smolvm::config::VmUsers::from_subid_files(VM_USER, &subuid, &subgid, gid)
+    smolvm::config::VmUsers::of_system_user(VM_USER)
 }
 
 pub fn home() -> Home {

@@ -213,3 +213,77 @@ fn a_console_flood_is_capped_on_the_host() {
     // The sandbox is still fine.
     assert_eq!(ok(f.cmd().args(["exec", "loud", "--", "echo", "alive"])).trim(), "alive");
 }
+
+#[test]
+#[ignore = "boots the release under QEMU: run scripts/test.sh"]
+fn a_guest_that_ignores_its_timeout_or_stops_reading_its_agent_port_holds_nothing_up() {
+    let f = Fixture::new();
+    ok(f.cmd().args(["create", "--name", "deaf"]));
+    // A process that ignores SIGTERM past --timeout: ended, exit 124, nothing of it left.
+    let t = std::time::Instant::now();
+    let out = f
+        .cmd()
+        .args(["exec", "deaf", "--timeout", "2", "--", "sh", "-c", "trap '' TERM; sleep 300; echo never"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(124), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("never"));
+    eprintln!("a process ignoring SIGTERM ended {:?} after a 2 s timeout", t.elapsed());
+    let left = ok(f.cmd().args(["exec", "deaf", "--", "sh", "-c", "pgrep -x sleep || true"]));
+    assert!(left.trim().is_empty(), "still running in the guest: {left}");
+
+    // Root in the guest unbinds the agent port's driver: the host side must not hang.
+    let port = ok(f.cmd().args([
+        "exec",
+        "deaf",
+        "--",
+        "sh",
+        "-c",
+        "ls /sys/bus/virtio/drivers/virtio_console/ | grep '^virtio'",
+    ]));
+    let port = port.trim().to_string();
+    assert!(port.starts_with("virtio"), "{port}");
+    ok(f.cmd().args([
+        "exec",
+        "deaf",
+        "--",
+        "sh",
+        "-c",
+        &format!(
+            "nohup sh -c 'sleep 1; echo {port} > /sys/bus/virtio/drivers/virtio_console/unbind' >/dev/null 2>&1 &"
+        ),
+    ]));
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    // A command with a timeout ends when the host says so (timeout + 5 s), with exit 124.
+    let t = std::time::Instant::now();
+    let out = f.cmd().args(["exec", "deaf", "--timeout", "2", "--", "true"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(124), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(t.elapsed() < std::time::Duration::from_secs(30), "{:?}", t.elapsed());
+    // More input than the host queues for it: refused at once with a clear error.
+    let mut big = f
+        .cmd()
+        .args(["exec", "deaf", "--timeout", "5", "--", "cat"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = big.stdin.take().unwrap();
+        let chunk = vec![0u8; 1 << 20];
+        for _ in 0..20 {
+            if stdin.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    }
+    let out = big.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    // Everything else still answers, and delete does not wait for the guest.
+    assert_eq!(f.status("deaf")["status"], "running");
+    let t = std::time::Instant::now();
+    ok(f.cmd().args(["delete", "deaf"]));
+    assert!(t.elapsed() < std::time::Duration::from_secs(10), "delete took {:?}", t.elapsed());
+}

@@ -75,7 +75,25 @@ pub struct VmUsers {
     pub images_gid: u32,
 }
 
+/// The system user that `scripts/install-host-deps.sh` creates for sandboxes.
+pub const VM_USER: &str = "smolvm";
+
 impl VmUsers {
+    /// The range of the system user `user`, read from this host's `/etc/subuid`,
+    /// `/etc/subgid` and `/etc/passwd`. Called by the program that builds a [`Config`] (the
+    /// library reads no host configuration by itself).
+    pub fn of_system_user(user: &str) -> Option<VmUsers> {
+        let subuid = std::fs::read_to_string("/etc/subuid").ok()?;
+        let subgid = std::fs::read_to_string("/etc/subgid").ok()?;
+        // The user's primary group (NAME:x:UID:GID:...).
+        let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+        let gid = passwd.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.first() == Some(&user)).then(|| f.get(3)?.parse::<u32>().ok()).flatten()
+        })?;
+        VmUsers::from_subid_files(user, &subuid, &subgid, gid)
+    }
+
     /// The identity of slot `slot`, if the range has it.
     pub fn identity(&self, slot: u32) -> Option<crate::child::Identity> {
         (slot < self.count).then(|| crate::child::Identity {

@@ -83,6 +83,7 @@ fn release_boots_and_serves_strict_ssh() {
         netdev: Netdev::UnrestrictedUser { ssh_port: port },
         dir: work.path().to_path_buf(),
         qemu: "qemu-system-x86_64".into(),
+        upper_cache: smolvm::vm::qemu::DiskCache::Writeback,
     };
     // The production plumbing too: the console and agent port are socket pairs (the agent
     // proxy's job, here a thread that writes the console as the proxy does); QEMU works in

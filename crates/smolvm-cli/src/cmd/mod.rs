@@ -28,7 +28,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Cp { from, to } => exec::cp(&from, &to),
         Command::Stop { name, timeout } => sandbox::stop(&name, timeout, json),
         Command::Start { name, timeout } => sandbox::start(&name, timeout, json),
-        Command::Delete { names, force } => sandbox::delete(&names, force, json),
+        Command::Delete { names, force: _ } => sandbox::delete(&names, json),
         Command::Logs { name, network: false } => sandbox::logs(&name),
         Command::Logs { name, network: true } => network::logs(&name),
         Command::Network(c) => network::run(c, json),

@@ -212,10 +212,10 @@ pub fn start(name: &str, timeout: u64, json: bool) -> anyhow::Result<i32> {
     done(json, name, "running")
 }
 
-pub fn delete(names: &[String], force: bool, json: bool) -> anyhow::Result<i32> {
+pub fn delete(names: &[String], json: bool) -> anyhow::Result<i32> {
     let sm = open()?;
     for n in names {
-        sm.delete(n, force)?;
+        sm.delete(n)?;
         done(json, n, "deleted")?;
     }
     Ok(0)

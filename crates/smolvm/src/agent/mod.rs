@@ -13,6 +13,7 @@
 
 pub mod client;
 pub mod console;
+mod outbox;
 pub mod proxy;
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};

@@ -10,12 +10,20 @@ use std::sync::{Arc, Mutex};
 use smolvm_protocol::agent::{decode, encode, frame_id, read_frame, read_payload, GuestMsg, HostMsg, PROTOCOL_VERSION};
 use smolvm_protocol::ready::Ready;
 
-/// Where a guest reply goes: a client's writer and the id that client used.
+use super::outbox::Outbox;
+
+/// Where a guest reply goes: a client's outbox and the id that client used.
 struct Route {
     client: u64,
     local_id: u32,
-    out: Arc<Mutex<UnixStream>>,
+    out: Arc<Outbox>,
 }
+
+/// Output queued for one client that does not read it, before the proxy drops that client
+/// (and kills its processes) so that it cannot hold up the guest's other replies.
+const CLIENT_QUEUE: usize = 16 << 20;
+/// Requests queued for a guest that does not read its port, before requests are refused.
+const GUEST_QUEUE: usize = 8 << 20;
 
 #[derive(Default)]
 struct Routes {
@@ -46,14 +54,14 @@ fn readable_within(s: &UnixStream, t: std::time::Duration) -> std::io::Result<bo
 /// socket, until the VM's end closes. Clients are served only if they run as `owner`.
 /// `ready` is called once the client socket is bound (the process prints its ready line).
 pub fn run(dir: &Path, vm: UnixStream, owner: u32, ready: impl FnOnce()) -> std::io::Result<()> {
-    let vm_out = Arc::new(Mutex::new(vm.try_clone()?));
-    let mut vm_in = vm;
+    let mut hello_out = vm.try_clone()?;
+    let mut vm_in = vm.try_clone()?;
     // Guests of protocol v1 close their port between host connections and lose what arrives
     // meanwhile: a Hello that gets no answer within a moment is sent again (an extra answer is
     // ignored below: a Hello has no request id). A booting guest answers once it is ready.
     let deadline = std::time::Instant::now() + READY_TIMEOUT;
     loop {
-        lock(&vm_out).write_all(&encode(&HostMsg::Hello { version: PROTOCOL_VERSION }))?;
+        hello_out.write_all(&encode(&HostMsg::Hello { version: PROTOCOL_VERSION }))?;
         if readable_within(&vm_in, HELLO_RESEND)? {
             break;
         }
@@ -71,6 +79,7 @@ pub fn run(dir: &Path, vm: UnixStream, owner: u32, ready: impl FnOnce()) -> std:
         None => return Err(std::io::Error::other(format!("the guest agent did not answer Hello: {reply:?}"))),
     };
 
+    let vm_out = Outbox::start(vm, GUEST_QUEUE)?;
     let sock = dir.join("agent.sock");
     let _ = std::fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock)?;
@@ -94,7 +103,10 @@ pub fn run(dir: &Path, vm: UnixStream, owner: u32, ready: impl FnOnce()) -> std:
                 routes.by_global.remove(&global);
             }
             drop(routes);
-            let _ = lock(&out).write_all(&encode(&msg));
+            if out.push(encode(&msg)).is_err() && !out.is_closed() {
+                tracing::warn!("a client did not read {CLIENT_QUEUE} bytes of its output: dropped");
+                out.close();
+            }
         }
         // The VM is gone: so is the proxy. Wake the accept loop so that it sees it: shutting
         // the listening socket down makes accept fail at once (a connect by path would not
@@ -129,13 +141,12 @@ fn serve_client(
     client: u64,
     conn: UnixStream,
     routes: &Mutex<Routes>,
-    vm_out: &Mutex<UnixStream>,
+    vm_out: &Outbox,
     next_id: &AtomicU32,
     hello: &(u32, Ready),
 ) {
-    let Ok(out) = conn.try_clone() else { return };
-    let out = Arc::new(Mutex::new(out));
-    let mut input = conn;
+    let Ok(mut input) = conn.try_clone() else { return };
+    let Ok(out) = Outbox::start(conn, CLIENT_QUEUE) else { return };
     // This client's ids -> global ids, and which of them are execs (killed if it goes away).
     let mut ids: HashMap<u32, u32> = HashMap::new();
     let mut execs: Vec<u32> = Vec::new();
@@ -146,7 +157,7 @@ fn serve_client(
                 // A newer client's message: an error for that request; the client stays.
                 if let Some((kind, id)) = frame_id(&payload) {
                     let message = format!("this sandbox's agent proxy cannot read message kind {kind}: {e}");
-                    let _ = lock(&out).write_all(&encode(&GuestMsg::Error { id, message }));
+                    let _ = out.push(encode(&GuestMsg::Error { id, message }));
                 }
                 continue;
             }
@@ -154,7 +165,7 @@ fn serve_client(
         if let HostMsg::Hello { version } = msg {
             // Each client gets the answer in the form of the version it and the guest share.
             let (guest, ready) = hello;
-            let _ = lock(&out).write_all(&encode(&GuestMsg::hello(version.min(*guest), ready)));
+            let _ = out.push(encode(&GuestMsg::hello(version.min(*guest), ready)));
             continue;
         }
         let opens = msg.opens_request();
@@ -176,18 +187,33 @@ fn serve_client(
             };
             *id = global;
         }
-        if lock(vm_out).write_all(&encode(&msg)).is_err() {
+        if vm_out.is_closed() {
             break;
+        }
+        if vm_out.push(encode(&msg)).is_err() {
+            // The guest does not read its port: this request fails now rather than waiting.
+            if let Some(id) = msg.id_mut() {
+                let global = *id;
+                let local = lock(routes).by_global.remove(&global).map(|r| r.local_id);
+                if let Some(local) = local {
+                    let message = format!(
+                        "the guest is not reading its agent port ({GUEST_QUEUE} bytes waiting); try again, or stop and start the sandbox"
+                    );
+                    let _ = out.push(encode(&GuestMsg::Error { id: local, message }));
+                }
+            }
         }
     }
     // The client went away: its processes go too, and its routes.
     let mut routes = lock(routes);
     for g in execs {
         if routes.by_global.contains_key(&g) {
-            let _ = lock(vm_out).write_all(&encode(&HostMsg::Signal { id: g, signal: libc::SIGKILL }));
+            let _ = vm_out.push(encode(&HostMsg::Signal { id: g, signal: libc::SIGKILL }));
         }
     }
     routes.by_global.retain(|_, r| r.client != client);
+    drop(routes);
+    out.close();
 }
 
 #[cfg(test)]
@@ -213,6 +239,16 @@ mod tests {
                         seen.push(msg.clone());
                         let _ = id;
                         break;
+                    }
+                    // Output without end for one client (32 MiB, more than a client's queue).
+                    HostMsg::Exec { id, request } if request.command == Command::Argv(vec!["flood".into()]) => {
+                        let chunk = vec![b'x'; 16 * 1024];
+                        for _ in 0..2048 {
+                            if s.write_all(&encode(&GuestMsg::Stdout { id: *id, data: chunk.clone() })).is_err() {
+                                break;
+                            }
+                        }
+                        Some(GuestMsg::Exit { id: *id, status: ExitStatus::Code(0), timed_out: false })
                     }
                     // A guest that ignores the exec's timeout: never answers this one.
                     HostMsg::Exec { request, .. } if request.command == Command::Argv(vec!["hang".into()]) => None,
@@ -275,6 +311,23 @@ mod tests {
         }
         let c = a.exec_output(exec("z"), None).unwrap();
         assert!(c.code() > 0, "the session survived the bad frame");
+        // A client that never reads its output does not stall the others: it is dropped once
+        // its queue is full, and the guest's other replies flow.
+        let mut stalled = UnixStream::connect(&sock).unwrap();
+        stalled.write_all(&encode(&HostMsg::Hello { version: 2 })).unwrap();
+        stalled.write_all(&encode(&HostMsg::Exec { id: 1, request: exec("flood") })).unwrap();
+        let t = std::time::Instant::now();
+        for _ in 0..5 {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            let out = b.exec(exec("y")).unwrap().collect_until(1024, Some(deadline)).unwrap();
+            assert!(!out.timed_out, "another client's stalled output held this one up");
+        }
+        assert!(t.elapsed() < std::time::Duration::from_secs(20), "the others waited {:?}", t.elapsed());
+        stalled.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+        let mut sink = Vec::new();
+        let end = std::io::Read::read_to_end(&mut stalled, &mut sink);
+        assert!(end.is_ok(), "the stalled client's connection was not closed: {end:?}");
+        assert!(sink.len() < 2048 * 16 * 1024, "the stalled client was not dropped: it got all {} bytes", sink.len());
         // The host ends a call whose guest ignores its deadline, and kills the process.
         let deadline = std::time::Instant::now() + std::time::Duration::from_millis(200);
         let hung = a.exec(exec("hang")).unwrap().collect_until(1024, Some(deadline)).unwrap();

@@ -214,6 +214,7 @@ impl Smolvm {
             netdev: cfg_netdev,
             dir: dir.clone(),
             qemu: self.config().qemu.clone(),
+            upper_cache: if self.unsafe_disk_cache { qemu::DiskCache::Unsafe } else { qemu::DiskCache::Writeback },
         };
         let (wire_pid, qemu_end) = match wire {
             Some(w) => (Some(w.pid), Some(w.qemu_end)),

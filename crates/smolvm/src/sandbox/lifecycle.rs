@@ -139,15 +139,14 @@ impl Smolvm {
         self.push_env(name)
     }
 
-    /// Deletes a sandbox: its VM (stopped cleanly, or killed with `force`), disk and record.
-    pub fn delete(&self, name: &str, force: bool) -> Result<(), LifecycleError> {
+    /// Deletes a sandbox: its VM (killed: see below), disk and record.
+    pub fn delete(&self, name: &str) -> Result<(), LifecycleError> {
         let _lock = self.lock(name)?;
         let row = self.row(name)?;
-        if Self::status_of(&row) == Status::Running && !force {
-            self.stop_locked(name, super::DEFAULT_STOP_TIMEOUT)?;
-        }
-        // Whatever VM the row or the pid file names is stopped, whatever the recorded state:
-        // a create or start killed half-way leaves a VM the state never called running.
+        // No clean power-off: the disk is about to be thrown away, so nothing in the guest
+        // needs syncing, and a guest that ignores the request cannot hold delete up. Whatever
+        // VM the row or the pid file names is killed, whatever the recorded state: a create or
+        // start killed half-way leaves a VM the state never called running.
         self.kill_vm(name, &row);
         remove_all(&self.dir(name));
         self.db().delete(name)?;

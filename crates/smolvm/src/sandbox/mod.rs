@@ -136,6 +136,8 @@ pub struct Smolvm {
     unrestricted_user_net: bool,
     /// What this host offers for sandboxes' resource limits.
     cgroups: crate::vm::cgroup::Support,
+    /// Boot with the sandbox disk's flushes ignored (the benchmark's baseline).
+    unsafe_disk_cache: bool,
 }
 
 impl Smolvm {
@@ -146,7 +148,7 @@ impl Smolvm {
         let db = Db::open(&config.home.database())?;
         let images = ImageCache::new(config.home.images());
         let cgroups = crate::vm::cgroup::detect();
-        Ok(Smolvm { config, db, images, unrestricted_user_net: false, cgroups })
+        Ok(Smolvm { config, db, images, unrestricted_user_net: false, cgroups, unsafe_disk_cache: false })
     }
 
     /// [`Smolvm::open`] with the defaults for `home` (`config::Config::new`).
@@ -165,6 +167,15 @@ impl Smolvm {
     #[doc(hidden)]
     pub fn with_unrestricted_network_for_benchmarks(mut self) -> Smolvm {
         self.unrestricted_user_net = true;
+        self
+    }
+
+    /// Boots sandboxes from this handle with their disk's flushes ignored (`cache=unsafe`): a
+    /// host crash can then corrupt their file systems. For smolvm-bench, to measure what the
+    /// durable default costs, in the same run.
+    #[doc(hidden)]
+    pub fn with_unsafe_disk_cache_for_benchmarks(mut self) -> Smolvm {
+        self.unsafe_disk_cache = true;
         self
     }
 

@@ -53,6 +53,12 @@ pub fn signal(pid: i32, sig: libc::c_int) -> io::Result<()> {
     }
 }
 
+/// The real uid of process `pid` (from `/proc/PID/status`).
+pub fn uid_of(pid: i32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,10 +71,4 @@ mod tests {
         assert!(!is_alive(me, Some(t + 1)), "a different start time means a recycled pid");
         assert!(!is_alive(i32::MAX, None));
     }
-}
-
-/// The real uid of process `pid` (from `/proc/PID/status`).
-pub fn uid_of(pid: i32) -> Option<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|v| v.split_whitespace().next()?.parse().ok())
 }

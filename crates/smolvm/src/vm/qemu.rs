@@ -48,6 +48,18 @@ pub struct QemuConfig {
     pub dir: PathBuf,
     /// The QEMU executable.
     pub qemu: PathBuf,
+    /// The sandbox disk's cache mode: `writeback` (flushes reach the host's disk) unless a
+    /// benchmark measures the cost of that against `unsafe`.
+    pub upper_cache: DiskCache,
+}
+
+/// QEMU's cache mode for the sandbox's own disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskCache {
+    /// The host's page cache, and the guest's flushes honoured: what sandboxes use.
+    Writeback,
+    /// Flushes ignored: a host crash can tear the guest's file system. Benchmarks only.
+    Unsafe,
 }
 
 /// What the guest's virtio-net device is connected to.
@@ -113,10 +125,14 @@ impl QemuConfig {
         // `cache=unsafe` (nothing is written to them); the sandbox's own disk is `writeback`:
         // the host page cache, and the guest's flushes (fsync, journal commits) reach the
         // host's disk, so a host crash does not leave a torn ext4 behind.
+        let upper_cache = match self.upper_cache {
+            DiskCache::Writeback => "writeback",
+            DiskCache::Unsafe => "unsafe",
+        };
         let drive = |id: &str, set: usize, ro: bool| {
             format!(
                 "id={id},file=/dev/fdset/{set},format=raw,if=none,cache={},aio=threads{}",
-                if ro { "unsafe" } else { "writeback" },
+                if ro { "unsafe" } else { upper_cache },
                 // A writable drive opens its file read-write at once: with QEMU's default
                 // (auto-read-only), it would first want a read-only descriptor in the set.
                 if ro { ",readonly=on" } else { ",auto-read-only=off" }
@@ -285,6 +301,7 @@ mod tests {
             netdev,
             dir: "/dir".into(),
             qemu: "/usr/bin/qemu-system-x86_64".into(),
+            upper_cache: DiskCache::Writeback,
         }
     }
 
