@@ -41,6 +41,12 @@ NETWORK (enforced by smolvm on every connection; the host is never reachable by 
   network set NAME [same flags]            replace the policy of a running sandbox, no restart
   network show NAME                        the policy and the last refused connections
   env set NAME K=V | env list NAME | env unset NAME K   variables for login shells in the guest
+
+SECRETS (API keys that never enter the sandbox):
+  create --secret OPENAI_API_KEY@api.openai.com   the guest's OPENAI_API_KEY is a placeholder;
+                                           smolvm puts the real value (this shell's) into
+                                           HTTPS requests to api.openai.com, and nowhere else
+  secret list NAME | secret set NAME VAR@HOST | secret unset NAME VAR
   doctor                                   what this host can run (KVM or TCG, and why)
 
 IMAGE SOURCES (defaults: the release pinned in this binary):
@@ -139,6 +145,9 @@ pub enum Command {
     /// Environment variables for login shells in a sandbox.
     #[command(subcommand)]
     Env(EnvCommand),
+    /// A sandbox's secrets: names and hosts (never values); set or unset them while it runs.
+    #[command(subcommand)]
+    Secret(SecretCommand),
     /// Check this host: QEMU, accelerator (KVM or TCG, and why), tools, directories.
     Doctor,
     /// Build, pin, fetch and inspect the kernel and rootfs images.
@@ -237,6 +246,11 @@ pub struct CreateArgs {
     /// Stack a preset's tooling layer over the base (codex, claude-code, hermes, pi).
     #[arg(long)]
     pub preset: Option<String>,
+    /// A secret that stays on the host: NAME@HOST[,HOST...] takes the value of this shell's
+    /// NAME (or NAME@HOST=@FILE, NAME@HOST=@- for stdin). The guest's NAME is a placeholder;
+    /// smolvm puts the value into requests to those hosts (HTTPS) and nowhere else.
+    #[arg(long = "secret", value_name = "NAME@HOST")]
+    pub secrets: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -279,6 +293,25 @@ pub enum EnvCommand {
         name: String,
         #[arg(required = true)]
         keys: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretCommand {
+    /// The secrets of a sandbox: each name and the hosts its value goes to.
+    List { name: String },
+    /// Add or replace secrets: `smolvm secret set NAME VAR@HOST[,HOST...]` (the value of this
+    /// shell's VAR; or VAR@HOST=@FILE, VAR@HOST=@- for stdin). A running sandbox uses it at once.
+    Set {
+        name: String,
+        #[arg(required = true, value_name = "VAR@HOST")]
+        specs: Vec<String>,
+    },
+    /// Remove secrets (the guest's variable goes too).
+    Unset {
+        name: String,
+        #[arg(required = true)]
+        vars: Vec<String>,
     },
 }
 
@@ -382,8 +415,13 @@ pub fn command() -> clap::Command {
     let help = cmd.get_after_help().map(|h| h.to_string()).unwrap_or_default();
     cmd = cmd.after_help(help.replace("{presets}", &names.join(" | ")));
     for p in presets::PRESETS {
-        let about =
-            format!("{} in a sandbox: `smolvm {} start` ({} handed over)", p.about, p.name, p.api_keys.join(", "));
+        let keys: Vec<&str> = p.secrets.iter().map(|s| s.var).collect();
+        let about = format!(
+            "{} in a sandbox: `smolvm {} start` ({} from the host, as secrets: the guest sees placeholders)",
+            p.about,
+            p.name,
+            keys.join(", ")
+        );
         let sub = PresetCommand::augment_subcommands(clap::Command::new(p.name).about(about)).subcommand_required(true);
         cmd = cmd.subcommand(sub);
     }

@@ -10,6 +10,7 @@
 //! | `SMOLVM_BIN` | the `smolvm` that runs the helpers (default: this program) |
 //! | `SMOLVM_LOG` | log filter, also handed to the helpers |
 //! | `SMOLVM_RESOLVER_HOSTS` | a hosts file for sandboxes' resolvers (tests) |
+//! | `SMOLVM_EGRESS_EXTRA_CA` | a PEM file of CAs trusted for secrets' hosts besides the host's (tests) |
 
 use std::path::PathBuf;
 
@@ -54,6 +55,7 @@ pub fn from_env() -> Config {
     }
     c.helper_log = var("SMOLVM_LOG");
     c.resolver_hosts = path("SMOLVM_RESOLVER_HOSTS");
+    c.egress_extra_roots = path("SMOLVM_EGRESS_EXTRA_CA");
     c.vm_users = vm_users();
     if let Some(m) = USER_UMASK.get() {
         c.user_umask = *m;

@@ -17,21 +17,33 @@ fn version_check(preset: &str, tool: &str) {
     let _cleanup = common::Cleanup(home.path().to_path_buf());
     let cmd = || smolvm(home.path(), &server.url, &release);
     let name = format!("p-{preset}");
-    // The preset's first API-key variable, set on the host, must reach a root-only file in the
-    // guest and nowhere else (not the kernel command line, the status output or the console).
-    let key_var = smolvm::sandbox::presets::find(preset).unwrap().api_keys[0];
+    // The preset's first secret, set on the host, must never reach the guest: the guest's
+    // variable is a placeholder, and the value is nowhere in it (nor in the kernel command line,
+    // the status output or the console). The one host its key goes to is the only one allowed
+    // (there is no internet here anyway: the tool must already be in the layer).
+    let p = smolvm::sandbox::presets::find(preset).unwrap();
+    let key = p.secrets[0];
     let secret = format!("sk-smolvm-test-{preset}-0123456789");
-    // No network at run time: the tool must already be in the layer.
-    ok(cmd().env(key_var, &secret).args([preset, "start", "--no-attach", "--network", "none", "--name", &name]));
-    let file = ok(cmd().args([
+    ok(cmd().env(key.var, &secret).args([
+        preset,
+        "start",
+        "--no-attach",
+        "--allow-domain",
+        key.hosts[0],
+        "--name",
+        &name,
+    ]));
+    let seen = ok(cmd().args(["exec", &name, "--", "printenv", key.var]));
+    assert!(seen.contains("smolvm-placeholder-") && !seen.contains(&secret), "{}: {seen}", key.var);
+    let found = ok(cmd().args([
         "exec",
         &name,
         "--",
         "sh",
         "-c",
-        "stat -c %a /root/.config/smolvm/secrets.env; cat /root/.config/smolvm/secrets.env",
+        &format!("grep -rlF --exclude-dir=proc --exclude-dir=sys --exclude-dir=dev '{secret}' / 2>/dev/null; true"),
     ]));
-    assert_eq!(file, format!("600\nexport {key_var}={secret}\n"));
+    assert_eq!(found.trim(), "", "the key is in the guest");
     let cmdline = ok(cmd().args(["exec", &name, "--", "cat", "/proc/cmdline"]));
     let status = ok(cmd().args(["status", &name, "--json"]));
     let console = std::fs::read_to_string(home.path().join(format!("sandboxes/{name}/run/console.log"))).unwrap();

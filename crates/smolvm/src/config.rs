@@ -39,6 +39,9 @@ pub struct Config {
     /// its network process and agent proxy: one uid per sandbox, so that no sandbox's QEMU can
     /// reach another's processes or files). `None` as root: sandboxes refuse to boot.
     pub vm_users: Option<VmUsers>,
+    /// A PEM file of CA certificates trusted for the real hosts that secrets go to, besides
+    /// the host's own roots (tests that stand up their own "provider" with a test CA).
+    pub egress_extra_roots: Option<PathBuf>,
     /// The mask for files written for the user outside the home (`copy_out`): the user's own
     /// umask, which a program may have narrowed for its own files.
     pub user_umask: u32,
@@ -56,6 +59,7 @@ impl Config {
             helper_log: None,
             resolver_hosts: None,
             vm_users: None,
+            egress_extra_roots: None,
             user_umask: current_umask(),
         }
     }

@@ -28,7 +28,7 @@ pub fn exec(name: &str, tty: bool, timeout: Option<u64>, command: &[String]) -> 
     let pass_stdin = !std::io::stdin().is_terminal();
     let request = ExecRequest {
         command: Command::Argv(command.to_vec()),
-        env: sm.db().env(name)?,
+        env: sm.guest_env(name)?,
         cwd: None,
         stdin: pass_stdin,
         timeout_ms: timeout.map(|s| s * 1000),

@@ -5,6 +5,7 @@ mod exec;
 mod image;
 mod network;
 mod sandbox;
+mod secret;
 
 use crate::cli::{Cli, Command, Parsed, PresetCommand, PresetListCommand};
 
@@ -32,6 +33,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Logs { name, network: false } => sandbox::logs(&name),
         Command::Logs { name, network: true } => network::logs(&name),
         Command::Network(c) => network::run(c, json),
+        Command::Secret(c) => secret::run(c, json),
         Command::Expose { name, guest_port, host_port } => sandbox::expose(&name, guest_port, host_port, json),
         Command::Env(c) => sandbox::env(c, json),
         Command::Doctor => doctor::run(json),

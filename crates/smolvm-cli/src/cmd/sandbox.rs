@@ -16,7 +16,7 @@ pub fn open() -> anyhow::Result<Smolvm> {
 
 pub fn create(args: CreateArgs, json: bool) -> anyhow::Result<i32> {
     let sm = open()?;
-    let info = create_sandbox(&sm, args, json)?;
+    let info = create_sandbox(&sm, args, Vec::new(), json)?;
     if json {
         print_json(&json!({ "sandbox": info.0, "seconds": info.1 }))?;
     } else {
@@ -28,7 +28,17 @@ pub fn create(args: CreateArgs, json: bool) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-fn create_sandbox(sm: &Smolvm, args: CreateArgs, json: bool) -> anyhow::Result<(SandboxInfo, f64)> {
+fn create_sandbox(
+    sm: &Smolvm,
+    args: CreateArgs,
+    mut extra_secrets: Vec<smolvm::sandbox::secrets::Secret>,
+    json: bool,
+) -> anyhow::Result<(SandboxInfo, f64)> {
+    // Given secrets first: a preset's own for the same variable give way to them.
+    let mut given = super::secret::parse_all(&args.secrets)?;
+    extra_secrets.retain(|s| !given.iter().any(|g| g.name == s.name));
+    given.append(&mut extra_secrets);
+    let extra_secrets = given;
     let opts = CreateOptions {
         name: args.name,
         memory_mib: args.memory,
@@ -42,6 +52,7 @@ fn create_sandbox(sm: &Smolvm, args: CreateArgs, json: bool) -> anyhow::Result<(
         },
         ready_timeout: Duration::from_secs(args.timeout),
         preset: args.preset,
+        secrets: extra_secrets,
     };
     let mut progress = Progress::new(json);
     let start = Instant::now();
@@ -53,29 +64,50 @@ fn create_sandbox(sm: &Smolvm, args: CreateArgs, json: bool) -> anyhow::Result<(
     Ok((info, start.elapsed().as_secs_f64()))
 }
 
-/// `smolvm <preset> start`: create with the preset's layer, hand over the API keys set on the
-/// host (through the agent, into a root-only file), then open the tool over SSH.
+/// `smolvm <preset> start`: create with the preset's layer and its secrets (the API keys set
+/// on the host stay there; the guest gets placeholders), set the tool's own auth up from the
+/// placeholder, then open the tool over SSH.
 pub fn preset_start(preset: &str, mut args: PresetStartArgs, json: bool) -> anyhow::Result<i32> {
     let p = presets::find(preset).with_context(|| format!("no preset {preset}"))?;
     let sm = open()?;
     args.create.preset = Some(preset.to_string());
-    let (info, seconds) = create_sandbox(&sm, args.create, json)?;
+    let policy = super::network::policy(&args.create.net)?;
+    let (found, missing) = p.secrets_from(|k| std::env::var(k).ok());
+    // A key whose host this sandbox's policy refuses is not handed over (with --network none,
+    // say): said, not an error, since the preset asked for it and not the user.
+    let mut secrets = Vec::new();
+    let mut skipped = Vec::new();
+    for s in found {
+        match smolvm::sandbox::secrets::validate(std::slice::from_ref(&s), &policy) {
+            Ok(()) => secrets.push(s),
+            Err(e) => skipped.push(e.to_string()),
+        }
+    }
+    for why in &skipped {
+        eprintln!("notice: not handed over: {why}");
+    }
+    let (info, seconds) = create_sandbox(&sm, args.create, secrets, json)?;
     let name = info.name.clone();
-    let handed = sm.hand_over_keys(&name, p, |k| std::env::var(k).ok().filter(|v| !v.is_empty()))?;
+    sm.setup_preset_auth(&name, p)?;
+    let handed: Vec<String> = sm.secrets(&name)?.into_iter().map(|s| s.name).collect();
     if json {
-        print_json(&json!({ "sandbox": info, "seconds": seconds, "api_keys_handed_over": handed }))?;
+        print_json(&json!({
+            "sandbox": info, "seconds": seconds, "secrets": handed, "not_set_on_host": missing,
+        }))?;
     } else {
         say(format!(
-            "{name} is ready with {preset} ({seconds:.1} s); API keys handed over: {}",
+            "{name} is ready with {preset} ({seconds:.1} s); secrets (placeholders in the guest): {}",
             if handed.is_empty() { "none".to_string() } else { handed.join(", ") }
         ));
     }
     if args.no_attach {
         return Ok(0);
     }
-    // The keys are loaded into the tool's environment from the root-only file, in the guest.
-    let launch = format!("set -a; [ -r {0} ] && . {0}; set +a; exec {1}", presets::SECRETS_PATH, p.command);
-    let status = sm.ssh_command(&name, &["bash".into(), "-lc".into(), launch], true)?.status().context("run ssh")?;
+    // A login shell: its environment has the placeholders and where the sandbox's CA is.
+    let status = sm
+        .ssh_command(&name, &["bash".into(), "-lc".into(), format!("exec {}", p.command)], true)?
+        .status()
+        .context("run ssh")?;
     eprintln!("{preset} exited; the sandbox {name} is still running (smolvm ssh {name}; smolvm delete {name})");
     Ok(exit_code(status))
 }
@@ -93,7 +125,7 @@ pub fn preset_list(json: bool) -> anyhow::Result<i32> {
                 "layer": layer.map(|l| l.name.clone()),
                 "layer_bytes": layer.map(|l| l.size),
                 "cached": layer.is_some_and(|l| sm.images().lookup(l).is_some()),
-                "api_keys": p.api_keys,
+                "secrets": p.secrets.iter().map(|s| json!({ "var": s.var, "hosts": s.hosts })).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -101,16 +133,20 @@ pub fn preset_list(json: bool) -> anyhow::Result<i32> {
         print_json(&rows)?;
         return Ok(0);
     }
-    say(format!("{:<12} {:>12} {:<7} {}", "PRESET", "LAYER (zst)", "CACHED", "API KEYS HANDED OVER"));
+    say(format!("{:<12} {:>12} {:<7} {}", "PRESET", "LAYER (zst)", "CACHED", "SECRETS (they stay on the host)"));
     for r in rows {
         say(format!(
             "{:<12} {:>12} {:<7} {}",
             r["preset"].as_str().unwrap_or_default(),
             r["layer_bytes"].as_u64().map(|b| format!("{:.1} MB", b as f64 / 1e6)).unwrap_or_else(|| "-".into()),
             if r["cached"].as_bool().unwrap_or(false) { "yes" } else { "no" },
-            r["api_keys"]
+            r["secrets"]
                 .as_array()
-                .map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(", "))
+                .map(|a| a
+                    .iter()
+                    .filter_map(|v| Some(format!("{}@{}", v["var"].as_str()?, v["hosts"][0].as_str()?)))
+                    .collect::<Vec<_>>()
+                    .join(", "))
                 .unwrap_or_default()
         ));
     }

@@ -316,6 +316,11 @@ mod tests {
         let mut stalled = UnixStream::connect(&sock).unwrap();
         stalled.write_all(&encode(&HostMsg::Hello { version: 2 })).unwrap();
         stalled.write_all(&encode(&HostMsg::Exec { id: 1, request: exec("flood") })).unwrap();
+        // Its Hello answer, then the first of the flood: the guest is flooding it now (and
+        // answers the others only after the flood, all of it pushed while it does not read).
+        stalled.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+        let _hello: GuestMsg = read_frame(&mut stalled).unwrap().unwrap();
+        assert!(readable_within(&stalled, std::time::Duration::from_secs(20)).unwrap(), "the flood never started");
         let t = std::time::Instant::now();
         for _ in 0..5 {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -323,7 +328,6 @@ mod tests {
             assert!(!out.timed_out, "another client's stalled output held this one up");
         }
         assert!(t.elapsed() < std::time::Duration::from_secs(20), "the others waited {:?}", t.elapsed());
-        stalled.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
         let mut sink = Vec::new();
         let end = std::io::Read::read_to_end(&mut stalled, &mut sink);
         assert!(end.is_ok(), "the stalled client's connection was not closed: {end:?}");

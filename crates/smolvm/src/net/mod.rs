@@ -23,6 +23,7 @@
 
 pub mod dns;
 mod frames;
+pub mod intercept;
 pub mod policy;
 pub mod refusals;
 pub mod sniff;
@@ -200,6 +201,8 @@ pub(crate) enum ControlRequest {
     Reload { policy: NetworkPolicy },
     /// Add a forward; the reply names the host port bound.
     Forward { forward: Forward },
+    /// The sandbox's secrets and CA: TLS to their hosts is intercepted from now on.
+    Intercept { config: intercept::InterceptConfig },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

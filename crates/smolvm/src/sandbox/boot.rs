@@ -86,10 +86,30 @@ fn socket_pair(what: &str) -> Result<(OwnedFd, OwnedFd), BootError> {
 pub(crate) fn make_run_dir(dir: &Path, identity: Option<Identity>) -> Result<PathBuf, BootError> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let run = qemu::run_dir(dir);
+    // The network log and counts outlive a restart (`status`, `logs --network`): read back
+    // from the old directory as the untrusted files they are, and written anew.
+    let keep: Vec<(&str, Vec<u8>)> = ["network.log.1", "network.log", "network-stats.json"]
+        .into_iter()
+        .filter_map(|n| crate::text::read_untrusted(&run.join(n), 1 << 20).ok().map(|b| (n, b)))
+        .collect();
     if run.exists() {
         std::fs::remove_dir_all(&run).map_err(io_err(format!("remove {}", run.display())))?;
     }
     std::fs::DirBuilder::new().mode(0o700).create(&run).map_err(io_err(format!("create {}", run.display())))?;
+    for (n, body) in keep {
+        let p = run.join(n);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&p)
+            .map_err(io_err(format!("create {}", p.display())))?;
+        std::io::Write::write_all(&mut f, &body).map_err(io_err(format!("write {}", p.display())))?;
+        if let Some(id) = identity {
+            std::os::unix::fs::fchown(&f, Some(id.uid), Some(id.gid))
+                .map_err(io_err(format!("chown {}", p.display())))?;
+        }
+    }
     let console = qemu::console_log(dir);
     let f = std::fs::OpenOptions::new()
         .write(true)
@@ -166,6 +186,11 @@ impl Smolvm {
             let c = self.config();
             let w =
                 net::spawn(&dir, &c.helper, c.helper_log.as_deref(), identity, procs.clone(), Duration::from_secs(10))?;
+            // Its secrets before the guest can make a connection.
+            if let Err(e) = self.send_intercept(&row.name) {
+                let _ = process::signal(w.pid, libc::SIGKILL);
+                return Err(e.into());
+            }
             let port = w.ssh_port;
             (Netdev::Wire, Some(w), port)
         };

@@ -28,6 +28,9 @@ pub struct CreateOptions {
     pub ready_timeout: Duration,
     /// A preset whose layer goes over the base (`codex`, `claude-code`, `hermes`, `pi`).
     pub preset: Option<String>,
+    /// Secrets: the guest sees placeholders, the real values are added at the egress for
+    /// their hosts only (`sandbox::secrets`).
+    pub secrets: Vec<super::secrets::Secret>,
 }
 
 impl Default for CreateOptions {
@@ -41,6 +44,7 @@ impl Default for CreateOptions {
             accel: AccelChoice::Auto,
             ready_timeout: super::DEFAULT_READY_TIMEOUT,
             preset: None,
+            secrets: Vec::new(),
         }
     }
 }
@@ -92,6 +96,10 @@ pub enum CreateError {
     State(#[from] StateError),
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
+    #[error(transparent)]
+    Secret(#[from] super::secrets::SecretError),
+    #[error("setting the booted sandbox up: {0}")]
+    Setup(Box<super::lifecycle::LifecycleError>),
 }
 
 /// The verified images a boot needs.
@@ -158,6 +166,7 @@ impl Smolvm {
             return Err(CreateError::DiskSize(opts.disk_mib));
         }
         opts.network.validate()?;
+        super::secrets::validate(&opts.secrets, &opts.network)?;
         if self.db().get(&name)?.is_some() {
             return Err(CreateError::Exists(name));
         }
@@ -235,6 +244,9 @@ impl Smolvm {
         let dir = self.dir(&row.name);
         std::fs::create_dir_all(&dir).map_err(|source| CreateError::Dir { path: dir.display().to_string(), source })?;
         disk::create_upper(&dir.join("disk.ext4"), opts.disk_mib)?;
+        if !opts.secrets.is_empty() {
+            self.store_secrets(&row.name, &opts.secrets)?;
+        }
         ssh::ensure_key(&self.home().keys())?;
         on(CreateEvent::Booting { accel: accel.qemu_name().into() });
         let files = BootFiles {
@@ -243,6 +255,6 @@ impl Smolvm {
             layers: images.layers.iter().map(|(p, _)| p.clone()).collect(),
         };
         self.boot_row(&mut row, accel, &files, opts.ready_timeout)?;
-        Ok(())
+        self.after_boot(&row.name).map_err(|e| CreateError::Setup(Box::new(e)))
     }
 }

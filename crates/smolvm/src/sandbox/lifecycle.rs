@@ -34,6 +34,10 @@ pub enum LifecycleError {
     Policy { name: String, source: crate::net::PolicyError },
     #[error("sandbox {name}: the new network policy is saved but not applied to the running sandbox: {source}")]
     PolicyNotApplied { name: String, source: crate::net::NetError },
+    #[error("sandbox {name}: {source}")]
+    Secret { name: String, source: super::secrets::SecretError },
+    #[error("sandbox {name}: the secrets are saved but not handed to its network process: {source}")]
+    SecretsNotApplied { name: String, source: crate::net::NetError },
 }
 
 /// Waits up to `timeout` for `pid` to exit.
@@ -136,7 +140,7 @@ impl Smolvm {
         let files = BootFiles { kernel, rootfs, layers };
         self.boot_row(&mut row, &accel, &files, timeout)?;
         // Variables set while it was stopped reach the guest now.
-        self.push_env(name)
+        self.after_boot(name)
     }
 
     /// Deletes a sandbox: its VM (killed: see below), disk and record.
@@ -233,6 +237,14 @@ impl Smolvm {
         Ok(removed)
     }
 
+    /// Every variable the guest's commands get: `env set`'s, then each secret's placeholder
+    /// and where the sandbox's CA is.
+    pub fn guest_env(&self, name: &str) -> Result<Vec<(String, String)>, SandboxError> {
+        let mut vars = self.db().env(name)?;
+        vars.extend(self.secret_env(name)?);
+        Ok(vars)
+    }
+
     pub fn env_list(&self, name: &str) -> Result<Vec<(String, String)>, LifecycleError> {
         self.row(name)?;
         Ok(self.db().env(name)?)
@@ -240,11 +252,18 @@ impl Smolvm {
 
     /// Hands the sandbox's variables to its guest through the agent (for login shells:
     /// `/etc/profile.d/smolvm-env.sh`), if it runs; a stopped one gets them at its next start.
-    fn push_env(&self, name: &str) -> Result<(), LifecycleError> {
+    /// What a freshly booted guest is given: trust in the sandbox's CA if it has secrets, and
+    /// its variables (placeholders included).
+    pub(super) fn after_boot(&self, name: &str) -> Result<(), LifecycleError> {
+        self.install_ca(name)?;
+        self.push_env(name)
+    }
+
+    pub(super) fn push_env(&self, name: &str) -> Result<(), LifecycleError> {
         if Self::status_of(&self.row(name)?) != Status::Running {
             return Ok(());
         }
-        let vars = self.db().env(name)?;
+        let vars = self.guest_env(name)?;
         self.agent(name)
             .and_then(|c| c.set_env(vars))
             .map_err(|source| LifecycleError::Env { name: name.into(), source })

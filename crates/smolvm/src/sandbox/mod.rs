@@ -14,6 +14,7 @@ mod lifecycle;
 pub mod names;
 mod network;
 pub mod presets;
+pub mod secrets;
 pub mod ssh;
 
 use std::path::{Path, PathBuf};
@@ -375,8 +376,7 @@ impl Smolvm {
     ) -> Result<crate::agent::ExecOutput, crate::agent::AgentError> {
         let client = self.agent(name)?;
         let env = self
-            .db()
-            .env(name)
+            .guest_env(name)
             .map_err(|e| crate::agent::AgentError::Guest { sandbox: name.into(), message: e.to_string() })?;
         let h = client.exec(crate::agent::client::ExecRequest {
             command: crate::agent::client::Command::Argv(argv.to_vec()),

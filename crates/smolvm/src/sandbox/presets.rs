@@ -9,36 +9,76 @@ pub struct Preset {
     pub about: &'static str,
     /// The command that runs the tool in the guest.
     pub command: &'static str,
-    /// Host environment variables handed to the guest (into a root-only file, through the
-    /// agent: never on the kernel command line, never in logs).
-    pub api_keys: &'static [&'static str],
+    /// The secrets it uses: host environment variables whose values stay on the host; the
+    /// guest gets placeholders, and the values are added to requests to these hosts only.
+    pub secrets: &'static [PresetSecret],
+    /// How the tool is told to use its key at start, run in the guest as root (the key's
+    /// variable holds its placeholder): its own login command or config file. `None`: the
+    /// variable is enough.
+    pub auth_setup: Option<&'static str>,
 }
 
-/// Every preset, in release order.
+/// A secret a preset declares: the variable and the API hosts it is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PresetSecret {
+    pub var: &'static str,
+    pub hosts: &'static [&'static str],
+}
+
+const OPENAI: &[&str] = &["api.openai.com"];
+const ANTHROPIC: &[&str] = &["api.anthropic.com"];
+const OPENROUTER: &[&str] = &["openrouter.ai"];
+
+/// The presets every release carries: the one table that the CLI's `<preset> start`
+/// subcommands, the release builder and the tests are generated from.
 pub const PRESETS: &[Preset] = &[
     Preset {
         name: "codex",
         about: "OpenAI's Codex CLI",
         command: "codex",
-        api_keys: &["OPENAI_API_KEY", "CODEX_API_KEY"],
+        secrets: &[PresetSecret { var: "OPENAI_API_KEY", hosts: OPENAI }],
+        // Codex keeps its own credentials: an API-key login from the variable (it lands on
+        // its sign-in menu otherwise).
+        auth_setup: Some("printenv OPENAI_API_KEY | codex login --with-api-key >/dev/null"),
     },
     Preset {
         name: "claude-code",
         about: "Anthropic's Claude Code",
         command: "claude",
-        api_keys: &["ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"],
+        secrets: &[PresetSecret { var: "ANTHROPIC_API_KEY", hosts: ANTHROPIC }],
+        // Claude Code asks whether to use a key found in the environment, and walks a new
+        // user through onboarding: both answered in its config (the key is approved by its
+        // last 20 characters, as the tool records it).
+        auth_setup: Some(
+            "python3 - <<'PY'\nimport json, os\np = os.path.expanduser('~/.claude.json')\n\
+             try:\n    c = json.load(open(p))\nexcept Exception:\n    c = {}\n\
+             k = os.environ['ANTHROPIC_API_KEY']\nc['hasCompletedOnboarding'] = True\n\
+             a = c.setdefault('customApiKeyResponses', {}).setdefault('approved', [])\n\
+             if k[-20:] not in a: a.append(k[-20:])\n\
+             json.dump(c, open(p, 'w'))\nPY",
+        ),
     },
     Preset {
         name: "hermes",
         about: "Nous Research's Hermes agent",
         command: "hermes",
-        api_keys: &["OPENROUTER_API_KEY", "OPENAI_API_KEY", "ANTHROPIC_API_KEY", "NOUS_API_KEY"],
+        secrets: &[
+            PresetSecret { var: "OPENROUTER_API_KEY", hosts: OPENROUTER },
+            PresetSecret { var: "OPENAI_API_KEY", hosts: OPENAI },
+            PresetSecret { var: "ANTHROPIC_API_KEY", hosts: ANTHROPIC },
+        ],
+        auth_setup: None,
     },
     Preset {
         name: "pi",
         about: "the pi coding agent",
         command: "pi",
-        api_keys: &["ANTHROPIC_API_KEY", "OPENAI_API_KEY", "GEMINI_API_KEY", "OPENROUTER_API_KEY"],
+        secrets: &[
+            PresetSecret { var: "ANTHROPIC_API_KEY", hosts: ANTHROPIC },
+            PresetSecret { var: "OPENAI_API_KEY", hosts: OPENAI },
+            PresetSecret { var: "OPENROUTER_API_KEY", hosts: OPENROUTER },
+        ],
+        auth_setup: None,
     },
 ];
 
@@ -47,44 +87,56 @@ pub fn find(name: &str) -> Option<&'static Preset> {
     PRESETS.iter().find(|p| p.name == name)
 }
 
-/// Where the keys land in the guest (mode 0600, root only).
-pub const SECRETS_PATH: &str = "/root/.config/smolvm/secrets.env";
-
-/// The body of the secrets file for the variables of `preset` set on the host.
-pub fn secrets_env(preset: &Preset, lookup: &impl Fn(&str) -> Option<String>) -> Option<String> {
-    let lines: String = preset
-        .api_keys
-        .iter()
-        .filter_map(|k| lookup(k).map(|v| format!("export {k}={}\n", super::ssh::shell_quote(&v))))
-        .collect();
-    (!lines.is_empty()).then_some(lines)
+impl Preset {
+    /// Its secrets whose variables `lookup` (the host's environment, for the CLI) has, and
+    /// those it has not.
+    pub fn secrets_from(
+        &self,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> (Vec<super::secrets::Secret>, Vec<&'static str>) {
+        let mut found = Vec::new();
+        let mut missing = Vec::new();
+        for s in self.secrets {
+            match lookup(s.var).filter(|v| !v.is_empty()) {
+                Some(v) => found.push(super::secrets::Secret {
+                    name: s.var.to_string(),
+                    hosts: s.hosts.iter().map(|h| h.to_string()).collect(),
+                    value: super::secrets::SecretValue::new(v),
+                }),
+                None => missing.push(s.var),
+            }
+        }
+        (found, missing)
+    }
 }
 
 impl super::Smolvm {
-    /// Writes the preset's API-key variables that `lookup` (the host's environment, for the
-    /// CLI) has into the guest's root-only file [`SECRETS_PATH`], through the agent. Returns
-    /// the names handed over.
-    pub fn hand_over_keys(
-        &self,
-        name: &str,
-        preset: &Preset,
-        lookup: impl Fn(&str) -> Option<String>,
-    ) -> Result<Vec<String>, crate::agent::AgentError> {
-        let Some(body) = secrets_env(preset, &lookup) else { return Ok(Vec::new()) };
-        let client = self.agent(name)?;
-        let mkdir = crate::agent::client::ExecRequest {
-            command: crate::agent::client::Command::Argv(
-                ["mkdir", "-p", "-m", "0700", "/root/.config/smolvm"].iter().map(|s| s.to_string()).collect(),
-            ),
-            env: vec![],
-            cwd: None,
-            stdin: false,
-            timeout_ms: Some(30_000),
-            pty: None,
-        };
-        client.exec_output(mkdir, None)?;
-        client.write_file(SECRETS_PATH, &mut body.as_bytes(), 0o600, 0, 0)?;
-        Ok(preset.api_keys.iter().filter(|k| lookup(k).is_some()).map(|k| k.to_string()).collect())
+    /// Runs the preset's auth setup in a running sandbox (its keys' variables hold their
+    /// placeholders there), if it has one and was handed a key.
+    pub fn setup_preset_auth(&self, name: &str, preset: &Preset) -> Result<(), crate::agent::AgentError> {
+        let Some(script) = preset.auth_setup else { return Ok(()) };
+        let have: Vec<String> = self.secrets(name).map(|v| v.into_iter().map(|s| s.name).collect()).unwrap_or_default();
+        if !preset.secrets.iter().any(|s| have.iter().any(|h| h == s.var)) {
+            return Ok(());
+        }
+        let out = self.exec(
+            name,
+            &["bash".into(), "-lc".into(), script.into()],
+            None,
+            Some(std::time::Duration::from_secs(120)),
+        )?;
+        if out.code() != 0 {
+            return Err(crate::agent::AgentError::Guest {
+                sandbox: name.into(),
+                message: format!(
+                    "{}'s auth setup failed (exit {}): {}",
+                    preset.name,
+                    out.code(),
+                    crate::text::escape_controls(String::from_utf8_lossy(&out.stderr).trim())
+                ),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -93,10 +145,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn secrets_are_quoted() {
+    fn each_preset_declares_where_its_keys_go() {
+        for p in PRESETS {
+            assert!(!p.secrets.is_empty(), "{}", p.name);
+            for s in p.secrets {
+                assert!(!s.hosts.is_empty() && s.hosts.iter().all(|h| h.contains('.')), "{}: {}", p.name, s.var);
+            }
+        }
         let codex = find("codex").unwrap();
-        let env = secrets_env(codex, &|k| (k == "OPENAI_API_KEY").then(|| "sk-'x'".to_string())).unwrap();
-        assert_eq!(env, "export OPENAI_API_KEY='sk-'\\''x'\\'''\n");
-        assert!(secrets_env(codex, &|_| None).is_none());
+        let (found, missing) = codex.secrets_from(|k| (k == "OPENAI_API_KEY").then(|| "sk-x".to_string()));
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].hosts, vec!["api.openai.com".to_string()]);
+        assert!(missing.is_empty());
+        let (found, missing) = codex.secrets_from(|_| None);
+        assert!(found.is_empty() && missing == vec!["OPENAI_API_KEY"]);
     }
 }

@@ -14,12 +14,52 @@ pub(super) enum Phase {
     Open,
 }
 
+/// The host side of a connection: a socket to where the guest connects, or (intercepted, for
+/// a secret's host) the interceptor thread's end of a socket pair.
+pub(super) enum HostStream {
+    Tcp(TcpStream),
+    Intercepted(UnixStream),
+}
+
+impl HostStream {
+    fn shutdown(&self, how: std::net::Shutdown) -> io::Result<()> {
+        match self {
+            HostStream::Tcp(s) => s.shutdown(how),
+            HostStream::Intercepted(s) => s.shutdown(how),
+        }
+    }
+}
+
+impl Read for HostStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            HostStream::Tcp(s) => s.read(buf),
+            HostStream::Intercepted(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for HostStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            HostStream::Tcp(s) => s.write(buf),
+            HostStream::Intercepted(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 pub(super) struct Conn {
     key: FlowKey,
     token: Token,
     handle: Option<SocketHandle>,
     phase: Phase,
-    stream: Option<TcpStream>,
+    stream: Option<HostStream>,
+    /// Allowed by its address already, and sniffed only to see whether a secret's host is
+    /// named (TLS to port 443 of a sandbox with secrets).
+    ip_allowed: bool,
     /// Where the host side connects (the destination, or 127.0.0.1:port for a host port).
     target: SocketAddr,
     /// Guest bytes not yet written to the host (also the sniffed prefix).
@@ -70,6 +110,17 @@ impl Netd {
                 self.reset(key, seq);
                 false
             }
+            Verdict::Allow if dst_port == 443 && dst_ip != GATEWAY && self.intercept.is_some() => {
+                // It may name a secret's host: accepted and sniffed (the address is allowed).
+                self.listen_for(key);
+                self.open_conn(key, target, Phase::Sniffing);
+                if let Some(id) = self.by_key.get(&key) {
+                    if let Some(c) = self.conns.get_mut(id) {
+                        c.ip_allowed = true;
+                    }
+                }
+                true
+            }
             Verdict::Allow => {
                 self.open_conn(key, target, Phase::Connecting { syn: Some(frame.to_vec()) });
                 false
@@ -104,6 +155,7 @@ impl Netd {
             handle: None,
             phase,
             stream: None,
+            ip_allowed: false,
             target,
             to_host: Vec::new(),
             to_host_off: 0,
@@ -142,7 +194,7 @@ impl Netd {
                     return false;
                 }
                 let _ = s.set_nodelay(true);
-                c.stream = Some(s);
+                c.stream = Some(HostStream::Tcp(s));
                 c.since = Instant::now();
                 true
             }
@@ -209,7 +261,7 @@ impl Netd {
     /// A host-side connect finished (or failed).
     pub(super) fn connect_done(&mut self, id: usize) {
         let Some(c) = self.conns.get_mut(&id) else { return };
-        let Some(s) = &c.stream else { return };
+        let Some(HostStream::Tcp(s)) = &c.stream else { return };
         let result = match s.take_error() {
             Ok(Some(e)) | Err(e) => Err(e),
             Ok(None) => match s.peer_addr() {
@@ -299,8 +351,16 @@ impl Netd {
         let ip = IpAddr::V4(*c.key.1.ip());
         let dest = c.key.1.to_string();
         let name = found.name().map(str::to_string);
-        match self.decider.check_name(ip, name.as_deref()) {
+        let verdict = if c.ip_allowed { Verdict::Allow } else { self.decider.check_name(ip, name.as_deref()) };
+        match verdict {
             Verdict::Allow => {
+                let to_intercept = match (&found, &self.intercept) {
+                    (Sniffed::Tls(sni), Some(i)) if i.intercepts(sni) => Some((i.clone(), sni.clone())),
+                    _ => None,
+                };
+                if let Some((icpt, sni)) = to_intercept {
+                    return self.intercept_conn(id, icpt, sni);
+                }
                 let mut c = self.conns.remove(&id).expect("present");
                 c.phase = Phase::Connecting { syn: None };
                 let ok = self.connect_host(&mut c);
@@ -320,6 +380,33 @@ impl Netd {
             }
             Verdict::NeedName => self.fail(id),
         }
+    }
+
+    /// Hands connection `id` (TLS to a secret's host `sni`) to the interceptor: its host side
+    /// becomes one end of a socket pair, the interceptor thread holds the other.
+    fn intercept_conn(&mut self, id: usize, icpt: Arc<super::super::intercept::Interceptor>, sni: String) {
+        let Some(mut c) = self.conns.remove(&id) else { return };
+        let pair = std::os::unix::net::UnixStream::pair().and_then(|(a, b)| {
+            a.set_nonblocking(true)?;
+            Ok((UnixStream::from_std(a), b))
+        });
+        let (mut ours, theirs) = match pair {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!("intercept {sni}: {e}");
+                self.conns.insert(id, c);
+                return self.fail(id);
+            }
+        };
+        if self.poll.registry().register(&mut ours, c.token, Interest::READABLE | Interest::WRITABLE).is_err() {
+            self.conns.insert(id, c);
+            return self.fail(id);
+        }
+        icpt.spawn(theirs, SocketAddr::V4(c.key.1), sni);
+        c.stream = Some(HostStream::Intercepted(ours));
+        c.phase = Phase::Open;
+        c.since = Instant::now();
+        self.conns.insert(id, c);
     }
 
     /// A host client connected to a forward: open a connection to the guest.
@@ -369,7 +456,8 @@ impl Netd {
                     token,
                     handle: Some(h),
                     phase: Phase::Open,
-                    stream: Some(stream),
+                    stream: Some(HostStream::Tcp(stream)),
+                    ip_allowed: false,
                     target: SocketAddr::V4(remote),
                     to_host: Vec::new(),
                     to_host_off: 0,

@@ -43,6 +43,23 @@ impl Netd {
                 }
                 Err(e) => ControlReply { error: Some(e.to_string()), forward: None },
             },
+            Ok(ControlRequest::Intercept { config }) => match &self.intercept {
+                Some(i) => {
+                    i.set_rules(&config.rules);
+                    ControlReply::default()
+                }
+                None => match crate::net::intercept::Interceptor::new(&config) {
+                    Ok(i) => {
+                        tracing::info!(
+                            "secrets for {} host(s)",
+                            config.rules.iter().map(|r| r.hosts.len()).sum::<usize>()
+                        );
+                        self.intercept = Some(Arc::new(i));
+                        ControlReply::default()
+                    }
+                    Err(e) => ControlReply { error: Some(e.to_string()), forward: None },
+                },
+            },
             Ok(ControlRequest::Forward { forward }) => match self.add_forward(forward) {
                 Ok(f) => ControlReply { error: None, forward: Some(f) },
                 Err(e) => ControlReply { error: Some(e.to_string()), forward: None },

@@ -113,6 +113,8 @@ struct Netd {
     lookups_inflight: usize,
     waker: Arc<Waker>,
     dns_hosts: Arc<HashMap<String, Vec<Ipv4Addr>>>,
+    /// Set once the sandbox has secrets: TLS to their hosts is terminated here.
+    intercept: Option<Arc<super::intercept::Interceptor>>,
 }
 
 /// Runs the network process in the directory `dir` with `cfg`: takes the wire on descriptor
@@ -195,6 +197,7 @@ impl Netd {
             lookups_inflight: 0,
             waker,
             dns_hosts,
+            intercept: None,
         };
         netd.add_forward(cfg.ssh)?;
         for f in &cfg.forwards {

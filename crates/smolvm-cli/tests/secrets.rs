@@ -1,0 +1,171 @@
+//! Secrets that never enter the sandbox, end to end: the guest holds a placeholder, and the
+//! real value reaches the secret's host only, added at the egress. The "provider" is the HTTPS
+//! server of the test world (`networld`), with its own test CA, which the egress is told to
+//! trust (`SMOLVM_EGRESS_EXTRA_CA`); the guest trusts only its sandbox's CA for it.
+//!
+//! Needs root (network namespaces), QEMU and a built release: `#[ignore]`d for a plain
+//! `cargo test`; `scripts/test.sh` runs it.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+mod networld;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::Command;
+
+use networld::{world, World};
+
+const REAL: &str = "sk-test-REAL-VALUE-7f3a9c1e5b2d4086";
+const REAL2: &str = "other-REAL-VALUE-51c0e9a2d7b34f68";
+
+impl World {
+    fn with_secrets(&self) -> Command {
+        let mut c = self.cmd();
+        c.env("SMOLVM_EGRESS_EXTRA_CA", self.files.path().join("ca.pem")).env("OPENAI_API_KEY", REAL);
+        c
+    }
+}
+
+/// Runs QMP commands on a sandbox's QEMU (through its socket in `run/`): the last reply.
+fn qmp(dir: &std::path::Path, commands: &[serde_json::Value]) -> serde_json::Value {
+    let mut s = std::os::unix::net::UnixStream::connect(dir.join("run/qmp.sock")).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(300))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap(); // the greeting
+    let mut last = serde_json::Value::Null;
+    for c in [&[serde_json::json!({ "execute": "qmp_capabilities" })], commands].concat() {
+        writeln!(s, "{c}").unwrap();
+        loop {
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if v.get("return").is_some() || v.get("error").is_some() {
+                last = v;
+                break;
+            }
+        }
+    }
+    last
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+#[test]
+#[ignore = "needs root, network namespaces and QEMU: run scripts/test.sh"]
+fn a_secret_reaches_its_host_only_and_never_the_guest() {
+    let w = world();
+    // Bad input: a clear error each, and nothing created.
+    for (args, says) in [
+        (vec!["--secret", "OPENAI_API_KEY"], "no host"),
+        (vec!["--secret", "NOT_SET_ANYWHERE_XYZ@a.test"], "not set"),
+        (vec!["--secret", "OPENAI_API_KEY@a.test", "--network", "none"], "refuses"),
+        (vec!["--secret", "OPENAI_API_KEY@a.test", "--allow-domain", "c.test"], "refuses"),
+        (vec!["--secret", "OPENAI_API_KEY@a.test=sk-on-the-command-line"], "never given on the command line"),
+    ] {
+        let out = w.with_secrets().args(["create", "--name", "bad"]).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{args:?}: {err}");
+    }
+    let listed = common::ok(w.cmd().args(["list", "--json"]));
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&listed).unwrap().as_array().unwrap().len(), 0, "{listed}");
+
+    // A sandbox whose OPENAI_API_KEY goes to a.test.
+    common::ok(w.with_secrets().args(["create", "--name", "s", "--secret", "OPENAI_API_KEY@a.test"]));
+    common::ok(w.cmd().args(["cp"]).arg(w.files.path().join("ca.pem")).arg("s:/root/ca.pem"));
+    let (_, placeholder) = w.sh("s", "printf %s \"$OPENAI_API_KEY\"");
+    assert!(placeholder.contains("smolvm-placeholder-") && !placeholder.contains(REAL), "{placeholder}");
+    let (_, login) = w.sh("s", "bash -lc 'printf %s \"$OPENAI_API_KEY\"'");
+    assert_eq!(login, placeholder, "login shells get the placeholder too");
+
+    // The secret's host gets the real value, through the guest's trust in its sandbox's CA
+    // (no --cacert: the system bundle has it).
+    let (code, got) =
+        w.sh("s", "curl -sS --max-time 20 https://a.test/headers -H \"Authorization: Bearer $OPENAI_API_KEY\"");
+    assert_eq!(code, 0, "{got}");
+    assert!(got.contains(&format!("Authorization: Bearer {REAL}")), "a.test got: {got}");
+    // Python (urllib, the system bundle through SSL_CERT_FILE) and a keep-alive second request.
+    let py = "python3 - <<'PY'\nimport os, http.client, ssl\nc = http.client.HTTPSConnection('a.test', context=ssl.create_default_context(), timeout=20)\nfor i in range(2):\n    c.request('GET', '/headers', headers={'x-api-key': os.environ['OPENAI_API_KEY']})\n    print(c.getresponse().read().decode())\nPY";
+    let (code, got) = w.sh("s", py);
+    assert_eq!(code, 0, "{got}");
+    assert_eq!(got.matches(&format!("x-api-key: {REAL}")).count(), 2, "both requests rewritten: {got}");
+    // Another allowed host (same address, same certificate) is not intercepted: the
+    // placeholder arrives as it is, and it is the test CA's certificate that the guest sees.
+    let (code, got) = w.sh(
+        "s",
+        "curl -sS --max-time 20 --cacert /root/ca.pem https://b.test/headers -H \"Authorization: Bearer $OPENAI_API_KEY\"",
+    );
+    assert_eq!(code, 0, "{got}");
+    assert!(got.contains(&format!("Authorization: Bearer {placeholder}")) && !got.contains(REAL), "b.test got: {got}");
+    // Plain HTTP to the secret's host is never given the value.
+    let (_, got) =
+        w.sh("s", "curl -sS --max-time 20 http://a.test/headers -H \"Authorization: Bearer $OPENAI_API_KEY\"");
+    assert!(!got.contains(REAL), "{got}");
+
+    // No trace of the value in the guest, as root: files, environments, the console.
+    let (code, found) = w.sh(
+        "s",
+        &format!(
+            "grep -rlF --exclude-dir=proc --exclude-dir=sys --exclude-dir=dev '{REAL}' / 2>/dev/null; \
+             cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n' | grep -F '{REAL}'; true"
+        ),
+    );
+    assert_eq!((code, found.trim()), (0, ""), "the value is in the guest");
+    let console = common::ok(w.cmd().args(["logs", "s"]));
+    assert!(!console.contains(REAL));
+    // Nor in its memory: a dump of all of it has the placeholder (so the dump is real) and
+    // not the value.
+    let dir = w.home.path().join("sandboxes/s");
+    let r = qmp(
+        &dir,
+        &[
+            serde_json::json!({ "execute": "dump-guest-memory", "arguments": { "paging": false, "protocol": "file:mem.dump" } }),
+        ],
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    let dump = std::fs::read(dir.join("run/mem.dump")).unwrap();
+    assert!(dump.len() > 256 << 20, "{} bytes", dump.len());
+    assert!(contains(&dump, &placeholder), "the dump does not even hold the placeholder");
+    assert!(!contains(&dump, REAL), "the value is in the guest's memory");
+    drop(dump);
+    std::fs::remove_file(dir.join("run/mem.dump")).unwrap();
+    // Nor on the host where it must not be: the process list, the database, status, logs.
+    let ps = String::from_utf8(Command::new("ps").args(["-eww", "-o", "args="]).output().unwrap().stdout).unwrap();
+    assert!(!ps.contains(REAL), "in ps");
+    for f in ["state.db", "state.db-wal"] {
+        let bytes = std::fs::read(w.home.path().join(f)).unwrap_or_default();
+        assert!(!contains(&bytes, REAL), "in {f}");
+    }
+    for f in ["netd.log", "agent-proxy.log", "qemu.log", "net.json", "run/console.log", "run/network.log"] {
+        let bytes = std::fs::read(dir.join(f)).unwrap_or_default();
+        assert!(!contains(&bytes, REAL), "in {f}");
+    }
+    let status = common::ok(w.cmd().args(["status", "s", "--json"]));
+    assert!(!status.contains(REAL));
+    // The one place it is kept: the sandbox's own 0600 file.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.join("secrets.json")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let list = common::ok(w.cmd().args(["secret", "list", "s", "--json"]));
+    assert!(list.contains("OPENAI_API_KEY") && list.contains("a.test") && !list.contains(REAL), "{list}");
+
+    // Set on the running sandbox: a second secret for b.test, used at once.
+    common::ok(w.with_secrets().env("OTHER_KEY", REAL2).args(["secret", "set", "s", "OTHER_KEY@b.test"]));
+    let (code, got) = w.sh("s", "curl -sS --max-time 20 https://b.test/headers -H \"x-api-key: $OTHER_KEY\"");
+    assert_eq!(code, 0, "{got}");
+    assert!(got.contains(&format!("x-api-key: {REAL2}")), "b.test got: {got}");
+    // ... and it survives a restart.
+    common::ok(w.with_secrets().args(["stop", "s"]));
+    common::ok(w.with_secrets().args(["start", "s"]));
+    let (code, got) =
+        w.sh("s", "curl -sS --max-time 20 https://a.test/headers -H \"Authorization: Bearer $OPENAI_API_KEY\"");
+    assert_eq!(code, 0, "{got}");
+    assert!(got.contains(&format!("Authorization: Bearer {REAL}")), "after a restart: {got}");
+    // Unset: the guest's variable is gone, and nothing is added any more.
+    common::ok(w.cmd().args(["secret", "unset", "s", "OTHER_KEY"]));
+    let (_, v) = w.sh("s", "printf %s \"${OTHER_KEY:-unset}\"");
+    assert_eq!(v, "unset");
+}
