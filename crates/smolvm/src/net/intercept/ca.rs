@@ -66,6 +66,9 @@ impl Ca {
         p.distinguished_name = dn;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        // Strict verifiers (OpenSSL's X509_STRICT, on by default in Python 3.13) want the
+        // issuer's key named in the leaf.
+        p.use_authority_key_identifier_extension = true;
         let now = OffsetDateTime::now_utc();
         p.not_before = now - Duration::days(1);
         p.not_after = now + Duration::days(30);
@@ -100,6 +103,25 @@ mod tests {
             v.verify_server_cert(&chain[0], &chain[1..], &name, &[], rustls::pki_types::UnixTime::now()).is_ok()
         };
         assert!(verify(&cert));
+        // OpenSSL in its strict mode (Python 3.13's default) accepts the chain too.
+        let dir = std::env::temp_dir().join(format!("smolvm-ca-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("ca.pem"), &cert).unwrap();
+        let leaf = &chain[0];
+        let leaf_pem = format!(
+            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, leaf.as_ref())
+        );
+        std::fs::write(dir.join("leaf.pem"), leaf_pem).unwrap();
+        if let Ok(out) = std::process::Command::new("openssl")
+            .args(["verify", "-x509_strict", "-purpose", "sslserver", "-CAfile"])
+            .arg(dir.join("ca.pem"))
+            .arg(dir.join("leaf.pem"))
+            .output()
+        {
+            assert!(out.status.success(), "openssl -x509_strict: {}", String::from_utf8_lossy(&out.stdout));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
         let (other, _) = generate("other").unwrap();
         assert!(!verify(&other), "a leaf verified against another sandbox's CA");
         assert!(Ca::from_pem("t", &cert, "not a key").is_err());
