@@ -118,3 +118,67 @@ fn two_presets_share_one_base_download() {
 fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s).unwrap()
 }
+
+/// What each tool shows when it opens ready to work with the key it was handed, and what it
+/// shows when it is not (its sign-in, key or trust questions).
+const READY: &[(&str, &str, &str)] = &[
+    ("codex", "To get started|Ask Codex to do anything", "Sign in with ChatGPT"),
+    ("claude-code", "for shortcuts", "Select login method|Do you want to use this API key|trust this folder"),
+    ("hermes", "Welcome to Hermes Agent", "Setup Wizard|No API key"),
+    ("pi", "Pi can explain its own features", "No API key|/login"),
+];
+
+/// `smolvm <preset> start` in a pseudo-terminal, as a new user would run it (the key set on
+/// the host): the text of the tool's first screen, once `marks` show or after 120 s.
+fn first_screen(cmd: &mut std::process::Command, preset_args: &[&str], marks: &str) -> String {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/first_screen.py");
+    let program = cmd.get_program().to_owned();
+    let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
+    let mut c = std::process::Command::new("python3");
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    c.arg(script).arg("120").arg(marks).arg("--").arg(program).args(args).args(preset_args);
+    let out = c.output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+#[ignore = "boots the release under QEMU: run scripts/test.sh"]
+fn each_preset_opens_its_tool_ready_with_the_key_it_was_handed() {
+    let release = release_dir();
+    let server = Server::start(release.parent().unwrap().to_path_buf()).unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let _cleanup = common::Cleanup(home.path().to_path_buf());
+    let cmd = || smolvm(home.path(), &server.url, &release);
+    for p in smolvm::sandbox::presets::PRESETS {
+        let (_, ready, not_ready) = READY.iter().find(|(n, _, _)| *n == p.name).expect("a READY entry per preset");
+        let key = p.secrets[0];
+        let name = format!("tty-{}", p.name);
+        let mut c = cmd();
+        c.env(key.var, format!("sk-smolvm-test-{}-0123456789abcdef0123", p.name));
+        let screen = first_screen(&mut c, &[p.name, "start", "--name", &name], &format!("{ready}|{not_ready}"));
+        let flat: String = screen.split_whitespace().collect();
+        let shows = |marks: &str| marks.split('|').any(|m| flat.contains(&m.split_whitespace().collect::<String>()));
+        assert!(shows(ready) && !shows(not_ready), "{}'s first screen is not ready to work:\n{screen}", p.name);
+        eprintln!("{}: ready", p.name);
+        ok(cmd().args(["delete", &name]));
+    }
+    // The check can fail: codex given its key only as a variable (no auth setup, as
+    // `create --preset` does) lands on its sign-in menu.
+    ok(cmd().env("OPENAI_API_KEY", "sk-smolvm-test-x").args([
+        "create",
+        "--name",
+        "bare",
+        "--preset",
+        "codex",
+        "--secret",
+        "OPENAI_API_KEY@api.openai.com",
+    ]));
+    let screen =
+        first_screen(&mut cmd(), &["exec", "-t", "bare", "--", "bash", "-lc", "codex"], "Sign in with ChatGPT");
+    assert!(screen.split_whitespace().collect::<String>().contains("SigninwithChatGPT"), "{screen}");
+}

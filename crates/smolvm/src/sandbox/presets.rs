@@ -46,15 +46,17 @@ pub const PRESETS: &[Preset] = &[
         about: "Anthropic's Claude Code",
         command: "claude",
         secrets: &[PresetSecret { var: "ANTHROPIC_API_KEY", hosts: ANTHROPIC }],
-        // Claude Code asks whether to use a key found in the environment, and walks a new
-        // user through onboarding: both answered in its config (the key is approved by its
-        // last 20 characters, as the tool records it).
+        // Claude Code asks whether to use a key found in the environment, walks a new user
+        // through onboarding, and asks whether to trust the folder it opens in (the home): all
+        // answered in its config (the key is approved by its last 20 characters, as the tool
+        // records it).
         auth_setup: Some(
             "python3 - <<'PY'\nimport json, os\np = os.path.expanduser('~/.claude.json')\n\
              try:\n    c = json.load(open(p))\nexcept Exception:\n    c = {}\n\
              k = os.environ['ANTHROPIC_API_KEY']\nc['hasCompletedOnboarding'] = True\n\
              a = c.setdefault('customApiKeyResponses', {}).setdefault('approved', [])\n\
              if k[-20:] not in a: a.append(k[-20:])\n\
+             c.setdefault('projects', {}).setdefault('/root', {})['hasTrustDialogAccepted'] = True\n\
              json.dump(c, open(p, 'w'))\nPY",
         ),
     },
