@@ -18,7 +18,7 @@ QUICK START:
   smolvm exec box -- uname -a              run a command; exit code, stdout, stderr pass through
   smolvm cp ./file box:/root/file          copy in (or box:/path ./local to copy out)
   smolvm ssh box                           interactive shell (strict host key, managed key)
-  smolvm delete box                        stop it and remove its disk
+  smolvm delete box                        kill it and remove its disk (no clean power-off needed)
 
 PRESETS (the same base, with an AI coding agent's tooling as a layer on top):
   smolvm {presets}   [--name N] [--no-attach]

@@ -28,6 +28,8 @@ fn hint(e: &(dyn std::error::Error + 'static)) -> Option<String> {
             CreateError::Boot(b) => return hint(b),
             CreateError::Sandbox(s) => return hint(s),
             CreateError::Network(p) => return hint(p),
+            CreateError::Secret(s) => return hint(s),
+            CreateError::Setup(l) => return hint(l.as_ref()),
             _ => return None,
         });
     }
@@ -111,8 +113,23 @@ fn hint(e: &(dyn std::error::Error + 'static)) -> Option<String> {
             LifecycleError::Boot(b) => hint(b),
             LifecycleError::Policy { source, .. } => hint(source),
             LifecycleError::Env { source, .. } => hint(source),
+            LifecycleError::Secret { source, .. } => hint(source),
+            LifecycleError::SecretsNotApplied { name, .. } => {
+                Some(format!("smolvm stop {name} && smolvm start {name} hands them over at boot"))
+            }
             _ => None,
         };
+    }
+    if let Some(e) = e.downcast_ref::<smolvm::sandbox::secrets::SecretError>() {
+        use smolvm::sandbox::secrets::SecretError as S;
+        return Some(match e {
+            S::NoHost { name } | S::BadHost { name, .. } => {
+                format!("--secret {name}@api.example.com[,other.example.com]: the HTTPS hosts it is for")
+            }
+            S::Refused { .. } => "allow the host (--allow-domain HOST), or leave the secret out".into(),
+            S::BadName { .. } => "the name is the guest's environment variable, such as OPENAI_API_KEY".into(),
+            _ => "see SECRETS in smolvm --help".into(),
+        });
     }
     if let Some(e) = e.downcast_ref::<PolicyError>() {
         return Some(match e {
