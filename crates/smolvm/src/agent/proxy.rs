@@ -22,8 +22,11 @@ struct Route {
 /// Output queued for one client that does not read it, before the proxy drops that client
 /// (and kills its processes) so that it cannot hold up the guest's other replies.
 const CLIENT_QUEUE: usize = 16 << 20;
-/// Requests queued for a guest that does not read its port, before requests are refused.
+/// Requests queued for the guest before a client's thread waits for it to read them.
 const GUEST_QUEUE: usize = 8 << 20;
+/// How long a client waits for a guest that reads nothing of its port before its request is
+/// refused (a guest that reads, however slowly, is waited for).
+const GUEST_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[derive(Default)]
 struct Routes {
@@ -190,14 +193,15 @@ fn serve_client(
         if vm_out.is_closed() {
             break;
         }
-        if vm_out.push(encode(&msg)).is_err() {
-            // The guest does not read its port: this request fails now rather than waiting.
+        if vm_out.push_wait(encode(&msg), GUEST_PATIENCE).is_err() {
+            // The guest has read nothing of its port for a while: this request fails rather
+            // than waiting on.
             if let Some(id) = msg.id_mut() {
                 let global = *id;
                 let local = lock(routes).by_global.remove(&global).map(|r| r.local_id);
                 if let Some(local) = local {
                     let message = format!(
-                        "the guest is not reading its agent port ({GUEST_QUEUE} bytes waiting); try again, or stop and start the sandbox"
+                        "the guest has read nothing of its agent port for {GUEST_PATIENCE:?} ({GUEST_QUEUE} bytes waiting); try again, or stop and start the sandbox"
                     );
                     let _ = out.push(encode(&GuestMsg::Error { id: local, message }));
                 }
