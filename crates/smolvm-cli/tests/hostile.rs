@@ -212,6 +212,25 @@ fn a_console_flood_is_capped_on_the_host() {
     assert!(logs.len() as u64 <= smolvm::agent::console::TOTAL_CAP + 1024);
     // The sandbox is still fine.
     assert_eq!(ok(f.cmd().args(["exec", "loud", "--", "echo", "alive"])).trim(), "alive");
+
+    // A user whose ssh config forwards their agent to every host, with an agent running:
+    // `smolvm ssh` hands the guest neither (`-F /dev/null`, ForwardAgent=no, no SSH_AUTH_SOCK).
+    let user = tempfile::tempdir().unwrap();
+    std::fs::create_dir(user.path().join(".ssh")).unwrap();
+    std::fs::write(user.path().join(".ssh/config"), "Host *\n  ForwardAgent yes\n  ForwardX11 yes\n").unwrap();
+    let sock = user.path().join("agent.sock");
+    let agent = ok(Command::new("ssh-agent").arg("-a").arg(&sock));
+    let agent_pid = agent.split("SSH_AGENT_PID=").nth(1).and_then(|r| r.split(';').next()).unwrap().to_string();
+    let seen = ok(f.cmd().env("HOME", user.path()).env("SSH_AUTH_SOCK", &sock).args([
+        "ssh",
+        "loud",
+        "--",
+        "sh",
+        "-c",
+        "echo sock=${SSH_AUTH_SOCK:-none} display=${DISPLAY:-none}",
+    ]));
+    let _ = Command::new("kill").arg(&agent_pid).status();
+    assert_eq!(seen.trim(), "sock=none display=none", "the guest was handed the user's agent or display");
 }
 
 #[test]

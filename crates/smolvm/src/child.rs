@@ -40,20 +40,72 @@ pub(crate) struct Confine {
     pub identity: Option<Identity>,
     /// `cgroup.procs` files (one per hierarchy) the child writes itself into.
     pub cgroup_procs: Vec<RawFd>,
+    /// The program, opened by [`Executable::open`]: the child runs it through its descriptor.
+    pub exe: Option<RawFd>,
 }
+
+/// Where the child finds its program: the command's path is `/proc/self/fd/EXE_FD`.
+pub(crate) const EXE_FD: RawFd = 60;
+
+/// A program opened by this process, to be run through its descriptor (`/proc/self/fd`):
+/// the sandbox's uid may not be able to reach it by its path (smolvm run from a checkout in
+/// a directory of root's only, say), and only needs to be allowed to execute the file itself.
+#[derive(Debug)]
+pub(crate) struct Executable {
+    pub file: std::fs::File,
+    pub path: std::path::PathBuf,
+}
+
+impl Executable {
+    /// Opens `program` (a bare name is looked up in the fixed PATH children get).
+    pub fn open(program: &std::path::Path) -> std::io::Result<Executable> {
+        let path = if program.components().count() > 1 {
+            program.to_path_buf()
+        } else {
+            CHILD_PATH.split(':').map(|d| std::path::Path::new(d).join(program)).find(|p| p.is_file()).ok_or_else(
+                || {
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("{} is not in {CHILD_PATH}", program.display()),
+                    )
+                },
+            )?
+        };
+        let file = std::fs::File::open(&path)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("open {}: {e}", path.display())))?;
+        Ok(Executable { file, path })
+    }
+
+    /// A command running it: `/proc/self/fd/EXE_FD`, with the real path as `argv[0]`.
+    pub fn command(&self) -> std::process::Command {
+        use std::os::unix::process::CommandExt;
+        let mut c = std::process::Command::new(format!("/proc/self/fd/{EXE_FD}"));
+        c.arg0(&self.path);
+        c
+    }
+}
+
+/// The PATH children get (and where bare program names are looked up).
+pub(crate) const CHILD_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
 impl Confine {
     /// Installs the setup on `cmd` (it runs in the child, between fork and exec).
     pub fn apply(self, cmd: &mut std::process::Command) {
         use std::os::unix::process::CommandExt;
         assert!(self.fds.len() <= MAX_FDS, "too many descriptors for one child");
+        let mut all = self.fds.clone();
+        if let Some(exe) = self.exe {
+            all.push((exe, EXE_FD));
+        }
+        assert!(all.len() <= MAX_FDS, "too many descriptors for one child");
         let mut src = [-1; MAX_FDS];
         let mut dst = [-1; MAX_FDS];
-        for (i, (s, d)) in self.fds.iter().enumerate() {
+        for (i, (s, d)) in all.iter().enumerate() {
             src[i] = *s;
             dst[i] = *d;
         }
-        let n = self.fds.len();
+        let n = all.len();
+        let exe = self.exe.is_some();
         // Prepared before the fork: nothing below allocates.
         let cwd = self.cwd.map(|p| std::ffi::CString::new(p.as_os_str().as_bytes()).expect("no NUL in a path"));
         let identity = self.identity;
@@ -84,6 +136,10 @@ impl Confine {
                 for i in 0..n {
                     check(libc::dup2(high[i], dst[i]))?;
                 }
+                if exe {
+                    // Only to be exec'd through: closed in the program itself.
+                    check(libc::fcntl(EXE_FD, libc::F_SETFD, libc::FD_CLOEXEC))?;
+                }
                 if let Some(c) = &cwd {
                     check(libc::chdir(c.as_ptr()))?;
                 }
@@ -104,19 +160,19 @@ impl Confine {
 }
 
 /// `helper SUBCOMMAND DIR --owner UID` (a sandbox's helper process: `__netd`,
-/// `__agent-proxy`) with an empty environment but the log filter, stdin closed, stdout a pipe
-/// for its ready line and stderr its log file. DIR names the sandbox's `run/` directory for
+/// `__agent-proxy`, run through its descriptor: [`Executable`]) with an empty environment but
+/// the log filter, stdin closed, stdout a pipe for its ready line and stderr its log file. DIR names the sandbox's `run/` directory for
 /// the process list and for [`kill_helper`]'s check; the helper works in its current
 /// directory (set to DIR by [`Confine`]), since as the sandbox's user it cannot reach DIR by
 /// its path. UID is the user whose clients it serves.
 pub(crate) fn helper_command(
-    helper: &std::path::Path,
+    helper: &Executable,
     subcommand: &str,
     dir: &std::path::Path,
     log: std::fs::File,
     log_filter: Option<&str>,
 ) -> std::process::Command {
-    let mut cmd = std::process::Command::new(helper);
+    let mut cmd = helper.command();
     // SAFETY: geteuid has no preconditions.
     let owner = unsafe { libc::geteuid() };
     cmd.arg(subcommand)

@@ -81,12 +81,14 @@ pub fn spawn_proxy(
 ) -> std::io::Result<ProxyStart> {
     let log = std::fs::File::create(dir.join("agent-proxy.log"))?;
     let run = crate::vm::qemu::run_dir(dir);
-    let mut cmd = crate::child::helper_command(helper, "__agent-proxy", &run, log, log_filter);
+    let exe = crate::child::Executable::open(helper)?;
+    let mut cmd = crate::child::helper_command(&exe, "__agent-proxy", &run, log, log_filter);
     crate::child::Confine {
         fds: vec![(p.vm.as_raw_fd(), PROXY_VM_FD), (p.console.as_raw_fd(), PROXY_CONSOLE_FD)],
         cwd: Some(run),
         identity: p.identity,
         cgroup_procs: p.cgroup_procs,
+        exe: Some(exe.file.as_raw_fd()),
     }
     .apply(&mut cmd);
     let mut child = cmd.spawn()?;

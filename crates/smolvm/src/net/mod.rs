@@ -169,10 +169,17 @@ pub fn spawn(
     let log = std::fs::File::create(process_log(dir)).map_err(io("create netd.log"))?;
     let config = std::fs::File::open(config_path(dir)).map_err(io("open net.json"))?;
     let run = crate::vm::qemu::run_dir(dir);
-    let mut cmd = crate::child::helper_command(program, "__netd", &run, log, log_filter);
+    let exe = crate::child::Executable::open(program).map_err(io("the smolvm helper"))?;
+    let mut cmd = crate::child::helper_command(&exe, "__netd", &run, log, log_filter);
     cmd.stdin(config);
-    crate::child::Confine { fds: vec![(theirs.as_raw_fd(), WIRE_FD)], cwd: Some(run), identity, cgroup_procs }
-        .apply(&mut cmd);
+    crate::child::Confine {
+        fds: vec![(theirs.as_raw_fd(), WIRE_FD)],
+        cwd: Some(run),
+        identity,
+        cgroup_procs,
+        exe: Some(exe.file.as_raw_fd()),
+    }
+    .apply(&mut cmd);
     let mut child = cmd.spawn().map_err(io(format!("start {} __netd", program.display())))?;
     drop(theirs);
     let pid = child.id() as i32;

@@ -218,9 +218,13 @@ impl QemuConfig {
         for l in &self.layers {
             disks.push(open(l, false)?);
         }
-        let mut cmd = self.command();
+        // Run through its descriptor: the sandbox's uid needs to execute the file, not to
+        // reach its directory.
+        let exe = crate::child::Executable::open(&self.qemu)?;
+        let mut cmd = exe.command();
+        cmd.args(self.command().get_args()).stdin(Stdio::null());
         // QEMU needs nothing of our environment (host API keys and tokens must not reach it).
-        cmd.env_clear().env("PATH", "/usr/local/bin:/usr/bin:/bin");
+        cmd.env_clear().env("PATH", crate::child::CHILD_PATH);
         cmd.stdout(log.try_clone()?).stderr(log);
         let mut fds = vec![
             (plumbing.agent.as_raw_fd(), AGENT_FD),
@@ -238,6 +242,7 @@ impl QemuConfig {
             cwd: Some(run_dir(&self.dir)),
             identity: plumbing.identity,
             cgroup_procs: plumbing.cgroup_procs,
+            exe: Some(exe.file.as_raw_fd()),
         }
         .apply(&mut cmd);
         tracing::debug!("starting {cmd:?}");
