@@ -115,16 +115,29 @@ fn main() -> anyhow::Result<()> {
     let mut report = Report::default();
 
     if !args.network_only {
-        cold_create(&args, work.path(), &mut report)?;
         let home = work.path().join("warm");
-        let sm = open(&home)?;
-        warm_create_and_lifecycle(&args, &sm, &mut report)?;
-        exec_and_cp(&args, &sm, work.path(), &mut report)?;
-        disk_durability(&args, &home, &mut report)?;
-        presets(&args, &sm, &mut report)?;
-        if args.density > 0 {
-            density(&args, &home, &mut report)?;
+        let mut run = || -> anyhow::Result<()> {
+            cold_create(&args, work.path(), &mut report)?;
+            let sm = open(&home)?;
+            warm_create_and_lifecycle(&args, &sm, &mut report)?;
+            exec_and_cp(&args, &sm, work.path(), &mut report)?;
+            disk_durability(&args, &home, &mut report)?;
+            presets(&args, &sm, &mut report)?;
+            if args.density > 0 {
+                density(&args, &home, &mut report)?;
+            }
+            Ok(())
+        };
+        let result = run();
+        if result.is_err() {
+            // A figure failed half-way: no sandbox of this run may outlive it.
+            if let Ok(sm) = open(&home) {
+                for s in sm.list().unwrap_or_default() {
+                    let _ = sm.delete(&s.name);
+                }
+            }
         }
+        result?;
     }
     if let Some(inet) = &inet {
         let r = network::figures(work.path(), args.runs, &mut report);
