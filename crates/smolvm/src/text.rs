@@ -36,6 +36,13 @@ pub fn open_untrusted(path: &std::path::Path) -> std::io::Result<std::fs::File> 
     Ok(f)
 }
 
+/// Creates `path` as a new file of the owner's only (0600), never through a symbolic link or
+/// over an existing file (`O_EXCL|O_NOFOLLOW`): for files written beside untrusted ones.
+pub fn create_private(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(path)
+}
+
 /// The contents of such a file, at most `max` bytes (its start).
 pub fn read_untrusted(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;

@@ -84,7 +84,7 @@ fn socket_pair(what: &str) -> Result<(OwnedFd, OwnedFd), BootError> {
 /// Makes the sandbox's `run/` directory afresh, owned by `identity` (the processes that work
 /// in it), with an empty console log that the booting process opens before any of them runs.
 pub(crate) fn make_run_dir(dir: &Path, identity: Option<Identity>) -> Result<PathBuf, BootError> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::DirBuilderExt;
     let run = qemu::run_dir(dir);
     // The network log and counts outlive a restart (`status`, `logs --network`): read back
     // from the old directory as the untrusted files they are, and written anew.
@@ -98,12 +98,7 @@ pub(crate) fn make_run_dir(dir: &Path, identity: Option<Identity>) -> Result<Pat
     std::fs::DirBuilder::new().mode(0o700).create(&run).map_err(io_err(format!("create {}", run.display())))?;
     for (n, body) in keep {
         let p = run.join(n);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&p)
-            .map_err(io_err(format!("create {}", p.display())))?;
+        let mut f = crate::text::create_private(&p).map_err(io_err(format!("create {}", p.display())))?;
         std::io::Write::write_all(&mut f, &body).map_err(io_err(format!("write {}", p.display())))?;
         if let Some(id) = identity {
             std::os::unix::fs::fchown(&f, Some(id.uid), Some(id.gid))
@@ -111,13 +106,7 @@ pub(crate) fn make_run_dir(dir: &Path, identity: Option<Identity>) -> Result<Pat
         }
     }
     let console = qemu::console_log(dir);
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&console)
-        .map_err(io_err(format!("create {}", console.display())))?;
+    let f = crate::text::create_private(&console).map_err(io_err(format!("create {}", console.display())))?;
     if let Some(id) = identity {
         let chown = |p: &Path| {
             std::os::unix::fs::chown(p, Some(id.uid), Some(id.gid)).map_err(io_err(format!("chown {}", p.display())))

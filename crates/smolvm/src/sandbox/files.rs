@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use super::{SandboxError, Smolvm};
@@ -96,13 +96,7 @@ impl Smolvm {
         };
         let base = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let tmp = dir.join(format!(".{base}.smolvm-partial-{}", std::process::id()));
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)
-            .map_err(io_err("create", &tmp))?;
+        let file = crate::text::create_private(&tmp).map_err(io_err("create", &tmp))?;
         let result = (|| -> Result<(), CopyError> {
             let mut sink = Capped { file: &file, left: stat.size, over: false };
             let read = client.read_file(remote, &mut sink);

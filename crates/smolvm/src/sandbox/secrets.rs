@@ -172,16 +172,9 @@ fn load(dir: &Path) -> Result<Vec<Stored>, super::SandboxError> {
 /// Writes a file of the owner's only, atomically (a temporary file made 0600 first).
 fn write_private(path: &Path, body: &[u8]) -> Result<(), super::SandboxError> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)
-        .map_err(io_err(format!("create {}", tmp.display())))?;
+    let mut f = crate::text::create_private(&tmp).map_err(io_err(format!("create {}", tmp.display())))?;
     f.write_all(body).and_then(|()| f.sync_all()).map_err(io_err(format!("write {}", tmp.display())))?;
     std::fs::rename(&tmp, path).map_err(io_err(format!("rename {}", path.display())))
 }
