@@ -173,6 +173,21 @@ fn a_secret_reaches_its_host_only_and_never_the_guest() {
         w.sh("s", "curl -sS --max-time 20 https://a.test/headers -H \"Authorization: Bearer $OPENAI_API_KEY\"");
     assert_eq!(code, 0, "{got}");
     assert!(got.contains(&arrived("Authorization", &format!("Bearer {REAL}"))), "after a restart: {got}");
+    // A server for the secret's name that the egress cannot verify (here: the test CA not
+    // trusted, as a man in the middle's would not be) gets nothing: the connection fails.
+    common::ok(w.cmd().env("OPENAI_API_KEY", REAL).args([
+        "create",
+        "--name",
+        "u",
+        "--secret",
+        "OPENAI_API_KEY@a.test",
+    ]));
+    let (code, got) =
+        w.sh("u", "curl -sS --max-time 20 https://a.test/headers -H \"Authorization: Bearer $OPENAI_API_KEY\"");
+    assert_ne!(code, 0, "a request went through to an unverified server: {got}");
+    assert!(!got.contains("sha256="), "{got}");
+    common::ok(w.cmd().args(["delete", "u"]));
+
     // Unset: the guest's variable is gone, and nothing is added any more.
     common::ok(w.cmd().args(["secret", "unset", "s", "OTHER_KEY"]));
     let (_, v) = w.sh("s", "printf %s \"${OTHER_KEY:-unset}\"");
