@@ -11,6 +11,7 @@
 #![allow(clippy::print_stdout)]
 
 mod network;
+mod snapshots;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -64,19 +65,19 @@ struct Figure {
 }
 
 #[derive(Debug, Default)]
-struct Report {
+pub(crate) struct Report {
     figures: Vec<Figure>,
 }
 
 impl Report {
-    fn add(&mut self, name: &str, unit: &'static str, samples: &[f64]) {
+    pub(crate) fn add(&mut self, name: &str, unit: &'static str, samples: &[f64]) {
         if let Some(summary) = Summary::of(samples) {
             self.figures.push(Figure { name: name.to_string(), unit, summary });
         }
     }
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
@@ -123,6 +124,7 @@ fn main() -> anyhow::Result<()> {
             exec_and_cp(&args, &sm, work.path(), &mut report)?;
             disk_durability(&args, &home, &mut report)?;
             presets(&args, &sm, &mut report)?;
+            snapshots::figures(args.runs, args.density, &sm, &mut report)?;
             if args.density > 0 {
                 density(&args, &home, &mut report)?;
             }
@@ -197,7 +199,7 @@ fn machine() -> String {
     format!("{cores} cores, {}", model.unwrap_or_else(|| "unknown CPU".into()))
 }
 
-fn opts(name: &str) -> CreateOptions {
+pub(crate) fn opts(name: &str) -> CreateOptions {
     CreateOptions { name: Some(name.to_string()), ..CreateOptions::default() }
 }
 
@@ -238,7 +240,9 @@ fn warm_create_and_lifecycle(args: &Args, sm: &Smolvm, report: &mut Report) -> a
     let (mut stop, mut start, mut delete, mut lifecycle) = (vec![], vec![], vec![], vec![]);
     for run in 0..=args.runs {
         let t0 = Instant::now();
-        let info = sm.create(&opts("warm"), &mut |_| {})?;
+        // Booting the kernel: the boot phases are the figure (create restores the boot
+        // snapshot otherwise; see snapshots.rs).
+        let info = sm.create(&CreateOptions { cold: true, ..opts("warm") }, &mut |_| {})?;
         let t_create = t0.elapsed();
         let b = info.boot_us.context("no boot phases recorded")?;
         // Let the guest settle before reading memory: boot-time page touches are the figure.
@@ -279,17 +283,17 @@ fn warm_create_and_lifecycle(args: &Args, sm: &Smolvm, report: &mut Report) -> a
         delete.push(ms(t_delete));
         lifecycle.push(ms(t_life));
     }
-    report.add("warm create to ready", "ms", &create);
+    report.add("warm create to ready (booting, --cold)", "ms", &create);
     report.add("  VMM start to ready (host clock)", "ms", &host_ready);
     report.add("  QEMU start + firmware + kernel load (host - guest)", "ms", &before_guest);
     report.add("  guest: kernel boot (to init)", "ms", &kernel);
     report.add("  guest: init mounts + overlay root", "ms", &mounts);
     report.add("  guest: network", "ms", &network);
-    report.add("  guest: host key + sshd listening", "ms", &sshd);
+    report.add("  guest: host key + sshd started", "ms", &sshd);
     report.add("stop (clean power-off)", "ms", &stop);
     report.add("start (boot again)", "ms", &start);
     report.add("delete (stopped sandbox)", "ms", &delete);
-    report.add("lifecycle create -> exec true (agent) -> delete", "ms", &lifecycle);
+    report.add("lifecycle create -> exec true (agent) -> delete (boot snapshot)", "ms", &lifecycle);
     report.add("QEMU RSS per idle sandbox", "MiB", &rss);
     report.add("QEMU PSS per idle sandbox", "MiB", &pss);
     Ok(())
@@ -493,7 +497,7 @@ fn density(args: &Args, home: &Path, report: &mut Report) -> anyhow::Result<()> 
 }
 
 /// RSS and PSS of a process in KiB, from `/proc/<pid>/smaps_rollup`.
-fn memory_kib(pid: i32) -> anyhow::Result<(u64, u64)> {
+pub(crate) fn memory_kib(pid: i32) -> anyhow::Result<(u64, u64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
     let field = |name: &str| {
         text.lines()

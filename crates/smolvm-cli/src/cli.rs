@@ -26,6 +26,11 @@ PRESETS (the same base, with an AI coding agent's tooling as a layer on top):
 
 LIFECYCLE:
   list | status NAME | stop NAME | start NAME | delete NAME | logs NAME
+  pause NAME | resume NAME                 save memory+disk and end the VM; continue it later
+  snapshot NAME [--name SNAP]              save it while it runs; snapshot list | delete SNAP
+  create --from-snapshot SNAP              a new sandbox continuing from a snapshot
+  fork NAME [--count K]                    new sandboxes continuing from NAME as it is now
+  create --cold                            boot the kernel instead of the boot snapshot
   expose NAME GUEST_PORT [HOST_PORT]       forward 127.0.0.1:HOST_PORT to the guest
   logs NAME [--network]                    console log, or the connections the policy refused
 
@@ -120,6 +125,32 @@ pub enum Command {
         #[arg(long, default_value_t = smolvm::sandbox::DEFAULT_READY_TIMEOUT.as_secs())]
         timeout: u64,
     },
+    /// Save a running sandbox's memory, devices and disk and end its QEMU: it holds no host
+    /// memory and survives a host reboot. `resume` continues it where it was.
+    Pause { name: String },
+    /// Continue a paused sandbox where it was (processes, open files, memory).
+    Resume {
+        name: String,
+        #[arg(long, default_value_t = smolvm::sandbox::DEFAULT_READY_TIMEOUT.as_secs())]
+        timeout: u64,
+    },
+    /// Snapshots: `smolvm snapshot NAME [--name SNAP]` saves running NAME (memory, devices,
+    /// disk) while it keeps running; `smolvm snapshot list`; `smolvm snapshot delete SNAP`.
+    /// New sandboxes continue from one with `smolvm create --from-snapshot SNAP`.
+    Snapshot(SnapshotArgs),
+    /// New sandboxes that continue from running NAME as it is now (memory included), each with
+    /// its own disk, hostname, SSH host key and random state.
+    Fork {
+        name: String,
+        /// How many.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// The new sandbox's name (with --count K: NAME-1 ... NAME-K); default: generated.
+        #[arg(long = "name")]
+        new_name: Option<String>,
+        #[arg(long, default_value_t = smolvm::sandbox::DEFAULT_READY_TIMEOUT.as_secs())]
+        timeout: u64,
+    },
     /// Delete a sandbox: its VM is killed (its disk is thrown away, so no clean power-off is
     /// needed), its disk and record removed.
     #[command(alias = "rm")]
@@ -176,6 +207,29 @@ pub enum Command {
     },
 }
 
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct SnapshotArgs {
+    #[command(subcommand)]
+    pub command: Option<SnapshotCommand>,
+    /// The sandbox to snapshot.
+    pub sandbox: Option<String>,
+    /// The snapshot's name (default: SANDBOX-<unix time>).
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// The snapshots: source, size, when.
+    List,
+    /// Delete snapshots (sandboxes made from them keep running).
+    Delete {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+}
+
 #[derive(Debug, Subcommand)]
 pub enum NetworkCommand {
     /// Replace the policy (every flag not given goes back to its default): applied to new
@@ -226,15 +280,22 @@ pub struct CreateArgs {
     /// Sandbox name (default: a generated sbx-xxxxxx).
     #[arg(long)]
     pub name: Option<String>,
-    /// Memory in MiB.
-    #[arg(long, default_value_t = smolvm::sandbox::DEFAULT_MEMORY_MIB)]
-    pub memory: u32,
-    /// Virtual CPUs.
-    #[arg(long, default_value_t = smolvm::sandbox::DEFAULT_CPUS)]
-    pub cpus: u32,
-    /// Writable disk space in MiB (the base image is shared and read-only).
-    #[arg(long = "disk-size", default_value_t = smolvm::sandbox::DEFAULT_DISK_MIB)]
-    pub disk_size: u64,
+    /// Memory in MiB [default: 512; with --from-snapshot, the snapshot's].
+    #[arg(long)]
+    pub memory: Option<u32>,
+    /// Virtual CPUs [default: 1; with --from-snapshot, the snapshot's].
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// Writable disk space in MiB (the base image is shared and read-only) [default: 2048;
+    /// with --from-snapshot, the snapshot's].
+    #[arg(long = "disk-size")]
+    pub disk_size: Option<u64>,
+    /// Continue from this snapshot (smolvm snapshot NAME --name SNAP) instead of booting.
+    #[arg(long = "from-snapshot", value_name = "SNAP")]
+    pub from_snapshot: Option<String>,
+    /// Boot the kernel, even where the boot snapshot of this configuration could be restored.
+    #[arg(long)]
+    pub cold: bool,
     #[command(flatten)]
     pub net: NetworkArgs,
     /// auto: KVM where it works, else TCG (software emulation, slower).

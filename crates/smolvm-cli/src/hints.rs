@@ -64,6 +64,7 @@ fn hint(e: &(dyn std::error::Error + 'static)) -> Option<String> {
                     format!("its VM exited; see smolvm logs {name}, then smolvm delete {name} (or smolvm start {name})")
                 }
                 Status::Creating => "wait for smolvm create to finish".into(),
+                Status::Paused => format!("smolvm resume {name} first"),
                 _ => format!("smolvm start {name} first"),
             }),
             _ => None,

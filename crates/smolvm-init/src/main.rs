@@ -7,7 +7,8 @@
 //!    then [`rootfs`]: the overlay of the shared base and the sandbox's own disk, if asked for;
 //! 2. [`net`]: hostname, `lo`, and the interface from the kernel's `ip=` argument, via netlink;
 //! 3. [`ssh`]: root's `authorized_keys` from `smolvm.authorized_key_b64`, a fresh ed25519 host
-//!    key, sshd started and awaited;
+//!    key, a machine-id, sshd started (not awaited: readiness means "the agent answers", and
+//!    the host asks the agent to wait for sshd when it needs SSH);
 //! 4. [`agent`] started (before sshd), then the readiness line (see `smolvm_protocol::ready`)
 //!    on the console and in the agent's Hello;
 //! 5. [`supervisor`]: reap orphans until SIGTERM or Ctrl-Alt-Del, then sync, unmount, power off.
@@ -21,6 +22,7 @@ mod log;
 mod mounts;
 mod net;
 mod reaper;
+mod refresh;
 mod rootfs;
 mod ssh;
 mod supervisor;
@@ -60,6 +62,9 @@ fn main() {
     // The agent listens before sshd starts; it answers a host's Hello once the guest is ready.
     agent::start();
 
+    if let Err(e) = refresh::write_machine_id() {
+        log::error!("write /etc/machine-id: {e}");
+    }
     let host_key = ssh::bring_up(cmdline::get(&cmdline, cmdline::AUTHORIZED_KEY_B64));
     phases.sshd = clock::boottime_us();
 

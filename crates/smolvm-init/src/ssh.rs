@@ -1,4 +1,9 @@
 //! SSH bring-up: root's authorized key from the command line, a fresh host key, sshd.
+//!
+//! Readiness does not wait for sshd: most of what the host does goes through the agent, and
+//! sshd's start-up (an exec and a config parse) is a large share of a boot under emulation.
+//! The host key is made first (the readiness facts carry it); whoever needs SSH asks the agent
+//! to wait for the listener ([`wait_listening`]).
 
 use std::fs;
 use std::io::{self, Write};
@@ -15,12 +20,12 @@ use crate::log;
 const SSHD: &str = "/usr/sbin/sshd";
 /// The one host key sshd loads (the image's `sshd_config.d/smolvm.conf` names only this one).
 const HOST_KEY: &str = "/etc/ssh/ssh_host_ed25519_key";
-/// How long sshd may take to listen. Generous: under an emulated CPU, exec plus config parsing
-/// takes a good fraction of a second; on KVM it is a few milliseconds.
-const SSHD_LISTEN_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Installs the authorized key (if any), creates a host key, starts sshd and waits until it
-/// accepts connections. Returns the host public key line.
+/// sshd's pid (0 before it started): [`rekey`] signals it.
+static SSHD_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// Installs the authorized key (if any), creates a host key and starts sshd without waiting
+/// for it to listen. Returns the host public key line.
 pub fn bring_up(authorized_key_b64: Option<&str>) -> io::Result<String> {
     match authorized_key_b64 {
         None => log::info!("no smolvm.authorized_key_b64 on the command line; root has no SSH key"),
@@ -33,6 +38,48 @@ pub fn bring_up(authorized_key_b64: Option<&str>) -> io::Result<String> {
     let public = generate_host_key()?;
     start_sshd()?;
     Ok(public)
+}
+
+/// A clone's new SSH identity: root's key (that of the home restoring it), a fresh host key,
+/// and sshd restarted on it (SIGHUP: sshd re-executes itself and reloads its keys; its pid
+/// stays). Returns the new host public key line.
+pub fn rekey(authorized_key_b64: &str) -> io::Result<String> {
+    install_authorized_keys(authorized_key_b64).map_err(io::Error::other)?;
+    let public = generate_host_key()?;
+    let pid = SSHD_PID.load(std::sync::atomic::Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill(2) with a pid and a signal number has no memory effects.
+        if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
+            return Err(io::Error::other(format!("signal sshd ({pid}): {}", io::Error::last_os_error())));
+        }
+        // sshd closes its listener and opens it again as it re-executes: a wait for the
+        // listener that starts now must not see the old one.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while listening_on_port_22() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    Ok(public)
+}
+
+/// Waits until sshd accepts connections, at most `timeout`.
+pub fn wait_listening(timeout: Duration) -> io::Result<()> {
+    let start = Instant::now();
+    loop {
+        if listening_on_port_22() {
+            return Ok(());
+        }
+        if SSHD_PID.load(std::sync::atomic::Ordering::SeqCst) <= 0 {
+            return Err(io::Error::other("sshd is not running in this guest (see its console)"));
+        }
+        if start.elapsed() > timeout {
+            return Err(io::Error::other(format!("sshd did not listen on port 22 within {timeout:?}")));
+        }
+        // sshd (without systemd) sends no readiness notification, and connecting to it to
+        // find out would make it log a spurious connection: so its listening socket is looked
+        // up in /proc every 2 ms.
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 /// Decodes and checks the keys, then writes `/root/.ssh/authorized_keys` (0600, dir 0700).
@@ -93,23 +140,11 @@ fn start_sshd() -> io::Result<()> {
     unsafe {
         cmd.pre_exec(crate::supervisor::unblock_signals_in_child);
     }
-    let mut child = cmd.spawn().map_err(|e| io::Error::other(format!("start {SSHD}: {e}")))?;
-    let start = Instant::now();
-    loop {
-        if listening_on_port_22() {
-            return Ok(());
-        }
-        if let Some(status) = child.try_wait()? {
-            return Err(io::Error::other(format!("sshd exited during start-up ({status}); its messages are above")));
-        }
-        if start.elapsed() > SSHD_LISTEN_TIMEOUT {
-            return Err(io::Error::other(format!("sshd did not listen on port 22 within {SSHD_LISTEN_TIMEOUT:?}")));
-        }
-        // sshd (without systemd) sends no readiness notification, and connecting to it to
-        // find out would make it log a spurious connection: so its listening socket is looked
-        // up in /proc every 2 ms (a few dozen reads in a boot).
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    let child = cmd.spawn().map_err(|e| io::Error::other(format!("start {SSHD}: {e}")))?;
+    SSHD_PID.store(child.id() as i32, std::sync::atomic::Ordering::SeqCst);
+    // Reaped by the supervisor (waitpid(-1)), like every child of PID 1.
+    drop(child);
+    Ok(())
 }
 
 /// True once a socket listens on TCP port 22. Read from `/proc/net/tcp{,6}` rather than by

@@ -53,7 +53,7 @@ pub struct ReadyV1 {
 }
 
 /// The protocol version this crate speaks (the newest).
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// The oldest version this crate still speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 /// The virtio-serial port's name (`/sys/class/virtio-ports/*/name` in the guest).
@@ -166,6 +166,48 @@ pub enum HostMsg {
     Ping {
         id: u32,
     },
+    /// v3: after a restore from a snapshot: reseed the kernel's random state, step the clock,
+    /// and (for a clone) take a new identity. A [`Refresh`] as JSON, so that it can grow;
+    /// answered with [`GuestMsg::Refreshed`].
+    Refresh {
+        id: u32,
+        json: String,
+    },
+    /// v3: answered with [`GuestMsg::Done`] once sshd accepts connections (readiness does not
+    /// wait for it), or an error after `timeout_ms`.
+    WaitSsh {
+        id: u32,
+        timeout_ms: u64,
+    },
+}
+
+/// What [`HostMsg::Refresh`] asks of the guest (travels as JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refresh {
+    /// Random bytes from the host, hex: mixed into the kernel's pool, which is then reseeded,
+    /// so that two guests restored from one snapshot never produce the same random bytes.
+    pub seed_hex: String,
+    /// The host's wall clock (ns since the epoch): the guest's clock is stepped to it.
+    pub unix_ns: u64,
+    /// A new identity, for a guest that is a clone (not for a resume).
+    pub identity: Option<Identity>,
+}
+
+/// A clone's own identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub hostname: String,
+    /// Base64 of root's `authorized_keys` (the key of the home that restores the snapshot).
+    pub authorized_key_b64: String,
+}
+
+/// The guest's answer to a [`Refresh`] (as JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Refreshed {
+    /// The new SSH host public key, when an identity was asked for.
+    pub host_key: Option<String>,
+    /// Steps that failed, each a line (the others were done).
+    pub errors: Vec<String>,
 }
 
 /// How a process ended.
@@ -241,6 +283,11 @@ pub enum GuestMsg {
         version: u32,
         ready_json: String,
     },
+    /// v3: the answer to [`HostMsg::Refresh`]: a [`Refreshed`] as JSON.
+    Refreshed {
+        id: u32,
+        json: String,
+    },
 }
 
 impl HostMsg {
@@ -249,6 +296,7 @@ impl HostMsg {
     pub fn since(&self) -> u32 {
         match self {
             HostMsg::Ping { .. } => 2,
+            HostMsg::Refresh { .. } | HostMsg::WaitSsh { .. } => 3,
             _ => 1,
         }
     }
@@ -269,6 +317,8 @@ impl HostMsg {
             HostMsg::SetEnv { .. } => "SetEnv",
             HostMsg::Shutdown => "Shutdown",
             HostMsg::Ping { .. } => "Ping",
+            HostMsg::Refresh { .. } => "Refresh",
+            HostMsg::WaitSsh { .. } => "WaitSsh",
         }
     }
 
@@ -276,7 +326,7 @@ impl HostMsg {
     pub fn id_mut(&mut self) -> Option<&mut u32> {
         match self {
             HostMsg::Hello { .. } | HostMsg::Shutdown => None,
-            HostMsg::Ping { id } => Some(id),
+            HostMsg::Ping { id } | HostMsg::Refresh { id, .. } | HostMsg::WaitSsh { id, .. } => Some(id),
             HostMsg::Exec { id, .. }
             | HostMsg::Stdin { id, .. }
             | HostMsg::StdinClose { id }
@@ -300,6 +350,8 @@ impl HostMsg {
                 | HostMsg::Stat { .. }
                 | HostMsg::SetEnv { .. }
                 | HostMsg::Ping { .. }
+                | HostMsg::Refresh { .. }
+                | HostMsg::WaitSsh { .. }
         )
     }
 }
@@ -309,6 +361,7 @@ impl GuestMsg {
     pub fn since(&self) -> u32 {
         match self {
             GuestMsg::HelloV2 { .. } => 2,
+            GuestMsg::Refreshed { .. } => 3,
             _ => 1,
         }
     }
@@ -345,6 +398,7 @@ impl GuestMsg {
             | GuestMsg::FileEnd { id, .. }
             | GuestMsg::StatResult { id, .. }
             | GuestMsg::Done { id }
+            | GuestMsg::Refreshed { id, .. }
             | GuestMsg::Error { id, .. } => Some(id),
         }
     }
@@ -357,6 +411,7 @@ impl GuestMsg {
                 | GuestMsg::FileEnd { .. }
                 | GuestMsg::StatResult { .. }
                 | GuestMsg::Done { .. }
+                | GuestMsg::Refreshed { .. }
                 | GuestMsg::Error { .. }
         )
     }

@@ -49,6 +49,8 @@ fn host_samples() -> Vec<(&'static str, HostMsg)> {
         ("set_env", HostMsg::SetEnv { id: 4, vars: vec![("K".into(), "v".into())] }),
         ("shutdown", HostMsg::Shutdown),
         ("ping", HostMsg::Ping { id: 5 }),
+        ("refresh", HostMsg::Refresh { id: 6, json: "{}".into() }),
+        ("wait_ssh", HostMsg::WaitSsh { id: 7, timeout_ms: 1000 }),
     ]
 }
 
@@ -67,6 +69,7 @@ fn guest_samples() -> Vec<(&'static str, GuestMsg)> {
         ("done", GuestMsg::Done { id: 4 }),
         ("error", GuestMsg::Error { id: 4, message: "no".into() }),
         ("hello_v2", GuestMsg::hello(2, &ready())),
+        ("refreshed", GuestMsg::Refreshed { id: 6, json: "{}".into() }),
     ]
 }
 

@@ -18,6 +18,7 @@ pub mod lock;
 pub mod net;
 pub mod paths;
 pub mod sandbox;
+pub mod snapshot;
 pub mod state;
 pub mod text;
 pub mod timefmt;

@@ -45,6 +45,16 @@ impl Home {
         self.cache.join("images")
     }
 
+    /// Snapshots a user took (`smolvm snapshot`), one directory each.
+    pub fn snapshots(&self) -> PathBuf {
+        self.data.join("snapshots")
+    }
+
+    /// Boot snapshots: a cache, like the images they are made from (`image prune` empties it).
+    pub fn boot_snapshots(&self) -> PathBuf {
+        self.cache.join("boot-snapshots")
+    }
+
     pub fn sandboxes(&self) -> PathBuf {
         self.data.join("sandboxes")
     }

@@ -32,6 +32,23 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// Waits (bounded) until something on 127.0.0.1:`port` sends an SSH banner.
+fn wait_for_banner(port: u16, within: Duration) {
+    use std::io::Read;
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut b = [0u8; 8];
+            if s.read_exact(&mut b).is_ok() && b.starts_with(b"SSH-") {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("no SSH banner on port {port} within {within:?}");
+}
+
 fn ssh(key: &Path, known_hosts: &Path, port: u16, cmd: &str) -> std::process::Output {
     Command::new("ssh")
         .arg("-i")
@@ -84,6 +101,8 @@ fn release_boots_and_serves_strict_ssh() {
         dir: work.path().to_path_buf(),
         qemu: "qemu-system-x86_64".into(),
         upper_cache: smolvm::vm::qemu::DiskCache::Writeback,
+        memory: smolvm::vm::qemu::Memory::Anonymous,
+        incoming: false,
     };
     // The production plumbing too: the console and agent port are socket pairs (the agent
     // proxy's job, here a thread that writes the console as the proxy does); QEMU works in
@@ -101,6 +120,8 @@ fn release_boots_and_serves_strict_ssh() {
         console: console_qemu.into(),
         identity: None,
         cgroup_procs: vec![],
+        ram: None,
+        incoming: None,
     };
     let child = cfg
         .spawn(plumbing, std::fs::File::create(work.path().join("qemu.stderr")).unwrap())
@@ -119,6 +140,9 @@ fn release_boots_and_serves_strict_ssh() {
     assert!(ready.boot_us.init <= ready.boot_us.mounts && ready.boot_us.mounts <= ready.boot_us.network);
     assert!(ready.boot_us.network <= ready.boot_us.sshd);
 
+    // Readiness does not wait for sshd (the host asks the agent when it needs SSH); with no
+    // agent here, wait for sshd's banner, so that the refusal below is the host key's.
+    wait_for_banner(port, Duration::from_secs(60));
     // A wrong host key must be refused: this is what makes the pinning meaningful.
     let wrong = work.path().join("known_hosts.wrong");
     let other = pubkey.split_whitespace().take(2).collect::<Vec<_>>().join(" ");

@@ -6,6 +6,7 @@ mod image;
 mod network;
 mod sandbox;
 mod secret;
+mod snapshot;
 
 use crate::cli::{Cli, Command, Parsed, PresetCommand, PresetListCommand};
 
@@ -30,6 +31,10 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Stop { name, timeout } => sandbox::stop(&name, timeout, json),
         Command::Start { name, timeout } => sandbox::start(&name, timeout, json),
         Command::Delete { names, force: _ } => sandbox::delete(&names, json),
+        Command::Pause { name } => snapshot::pause(&name, json),
+        Command::Resume { name, timeout } => snapshot::resume(&name, timeout, json),
+        Command::Snapshot(a) => snapshot::run(a, json),
+        Command::Fork { name, count, new_name, timeout } => snapshot::fork(&name, count, new_name, timeout, json),
         Command::Logs { name, network: false } => sandbox::logs(&name),
         Command::Logs { name, network: true } => network::logs(&name),
         Command::Network(c) => network::run(c, json),

@@ -20,8 +20,12 @@ pub fn create(args: CreateArgs, json: bool) -> anyhow::Result<i32> {
     if json {
         print_json(&json!({ "sandbox": info.0, "seconds": info.1 }))?;
     } else {
+        let how = match info.0.started_from.as_deref() {
+            Some("boot") | None => String::new(),
+            Some(f) => format!(", from {f}"),
+        };
         say(format!(
-            "{} is ready ({:.1} s, {}). Try: smolvm exec {} -- uname -a",
+            "{} is ready ({:.1} s, {}{how}). Try: smolvm exec {} -- uname -a",
             info.0.name, info.1, info.0.accel, info.0.name
         ));
     }
@@ -39,11 +43,18 @@ fn create_sandbox(
     extra_secrets.retain(|s| !given.iter().any(|g| g.name == s.name));
     given.append(&mut extra_secrets);
     let extra_secrets = given;
+    // From a snapshot, what is not given is the snapshot's (and what is given must agree).
+    let snap = match &args.from_snapshot {
+        Some(s) => Some(sm.snapshot_info(s)?),
+        None => None,
+    };
     let opts = CreateOptions {
         name: args.name,
-        memory_mib: args.memory,
-        cpus: args.cpus,
-        disk_mib: args.disk_size,
+        memory_mib: args.memory.or(snap.as_ref().map(|s| s.memory_mib)).unwrap_or(smolvm::sandbox::DEFAULT_MEMORY_MIB),
+        cpus: args.cpus.or(snap.as_ref().map(|s| s.cpus)).unwrap_or(smolvm::sandbox::DEFAULT_CPUS),
+        disk_mib: args.disk_size.or(snap.as_ref().map(|s| s.disk_mib)).unwrap_or(smolvm::sandbox::DEFAULT_DISK_MIB),
+        from_snapshot: args.from_snapshot,
+        cold: args.cold,
         network: super::network::policy(&args.net)?,
         accel: match args.accel {
             AccelArg::Kvm => AccelChoice::Kvm,
@@ -60,6 +71,7 @@ fn create_sandbox(
         CreateEvent::Notice(n) => eprintln!("{n}"),
         CreateEvent::Fetch(f) => progress.event(f),
         CreateEvent::Booting { accel } => tracing::debug!("booting ({accel})"),
+        CreateEvent::Restoring { from } => tracing::debug!("restoring ({from})"),
     })?;
     Ok((info, start.elapsed().as_secs_f64()))
 }

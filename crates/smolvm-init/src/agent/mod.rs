@@ -184,6 +184,27 @@ fn handle(s: &mut Session, msg: HostMsg) {
         HostMsg::Ping { id } => {
             s.out.send(&GuestMsg::Done { id });
         }
+        HostMsg::Refresh { id, json } => {
+            // Inline, not in a thread: nothing else the host sent after it may run before the
+            // guest is reseeded and renamed.
+            match serde_json::from_str::<smolvm_protocol::agent::Refresh>(&json) {
+                Ok(r) => {
+                    let done = crate::refresh::apply(&r);
+                    let json = serde_json::to_string(&done).unwrap_or_default();
+                    s.out.send(&GuestMsg::Refreshed { id, json });
+                }
+                Err(e) => s.out.error(id, format!("an unreadable Refresh: {e}")),
+            }
+        }
+        HostMsg::WaitSsh { id, timeout_ms } => {
+            let out = s.out.clone();
+            let _ = std::thread::Builder::new().name("wait-ssh".into()).spawn(move || {
+                match crate::ssh::wait_listening(Duration::from_millis(timeout_ms)) {
+                    Ok(()) => out.send(&GuestMsg::Done { id }),
+                    Err(e) => out.send(&GuestMsg::Error { id, message: e.to_string() }),
+                };
+            });
+        }
         HostMsg::Shutdown => {
             // SAFETY: kill(2) on our own pid; the supervisor turns SIGTERM into a power-off.
             unsafe { libc::kill(1, libc::SIGTERM) };

@@ -61,14 +61,14 @@ fn apply(nl: &mut netlink::Route, cfg: &IpConfig) -> std::io::Result<()> {
     Ok(())
 }
 
-fn valid_hostname(h: &str) -> bool {
+pub fn valid_hostname(h: &str) -> bool {
     !h.is_empty()
         && h.len() <= 63
         && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
         && !h.starts_with('-')
 }
 
-fn set_hostname(name: &str) {
+pub fn set_hostname(name: &str) {
     // SAFETY: the pointer and length describe `name`'s bytes, which outlive the call.
     if unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) } != 0 {
         log::error!("sethostname {name}: {}", std::io::Error::last_os_error());

@@ -210,6 +210,35 @@ impl AgentClient {
         }
     }
 
+    /// After a restore (v3): reseeds the guest's random state, steps its clock, and gives a
+    /// clone its identity (see `smolvm-init`'s `refresh`). Returns what the guest did.
+    pub fn refresh(
+        &self,
+        r: &smolvm_protocol::agent::Refresh,
+    ) -> Result<smolvm_protocol::agent::Refreshed, AgentError> {
+        let json = serde_json::to_string(r).map_err(|e| self.lost(e.to_string()))?;
+        let (_, rx) = self.open(|id| HostMsg::Refresh { id, json })?;
+        match self.reply(&rx)? {
+            GuestMsg::Refreshed { json, .. } => {
+                serde_json::from_str(&json).map_err(|e| self.lost(format!("an unreadable Refreshed: {e}")))
+            }
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    /// Waits until the guest's sshd accepts connections (readiness does not wait for it).
+    /// A guest older than v3 waited for sshd before it was ready: nothing to wait for.
+    pub fn wait_ssh(&self, timeout: Duration) -> Result<(), AgentError> {
+        if self.version < 3 {
+            return Ok(());
+        }
+        let (_, rx) = self.open(|id| HostMsg::WaitSsh { id, timeout_ms: timeout.as_millis() as u64 })?;
+        match self.reply(&rx)? {
+            GuestMsg::Done { .. } => Ok(()),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
     /// The next reply to a request: the guest's `Error` and a closed connection become errors.
     fn reply(&self, rx: &Receiver<GuestMsg>) -> Result<GuestMsg, AgentError> {
         match rx.recv() {

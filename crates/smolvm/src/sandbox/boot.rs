@@ -32,6 +32,30 @@ pub(super) struct BootFiles {
     pub layers: Vec<PathBuf>,
 }
 
+/// How a boot starts the guest.
+#[derive(Debug, Clone)]
+pub(super) enum Start {
+    /// The kernel boots.
+    Cold,
+    /// The guest continues from a saved state (`super::restore`).
+    Restore(Restore),
+}
+
+/// A saved state to continue from.
+#[derive(Debug, Clone)]
+pub(super) struct Restore {
+    /// A sealed snapshot's RAM image, mapped copy-on-write, with `stream` its devices only;
+    /// or `None`: `stream` is a mapped-ram stream, loaded into anonymous memory (a resume).
+    pub ram: Option<PathBuf>,
+    pub stream: PathBuf,
+    /// A clone gets a new identity (hostname, machine-id, SSH host key); a resume keeps its own.
+    pub clone: bool,
+    /// The SSH host key the guest had when it was saved (what a resume keeps).
+    pub host_key: Option<String>,
+    /// What the row records it started from (`boot-snapshot`, `snapshot:NAME`, `resume`).
+    pub origin: String,
+}
+
 /// Why a boot failed; the console tail is included where it helps.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
@@ -53,6 +77,8 @@ pub enum BootError {
     NoVmUsers,
     #[error("all {count} uids of the sandboxes' range are taken")]
     NoFreeUid { count: u32 },
+    #[error("the guest did not continue from its saved state: {reason}\n--- qemu.log ---\n{qemu_log}")]
+    Restore { reason: String, qemu_log: String },
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BootError {
@@ -118,8 +144,37 @@ pub(crate) fn make_run_dir(dir: &Path, identity: Option<Identity>) -> Result<Pat
 }
 
 impl Smolvm {
+    /// The QEMU that runs `row`'s sandbox (cold: anonymous memory, no `-incoming`).
+    pub(super) fn qemu_config(
+        &self,
+        row: &SandboxRow,
+        accel: &Accel,
+        files: &BootFiles,
+        cmdline: String,
+        netdev: Netdev,
+    ) -> QemuConfig {
+        let dir = self.dir(&row.name);
+        QemuConfig {
+            name: row.name.clone(),
+            accel: accel.clone(),
+            memory_mib: row.memory_mib,
+            cpus: row.cpus,
+            kernel: files.kernel.clone(),
+            cmdline,
+            base: files.rootfs.clone(),
+            upper: dir.join("disk.ext4"),
+            layers: files.layers.clone(),
+            netdev,
+            dir,
+            qemu: self.config().qemu.clone(),
+            upper_cache: if self.unsafe_disk_cache { qemu::DiskCache::Unsafe } else { qemu::DiskCache::Writeback },
+            memory: qemu::Memory::Anonymous,
+            incoming: false,
+        }
+    }
+
     /// Who the sandbox's processes run as: its own uid when we are root, else the caller.
-    fn identity_of(&self, name: &str) -> Result<Option<Identity>, BootError> {
+    pub(super) fn identity_of(&self, name: &str) -> Result<Option<Identity>, BootError> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return Ok(None);
@@ -137,6 +192,7 @@ impl Smolvm {
         accel: &Accel,
         files: &BootFiles,
         timeout: Duration,
+        start: &Start,
     ) -> Result<(), BootError> {
         let dir = self.dir(&row.name);
         let key_b64 = public_key_b64(&self.home().keys())?;
@@ -215,27 +271,39 @@ impl Smolvm {
                 return Err(io_err("start the agent proxy")(e));
             }
         };
-        let cfg = QemuConfig {
-            name: row.name.clone(),
-            accel: accel.clone(),
-            memory_mib: row.memory_mib,
-            cpus: row.cpus,
-            kernel: files.kernel.clone(),
-            cmdline: kernel_cmdline(&row.name, accel, files.layers.len(), &key_b64),
-            base: files.rootfs.clone(),
-            upper: dir.join("disk.ext4"),
-            layers: files.layers.clone(),
-            netdev: cfg_netdev,
-            dir: dir.clone(),
-            qemu: self.config().qemu.clone(),
-            upper_cache: if self.unsafe_disk_cache { qemu::DiskCache::Unsafe } else { qemu::DiskCache::Writeback },
+        let mut cfg = self.qemu_config(
+            row,
+            accel,
+            files,
+            kernel_cmdline(&row.name, accel, files.layers.len(), &key_b64),
+            cfg_netdev,
+        );
+        if let Start::Restore(r) = start {
+            cfg.incoming = true;
+            if r.ram.is_some() {
+                cfg.memory = qemu::Memory::SnapshotImage;
+            }
+        }
+        let (ram, incoming) = match super::restore::open_inputs(start) {
+            Ok(x) => x,
+            Err(e) => {
+                kill_netd(&wire);
+                return Err(e);
+            }
         };
         let (wire_pid, qemu_end) = match wire {
             Some(w) => (Some(w.pid), Some(w.qemu_end)),
             None => (None, None),
         };
-        let plumbing =
-            qemu::Plumbing { wire: qemu_end, agent: agent_qemu, console: console_qemu, identity, cgroup_procs: procs };
+        let plumbing = qemu::Plumbing {
+            wire: qemu_end,
+            agent: agent_qemu,
+            console: console_qemu,
+            identity,
+            cgroup_procs: procs,
+            ram,
+            incoming,
+        };
         // Our copies of QEMU's ends close when `plumbing` is dropped inside, so that the
         // helpers see QEMU's exit.
         let mut child = match spawn_qemu(&cfg, plumbing) {
@@ -269,6 +337,12 @@ impl Smolvm {
             );
             BootError::NotReady { cause, console: console.display().to_string(), tail }
         };
+        if let Start::Restore(r) = start {
+            let host_key = self.finish_restore(row, &dir, pid, &key_b64, r, proxy, timeout)?;
+            row.started_from = Some(r.origin.clone());
+            let elapsed = started.elapsed();
+            return self.record_running(row, &dir, pid, pid_start, ssh_port, host_key, None, elapsed);
+        }
         let pidfd = process::pidfd(pid).map_err(|e| fail(WaitError::Io(e)))?;
         let ready: Ready = wait_for_ready(&console, &pidfd, timeout).map_err(&mut fail)?;
         // Ready on the console means sshd and the agent are up. The proxy says so once it holds
@@ -281,15 +355,34 @@ impl Smolvm {
             return Err(BootError::Agent(e));
         }
         let elapsed = started.elapsed();
-        super::ssh::write_known_hosts(&dir.join("known_hosts"), ssh_port, &ready.host_key)
-            .map_err(io_err("write known_hosts"))?;
         tracing::debug!("{} ready in {elapsed:?}: {:?}", row.name, ready.boot_us);
+        row.started_from = Some("boot".into());
+        self.record_running(row, &dir, pid, pid_start, ssh_port, ready.host_key, Some(ready.boot_us), elapsed)
+    }
+
+    /// The guest is ready: its host key pinned, its row says running.
+    #[allow(clippy::too_many_arguments)]
+    fn record_running(
+        &self,
+        row: &mut SandboxRow,
+        dir: &Path,
+        pid: i32,
+        pid_start: Option<u64>,
+        ssh_port: u16,
+        host_key: String,
+        boot_us: Option<smolvm_protocol::ready::BootPhases>,
+        elapsed: Duration,
+    ) -> Result<(), BootError> {
+        super::ssh::write_known_hosts(&dir.join("known_hosts"), ssh_port, &host_key)
+            .map_err(io_err("write known_hosts"))?;
         row.state = SandboxState::Running;
         row.pid = Some(pid);
         row.pid_start = pid_start;
         row.ssh_port = Some(ssh_port);
-        row.host_key = Some(ready.host_key.clone());
-        row.boot_json = serde_json::to_string(&ready.boot_us).ok();
+        row.host_key = Some(host_key);
+        if boot_us.is_some() {
+            row.boot_json = boot_us.and_then(|b| serde_json::to_string(&b).ok());
+        }
         row.ready_ms = Some(elapsed.as_millis() as u64);
         self.db().update(row)?;
         Ok(())

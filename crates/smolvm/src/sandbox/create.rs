@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use super::boot::{BootError, BootFiles};
+use super::boot::{BootError, BootFiles, Restore, Start};
 use super::{disk, names, ssh, AccelChoice, NetworkPolicy, SandboxError, SandboxInfo, Smolvm};
 use crate::images::fetch::{FetchError, FetchEvent};
 use crate::images::source::{ImageSource, SourceError};
@@ -31,6 +31,11 @@ pub struct CreateOptions {
     /// Secrets: the guest sees placeholders, the real values are added at the egress for
     /// their hosts only (`sandbox::secrets`).
     pub secrets: Vec<super::secrets::Secret>,
+    /// Continue from this snapshot (`smolvm snapshot`) instead of booting: its memory size,
+    /// vCPUs, disk size, images and preset are the snapshot's (the options must agree).
+    pub from_snapshot: Option<String>,
+    /// Boot the kernel even where a boot snapshot could be restored (and make none).
+    pub cold: bool,
 }
 
 impl Default for CreateOptions {
@@ -45,6 +50,8 @@ impl Default for CreateOptions {
             ready_timeout: super::DEFAULT_READY_TIMEOUT,
             preset: None,
             secrets: Vec::new(),
+            from_snapshot: None,
+            cold: false,
         }
     }
 }
@@ -58,6 +65,10 @@ pub enum CreateEvent {
     /// The VM is starting.
     Booting {
         accel: String,
+    },
+    /// The guest continues from a snapshot (`boot-snapshot`, `snapshot:NAME`, `fork:NAME`).
+    Restoring {
+        from: String,
     },
 }
 
@@ -100,6 +111,21 @@ pub enum CreateError {
     Secret(#[from] super::secrets::SecretError),
     #[error("setting the booted sandbox up: {0}")]
     Setup(Box<super::lifecycle::LifecycleError>),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error("snapshot {snapshot} needs the {what} image sha256 {sha256}, which is no longer cached")]
+    SnapshotImage { snapshot: String, what: &'static str, sha256: String },
+    #[error("--preset cannot go with --from-snapshot: the snapshot's preset ({0}) is what it runs")]
+    PresetWithSnapshot(String),
+}
+
+/// How a new sandbox's guest starts.
+#[derive(Debug)]
+pub(super) enum Plan {
+    /// The kernel boots; then, holding this slot, a boot snapshot is saved.
+    Cold(Option<super::boot_snapshot::Slot>),
+    /// From a sealed snapshot's directory (verified), as `origin` (for the row).
+    Restore { dir: PathBuf, origin: String },
 }
 
 /// The verified images a boot needs.
@@ -170,6 +196,9 @@ impl Smolvm {
         if self.db().get(&name)?.is_some() {
             return Err(CreateError::Exists(name));
         }
+        if let Some(snap) = &opts.from_snapshot {
+            return self.create_from_snapshot(&name, snap, opts, on);
+        }
         let src = self.image_source()?;
         if let Some(w) = &src.pins_overridden {
             on(CreateEvent::Notice(w.clone()));
@@ -193,8 +222,6 @@ impl Smolvm {
             }
         }
         let images = self.ensure_images(&src, opts.preset.as_deref(), &mut |e| on(CreateEvent::Fetch(e)))?;
-
-        let _lock = self.lock(&name)?;
         let row = SandboxRow {
             name: name.clone(),
             created_at: now_secs(),
@@ -215,12 +242,35 @@ impl Smolvm {
             ready_ms: None,
             preset: opts.preset.clone(),
             layer_sha256s: images.layers.iter().map(|(_, sha)| sha.clone()).collect(),
+            started_from: None,
         };
+        let files = BootFiles {
+            kernel: images.kernel.clone(),
+            rootfs: images.rootfs.clone(),
+            layers: images.layers.iter().map(|(p, _)| p.clone()).collect(),
+        };
+        let plan = if opts.cold { Plan::Cold(None) } else { self.boot_snapshot_plan(&row, &files, on) };
+        self.create_row(row, &files, &accel, opts, plan, on)
+    }
+
+    /// Records `row` and brings its sandbox up as `plan` says; nothing is left of it if that
+    /// fails.
+    pub(super) fn create_row(
+        &self,
+        row: SandboxRow,
+        files: &BootFiles,
+        accel: &Accel,
+        opts: &CreateOptions,
+        plan: Plan,
+        on: &mut dyn FnMut(CreateEvent),
+    ) -> Result<SandboxInfo, CreateError> {
+        let name = row.name.clone();
+        let _lock = self.lock(&name)?;
         if !self.db().insert(&row)? {
             return Err(CreateError::Exists(name));
         }
         let started = Instant::now();
-        match self.provision_and_boot(row, &images, &accel, opts, on) {
+        match self.provision_and_boot(row, files, accel, opts, plan, on) {
             Ok(()) => {
                 tracing::debug!("created {name} in {:?}", started.elapsed());
                 Ok(self.info(&name)?)
@@ -236,25 +286,50 @@ impl Smolvm {
     fn provision_and_boot(
         &self,
         mut row: SandboxRow,
-        images: &BootImages,
+        files: &BootFiles,
         accel: &Accel,
         opts: &CreateOptions,
+        plan: Plan,
         on: &mut dyn FnMut(CreateEvent),
     ) -> Result<(), CreateError> {
         let dir = self.dir(&row.name);
         std::fs::create_dir_all(&dir).map_err(|source| CreateError::Dir { path: dir.display().to_string(), source })?;
-        disk::create_upper(&dir.join("disk.ext4"), opts.disk_mib)?;
+        let disk = dir.join("disk.ext4");
+        match &plan {
+            Plan::Cold(_) => disk::create_upper(&disk, opts.disk_mib)?,
+            Plan::Restore { dir: snap, .. } => {
+                let io = |source| CreateError::Dir { path: disk.display().to_string(), source };
+                let src = crate::text::open_untrusted(&snap.join("disk.ext4")).map_err(io)?;
+                crate::snapshot::files::copy_sparse(&src, &disk).map_err(io)?;
+            }
+        }
         if !opts.secrets.is_empty() {
             self.store_secrets(&row.name, &opts.secrets)?;
         }
         ssh::ensure_key(&self.home().keys())?;
-        on(CreateEvent::Booting { accel: accel.qemu_name().into() });
-        let files = BootFiles {
-            kernel: images.kernel.clone(),
-            rootfs: images.rootfs.clone(),
-            layers: images.layers.iter().map(|(p, _)| p.clone()).collect(),
+        let start = match &plan {
+            Plan::Cold(_) => {
+                on(CreateEvent::Booting { accel: accel.qemu_name().into() });
+                Start::Cold
+            }
+            Plan::Restore { dir: snap, origin } => {
+                on(CreateEvent::Restoring { from: origin.clone() });
+                Start::Restore(Restore {
+                    ram: Some(snap.join("ram")),
+                    stream: snap.join("state"),
+                    clone: true,
+                    host_key: None,
+                    origin: origin.clone(),
+                })
+            }
         };
-        self.boot_row(&mut row, accel, &files, opts.ready_timeout)?;
+        self.boot_row(&mut row, accel, files, opts.ready_timeout, &start)?;
+        if let Plan::Cold(Some(slot)) = plan {
+            // Before anything of the user's reaches the guest (its CA, its variables).
+            if let Err(e) = self.save_boot_snapshot(&row, files, slot) {
+                on(CreateEvent::Notice(format!("notice: no boot snapshot was saved ({e}); the next create boots too")));
+            }
+        }
         self.after_boot(&row.name).map_err(|e| CreateError::Setup(Box::new(e)))
     }
 }

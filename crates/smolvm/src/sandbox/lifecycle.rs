@@ -3,10 +3,9 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use super::boot::{BootError, BootFiles};
+use super::boot::BootError;
 use super::{remove_all, SandboxError, Smolvm, Status};
 use crate::state::{SandboxState, StateError};
-use crate::vm::accel::{Accel, AccelKind};
 use crate::vm::process;
 use crate::vm::qemu;
 use crate::vm::qmp::Qmp;
@@ -36,6 +35,12 @@ pub enum LifecycleError {
     PolicyNotApplied { name: String, source: crate::net::NetError },
     #[error("sandbox {name}: {source}")]
     Secret { name: String, source: super::secrets::SecretError },
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error("fork: {0}")]
+    Fork(Box<super::create::CreateError>),
+    #[error("sandbox {name} is running, not paused")]
+    NotPaused { name: String },
     #[error("sandbox {name}: the secrets are saved but not handed to its network process: {source}")]
     SecretsNotApplied { name: String, source: crate::net::NetError },
 }
@@ -118,27 +123,13 @@ impl Smolvm {
         if let Some(pid) = row.pid.filter(|p| process::is_alive(*p, row.pid_start)) {
             return Err(LifecycleError::StillRunning { name: name.into(), pid });
         }
-        let missing = |what: &'static str, sha: &str| LifecycleError::ImageGone {
-            name: name.into(),
-            what,
-            sha256: sha.into(),
-            tag: row.tag.clone(),
-        };
-        let kernel =
-            self.images().lookup_sha(&row.kernel_sha256).ok_or_else(|| missing("kernel", &row.kernel_sha256))?;
-        let rootfs =
-            self.images().lookup_sha(&row.rootfs_sha256).ok_or_else(|| missing("rootfs", &row.rootfs_sha256))?;
-        let layers = row
-            .layer_sha256s
-            .iter()
-            .map(|sha| self.images().lookup_sha(sha).ok_or_else(|| missing("layer", sha)))
-            .collect::<Result<Vec<_>, _>>()?;
-        let accel = match row.accel {
-            AccelKind::Kvm => Accel::Kvm,
-            AccelKind::Tcg => Accel::Tcg { reason: "as created".into() },
-        };
-        let files = BootFiles { kernel, rootfs, layers };
-        self.boot_row(&mut row, &accel, &files, timeout)?;
+        if Self::status_of(&row) == Status::Paused {
+            drop(_lock);
+            return self.resume(name, timeout).map(|_| ());
+        }
+        let accel = Self::accel_of(&row);
+        let files = self.files_of(&row)?;
+        self.boot_row(&mut row, &accel, &files, timeout, &super::boot::Start::Cold)?;
         // Variables set while it was stopped reach the guest now.
         self.after_boot(name)
     }
@@ -171,7 +162,7 @@ impl Smolvm {
     /// Kills the sandbox's VM if one runs: the pid the row recorded (its start time checked),
     /// and the pid QEMU wrote (checked to be this sandbox's QEMU by its `-name`). Its helpers
     /// (network process, agent proxy) end with it.
-    fn kill_vm(&self, name: &str, row: &crate::state::SandboxRow) {
+    pub(super) fn kill_vm(&self, name: &str, row: &crate::state::SandboxRow) {
         if let Some(pid) = row.pid.filter(|p| process::is_alive(*p, row.pid_start)) {
             let _ = process::signal(pid, libc::SIGKILL);
             wait_exit(pid, row.pid_start, Duration::from_secs(5));

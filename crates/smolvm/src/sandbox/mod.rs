@@ -7,14 +7,19 @@
 //! interleave; reads (list, status, exec) need no lock.
 
 mod boot;
+mod boot_snapshot;
 mod create;
 pub mod disk;
 mod files;
+mod fork;
 mod lifecycle;
 pub mod names;
 mod network;
+mod pause;
 pub mod presets;
+mod restore;
 pub mod secrets;
+mod snapshots;
 pub mod ssh;
 
 use std::path::{Path, PathBuf};
@@ -27,6 +32,8 @@ pub use boot::BootError;
 pub use create::{CreateError, CreateEvent, CreateOptions};
 pub use files::CopyError;
 pub use lifecycle::LifecycleError;
+pub use pause::PauseReport;
+pub use snapshots::SnapshotInfo;
 
 use crate::images::fetch::ImageCache;
 use crate::lock::FileLock;
@@ -52,6 +59,8 @@ pub enum Status {
     Creating,
     Running,
     Stopped,
+    /// Saved (memory, devices, disk) with no QEMU: `resume` continues it.
+    Paused,
     /// The database says running, but the VMM is gone.
     Crashed,
 }
@@ -62,6 +71,7 @@ impl std::fmt::Display for Status {
             Status::Creating => "creating",
             Status::Running => "running",
             Status::Stopped => "stopped",
+            Status::Paused => "paused",
             Status::Crashed => "crashed",
         })
     }
@@ -91,6 +101,9 @@ pub struct SandboxInfo {
     pub boot_us: Option<BootPhases>,
     /// Host-measured milliseconds from starting QEMU to the guest's readiness (last boot).
     pub ready_ms: Option<u64>,
+    /// How the guest last started: `boot` (the kernel booted), `boot-snapshot` (`create`
+    /// restored the boot snapshot), `snapshot:NAME`, `fork:NAME`, `resume`.
+    pub started_from: Option<String>,
     pub forwards: Vec<crate::net::Forward>,
     /// Who its host processes run as, and what limits them.
     pub host: HostSide,
@@ -205,8 +218,11 @@ impl Smolvm {
     /// sandbox directory so that `delete` can remove the directory while holding it.
     fn lock(&self, name: &str) -> Result<FileLock, SandboxError> {
         let path = self.config.home.sandboxes().join(format!(".{name}.lock"));
-        FileLock::exclusive(&path)
-            .map_err(|source| SandboxError::Io { what: format!("lock {}", path.display()), source })
+        let lock = FileLock::exclusive(&path)
+            .map_err(|source| SandboxError::Io { what: format!("lock {}", path.display()), source })?;
+        // A snapshot or pause killed half-way is put right by the next holder.
+        self.settle_locked(name);
+        Ok(lock)
     }
 
     fn row(&self, name: &str) -> Result<SandboxRow, SandboxError> {
@@ -219,6 +235,7 @@ impl Smolvm {
             SandboxState::Running => Status::Crashed,
             SandboxState::Creating => Status::Creating,
             SandboxState::Stopped => Status::Stopped,
+            SandboxState::Paused => Status::Paused,
         }
     }
 
@@ -246,6 +263,7 @@ impl Smolvm {
             preset: row.preset.clone(),
             boot_us: row.boot_json.as_deref().and_then(|j| serde_json::from_str(j).ok()),
             ready_ms: row.ready_ms,
+            started_from: row.started_from.clone(),
             forwards: self.db.forwards(&row.name)?,
             host: self.host_side(row, live)?,
             dir: self.dir(&row.name),
@@ -361,6 +379,7 @@ impl Smolvm {
     /// holds QEMU's agent port from boot (a socket pair), so a proxy that is gone cannot be
     /// replaced: the sandbox needs a stop and start.
     pub fn agent(&self, name: &str) -> Result<crate::agent::AgentClient, crate::agent::AgentError> {
+        self.settle(name);
         self.running(name)
             .map_err(|e| crate::agent::AgentError::Guest { sandbox: name.into(), message: e.to_string() })?;
         crate::agent::AgentClient::connect(name, &crate::agent::client_socket(&self.dir(name)))
@@ -398,11 +417,21 @@ impl Smolvm {
         h.collect_until(crate::agent::client::DEFAULT_OUTPUT_CAP, deadline)
     }
 
+    /// Readiness does not wait for the guest's sshd: what needs SSH asks the agent to wait for
+    /// it first. Best effort: with the agent unreachable, SSH is still tried (it is the way in
+    /// to debug such a guest), and says itself what is wrong.
+    fn wait_sshd(&self, name: &str) {
+        if let Err(e) = self.agent(name).and_then(|c| c.wait_ssh(SSHD_TIMEOUT)) {
+            tracing::debug!("{name}: waiting for sshd through the agent: {e}");
+        }
+    }
+
     /// An `ssh` command into a running sandbox: strict host key, the managed key. With `argv`
     /// it runs that command (each word quoted); without, an interactive login shell. `tty`
     /// forces a terminal (`-t`).
     pub fn ssh_command(&self, name: &str, argv: &[String], tty: bool) -> Result<std::process::Command, SandboxError> {
         let row = self.running(name)?;
+        self.wait_sshd(name);
         let (key, known, control) = self.ssh_paths(name);
         let mut c = std::process::Command::new("ssh");
         ssh::child_env(&mut c);
@@ -438,6 +467,7 @@ impl Smolvm {
             }
         };
         let row = self.running(&name)?;
+        self.wait_sshd(&name);
         let (key, known, control) = self.ssh_paths(&name);
         let mut c = std::process::Command::new("scp");
         ssh::child_env(&mut c);
@@ -462,6 +492,8 @@ impl Smolvm {
     pub fn prune_images(&self) -> Result<PruneReport, SandboxError> {
         let keep = self.db.images_in_use()?;
         let mut r = PruneReport { bytes_freed: self.images.remove_partials(), ..PruneReport::default() };
+        // Boot snapshots go with the images (they are made of them, and remade on demand).
+        r.bytes_freed += self.prune_boot_snapshots();
         for i in self.images.list() {
             if !keep.contains(&i.sha256) {
                 self.images
@@ -486,6 +518,9 @@ fn remove_all(path: &Path) {
 
 /// Guest readiness timeout: generous under emulation, where a boot takes seconds.
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long SSH waits for the guest's sshd to listen (it starts with the guest: a fraction of
+/// a second under emulation, milliseconds on KVM).
+pub const SSHD_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long `stop` waits for a clean power-off before it terminates the VM.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// A sandbox's guest memory, MiB.

@@ -234,6 +234,15 @@ impl Smolvm {
         save(&dir, &all)
     }
 
+    /// The secrets of sandbox `name` with their values, for a clone of it (which gets its own
+    /// placeholders and CA).
+    pub(super) fn stored_secrets(&self, name: &str) -> Result<Vec<Secret>, super::SandboxError> {
+        Ok(load(&self.dir(name))?
+            .into_iter()
+            .map(|s| Secret { name: s.name, hosts: s.hosts, value: SecretValue::new(s.value) })
+            .collect())
+    }
+
     /// The secrets of sandbox `name`: names and hosts.
     pub fn secrets(&self, name: &str) -> Result<Vec<SecretInfo>, super::SandboxError> {
         self.row(name)?;

@@ -49,6 +49,8 @@ const STEPS: &[&str] = &[
     // 5: the slot of the uid and gid its processes run as (`config::VmUsers`), unique.
     "ALTER TABLE sandboxes ADD COLUMN uid_slot INTEGER;
      CREATE UNIQUE INDEX sandboxes_uid_slot ON sandboxes(uid_slot);",
+    // 6: what the running guest started from: a boot, the boot snapshot, a snapshot, a resume.
+    "ALTER TABLE sandboxes ADD COLUMN started_from TEXT;",
 ];
 
 pub(super) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StateError> {

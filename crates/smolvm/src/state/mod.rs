@@ -60,6 +60,8 @@ pub enum SandboxState {
     Creating,
     Running,
     Stopped,
+    /// Its memory and devices saved in `paused/`, its QEMU gone (`Smolvm::pause`).
+    Paused,
 }
 
 impl SandboxState {
@@ -68,6 +70,7 @@ impl SandboxState {
             SandboxState::Creating => "creating",
             SandboxState::Running => "running",
             SandboxState::Stopped => "stopped",
+            SandboxState::Paused => "paused",
         }
     }
 }
@@ -84,6 +87,7 @@ impl FromSql for SandboxState {
             "creating" => Ok(SandboxState::Creating),
             "running" => Ok(SandboxState::Running),
             "stopped" => Ok(SandboxState::Stopped),
+            "paused" => Ok(SandboxState::Paused),
             other => Err(FromSqlError::Other(format!("unknown sandbox state {other:?}").into())),
         }
     }
@@ -130,6 +134,9 @@ pub struct SandboxRow {
     pub preset: Option<String>,
     /// SHA-256 of its read-only layers over the base, top first.
     pub layer_sha256s: Vec<String>,
+    /// How its guest last started: `boot`, `boot-snapshot`, `snapshot:NAME`, `fork:NAME`,
+    /// `resume` (`NULL` before migration 6).
+    pub started_from: Option<String>,
 }
 
 /// Creates `dir` (0700) if needed and refuses it if another user owns it or can write it.
@@ -157,7 +164,7 @@ pub struct Db {
 
 const COLUMNS: &str = "name, created_at, state, memory_mib, cpus, disk_mib, network, accel, ssh_port, pid, pid_start, \
                        tag, kernel_sha256, rootfs_sha256, host_key, boot_json, ready_ms, preset, layer_sha256s, \
-                       network_policy";
+                       network_policy, started_from";
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
     Ok(SandboxRow {
@@ -192,6 +199,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
         ready_ms: r.get::<_, Option<i64>>(16)?.map(|v| v as u64),
         preset: r.get(17)?,
         layer_sha256s: r.get::<_, String>(18)?.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect(),
+        started_from: r.get(20)?,
     })
 }
 
@@ -221,12 +229,13 @@ impl Db {
     /// Inserts a new sandbox; `false` if the name is taken.
     pub fn insert(&self, s: &SandboxRow) -> Result<bool, StateError> {
         let n = self.conn.execute(
-            &format!("INSERT OR IGNORE INTO sandboxes ({COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20)"),
+            &format!("INSERT OR IGNORE INTO sandboxes ({COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21)"),
             params![
                 s.name, s.created_at, s.state, s.memory_mib, s.cpus, s.disk_mib as i64, s.policy.mode.as_str(), s.accel,
                 s.ssh_port, s.pid, s.pid_start.map(|v| v as i64), s.tag, s.kernel_sha256, s.rootfs_sha256,
                 s.host_key, s.boot_json, s.ready_ms.map(|v| v as i64), s.preset, s.layer_sha256s.join(","),
-                PolicyColumn(s.policy.clone())
+                PolicyColumn(s.policy.clone()),
+                s.started_from
             ],
         )?;
         Ok(n == 1)
@@ -235,8 +244,8 @@ impl Db {
     /// Overwrites the mutable fields of an existing sandbox.
     pub fn update(&self, s: &SandboxRow) -> Result<(), StateError> {
         self.conn.execute(
-            "UPDATE sandboxes SET state=?2, ssh_port=?3, pid=?4, pid_start=?5, host_key=?6, boot_json=?7, accel=?8, ready_ms=?9 \
-             WHERE name=?1",
+            "UPDATE sandboxes SET state=?2, ssh_port=?3, pid=?4, pid_start=?5, host_key=?6, boot_json=?7, accel=?8, ready_ms=?9, \
+             started_from=?10 WHERE name=?1",
             params![
                 s.name,
                 s.state,
@@ -246,7 +255,8 @@ impl Db {
                 s.host_key,
                 s.boot_json,
                 s.accel,
-                s.ready_ms.map(|v| v as i64)
+                s.ready_ms.map(|v| v as i64),
+                s.started_from
             ],
         )?;
         Ok(())
@@ -380,6 +390,7 @@ mod tests {
             ready_ms: None,
             preset: None,
             layer_sha256s: vec![],
+            started_from: None,
         }
     }
 

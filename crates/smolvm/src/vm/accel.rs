@@ -21,7 +21,7 @@ pub enum Accel {
 }
 
 /// Which accelerator, without the why: what a sandbox's row records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AccelKind {
     Kvm,

@@ -23,6 +23,10 @@ pub const KERNEL_FD: RawFd = 6;
 /// The first disk's descriptor: the base, then the sandbox's disk, then the layers; disk `i`
 /// is fd set `i + 1`.
 pub const FIRST_DISK_FD: RawFd = 7;
+/// The guest RAM's file, for a restore ([`Memory::SnapshotImage`]) or a seal ([`Memory::Shared`]).
+pub const RAM_FD: RawFd = 50;
+/// The migration stream an `-incoming defer` QEMU loads (`file:/proc/self/fd/51`).
+pub const INCOMING_FD: RawFd = 51;
 /// Under emulation, the translation cache's size in MiB (QEMU's default is 1 GiB): counted in
 /// the sandbox's memory ceiling (`cgroup::TCG_CACHE_MIB`).
 pub const TCG_TB_SIZE_MIB: u64 = super::cgroup::TCG_CACHE_MIB;
@@ -51,6 +55,25 @@ pub struct QemuConfig {
     /// The sandbox disk's cache mode: `writeback` (flushes reach the host's disk) unless a
     /// benchmark measures the cost of that against `unsafe`.
     pub upper_cache: DiskCache,
+    /// Where the guest's RAM lives.
+    pub memory: Memory,
+    /// Start paused, waiting for a migration stream (`-incoming defer`): a restore.
+    pub incoming: bool,
+}
+
+/// Where a guest's RAM lives. Every form is the memory backend `ram0`, so that a stream saved
+/// from one loads into another (the RAM block's name is part of the stream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Memory {
+    /// QEMU's own anonymous memory: a cold boot, a resume.
+    Anonymous,
+    /// A snapshot's RAM image ([`RAM_FD`], opened read-only), mapped copy-on-write
+    /// (`share=off`): every clone of one snapshot reads the same pages of the host's page
+    /// cache, and only what a clone writes becomes its own.
+    SnapshotImage,
+    /// A shared memory file ([`RAM_FD`], `share=on`): the sealing QEMU loads a stream into it,
+    /// which makes the file the RAM image (`snapshot::seal`).
+    Shared,
 }
 
 /// QEMU's cache mode for the sandbox's own disk.
@@ -105,6 +128,10 @@ pub struct Plumbing {
     pub identity: Option<crate::child::Identity>,
     /// `cgroup.procs` descriptors to join.
     pub cgroup_procs: Vec<RawFd>,
+    /// The RAM file, for [`Memory::SnapshotImage`] and [`Memory::Shared`].
+    pub ram: Option<OwnedFd>,
+    /// The stream to load, with [`QemuConfig::incoming`].
+    pub incoming: Option<OwnedFd>,
 }
 
 impl QemuConfig {
@@ -129,9 +156,12 @@ impl QemuConfig {
             DiskCache::Writeback => "writeback",
             DiskCache::Unsafe => "unsafe",
         };
+        // file.drop-cache=off: QEMU's default drops a file's pages from the host's page cache
+        // when a restored guest starts (the cache is invalidated for migration), which would
+        // evict the base image that every other sandbox is reading.
         let drive = |id: &str, set: usize, ro: bool| {
             format!(
-                "id={id},file=/dev/fdset/{set},format=raw,if=none,cache={},aio=threads{}",
+                "id={id},file=/dev/fdset/{set},format=raw,if=none,cache={},aio=threads,file.drop-cache=off{}",
                 if ro { "unsafe" } else { upper_cache },
                 // A writable drive opens its file read-write at once: with QEMU's default
                 // (auto-read-only), it would first want a read-only descriptor in the set.
@@ -150,8 +180,10 @@ impl QemuConfig {
             // pic=off: with the legacy 8259 present, an early timer interrupt was sometimes
             // delivered as vector 0 under TCG, a "divide error" in start_kernel that resets the
             // VM (a quarter of boots on the development machine); nothing here needs the PIC.
-            .args(["-machine", "microvm,rtc=on,pic=off", "-accel", &accel, "-cpu", cpu])
-            .args(["-m", &self.memory_mib.to_string(), "-smp", &self.cpus.to_string()])
+            .args(["-machine", "microvm,rtc=on,pic=off,memory-backend=ram0", "-accel", &accel, "-cpu", cpu])
+            .args(["-m", &format!("{}M", self.memory_mib), "-smp", &self.cpus.to_string()])
+            .arg("-object")
+            .arg(self.memory_object())
             .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
             .arg("-kernel")
             .arg(format!("/proc/self/fd/{KERNEL_FD}"))
@@ -187,7 +219,42 @@ impl QemuConfig {
             // asked to `-daemonize`: that forks after the filter is in place.)
             .args(["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"])
             .stdin(Stdio::null());
+        if self.incoming {
+            c.args(["-incoming", "defer"]);
+        }
         c
+    }
+
+    fn memory_object(&self) -> String {
+        let size = format!("size={}M", self.memory_mib);
+        let path = format!("mem-path=/proc/self/fd/{RAM_FD}");
+        match self.memory {
+            Memory::Anonymous => format!("memory-backend-ram,id=ram0,{size}"),
+            // readonly=on,rom=off: the file is opened read-only and mapped private and
+            // writable: the guest's writes never reach it.
+            Memory::SnapshotImage => format!("memory-backend-file,id=ram0,{size},{path},share=off,readonly=on,rom=off"),
+            Memory::Shared => format!("memory-backend-file,id=ram0,{size},{path},share=on"),
+        }
+    }
+
+    /// What a migration stream depends on besides QEMU's version: the machine and its
+    /// devices, as this command line gives them (without what differs between sandboxes of
+    /// one configuration: name, kernel command line, where the RAM is, `-incoming`).
+    /// A snapshot records its SHA-256 and a restore compares it.
+    pub fn device_model(&self) -> String {
+        let args: Vec<String> = self.command().get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < args.len() {
+            match args[i].as_str() {
+                "-name" | "-append" | "-object" | "-incoming" => i += 2,
+                a => {
+                    out.push(a.to_string());
+                    i += 1;
+                }
+            }
+        }
+        out.join(" ")
     }
 
     /// Starts QEMU with `plumbing`, confined (`child::Confine`): its working directory the
@@ -236,6 +303,12 @@ impl QemuConfig {
         }
         for (i, d) in disks.iter().enumerate() {
             fds.push((d.as_raw_fd(), FIRST_DISK_FD + i as RawFd));
+        }
+        if let Some(r) = &plumbing.ram {
+            fds.push((r.as_raw_fd(), RAM_FD));
+        }
+        if let Some(s) = &plumbing.incoming {
+            fds.push((s.as_raw_fd(), INCOMING_FD));
         }
         crate::child::Confine {
             fds,
@@ -307,6 +380,8 @@ mod tests {
             dir: "/dir".into(),
             qemu: "/usr/bin/qemu-system-x86_64".into(),
             upper_cache: DiskCache::Writeback,
+            memory: Memory::Anonymous,
+            incoming: false,
         }
     }
 
@@ -324,6 +399,8 @@ mod tests {
         assert_eq!(c.command().get_program(), "/usr/bin/qemu-system-x86_64");
         let a = args(&c);
         assert!(value_of(&a, "-machine", "microvm").is_some_and(|m| m.contains("pic=off")), "{a:?}");
+        assert_eq!(value_of(&a, "-object", ""), Some("memory-backend-ram,id=ram0,size=512M"));
+        assert!(!a.iter().any(|x| x == "-incoming"));
         assert_eq!(value_of(&a, "-accel", ""), Some("kvm"));
         assert_eq!(value_of(&a, "-cpu", ""), Some("host"));
         assert_eq!(value_of(&a, "-smp", ""), Some("2"));
@@ -348,6 +425,26 @@ mod tests {
         let tcg = QemuConfig { accel: Accel::Tcg { reason: "test".into() }, ..c };
         assert_eq!(value_of(&args(&tcg), "-cpu", ""), Some("max"));
         assert_eq!(value_of(&args(&tcg), "-accel", ""), Some("tcg,tb-size=256"));
+    }
+
+    #[test]
+    fn a_restore_maps_the_snapshot_private_and_read_only_and_keeps_the_device_model() {
+        let cold = cfg(Netdev::Wire);
+        let clone =
+            QemuConfig { memory: Memory::SnapshotImage, incoming: true, cmdline: "other".into(), ..cold.clone() };
+        let a = args(&clone);
+        assert_eq!(
+            value_of(&a, "-object", ""),
+            Some("memory-backend-file,id=ram0,size=512M,mem-path=/proc/self/fd/50,share=off,readonly=on,rom=off")
+        );
+        assert_eq!(value_of(&a, "-incoming", ""), Some("defer"));
+        assert!(value_of(&a, "-drive", "id=base").is_some_and(|d| d.contains("file.drop-cache=off")));
+        // Same devices, whatever the RAM and the command line: a stream of one loads in the other.
+        assert_eq!(cold.device_model(), clone.device_model());
+        assert_ne!(cold.device_model(), QemuConfig { memory_mib: 1024, ..cold.clone() }.device_model());
+        assert_ne!(cold.device_model(), QemuConfig { layers: vec![], ..cold.clone() }.device_model());
+        let shared = QemuConfig { memory: Memory::Shared, ..cold };
+        assert!(value_of(&args(&shared), "-object", "").is_some_and(|o| o.ends_with("share=on")));
     }
 
     #[test]

@@ -1,0 +1,132 @@
+//! `pause` and `resume`: a sandbox's memory and devices saved to its directory and its QEMU
+//! ended, so that it holds no host memory and survives a host reboot; and back.
+//!
+//! The paused state is `paused/` in the sandbox's directory: the mapped-ram stream (`memory`,
+//! as large as the RAM in use) and `meta.json` with its digest and the machine it needs. The
+//! disk stays where it is (nothing writes it while no QEMU runs). Order, so that a process
+//! killed at any step leaves a sandbox that runs or one that is cleanly paused: capture (the
+//! guest stopped), `paused/` written and renamed into place, the row set to paused, QEMU
+//! ended, the capture marker removed; `Smolvm::settle_locked` finishes or undoes what a killed
+//! pause left.
+
+use std::time::{Duration, Instant};
+
+use super::boot::{Restore, Start};
+use super::snapshots::{After, CAPTURING};
+use super::{LifecycleError, SandboxError, Smolvm, Status};
+use crate::snapshot::{self, SnapshotError, SnapshotMeta};
+use crate::state::SandboxState;
+
+/// The paused state's directory, in the sandbox's.
+pub(super) const PAUSED_DIR: &str = "paused";
+
+/// What a pause or resume measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PauseReport {
+    pub name: String,
+    pub millis: u64,
+    /// Bytes the paused state takes on the host's disk.
+    pub bytes: u64,
+}
+
+fn snap_io(name: &str, what: &str) -> impl FnOnce(std::io::Error) -> SnapshotError {
+    let (snapshot, what) = (name.to_string(), what.to_string());
+    move |source| SnapshotError::Io { snapshot, what, source }
+}
+
+impl Smolvm {
+    /// Saves running `name` (memory, devices; its disk stays) and ends its QEMU.
+    pub fn pause(&self, name: &str) -> Result<PauseReport, LifecycleError> {
+        let started = Instant::now();
+        let _lock = self.lock(name)?;
+        let mut row = self.running(name)?;
+        let files = self.files_of(&row)?;
+        let machine = self.machine_of(&row, &files)?;
+        let dir = self.dir(name);
+        let tmp = dir.join(".paused.tmp");
+        let _ = std::fs::remove_dir_all(&tmp);
+        let _ = std::fs::remove_dir_all(dir.join(PAUSED_DIR));
+        std::fs::create_dir(&tmp).map_err(snap_io(name, "make paused/"))?;
+        let written = (|| {
+            let q = self.capture(name, &tmp, false, After::Stopped)?;
+            let meta = SnapshotMeta {
+                format: snapshot::FORMAT,
+                name: name.to_string(),
+                source: Some(name.to_string()),
+                created_at: crate::timefmt::now_secs(),
+                machine,
+                images: Self::images_of(&row),
+                host_key: row.host_key.clone(),
+                files: vec![],
+            };
+            snapshot::write_meta(&tmp, meta, &["memory"])?;
+            std::fs::rename(&tmp, dir.join(PAUSED_DIR)).map_err(snap_io(name, "move paused/ into place"))?;
+            Ok::<_, LifecycleError>(q)
+        })();
+        let mut q = match written {
+            Ok(q) => q,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                // The guest runs on, unpaused.
+                if let Ok(mut q) = crate::vm::qmp::Qmp::connect(&crate::vm::qemu::qmp_socket(&dir)) {
+                    let _ = crate::vm::migrate::cont(&mut q);
+                }
+                let _ = std::fs::remove_file(dir.join(CAPTURING));
+                return Err(e);
+            }
+        };
+        let old = row.clone();
+        row.state = SandboxState::Paused;
+        row.pid = None;
+        row.pid_start = None;
+        row.ssh_port = None;
+        self.db().update(&row)?;
+        let _ = q.execute("quit", None);
+        self.kill_vm(name, &old);
+        let _ = std::fs::remove_file(dir.join("ssh.ctl"));
+        let _ = std::fs::remove_file(dir.join(CAPTURING));
+        Ok(PauseReport {
+            name: name.into(),
+            millis: started.elapsed().as_millis() as u64,
+            bytes: SnapshotMeta::allocated_bytes(&dir.join(PAUSED_DIR)),
+        })
+    }
+
+    /// Continues paused `name` where it was; returns when a command can run in it.
+    pub fn resume(&self, name: &str, timeout: Duration) -> Result<PauseReport, LifecycleError> {
+        let started = Instant::now();
+        let _lock = self.lock(name)?;
+        let mut row = self.row(name)?;
+        let status = Self::status_of(&row);
+        if status != Status::Paused {
+            return Err(SandboxError::NotRunning { name: name.into(), status }.into()).map_err(|e: LifecycleError| {
+                if status == Status::Running {
+                    LifecycleError::NotPaused { name: name.into() }
+                } else {
+                    e
+                }
+            });
+        }
+        let files = self.files_of(&row)?;
+        let paused = self.dir(name).join(PAUSED_DIR);
+        let meta = snapshot::read_meta(&paused, name)?;
+        let differences = meta.differences(&self.machine_of(&row, &files)?, Some(&Self::images_of(&row)));
+        if !differences.is_empty() {
+            return Err(SnapshotError::Mismatch { snapshot: format!("{name} (paused)"), differences }.into());
+        }
+        snapshot::verify(&paused, &meta)?;
+        let bytes = SnapshotMeta::allocated_bytes(&paused);
+        let restore = Restore {
+            ram: None,
+            stream: paused.join("memory"),
+            clone: false,
+            host_key: meta.host_key.clone(),
+            origin: "resume".into(),
+        };
+        let accel = Self::accel_of(&row);
+        self.boot_row(&mut row, &accel, &files, timeout, &Start::Restore(restore))?;
+        let _ = std::fs::remove_dir_all(&paused);
+        self.push_env(name)?;
+        Ok(PauseReport { name: name.into(), millis: started.elapsed().as_millis() as u64, bytes })
+    }
+}

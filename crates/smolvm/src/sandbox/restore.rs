@@ -1,0 +1,89 @@
+//! The restore half of the boot path: a QEMU started with `-incoming defer` loads a saved
+//! state instead of booting its kernel, then the guest is refreshed before anyone may run a
+//! command in it.
+//!
+//! Readiness is the same as for a cold boot: the agent answers. There is no readiness line
+//! (the guest printed it long ago); the agent proxy's Hello (sent again until answered: a
+//! restored guest's port can swallow the first) proves the path, then the guest is reseeded,
+//! its clock stepped, and a clone renamed with a new SSH host key (`HostMsg::Refresh`).
+
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::time::Duration;
+
+use super::boot::{BootError, Restore, Start};
+use super::Smolvm;
+use crate::state::SandboxRow;
+use crate::vm::{migrate, process, qemu};
+
+/// The RAM image and the stream a restoring QEMU gets as descriptors ([`qemu::RAM_FD`],
+/// [`qemu::INCOMING_FD`]), opened here: QEMU reaches them only through `/proc/self/fd`.
+pub(super) fn open_inputs(start: &Start) -> Result<(Option<OwnedFd>, Option<OwnedFd>), BootError> {
+    let Start::Restore(r) = start else { return Ok((None, None)) };
+    let open = |p: &Path| {
+        crate::text::open_untrusted(p)
+            .map(OwnedFd::from)
+            .map_err(|source| BootError::Io { what: format!("open {}", p.display()), source })
+    };
+    let ram = r.ram.as_deref().map(open).transpose()?;
+    Ok((ram, Some(open(&r.stream)?)))
+}
+
+fn qemu_log_tail(dir: &Path) -> String {
+    let log = std::fs::read(qemu::qemu_log(dir)).unwrap_or_default();
+    crate::text::escape_controls(String::from_utf8_lossy(&log[log.len().saturating_sub(8 * 1024)..]).trim())
+}
+
+impl Smolvm {
+    /// Loads the state into the QEMU just started (`pid`), lets the guest run, and refreshes
+    /// it. Returns the guest's SSH host key. On failure QEMU is killed.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn finish_restore(
+        &self,
+        row: &SandboxRow,
+        dir: &Path,
+        pid: i32,
+        key_b64: &str,
+        r: &Restore,
+        proxy: crate::agent::ProxyStart,
+        timeout: Duration,
+    ) -> Result<String, BootError> {
+        let fail = |reason: String| {
+            let _ = process::signal(pid, libc::SIGKILL);
+            // QEMU's last words, once it has written them.
+            std::thread::sleep(Duration::from_millis(20));
+            BootError::Restore { reason, qemu_log: qemu_log_tail(dir) }
+        };
+        let loaded = (|| {
+            let mut q =
+                migrate::connect_new(&qemu::qmp_socket(dir), Duration::from_secs(30), || process::is_alive(pid, None))?;
+            let uri = format!("file:/proc/self/fd/{}", qemu::INCOMING_FD);
+            migrate::load(&mut q, &uri, r.ram.is_some())?;
+            migrate::cont(&mut q)
+        })();
+        loaded.map_err(|e| fail(format!("load the saved state: {e}")))?;
+        proxy.ready(timeout).map_err(|e| fail(format!("the agent: {e}")))?;
+        let agent = crate::agent::AgentClient::connect(&row.name, &crate::agent::client_socket(dir))
+            .map_err(|e| fail(format!("the agent: {e}")))?;
+        let mut seed = [0u8; 64];
+        crate::digest::random_bytes(&mut seed);
+        let refresh = smolvm_protocol::agent::Refresh {
+            seed_hex: seed.iter().map(|b| format!("{b:02x}")).collect(),
+            unix_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0),
+            identity: r.clone.then(|| smolvm_protocol::agent::Identity {
+                hostname: row.name.clone(),
+                authorized_key_b64: key_b64.to_string(),
+            }),
+        };
+        let done = agent.refresh(&refresh).map_err(|e| fail(format!("refresh the guest: {e}")))?;
+        // A guest that could not be reseeded or renamed must not run anyone's commands.
+        if !done.errors.is_empty() {
+            return Err(fail(format!("refresh the guest: {}", done.errors.join("; "))));
+        }
+        let host_key = if r.clone { done.host_key } else { r.host_key.clone() };
+        host_key.ok_or_else(|| fail("the guest reported no SSH host key".into()))
+    }
+}
