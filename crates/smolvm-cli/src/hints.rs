@@ -30,6 +30,10 @@ fn hint(e: &(dyn std::error::Error + 'static)) -> Option<String> {
             CreateError::Network(p) => return hint(p),
             CreateError::Secret(s) => return hint(s),
             CreateError::Setup(l) => return hint(l.as_ref()),
+            CreateError::Snapshot(e) => return snapshot_hint(e),
+            CreateError::SnapshotImage { .. } => {
+                "smolvm image pull (or image import) of the release the snapshot was taken with".into()
+            }
             _ => return None,
         });
     }
@@ -78,9 +82,16 @@ fn hint(e: &(dyn std::error::Error + 'static)) -> Option<String> {
             AgentError::Unsupported { .. } => Some(
                 "the sandbox's image is older than this smolvm: recreate it from a newer release to use this".into(),
             ),
+            AgentError::Guest { sandbox, message } if message.contains("is paused, not running") => {
+                Some(format!("smolvm resume {sandbox} first"))
+            }
             _ => None,
         };
     }
+    if let Some(e) = e.downcast_ref::<smolvm::snapshot::SnapshotError>() {
+        return snapshot_hint(e);
+    }
+
     if let Some(e) = e.downcast_ref::<smolvm::sandbox::CopyError>() {
         return match e {
             smolvm::sandbox::CopyError::Agent(a) => hint(a),
@@ -118,6 +129,9 @@ fn hint(e: &(dyn std::error::Error + 'static)) -> Option<String> {
             LifecycleError::SecretsNotApplied { name, .. } => {
                 Some(format!("smolvm stop {name} && smolvm start {name} hands them over at boot"))
             }
+            LifecycleError::Snapshot(e) => snapshot_hint(e),
+            LifecycleError::Fork(c) => hint(c.as_ref()),
+            LifecycleError::NotPaused { name } => Some(format!("smolvm pause {name} first (it is running)")),
             _ => None,
         };
     }
@@ -151,4 +165,20 @@ fn hint(e: &(dyn std::error::Error + 'static)) -> Option<String> {
         return Some("the sandbox is not running, or its network process died: smolvm status shows which".into());
     }
     None
+}
+
+fn snapshot_hint(e: &smolvm::snapshot::SnapshotError) -> Option<String> {
+    use smolvm::snapshot::SnapshotError as S;
+    match e {
+        S::NotFound(_) => Some("smolvm snapshot list shows the snapshots".into()),
+        S::Corrupt { snapshot, .. } => Some(format!(
+            "it cannot be used: delete it (smolvm snapshot delete {snapshot}) and take it again from a sandbox"
+        )),
+        S::Mismatch { .. } => Some(
+            "give the options the snapshot was taken with (leave --memory/--cpus/--disk-size out), or take a new \
+             snapshot on this host"
+                .into(),
+        ),
+        _ => None,
+    }
 }

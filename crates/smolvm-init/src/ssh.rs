@@ -7,6 +7,7 @@
 
 use std::fs;
 use std::io::{self, Write};
+use std::ops::Not;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -41,25 +42,33 @@ pub fn bring_up(authorized_key_b64: Option<&str>) -> io::Result<String> {
 }
 
 /// A clone's new SSH identity: root's key (that of the home restoring it), a fresh host key,
-/// and sshd restarted on it (SIGHUP: sshd re-executes itself and reloads its keys; its pid
-/// stays). Returns the new host public key line.
+/// and a new sshd on it. The old sshd is killed, not asked to reload (SIGHUP): the guest may
+/// have been saved while sshd was still starting, before it handles SIGHUP, which would end
+/// it (the boot snapshot is taken as soon as the agent answers). Returns the host public key.
 pub fn rekey(authorized_key_b64: &str) -> io::Result<String> {
     install_authorized_keys(authorized_key_b64).map_err(io::Error::other)?;
     let public = generate_host_key()?;
-    let pid = SSHD_PID.load(std::sync::atomic::Ordering::SeqCst);
-    if pid > 0 {
+    let old = SSHD_PID.swap(0, std::sync::atomic::Ordering::SeqCst);
+    if old > 0 {
         // SAFETY: kill(2) with a pid and a signal number has no memory effects.
-        if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
-            return Err(io::Error::other(format!("signal sshd ({pid}): {}", io::Error::last_os_error())));
-        }
-        // sshd closes its listener and opens it again as it re-executes: a wait for the
-        // listener that starts now must not see the old one.
+        unsafe { libc::kill(old, libc::SIGKILL) };
+        // Its listening socket closes as it exits (the supervisor reaps it); the new sshd
+        // binds port 22 after that.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while listening_on_port_22() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(2));
+        while gone_or_zombie(old).not() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
+    start_sshd()?;
     Ok(public)
+}
+
+fn gone_or_zombie(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses.
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => true,
+    }
 }
 
 /// Waits until sshd accepts connections, at most `timeout`.

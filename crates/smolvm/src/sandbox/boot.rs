@@ -87,7 +87,7 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BootError {
 }
 
 /// The managed public key, base64 for the kernel command line.
-pub(super) fn public_key_b64(keys: &Path) -> Result<String, BootError> {
+pub(crate) fn public_key_b64(keys: &Path) -> Result<String, BootError> {
     let path = keys.join("id_ed25519.pub");
     let pubkey =
         std::fs::read_to_string(&path).map_err(io_err(format!("read the SSH public key {}", path.display())))?;

@@ -326,8 +326,13 @@ impl Smolvm {
         self.boot_row(&mut row, accel, files, opts.ready_timeout, &start)?;
         if let Plan::Cold(Some(slot)) = plan {
             // Before anything of the user's reaches the guest (its CA, its variables).
-            if let Err(e) = self.save_boot_snapshot(&row, files, slot) {
-                on(CreateEvent::Notice(format!("notice: no boot snapshot was saved ({e}); the next create boots too")));
+            match self.save_boot_snapshot(&row, files, slot) {
+                // Every restore of it reseeds and takes a new SSH host key: so does this
+                // guest, so that none holds its key or its random state.
+                Ok(()) => self.reidentify(&mut row)?,
+                Err(e) => on(CreateEvent::Notice(format!(
+                    "notice: no boot snapshot was saved ({e}); the next create boots too"
+                ))),
             }
         }
         self.after_boot(&row.name).map_err(|e| CreateError::Setup(Box::new(e)))

@@ -107,6 +107,8 @@ impl Smolvm {
         row.pid_start = None;
         row.ssh_port = None;
         self.db().update(&row)?;
+        // A paused sandbox that is stopped forgets its saved memory: its next start boots.
+        let _ = std::fs::remove_dir_all(self.dir(name).join(super::pause::PAUSED_DIR));
         let _ = std::fs::remove_file(self.dir(name).join("ssh.ctl"));
         crate::vm::cgroup::remove(&self.cgroups, name);
         Ok(())

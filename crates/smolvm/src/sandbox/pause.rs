@@ -75,6 +75,7 @@ impl Smolvm {
                 return Err(e);
             }
         };
+        tracing::debug!("{name}: paused state written after {:?}", started.elapsed());
         let old = row.clone();
         row.state = SandboxState::Paused;
         row.pid = None;
@@ -115,6 +116,7 @@ impl Smolvm {
             return Err(SnapshotError::Mismatch { snapshot: format!("{name} (paused)"), differences }.into());
         }
         snapshot::verify(&paused, &meta)?;
+        tracing::debug!("{name}: checked after {:?}", started.elapsed());
         let bytes = SnapshotMeta::allocated_bytes(&paused);
         let restore = Restore {
             ram: None,

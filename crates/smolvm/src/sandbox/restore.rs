@@ -62,9 +62,44 @@ impl Smolvm {
             migrate::cont(&mut q)
         })();
         loaded.map_err(|e| fail(format!("load the saved state: {e}")))?;
+        tracing::debug!("{}: loaded and running", row.name);
         proxy.ready(timeout).map_err(|e| fail(format!("the agent: {e}")))?;
         let agent = crate::agent::AgentClient::connect(&row.name, &crate::agent::client_socket(dir))
             .map_err(|e| fail(format!("the agent: {e}")))?;
+        tracing::debug!("{}: agent answers", row.name);
+        let key = refresh(&agent, row, key_b64, r.clone, r.host_key.as_deref()).map_err(fail)?;
+        tracing::debug!("{}: refreshed", row.name);
+        Ok(key)
+    }
+
+    /// Gives running `row` a new identity and random state, as a clone gets: for the sandbox
+    /// whose guest became the boot snapshot, so that no clone holds its SSH host key.
+    pub(super) fn reidentify(&self, row: &mut SandboxRow) -> Result<(), BootError> {
+        let dir = self.dir(&row.name);
+        let key_b64 = super::boot::public_key_b64(&self.home().keys())?;
+        let agent = crate::agent::AgentClient::connect(&row.name, &crate::agent::client_socket(&dir))
+            .map_err(|e| BootError::Agent(e.to_string()))?;
+        let host_key = refresh(&agent, row, &key_b64, true, None)
+            .map_err(|reason| BootError::Restore { reason, qemu_log: String::new() })?;
+        let port = row.ssh_port.unwrap_or(0);
+        super::ssh::write_known_hosts(&dir.join("known_hosts"), port, &host_key)
+            .map_err(|source| BootError::Io { what: "write known_hosts".into(), source })?;
+        row.host_key = Some(host_key);
+        self.db().update(row)?;
+        Ok(())
+    }
+}
+
+/// Reseeds, steps the clock and (`clone`) renames the guest; returns its SSH host key (`kept`
+/// when not a clone).
+fn refresh(
+    agent: &crate::agent::AgentClient,
+    row: &SandboxRow,
+    key_b64: &str,
+    clone: bool,
+    kept: Option<&str>,
+) -> Result<String, String> {
+    {
         let mut seed = [0u8; 64];
         crate::digest::random_bytes(&mut seed);
         let refresh = smolvm_protocol::agent::Refresh {
@@ -73,17 +108,17 @@ impl Smolvm {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or(0),
-            identity: r.clone.then(|| smolvm_protocol::agent::Identity {
+            identity: clone.then(|| smolvm_protocol::agent::Identity {
                 hostname: row.name.clone(),
                 authorized_key_b64: key_b64.to_string(),
             }),
         };
-        let done = agent.refresh(&refresh).map_err(|e| fail(format!("refresh the guest: {e}")))?;
+        let done = agent.refresh(&refresh).map_err(|e| format!("refresh the guest: {e}"))?;
         // A guest that could not be reseeded or renamed must not run anyone's commands.
         if !done.errors.is_empty() {
-            return Err(fail(format!("refresh the guest: {}", done.errors.join("; "))));
+            return Err(format!("refresh the guest: {}", done.errors.join("; ")));
         }
-        let host_key = if r.clone { done.host_key } else { r.host_key.clone() };
-        host_key.ok_or_else(|| fail("the guest reported no SSH host key".into()))
+        let host_key = if clone { done.host_key } else { kept.map(str::to_string) };
+        host_key.ok_or_else(|| "the guest reported no SSH host key".into())
     }
 }

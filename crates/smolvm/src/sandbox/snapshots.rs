@@ -137,6 +137,7 @@ impl Smolvm {
         let run = qemu::run_dir(&dir);
         let _ = std::fs::remove_file(run.join(CAPTURE_FILE));
         let mut q = Qmp::connect(&qemu::qmp_socket(&dir)).map_err(snap_io(name, "connect to its QEMU"))?;
+        let t = std::time::Instant::now();
         migrate::stop(&mut q).map_err(snap_io(name, "stop the guest"))?;
         let saved =
             migrate::save(&mut q, CAPTURE_FILE, false).map_err(snap_io(name, "save the guest")).and_then(|()| {
@@ -147,9 +148,11 @@ impl Smolvm {
                 }
                 Ok(())
             });
+        tracing::debug!("{name}: saved (and disk copied: {copy_disk}) in {:?}", t.elapsed());
         if saved.is_err() || after == After::Continue {
             migrate::cont(&mut q).map_err(snap_io(name, "let the guest run again"))?;
             let _ = std::fs::remove_file(&marker);
+            tracing::debug!("{name}: running again after {:?}", t.elapsed());
         }
         saved?;
         take_file(&run.join(CAPTURE_FILE), &dest.join("memory")).map_err(snap_io(name, "keep the saved state"))?;
@@ -191,11 +194,13 @@ impl Smolvm {
     }
 
     /// [`Smolvm::settle_locked`] for a command that takes no lock (exec): only when a marker is
-    /// there, and then under the lock (waiting for a capture in progress to end).
+    /// there and nobody holds the lock (a capture in progress holds it; its guest continues
+    /// shortly, and the command's request waits in the agent's port meanwhile).
     pub(super) fn settle(&self, name: &str) {
         if self.dir(name).join(CAPTURING).exists() {
-            if let Ok(_lock) = self.lock(name) {
-                // `lock` settles.
+            let path = self.home().sandboxes().join(format!(".{name}.lock"));
+            if let Ok(Some(_lock)) = crate::lock::FileLock::try_exclusive(&path) {
+                self.settle_locked(name);
             }
         }
     }
@@ -277,7 +282,9 @@ impl Smolvm {
         let mut cfg = self.qemu_config(row, &Self::accel_of(row), files, String::new(), Netdev::Wire);
         cfg.dir = scratch.clone();
         cfg.upper = dir.join("disk.ext4");
+        let t = std::time::Instant::now();
         snapshot::seal::seal(&cfg, &dir.join("memory"), identity, dir).map_err(snap_io(snap, "seal it"))?;
+        tracing::debug!("{snap}: sealed in {:?}", t.elapsed());
         let _ = std::fs::remove_dir_all(&scratch);
         let _ = std::fs::remove_file(dir.join("memory"));
         let meta = SnapshotMeta {
@@ -290,7 +297,9 @@ impl Smolvm {
             host_key: row.host_key.clone(),
             files: vec![],
         };
+        let t = std::time::Instant::now();
         let meta = snapshot::write_meta(dir, meta, &["ram", "state", "disk.ext4"])?;
+        tracing::debug!("{snap}: digests in {:?}", t.elapsed());
         for n in ["ram", "state", "disk.ext4", "meta.json"] {
             share_with_sandboxes(&dir.join(n), identity.map(|i| i.images_gid))
                 .map_err(snap_io(snap, format!("share {n}")))?;
