@@ -215,7 +215,7 @@ pub fn status(name: &str, json: bool) -> anyhow::Result<i32> {
     if let Some(b) = s.boot_us {
         let ms = |us: u64| us as f64 / 1000.0;
         say(format!(
-            "boot:     kernel {:.0} ms, mounts +{:.0} ms, network +{:.0} ms, sshd +{:.0} ms",
+            "boot:     kernel {:.0} ms, mounts +{:.0} ms, network +{:.0} ms, host key + sshd started +{:.0} ms",
             ms(b.init),
             ms(b.mounts.saturating_sub(b.init)),
             ms(b.network.saturating_sub(b.mounts)),
