@@ -332,11 +332,16 @@ impl Smolvm {
 
     /// Every sandbox, oldest first.
     pub fn list(&self) -> Result<Vec<SandboxInfo>, SandboxError> {
+        for r in self.db.list()? {
+            self.settle(&r.name);
+        }
         self.db.list()?.iter().map(|r| self.info_of(r)).collect()
     }
 
     /// One sandbox.
     pub fn info(&self, name: &str) -> Result<SandboxInfo, SandboxError> {
+        // What a killed pause or snapshot left is put right before it is reported.
+        self.settle(name);
         let row = self.row(name)?;
         self.info_of(&row)
     }
