@@ -41,26 +41,45 @@ pub fn bring_up(authorized_key_b64: Option<&str>) -> io::Result<String> {
     Ok(public)
 }
 
-/// A clone's new SSH identity: root's key (that of the home restoring it), a fresh host key,
-/// and a new sshd on it. The old sshd is killed, not asked to reload (SIGHUP): the guest may
-/// have been saved while sshd was still starting, before it handles SIGHUP, which would end
-/// it (the boot snapshot is taken as soon as the agent answers). Returns the host public key.
+/// The sshd a clone's [`rekey`] ended, whose successor is started by the first
+/// [`wait_listening`] (0: none pending).
+static REPLACED_PID: std::sync::Mutex<i32> = std::sync::Mutex::new(0);
+
+/// A clone's new SSH identity: root's key (that of the home restoring it) and a fresh host key.
+/// The old sshd is killed, not asked to reload (SIGHUP): the guest may have been saved while
+/// sshd was still starting, before it handles SIGHUP, which would end it (the boot snapshot
+/// is taken as soon as the agent answers). Its successor starts when SSH is first wanted
+/// ([`wait_listening`]): sshd's start-up is a large share of a restore under emulation, and
+/// most sandboxes are only ever used through the agent. Returns the host public key.
 pub fn rekey(authorized_key_b64: &str) -> io::Result<String> {
     install_authorized_keys(authorized_key_b64).map_err(io::Error::other)?;
     let public = generate_host_key()?;
+    let mut replaced = REPLACED_PID.lock().unwrap_or_else(|p| p.into_inner());
     let old = SSHD_PID.swap(0, std::sync::atomic::Ordering::SeqCst);
     if old > 0 {
         // SAFETY: kill(2) with a pid and a signal number has no memory effects.
         unsafe { libc::kill(old, libc::SIGKILL) };
-        // Its listening socket closes as it exits (the supervisor reaps it); the new sshd
-        // binds port 22 after that.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while gone_or_zombie(old).not() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        *replaced = old;
+    } else if *replaced == 0 {
+        // No sshd ran (it failed at boot): start one for the new key all the same.
+        *replaced = -1;
+    }
+    Ok(public)
+}
+
+/// Starts the sshd a [`rekey`] left pending, once its predecessor's listening socket is gone.
+fn start_replacement() -> io::Result<()> {
+    let mut replaced = REPLACED_PID.lock().unwrap_or_else(|p| p.into_inner());
+    if *replaced == 0 {
+        return Ok(());
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while *replaced > 0 && gone_or_zombie(*replaced).not() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
     }
     start_sshd()?;
-    Ok(public)
+    *replaced = 0;
+    Ok(())
 }
 
 fn gone_or_zombie(pid: i32) -> bool {
@@ -73,6 +92,7 @@ fn gone_or_zombie(pid: i32) -> bool {
 
 /// Waits until sshd accepts connections, at most `timeout`.
 pub fn wait_listening(timeout: Duration) -> io::Result<()> {
+    start_replacement()?;
     let start = Instant::now();
     loop {
         if listening_on_port_22() {

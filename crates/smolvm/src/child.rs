@@ -203,25 +203,21 @@ pub(crate) fn record_pid(dir: &std::path::Path, what: &str, pid: i32) {
 }
 
 /// Kills the helper `what` of the sandbox in `dir` if its pid file names a live process that
-/// is that helper of that directory (checked on its command line), and waits for it.
-pub(crate) fn kill_helper(dir: &std::path::Path, what: &str, subcommand: &str) {
-    let Some(pid) =
-        std::fs::read_to_string(dir.join(format!("{what}.pid"))).ok().and_then(|p| p.trim().parse::<i32>().ok())
-    else {
-        return;
-    };
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return };
+/// is that helper of that directory (checked on its command line); returns it (pid, start) to
+/// wait for.
+pub(crate) fn kill_helper(dir: &std::path::Path, what: &str, subcommand: &str) -> Option<(i32, Option<u64>)> {
+    let pid =
+        std::fs::read_to_string(dir.join(format!("{what}.pid"))).ok().and_then(|p| p.trim().parse::<i32>().ok())?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
     let ours = args.contains(&subcommand.as_bytes())
         && args.iter().any(|a| std::path::Path::new(std::ffi::OsStr::from_bytes(a)) == crate::vm::qemu::run_dir(dir));
-    if ours {
-        let started = crate::vm::process::start_time(pid);
-        let _ = crate::vm::process::signal(pid, libc::SIGKILL);
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while crate::vm::process::is_alive(pid, started) && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(2));
-        }
+    if !ours {
+        return None;
     }
+    let started = crate::vm::process::start_time(pid);
+    let _ = crate::vm::process::signal(pid, libc::SIGKILL);
+    Some((pid, started))
 }
 
 /// Whether the process at the other end of a unix socket runs as `owner` (`SO_PEERCRED`):

@@ -144,9 +144,12 @@ impl Smolvm {
         // needs syncing, and a guest that ignores the request cannot hold delete up. Whatever
         // VM the row or the pid file names is killed, whatever the recorded state: a create or
         // start killed half-way leaves a VM the state never called running.
+        let t = Instant::now();
         self.kill_vm(name, &row);
+        tracing::debug!("{name}: its processes ended after {:?}", t.elapsed());
         remove_all(&self.dir(name));
         self.db().delete(name)?;
+        tracing::debug!("{name}: deleted after {:?}", t.elapsed());
         // The lock file stays (empty): removing it would let a command waiting on the old file
         // and one opening a new file both hold "the" lock.
         Ok(())
@@ -165,12 +168,15 @@ impl Smolvm {
     /// and the pid QEMU wrote (checked to be this sandbox's QEMU by its `-name`). Its helpers
     /// (network process, agent proxy) end with it.
     pub(super) fn kill_vm(&self, name: &str, row: &crate::state::SandboxRow) {
+        let dir = self.dir(name);
+        // Every process first, then the waits: they end in parallel.
+        let mut dying: Vec<(i32, Option<u64>)> = Vec::new();
         if let Some(pid) = row.pid.filter(|p| process::is_alive(*p, row.pid_start)) {
             let _ = process::signal(pid, libc::SIGKILL);
-            wait_exit(pid, row.pid_start, Duration::from_secs(5));
+            dying.push((pid, row.pid_start));
         }
         // The pid file: "PID START", written by smolvm as soon as QEMU was spawned.
-        let from_file = std::fs::read_to_string(qemu::pid_file(&self.dir(name))).ok().and_then(|p| {
+        let from_file = std::fs::read_to_string(qemu::pid_file(&dir)).ok().and_then(|p| {
             let mut w = p.split_whitespace();
             Some((w.next()?.parse::<i32>().ok()?, w.next().and_then(|s| s.parse::<u64>().ok()).filter(|s| *s != 0)))
         });
@@ -178,13 +184,18 @@ impl Smolvm {
             from_file.filter(|(p, s)| process::is_alive(*p, *s) && process::is_qemu_of(*p, name))
         {
             let _ = process::signal(pid, libc::SIGKILL);
-            wait_exit(pid, started, Duration::from_secs(5));
+            dying.push((pid, started));
         }
         // They would end on their own once QEMU's end of their sockets closes; not leaving it
         // to a moment later keeps "deleted" exact.
-        let dir = self.dir(name);
-        crate::child::kill_helper(&dir, "netd", "__netd");
-        crate::child::kill_helper(&dir, "agent-proxy", "__agent-proxy");
+        for (what, sub) in [("netd", "__netd"), ("agent-proxy", "__agent-proxy")] {
+            if let Some(p) = crate::child::kill_helper(&dir, what, sub) {
+                dying.push(p);
+            }
+        }
+        for (pid, started) in dying {
+            wait_exit(pid, started, Duration::from_secs(5));
+        }
         crate::vm::cgroup::remove(&self.cgroups, name);
     }
 
