@@ -60,7 +60,7 @@ impl Smolvm {
                 if !d.is_empty() {
                     return Err(SnapshotError::Mismatch { snapshot: "boot".into(), differences: d });
                 }
-                snapshot::verify(&dir, &m)
+                snapshot::verify_cached(&dir, &m)
             });
             match sound {
                 Ok(()) => return Plan::Restore { dir, origin: "boot-snapshot".into() },

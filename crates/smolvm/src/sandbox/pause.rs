@@ -60,7 +60,15 @@ impl Smolvm {
                 files: vec![],
             };
             snapshot::write_meta(&tmp, meta, &["memory"])?;
+            // On the host's disk before the guest is given up: a paused sandbox survives a
+            // host crash, not only a clean reboot. (Its disk is flushed by QEMU as it quits.)
+            for f in ["memory", "meta.json"] {
+                crate::text::open_untrusted(&tmp.join(f))
+                    .and_then(|f| f.sync_all())
+                    .map_err(snap_io(name, "sync the paused state"))?;
+            }
             std::fs::rename(&tmp, dir.join(PAUSED_DIR)).map_err(snap_io(name, "move paused/ into place"))?;
+            std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(snap_io(name, "sync paused/"))?;
             Ok::<_, LifecycleError>(q)
         })();
         let mut q = match written {

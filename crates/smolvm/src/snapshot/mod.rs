@@ -193,6 +193,38 @@ pub fn verify(dir: &Path, meta: &SnapshotMeta) -> Result<(), SnapshotError> {
     Ok(())
 }
 
+/// What a file looked like when its digest was last checked: a boot snapshot, restored by
+/// every `create`, is hashed in full once and then checked by `stat` (as the image cache
+/// does for images): its files are root's, written once, and any write changes the ctime.
+fn stamp_of(path: &Path) -> std::io::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(path)?;
+    Ok(format!("{} {} {} {}.{} {}.{}", m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()))
+}
+
+/// [`verify`], skipped for files whose stamp (`verified.json`) says they are unchanged since
+/// they were last verified.
+pub fn verify_cached(dir: &Path, meta: &SnapshotMeta) -> Result<(), SnapshotError> {
+    let stamps_path = dir.join("verified.json");
+    let current = || -> Option<Vec<String>> { meta.files.iter().map(|f| stamp_of(&dir.join(&f.name)).ok()).collect() };
+    let recorded: Option<Vec<String>> = std::fs::read(&stamps_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    if recorded.is_some() && recorded == current() {
+        return Ok(());
+    }
+    verify(dir, meta)?;
+    if let Some(now) = current() {
+        let tmp = dir.join(".verified.json.tmp");
+        let _ = std::fs::remove_file(&tmp);
+        if let Ok(mut f) = crate::text::create_private(&tmp) {
+            let ok = std::io::Write::write_all(&mut f, serde_json::to_string(&now).unwrap_or_default().as_bytes());
+            if ok.is_ok() {
+                let _ = std::fs::rename(&tmp, &stamps_path);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Writes `meta` into `dir` with the digests of `names` (files in `dir`).
 pub fn write_meta(dir: &Path, mut meta: SnapshotMeta, names: &[&str]) -> Result<SnapshotMeta, SnapshotError> {
     let io = |what: String| {
@@ -335,11 +367,16 @@ mod tests {
         std::fs::write(dir.join("ram"), vec![7u8; 10000]).unwrap();
         let m = write_meta(&dir, meta(), &["ram"]).unwrap();
         verify(&dir, &m).unwrap();
+        verify_cached(&dir, &m).unwrap();
+        assert!(dir.join("verified.json").is_file(), "a verified file is stamped");
         let recorded = m.files[0].sha256_sparse.clone();
         let f = std::fs::OpenOptions::new().write(true).open(dir.join("ram")).unwrap();
         std::os::unix::fs::FileExt::write_all_at(&f, b"\x08", 5000).unwrap();
         let e = verify(&dir, &m).unwrap_err().to_string();
         assert!(e.contains("ram is corrupt") && e.contains(&recorded), "{e}");
+        // A write changes the file's stamp: the cached check hashes it again.
+        let e = verify_cached(&dir, &m).unwrap_err().to_string();
+        assert!(e.contains("ram is corrupt"), "{e}");
         assert_eq!(list(parent.path()).len(), 1);
         let tmp = temp_dir(parent.path()).unwrap();
         std::fs::copy(dir.join("meta.json"), tmp.join("meta.json")).unwrap();
