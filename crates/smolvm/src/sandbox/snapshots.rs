@@ -108,7 +108,8 @@ impl Smolvm {
     pub(super) fn machine_of(&self, row: &SandboxRow, files: &BootFiles) -> Result<Machine, SnapshotError> {
         let cfg = self.qemu_config(row, &Self::accel_of(row), files, String::new(), Netdev::Wire);
         Ok(Machine {
-            qemu_version: snapshot::qemu_version(&cfg.qemu).map_err(snap_io(&row.name, "ask QEMU its version"))?,
+            qemu_version: snapshot::qemu_version_cached(&cfg.qemu, &self.home().cache.join("qemu-version"))
+                .map_err(snap_io(&row.name, "ask QEMU its version"))?,
             device_model_sha256: crate::digest::sha256_hex(cfg.device_model().as_bytes()),
             accel: row.accel,
             memory_mib: row.memory_mib,

@@ -247,6 +247,39 @@ pub fn write_meta(dir: &Path, mut meta: SnapshotMeta, names: &[&str]) -> Result<
     Ok(meta)
 }
 
+/// [`qemu_version`], remembered in `cache` (a file) for the binary as it is (path, inode,
+/// size, mtime): an upgraded QEMU is asked again. Saves an exec per `create`.
+pub fn qemu_version_cached(qemu: &Path, cache: &Path) -> std::io::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let resolved = if qemu.is_absolute() {
+        qemu.to_path_buf()
+    } else {
+        // A bare name: where PATH finds it.
+        std::env::split_paths(crate::child::CHILD_PATH)
+            .map(|d| d.join(qemu))
+            .find(|p| p.is_file())
+            .unwrap_or(qemu.to_path_buf())
+    };
+    let Ok(m) = std::fs::metadata(&resolved) else { return qemu_version(qemu) };
+    let key = format!("{} {} {} {}.{}", resolved.display(), m.ino(), m.len(), m.mtime(), m.mtime_nsec());
+    if let Ok(text) = std::fs::read_to_string(cache) {
+        if let Some((k, v)) = text.split_once('\n') {
+            if k == key && !v.trim().is_empty() {
+                return Ok(v.trim().to_string());
+            }
+        }
+    }
+    let v = qemu_version(qemu)?;
+    let tmp = cache.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    if let Ok(mut f) = crate::text::create_private(&tmp) {
+        if std::io::Write::write_all(&mut f, format!("{key}\n{v}\n").as_bytes()).is_ok() {
+            let _ = std::fs::rename(&tmp, cache);
+        }
+    }
+    Ok(v)
+}
+
 /// The first line of `qemu -version`, once per process and binary.
 pub fn qemu_version(qemu: &Path) -> std::io::Result<String> {
     use std::collections::HashMap;
