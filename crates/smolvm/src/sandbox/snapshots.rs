@@ -181,13 +181,11 @@ impl Smolvm {
                     }
                 }
             }
-            SandboxState::Paused if alive => {
-                tracing::warn!("{name}: an interrupted pause left its QEMU behind; it is ended");
+            SandboxState::Paused => {
+                // The row no longer names a pid once the pause was recorded: the QEMU it
+                // ended is found by its pid file (`kill_vm` checks it is this sandbox's).
+                tracing::warn!("{name}: an interrupted pause may have left its QEMU behind; it is ended");
                 self.kill_vm(name, &row);
-                let mut row = row;
-                row.pid = None;
-                row.pid_start = None;
-                let _ = self.db().update(&row);
             }
             _ => {}
         }
