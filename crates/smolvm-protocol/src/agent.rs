@@ -53,7 +53,7 @@ pub struct ReadyV1 {
 }
 
 /// The protocol version this crate speaks (the newest).
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// The oldest version this crate still speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 /// The virtio-serial port's name (`/sys/class/virtio-ports/*/name` in the guest).
@@ -179,6 +179,127 @@ pub enum HostMsg {
         id: u32,
         timeout_ms: u64,
     },
+    /// v4: a file system operation ([`FsRequest`] as JSON: list, lstat, mkdir, move, remove);
+    /// answered with [`GuestMsg::FsResult`].
+    Fs {
+        id: u32,
+        json: String,
+    },
+    /// v4: watch a directory ([`WatchRequest`] as JSON): changes arrive as
+    /// [`GuestMsg::FsEvents`] until [`HostMsg::Cancel`], answered with `Done`.
+    Watch {
+        id: u32,
+        json: String,
+    },
+    /// v4: ends request `id` (a watch).
+    Cancel {
+        id: u32,
+    },
+}
+
+/// A file system operation of [`HostMsg::Fs`]. Paths are absolute.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum FsRequest {
+    /// The entry itself (`lstat`: a symlink is reported as one, with its target).
+    Stat { path: String },
+    /// The entries under a directory, `depth` levels down (1 = its children).
+    ListDir { path: String, depth: u32 },
+    /// `mkdir -p`; a directory that exists already is the `AlreadyExists` failure.
+    MakeDir { path: String },
+    /// `rename(2)`, or a copy and remove across file systems.
+    Move { source: String, destination: String },
+    /// `rm -rf` (a missing path is `NotFound`).
+    Remove { path: String },
+}
+
+/// The answer to an [`FsRequest`]: entries (one for Stat, MakeDir and Move; the listing for
+/// ListDir; none for Remove), or a failure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct FsReply {
+    #[serde(default)]
+    pub entries: Vec<FsEntry>,
+    #[serde(default)]
+    pub error: Option<FsFailure>,
+    /// A listing that stopped early (a frame holds 1 MiB): what is here is its beginning.
+    #[serde(default)]
+    pub truncated: bool,
+}
+
+/// Why an [`FsRequest`] failed, in a kind the host can map (to HTTP statuses, say).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsFailure {
+    pub kind: FsErrorKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FsErrorKind {
+    NotFound,
+    AlreadyExists,
+    NotADirectory,
+    IsADirectory,
+    PermissionDenied,
+    Invalid,
+    Other,
+}
+
+/// What a directory entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    File,
+    Dir,
+    Symlink,
+    Other,
+}
+
+/// One file system entry (as `lstat` sees it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsEntry {
+    pub name: String,
+    /// Absolute.
+    pub path: String,
+    pub kind: EntryKind,
+    pub size: u64,
+    /// `st_mode`: type and permission bits.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// The user and group names (from the guest's `/etc/passwd`, `/etc/group`), else the ids.
+    pub owner: String,
+    pub group: String,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i64,
+    #[serde(default)]
+    pub symlink_target: Option<String>,
+}
+
+/// What [`HostMsg::Watch`] watches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchRequest {
+    pub path: String,
+    /// Subdirectories too (and those created later).
+    pub recursive: bool,
+}
+
+/// A change seen by a watch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsEvent {
+    /// The path relative to the watched directory.
+    pub name: String,
+    pub op: FsOp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FsOp {
+    Create,
+    Write,
+    Remove,
+    Rename,
+    Chmod,
 }
 
 /// What [`HostMsg::Refresh`] asks of the guest (travels as JSON).
@@ -288,6 +409,16 @@ pub enum GuestMsg {
         id: u32,
         json: String,
     },
+    /// v4: the answer to [`HostMsg::Fs`]: an [`FsReply`] as JSON.
+    FsResult {
+        id: u32,
+        json: String,
+    },
+    /// v4: changes seen by a [`HostMsg::Watch`]: a `Vec<FsEvent>` as JSON.
+    FsEvents {
+        id: u32,
+        json: String,
+    },
 }
 
 impl HostMsg {
@@ -297,6 +428,7 @@ impl HostMsg {
         match self {
             HostMsg::Ping { .. } => 2,
             HostMsg::Refresh { .. } | HostMsg::WaitSsh { .. } => 3,
+            HostMsg::Fs { .. } | HostMsg::Watch { .. } | HostMsg::Cancel { .. } => 4,
             _ => 1,
         }
     }
@@ -319,6 +451,9 @@ impl HostMsg {
             HostMsg::Ping { .. } => "Ping",
             HostMsg::Refresh { .. } => "Refresh",
             HostMsg::WaitSsh { .. } => "WaitSsh",
+            HostMsg::Fs { .. } => "Fs",
+            HostMsg::Watch { .. } => "Watch",
+            HostMsg::Cancel { .. } => "Cancel",
         }
     }
 
@@ -327,6 +462,7 @@ impl HostMsg {
         match self {
             HostMsg::Hello { .. } | HostMsg::Shutdown => None,
             HostMsg::Ping { id } | HostMsg::Refresh { id, .. } | HostMsg::WaitSsh { id, .. } => Some(id),
+            HostMsg::Fs { id, .. } | HostMsg::Watch { id, .. } | HostMsg::Cancel { id } => Some(id),
             HostMsg::Exec { id, .. }
             | HostMsg::Stdin { id, .. }
             | HostMsg::StdinClose { id }
@@ -352,6 +488,8 @@ impl HostMsg {
                 | HostMsg::Ping { .. }
                 | HostMsg::Refresh { .. }
                 | HostMsg::WaitSsh { .. }
+                | HostMsg::Fs { .. }
+                | HostMsg::Watch { .. }
         )
     }
 }
@@ -362,6 +500,7 @@ impl GuestMsg {
         match self {
             GuestMsg::HelloV2 { .. } => 2,
             GuestMsg::Refreshed { .. } => 3,
+            GuestMsg::FsResult { .. } | GuestMsg::FsEvents { .. } => 4,
             _ => 1,
         }
     }
@@ -399,6 +538,8 @@ impl GuestMsg {
             | GuestMsg::StatResult { id, .. }
             | GuestMsg::Done { id }
             | GuestMsg::Refreshed { id, .. }
+            | GuestMsg::FsResult { id, .. }
+            | GuestMsg::FsEvents { id, .. }
             | GuestMsg::Error { id, .. } => Some(id),
         }
     }
@@ -412,6 +553,7 @@ impl GuestMsg {
                 | GuestMsg::StatResult { .. }
                 | GuestMsg::Done { .. }
                 | GuestMsg::Refreshed { .. }
+                | GuestMsg::FsResult { .. }
                 | GuestMsg::Error { .. }
         )
     }

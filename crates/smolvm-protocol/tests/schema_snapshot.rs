@@ -51,6 +51,9 @@ fn host_samples() -> Vec<(&'static str, HostMsg)> {
         ("ping", HostMsg::Ping { id: 5 }),
         ("refresh", HostMsg::Refresh { id: 6, json: "{}".into() }),
         ("wait_ssh", HostMsg::WaitSsh { id: 7, timeout_ms: 1000 }),
+        ("fs", HostMsg::Fs { id: 8, json: "{}".into() }),
+        ("watch", HostMsg::Watch { id: 9, json: "{}".into() }),
+        ("cancel", HostMsg::Cancel { id: 9 }),
     ]
 }
 
@@ -70,6 +73,8 @@ fn guest_samples() -> Vec<(&'static str, GuestMsg)> {
         ("error", GuestMsg::Error { id: 4, message: "no".into() }),
         ("hello_v2", GuestMsg::hello(2, &ready())),
         ("refreshed", GuestMsg::Refreshed { id: 6, json: "{}".into() }),
+        ("fs_result", GuestMsg::FsResult { id: 8, json: "{}".into() }),
+        ("fs_events", GuestMsg::FsEvents { id: 9, json: "[]".into() }),
     ]
 }
 

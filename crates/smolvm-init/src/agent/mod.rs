@@ -8,11 +8,14 @@
 
 mod exec;
 mod files;
+mod fs;
+mod watch;
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -66,6 +69,8 @@ pub struct Session {
     pub procs: Arc<Mutex<HashMap<u32, exec::Running>>>,
     pub writes: HashMap<u32, files::PendingWrite>,
     pub env: Vec<(String, String)>,
+    /// Running watches' cancel flags.
+    pub watches: HashMap<u32, Arc<AtomicBool>>,
 }
 
 /// Finds the port's device: `/sys/class/virtio-ports/vportNpM/name` holds the name, and
@@ -109,7 +114,13 @@ fn serve(port: PathBuf) {
                 return;
             }
         };
-        let mut session = Session { out: writer, procs: Arc::default(), writes: HashMap::new(), env: Vec::new() };
+        let mut session = Session {
+            out: writer,
+            procs: Arc::default(),
+            writes: HashMap::new(),
+            env: Vec::new(),
+            watches: HashMap::new(),
+        };
         let mut reader = &file;
         let mut got_any = false;
         loop {
@@ -131,6 +142,9 @@ fn serve(port: PathBuf) {
         }
         exec::kill_all(&session.procs);
         files::discard_all(&mut session);
+        for (_, cancel) in session.watches.drain() {
+            cancel.store(true, Ordering::Relaxed);
+        }
         if got_any {
             log::info!("agent: host disconnected");
         }
@@ -204,6 +218,30 @@ fn handle(s: &mut Session, msg: HostMsg) {
                     Err(e) => out.send(&GuestMsg::Error { id, message: e.to_string() }),
                 };
             });
+        }
+        HostMsg::Fs { id, json } => {
+            // Its own thread: a deep listing or a large remove does not hold up other requests.
+            let out = s.out.clone();
+            let _ = std::thread::Builder::new().name("fs".into()).spawn(move || {
+                match serde_json::from_str::<smolvm_protocol::agent::FsRequest>(&json) {
+                    Ok(req) => {
+                        let json = serde_json::to_string(&fs::run(&req)).unwrap_or_default();
+                        out.send(&GuestMsg::FsResult { id, json });
+                    }
+                    Err(e) => out.error(id, format!("an unreadable Fs request: {e}")),
+                }
+            });
+        }
+        HostMsg::Watch { id, json } => {
+            s.watches.retain(|_, c| !c.load(Ordering::Relaxed));
+            let cancel = Arc::new(AtomicBool::new(false));
+            s.watches.insert(id, cancel.clone());
+            watch::start(s.out.clone(), id, &json, cancel);
+        }
+        HostMsg::Cancel { id } => {
+            if let Some(c) = s.watches.remove(&id) {
+                c.store(true, Ordering::Relaxed);
+            }
         }
         HostMsg::Shutdown => {
             // SAFETY: kill(2) on our own pid; the supervisor turns SIGTERM into a power-off.

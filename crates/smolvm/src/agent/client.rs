@@ -42,6 +42,8 @@ pub struct AgentClient {
     out: Mutex<UnixStream>,
     waiters: Waiters,
     next_id: AtomicU32,
+    /// Set when the connection ended (the sandbox stopped, its proxy went away).
+    closed: Arc<std::sync::atomic::AtomicBool>,
     /// The guest's readiness facts from its Hello.
     pub ready: Ready,
     pub version: u32,
@@ -72,8 +74,10 @@ impl AgentClient {
         };
         stream.set_read_timeout(None).map_err(connect_err)?;
         let waiters: Waiters = Arc::default();
+        let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut input = stream.try_clone().map_err(connect_err)?;
         let w = waiters.clone();
+        let c = closed.clone();
         std::thread::spawn(move || {
             while let Ok(Some(mut msg)) = read_frame::<GuestMsg>(&mut input) {
                 let ends = msg.ends_request();
@@ -87,6 +91,7 @@ impl AgentClient {
                 }
             }
             // Dropping every sender tells each waiting request that the connection is gone.
+            c.store(true, Ordering::Relaxed);
             lock(&w).clear();
         });
         Ok(AgentClient {
@@ -94,9 +99,16 @@ impl AgentClient {
             out: Mutex::new(stream),
             waiters,
             next_id: AtomicU32::new(1),
+            closed,
             ready,
             version,
         })
+    }
+
+    /// Whether the connection has ended: a client that holds one for long (a server) makes a
+    /// new one then.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
     }
 
     fn lost(&self, reason: impl Into<String>) -> AgentError {
@@ -252,6 +264,32 @@ impl AgentClient {
         self.lost(format!("unexpected reply {msg:?}"))
     }
 
+    /// The input side of a running exec by its request id ([`ExecHandle::id`]), for a caller
+    /// that feeds or signals it from elsewhere than the thread holding the handle.
+    pub fn exec_input(&self, id: u32) -> ExecInput<'_> {
+        ExecInput { client: self, id }
+    }
+
+    /// A file system operation (v4): lstat, list, mkdir -p, move, remove.
+    pub fn fs(&self, req: &smolvm_protocol::agent::FsRequest) -> Result<smolvm_protocol::agent::FsReply, AgentError> {
+        let json = serde_json::to_string(req).map_err(|e| self.lost(e.to_string()))?;
+        let (_, rx) = self.open(|id| HostMsg::Fs { id, json })?;
+        match self.reply(&rx)? {
+            GuestMsg::FsResult { json, .. } => {
+                serde_json::from_str(&json).map_err(|e| self.lost(format!("an unreadable FsResult: {e}")))
+            }
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    /// Watches a directory (v4); changes arrive on the handle until it is cancelled.
+    pub fn watch(&self, path: &str, recursive: bool) -> Result<WatchHandle<'_>, AgentError> {
+        let req = smolvm_protocol::agent::WatchRequest { path: path.to_string(), recursive };
+        let json = serde_json::to_string(&req).map_err(|e| self.lost(e.to_string()))?;
+        let (id, rx) = self.open(|id| HostMsg::Watch { id, json })?;
+        Ok(WatchHandle { client: self, id, rx, cancelled: false })
+    }
+
     /// Asks the guest to power off cleanly.
     pub fn shutdown(&self) -> Result<(), AgentError> {
         self.send(&HostMsg::Shutdown)
@@ -325,7 +363,54 @@ impl ExecInput<'_> {
     }
 }
 
+/// A running directory watch; dropping it cancels the watch.
+#[derive(Debug)]
+pub struct WatchHandle<'a> {
+    client: &'a AgentClient,
+    id: u32,
+    rx: Receiver<GuestMsg>,
+    cancelled: bool,
+}
+
+impl WatchHandle<'_> {
+    /// The next batch of changes, `Ok(None)` after `timeout` with none, or an error once the
+    /// watch ended (its directory removed, the connection lost, cancelled).
+    pub fn next_timeout(&self, timeout: Duration) -> Result<Option<Vec<smolvm_protocol::agent::FsEvent>>, AgentError> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(GuestMsg::FsEvents { json, .. }) => {
+                serde_json::from_str(&json).map(Some).map_err(|e| self.client.lost(format!("unreadable FsEvents: {e}")))
+            }
+            Ok(GuestMsg::Done { .. }) => Err(self.client.lost("the watch ended")),
+            Ok(GuestMsg::Error { message, .. }) => {
+                Err(AgentError::Guest { sandbox: self.client.sandbox.clone(), message })
+            }
+            Ok(other) => Err(self.client.unexpected(other)),
+            Err(mpsc::RecvTimeoutError::Timeout) => Ok(None),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(self.client.lost("the connection closed")),
+        }
+    }
+
+    /// Ends the watch.
+    pub fn cancel(&mut self) {
+        if !self.cancelled {
+            self.cancelled = true;
+            let _ = self.client.send(&HostMsg::Cancel { id: self.id });
+        }
+    }
+}
+
+impl Drop for WatchHandle<'_> {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
 impl ExecHandle<'_> {
+    /// The request id of this exec (for [`AgentClient::exec_input`]).
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
     /// The handle's input side, for a thread that feeds stdin.
     pub fn input(&self) -> ExecInput<'_> {
         ExecInput { client: self.client, id: self.id }

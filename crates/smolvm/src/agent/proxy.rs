@@ -172,7 +172,7 @@ fn serve_client(
             continue;
         }
         let opens = msg.opens_request();
-        let is_exec = matches!(msg, HostMsg::Exec { .. });
+        let is_exec = matches!(msg, HostMsg::Exec { .. } | HostMsg::Watch { .. });
         if let Some(id) = msg.id_mut() {
             let global = if opens {
                 let g = next_id.fetch_add(1, Ordering::Relaxed);
@@ -212,7 +212,10 @@ fn serve_client(
     let mut routes = lock(routes);
     for g in execs {
         if routes.by_global.contains_key(&g) {
+            // A signal ends an exec (a watch ignores it); a Cancel ends a watch (a guest
+            // older than v4 cannot read it and answers an error no one waits for).
             let _ = vm_out.push(encode(&HostMsg::Signal { id: g, signal: libc::SIGKILL }));
+            let _ = vm_out.push(encode(&HostMsg::Cancel { id: g }));
         }
     }
     routes.by_global.retain(|_, r| r.client != client);
