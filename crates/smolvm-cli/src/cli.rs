@@ -54,6 +54,12 @@ SECRETS (API keys that never enter the sandbox):
   secret list NAME | secret set NAME VAR@HOST | secret unset NAME VAR
   doctor                                   what this host can run (KVM or TCG, and why)
 
+SERVE (E2B's API and MCP for programs; the official E2B SDKs work unchanged):
+  smolvm serve [--listen 127.0.0.1:49999]  prints E2B_API_KEY, E2B_API_URL, E2B_SANDBOX_URL;
+                                           the key is kept 0600 in SMOLVM_HOME/serve/api-key;
+                                           /openapi.json describes it, MCP is at /mcp
+  smolvm mcp                               an MCP server on stdio (claude mcp add smolvm -- smolvm mcp)
+
 IMAGE SOURCES (defaults: the release pinned in this binary):
   SMOLVM_IMAGES_URL=http://host/dir        download <dir>/<tag>/<asset> instead (a mirror)
   SMOLVM_IMAGES_MANIFEST=<path|url>        use another release's manifest.json (warns)
@@ -179,6 +185,13 @@ pub enum Command {
     /// A sandbox's secrets: names and hosts (never values); set or unset them while it runs.
     #[command(subcommand)]
     Secret(SecretCommand),
+    /// Serve E2B's API (control plane and in-sandbox API) on a local port, so that the
+    /// official E2B SDKs and tools built on them drive smolvm sandboxes; MCP at /mcp.
+    /// Prints the environment a client needs (E2B_API_KEY, E2B_API_URL, E2B_SANDBOX_URL).
+    Serve(ServeArgs),
+    /// An MCP server on stdin/stdout: tools to create sandboxes, run commands, read and write
+    /// files, list and delete sandboxes (for Claude Code, Codex, any MCP client).
+    Mcp,
     /// Check this host: QEMU, accelerator (KVM or TCG, and why), tools, directories.
     Doctor,
     /// Build, pin, fetch and inspect the kernel and rootfs images.
@@ -205,6 +218,20 @@ pub enum Command {
         #[arg(long)]
         owner: u32,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Where to listen (port 0: any free port, printed).
+    #[arg(long, default_value = "127.0.0.1:49999")]
+    pub listen: String,
+    /// Allow an address other than loopback: whoever reaches it and has the key runs code in
+    /// your sandboxes (plain HTTP: the key travels unencrypted).
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// Seconds a sandbox created without a timeout lives (E2B's default).
+    #[arg(long, default_value_t = 300)]
+    pub default_timeout: u64,
 }
 
 #[derive(Debug, Args)]

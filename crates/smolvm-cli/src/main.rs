@@ -27,9 +27,9 @@ fn main() -> std::process::ExitCode {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("SMOLVM_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(match verbose {
-            0 => "smolvm=info",
-            1 => "smolvm=debug",
-            _ => "smolvm=trace",
+            0 => "smolvm=info,smolvm_serve=info",
+            1 => "smolvm=debug,smolvm_serve=debug",
+            _ => "smolvm=trace,smolvm_serve=trace",
         })
     });
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();

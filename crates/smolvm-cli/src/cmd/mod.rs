@@ -6,6 +6,7 @@ mod image;
 mod network;
 mod sandbox;
 mod secret;
+mod serve;
 mod snapshot;
 
 use crate::cli::{Cli, Command, Parsed, PresetCommand, PresetListCommand};
@@ -41,6 +42,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Secret(c) => secret::run(c, json),
         Command::Expose { name, guest_port, host_port } => sandbox::expose(&name, guest_port, host_port, json),
         Command::Env(c) => sandbox::env(c, json),
+        Command::Serve(a) => serve::serve(a, json),
+        Command::Mcp => serve::mcp(),
         Command::Doctor => doctor::run(json),
         Command::Image(c) => image::run(c, json).map(|()| 0),
         Command::Preset(PresetListCommand::List) => sandbox::preset_list(json),

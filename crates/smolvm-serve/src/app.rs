@@ -1,0 +1,135 @@
+//! The server's shared state: how to open the library, the API key, the per-sandbox records,
+//! and one long-lived agent connection per sandbox with the processes started through it.
+//!
+//! The library is blocking (threads, a SQLite connection per handle), the HTTP side async:
+//! every library call runs on tokio's blocking pool through [`App::blocking`], on a
+//! [`Smolvm`] handle taken from a small pool (opening one opens the database).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use smolvm::agent::AgentClient;
+use smolvm::sandbox::Smolvm;
+
+use crate::key::ApiKey;
+use crate::meta::MetaStore;
+use crate::process::Proc;
+
+/// How the server is set up (the CLI builds it; the library reads no environment).
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub smolvm: smolvm::config::Config,
+    pub key: ApiKey,
+    /// A sandbox created without a timeout lives this long (E2B's default: 300 s).
+    pub default_timeout_secs: u64,
+    /// How often expired sandboxes are looked for.
+    pub reap_interval: std::time::Duration,
+    /// Host names (besides loopback's) that `/mcp` answers to: its guard against DNS
+    /// rebinding refuses others.
+    pub public_hosts: Vec<String>,
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A failure of the library or its thread pool, before any API shape is given to it.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("open smolvm's state: {0}")]
+    Open(#[from] smolvm::state::StateError),
+    #[error("a worker thread failed: {0}")]
+    Join(String),
+}
+
+/// One agent connection of a running sandbox, and the processes started through it.
+#[derive(Debug)]
+pub struct Conn {
+    pub name: String,
+    pub client: AgentClient,
+    pub procs: Mutex<HashMap<u32, Arc<Proc>>>,
+    next_pid: AtomicU32,
+}
+
+impl Conn {
+    /// A process handle number: E2B's "pid". The guest's own pids are not reported by the
+    /// agent; these are unique per connection and never reused.
+    pub fn next_pid(&self) -> u32 {
+        self.next_pid.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug)]
+pub struct App {
+    pub config: ServeConfig,
+    pub meta: MetaStore,
+    pool: Mutex<Vec<Smolvm>>,
+    conns: Mutex<HashMap<String, Arc<Conn>>>,
+    /// The polled file system watchers (`CreateWatcher`), by id.
+    pub watchers: crate::envd::filesystem::Watchers,
+}
+
+impl App {
+    pub fn new(config: ServeConfig) -> Arc<App> {
+        let meta = MetaStore::new(config.smolvm.home.data.join("serve").join("sandboxes"));
+        Arc::new(App { config, meta, pool: Mutex::default(), conns: Mutex::default(), watchers: Mutex::default() })
+    }
+
+    pub fn key(&self) -> &ApiKey {
+        &self.config.key
+    }
+
+    fn take(&self) -> Result<Smolvm, AppError> {
+        if let Some(s) = lock(&self.pool).pop() {
+            return Ok(s);
+        }
+        Ok(Smolvm::open(self.config.smolvm.clone())?)
+    }
+
+    /// Runs `f` with a library handle on the blocking pool.
+    pub async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Smolvm) -> T + Send + 'static,
+    ) -> Result<T, AppError> {
+        let app = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let s = app.take()?;
+            let out = f(&s);
+            let mut pool = lock(&app.pool);
+            if pool.len() < 8 {
+                pool.push(s);
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| AppError::Join(e.to_string()))?
+    }
+
+    /// The agent connection of running sandbox `name` (made on first use, made anew when the
+    /// old one ended).
+    pub async fn conn(self: &Arc<Self>, name: &str) -> Result<Arc<Conn>, smolvm::agent::AgentError> {
+        if let Some(c) = lock(&self.conns).get(name).filter(|c| !c.client.is_closed()) {
+            return Ok(c.clone());
+        }
+        let n = name.to_string();
+        let client = self
+            .blocking(move |s| s.agent(&n))
+            .await
+            .map_err(|e| smolvm::agent::AgentError::Guest { sandbox: name.into(), message: e.to_string() })??;
+        let conn =
+            Arc::new(Conn { name: name.to_string(), client, procs: Mutex::default(), next_pid: AtomicU32::new(1000) });
+        let mut conns = lock(&self.conns);
+        // Two requests raced to connect: keep the first, so that both see one process table.
+        let kept = conns.entry(name.to_string()).or_insert_with(|| conn.clone());
+        if kept.client.is_closed() {
+            *kept = conn;
+        }
+        Ok(kept.clone())
+    }
+
+    /// Forgets the connection of a sandbox that was deleted, paused or stopped.
+    pub fn drop_conn(&self, name: &str) {
+        lock(&self.conns).remove(name);
+    }
+}
