@@ -1,0 +1,260 @@
+//! `smolvm serve` and `smolvm mcp` end to end, on real VMs, driven by the real clients: the
+//! official E2B SDKs (Python from PyPI, JS from npm) and the MCP Python SDK, at the versions
+//! pinned in `tests/clients/` (installed, cached, by `scripts/test-clients.sh`). The client
+//! scripts assert each behaviour themselves; this file starts the server, runs them, and checks
+//! what they cannot see: the CLI alongside, a restart of the server, the key file, the
+//! OpenAPI document. `#[ignore]`d for a plain `cargo test`; `scripts/test.sh` runs them.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{ok, release_dir, smolvm};
+use smolvm_testkit::http::Server;
+
+/// The pinned clients (a venv and node_modules), installed once per machine.
+fn clients() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = Command::new("bash").arg(root.join("scripts/test-clients.sh")).output().unwrap();
+    assert!(out.status.success(), "scripts/test-clients.sh failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+fn client_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients").join(name)
+}
+
+struct Fixture {
+    release: PathBuf,
+    images: Server,
+    home: tempfile::TempDir,
+    serve: Option<Child>,
+    url: String,
+    key: String,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        self.stop_serve();
+        common::cleanup(self.home.path());
+    }
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let release = release_dir();
+        let mut f = Fixture {
+            images: Server::start(release.parent().unwrap().to_path_buf()).unwrap(),
+            home: tempfile::tempdir().unwrap(),
+            release,
+            serve: None,
+            url: String::new(),
+            key: String::new(),
+        };
+        f.start_serve();
+        f
+    }
+
+    fn cmd(&self) -> Command {
+        smolvm(self.home.path(), &self.images.url, &self.release)
+    }
+
+    /// Starts `smolvm serve` on a free loopback port; its first line of output says where.
+    fn start_serve(&mut self) {
+        let mut c = self.cmd();
+        c.args(["serve", "--listen", "127.0.0.1:0", "--json"]).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let mut child = c.spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("serve printed {line:?}: {e}"));
+        self.url = v["url"].as_str().unwrap().to_string();
+        self.key = v["env"]["E2B_API_KEY"].as_str().unwrap().to_string();
+        assert_eq!(v["env"]["E2B_SANDBOX_URL"], v["env"]["E2B_API_URL"]);
+        self.serve = Some(child);
+    }
+
+    fn stop_serve(&mut self) {
+        if let Some(mut c) = self.serve.take() {
+            // SAFETY: kill(2) of our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+
+    /// A client process with the environment the server printed, and nothing else of E2B's.
+    fn client(&self, program: &Path) -> Command {
+        let mut c = Command::new(program);
+        c.env("E2B_API_KEY", &self.key)
+            .env("E2B_API_URL", &self.url)
+            .env("E2B_SANDBOX_URL", &self.url)
+            .env_remove("E2B_DEBUG")
+            .env_remove("E2B_DOMAIN");
+        c
+    }
+
+    /// One HTTP/1.1 request to the server: (status, body as JSON or null).
+    fn http(&self, method: &str, path: &str, body: Option<&str>, key: Option<&str>) -> (u16, serde_json::Value) {
+        let addr = self.url.trim_start_matches("http://");
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+        let body = body.unwrap_or("");
+        let auth = key.map(|k| format!("X-API-Key: {k}\r\n")).unwrap_or_default();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let (head, rest) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+        let rest = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(rest) } else { rest.to_string() };
+        (status, serde_json::from_str(&rest).unwrap_or(serde_json::Value::Null))
+    }
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+    out
+}
+
+/// Runs a client script, echoing its output; asserts it ended well and printed each check.
+fn run_client(mut c: Command, checks: &[&str]) -> String {
+    let out = c.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{c:?} failed ({})", out.status);
+    for check in checks {
+        assert!(stdout.lines().any(|l| l.starts_with(&format!("ok: {check}"))), "no `ok: {check}` in the output");
+    }
+    assert!(stdout.lines().any(|l| l == "all ok"));
+    stdout
+}
+
+#[test]
+#[ignore = "boots real VMs and installs the pinned clients; run by scripts/test.sh"]
+fn the_e2b_python_sdk_runs_unchanged_against_smolvm_serve() {
+    let clients = clients();
+    let f = Fixture::new();
+    let mut c = f.client(&clients.join("venv/bin/python"));
+    c.arg(client_script("e2b_sdk.py"));
+    run_client(
+        c,
+        &[
+            "commands.run",
+            "failing command raises CommandExitException",
+            "on_stdout streams",
+            "background + kill",
+            "stdin",
+            "files: write/read text and 5 MB binary",
+            "Sandbox.list and get_info",
+            "hostile: the guest cannot reach the server",
+            "5 sandboxes, 20 concurrent commands",
+            "bad input: wrong key, unknown template, malformed body, command after kill",
+            "pause, then connect resumes it",
+            "set_timeout expires the sandbox",
+        ],
+    );
+}
+
+#[test]
+#[ignore = "boots real VMs and installs the pinned clients; run by scripts/test.sh"]
+fn the_e2b_js_sdk_runs_unchanged_against_smolvm_serve() {
+    let clients = clients();
+    let node = Command::new("node").arg("--version").output().expect("node is needed (scripts/install-host-deps.sh)");
+    let version = String::from_utf8_lossy(&node.stdout).trim().to_string();
+    let major: u32 = version.trim_start_matches('v').split('.').next().unwrap().parse().unwrap();
+    assert!(major >= 20, "the E2B JS SDK needs Node 20 or newer; this host has {version}");
+    let f = Fixture::new();
+    // ES modules resolve packages beside the script: run a copy next to the installed ones.
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(clients.join("node_modules"), dir.path().join("node_modules")).unwrap();
+    std::fs::copy(client_script("e2b_sdk.mjs"), dir.path().join("e2b_sdk.mjs")).unwrap();
+    let mut c = f.client(Path::new("node"));
+    c.arg(dir.path().join("e2b_sdk.mjs"));
+    run_client(c, &["create + commands.run", "failing command throws CommandExitError", "files.write / files.read", "kill"]);
+}
+
+#[test]
+#[ignore = "boots real VMs and installs the pinned clients; run by scripts/test.sh"]
+fn the_mcp_python_sdk_drives_smolvm_mcp_over_stdio_and_http() {
+    let clients = clients();
+    let f = Fixture::new();
+    let python = clients.join("venv/bin/python");
+    let mut stdio = f.cmd();
+    stdio.env("SMOLVM_BIN", env!("CARGO_BIN_EXE_smolvm"));
+    let mut c = Command::new(&python);
+    c.envs(stdio.get_envs().filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))));
+    c.arg(client_script("mcp_client.py")).arg("stdio").arg(env!("CARGO_BIN_EXE_smolvm"));
+    let steps = ["list tools", "create_sandbox", "run_command (exit code, stdout, stderr, timeout)", "write_file / read_file", "list_sandboxes / delete_sandbox"];
+    run_client(c, &steps.map(|s| format!("stdio: {s}")).iter().map(String::as_str).collect::<Vec<_>>());
+    let mut c = Command::new(&python);
+    c.arg(client_script("mcp_client.py")).arg("http").arg(format!("{}/mcp", f.url)).arg(&f.key);
+    let mut http: Vec<String> = steps.iter().map(|s| format!("http: {s}")).collect();
+    http.push("http: 401 without the key".into());
+    run_client(c, &http.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+#[test]
+#[ignore = "boots real VMs; run by scripts/test.sh"]
+fn served_sandboxes_are_ordinary_and_outlive_a_restart_of_the_server() {
+    let clients = clients();
+    let mut f = Fixture::new();
+    let key_file = f.home.path().join("serve/api-key");
+    assert_eq!(std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(std::fs::read_to_string(&key_file).unwrap().trim(), f.key);
+
+    let (status, doc) = f.http("GET", "/openapi.json", None, None);
+    assert_eq!(status, 200);
+    for p in ["/v2/sandboxes", "/sandboxes/{sandboxID}/timeout", "/smolvm/v1/templates", "/smolvm/v1/sandboxes/{sandboxID}/network"] {
+        assert!(doc["paths"][p].is_object(), "{p} is not in /openapi.json");
+    }
+
+    let key = f.key.clone();
+    let (status, body) = f.http("POST", "/v2/sandboxes", Some(r#"{"templateID":"base","timeout":600,"metadata":{"who":"rust"}}"#), Some(&key));
+    assert_eq!(status, 201, "{body}");
+    let id = body["sandboxID"].as_str().unwrap().to_string();
+    assert_eq!(body["envdVersion"], "0.5.7");
+    // The CLI sees it and works alongside.
+    let list: serde_json::Value = serde_json::from_str(&ok(f.cmd().args(["list", "--json"]))).unwrap();
+    assert!(list.as_array().unwrap().iter().any(|s| s["name"] == id.as_str()), "{list}");
+    assert_eq!(ok(f.cmd().args(["exec", &id, "--", "sh", "-c", "echo from-cli > /root/cli.txt; echo ok"])).trim(), "ok");
+
+    // A restart of the server: the same key, the sandbox and its metadata are still there.
+    f.stop_serve();
+    f.start_serve();
+    assert_eq!(f.key, key);
+    let (status, body) = f.http("GET", &format!("/sandboxes/{id}"), None, Some(&key));
+    assert_eq!((status, &body["metadata"]["who"]), (200, &serde_json::json!("rust")), "{body}");
+    let mut c = f.client(&clients.join("venv/bin/python"));
+    c.args(["-c", &format!("from e2b import Sandbox; s = Sandbox.connect({id:?}); print(s.files.read('/root/cli.txt'), end=''); print('all ok')")]);
+    let out = run_client(c, &[]);
+    assert!(out.starts_with("from-cli\n"), "{out}");
+
+    // Unknown sandboxes and routes are E2B's 404s; a malformed timeout a 400.
+    assert_eq!(f.http("GET", "/sandboxes/sbx-nope", None, Some(&key)).0, 404);
+    assert_eq!(f.http("POST", &format!("/sandboxes/{id}/timeout"), Some(r#"{"timeout":"soon"}"#), Some(&key)).0, 400);
+    assert_eq!(f.http("DELETE", &format!("/sandboxes/{id}"), None, Some(&key)).0, 204);
+    let list: serde_json::Value = serde_json::from_str(&ok(f.cmd().args(["list", "--json"]))).unwrap();
+    assert!(!list.as_array().unwrap().iter().any(|s| s["name"] == id.as_str()));
+
+    // Beyond loopback only when asked.
+    let out = f.cmd().args(["serve", "--listen", "0.0.0.0:0"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--allow-remote"));
+}
