@@ -12,7 +12,7 @@ set -euo pipefail
 need_root() { [ "$(id -u)" = 0 ] || { echo "install-host-deps: run as root (apt-get is needed)" >&2; exit 1; }; }
 
 PKGS_BASE=(mmdebstrap e2fsprogs zstd xz-utils bc flex bison libelf-dev libssl-dev make gcc
-           cpio lz4 openssh-client python3 iproute2 util-linux ca-certificates curl dwarves)
+           cpio lz4 openssh-client python3 python3-venv iproute2 util-linux ca-certificates curl dwarves)
 PKG_QEMU=qemu-system-x86
 
 # The sandboxes' users. When smolvm runs as root, each sandbox's QEMU, network process and
@@ -43,6 +43,13 @@ missing=()
 for p in "${PKGS_BASE[@]}" "$PKG_QEMU"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed' || missing+=("$p")
 done
+# Node and npm run the E2B JS SDK in the serve tests. A host that has a node already keeps it
+# (its own packages may conflict with Debian's npm); Debian 12's is Node 18, and the test says
+# so if the SDK needs newer.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  PKGS_BASE+=(nodejs npm)
+  missing+=(nodejs npm)
+fi
 if [ ${#missing[@]} -eq 0 ]; then
   if [ "$(id -u)" = 0 ]; then vm_users; fi
   exit 0

@@ -11,6 +11,7 @@
 #![allow(clippy::print_stdout)]
 
 mod network;
+mod serve;
 mod snapshots;
 
 use std::path::{Path, PathBuf};
@@ -51,6 +52,9 @@ struct Args {
     /// Only the network figures.
     #[arg(long, conflicts_with = "no_network")]
     network_only: bool,
+    /// Only the E2B figure (`smolvm serve` against exec and the library).
+    #[arg(long, conflicts_with = "network_only")]
+    serve_only: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -118,6 +122,10 @@ fn main() -> anyhow::Result<()> {
     if !args.network_only {
         let home = work.path().join("warm");
         let mut run = || -> anyhow::Result<()> {
+            if args.serve_only {
+                let sm = open(&home)?;
+                return serve::figures(args.runs, &sm, &home, &mut report);
+            }
             cold_create(&args, work.path(), &mut report)?;
             let sm = open(&home)?;
             warm_create_and_lifecycle(&args, &sm, &mut report)?;
@@ -125,6 +133,7 @@ fn main() -> anyhow::Result<()> {
             disk_durability(&args, &home, &mut report)?;
             presets(&args, &sm, &mut report)?;
             snapshots::figures(args.runs, args.density, &sm, &mut report)?;
+            serve::figures(args.runs, &sm, &home, &mut report)?;
             if args.density > 0 {
                 density(&args, &home, &mut report)?;
             }

@@ -134,12 +134,30 @@ pub enum ServeError {
     Serve(std::io::Error),
 }
 
-/// Serves on `listener` until `shutdown` completes.
+/// How long requests in flight get to finish after the shutdown signal: streams of
+/// background processes and MCP sessions stay open as long as their clients, so the server
+/// does not wait for them longer than this.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Serves on `listener` until `shutdown` completes (and the grace for requests in flight).
+/// Sandboxes are not touched: they outlive the server.
 pub async fn serve(
     app: Arc<App>,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     tokio::spawn(reap(app.clone()));
-    axum::serve(listener, router(app)).with_graceful_shutdown(shutdown).await.map_err(ServeError::Serve)
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = tx.send(true);
+    });
+    let fired = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let server = axum::serve(listener, router(app)).with_graceful_shutdown(fired(rx.clone()));
+    tokio::select! {
+        r = server => r.map_err(ServeError::Serve),
+        _ = async { fired(rx).await; tokio::time::sleep(SHUTDOWN_GRACE).await } => Ok(()),
+    }
 }
