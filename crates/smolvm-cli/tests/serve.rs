@@ -72,7 +72,8 @@ impl Fixture {
         let mut child = c.spawn().unwrap();
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("serve printed {line:?}: {e}"));
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("serve printed {line:?}: {e}"));
         self.url = v["url"].as_str().unwrap().to_string();
         self.key = v["env"]["E2B_API_KEY"].as_str().unwrap().to_string();
         assert_eq!(v["env"]["E2B_SANDBOX_URL"], v["env"]["E2B_API_URL"]);
@@ -115,7 +116,11 @@ impl Fixture {
         s.read_to_string(&mut resp).unwrap();
         let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
         let (head, rest) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
-        let rest = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(rest) } else { rest.to_string() };
+        let rest = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+            dechunk(rest)
+        } else {
+            rest.to_string()
+        };
         (status, serde_json::from_str(&rest).unwrap_or(serde_json::Value::Null))
     }
 }
@@ -160,8 +165,10 @@ fn the_e2b_python_sdk_runs_unchanged_against_smolvm_serve() {
             "failing command raises CommandExitException",
             "on_stdout streams",
             "background + kill",
+            "commands.connect to a running command",
             "stdin",
             "files: write/read text and 5 MB binary",
+            "files.watch_dir (recursive) sees create and remove",
             "Sandbox.list and get_info",
             "hostile: the guest cannot reach the server",
             "5 sandboxes, 20 concurrent commands",
@@ -187,7 +194,10 @@ fn the_e2b_js_sdk_runs_unchanged_against_smolvm_serve() {
     std::fs::copy(client_script("e2b_sdk.mjs"), dir.path().join("e2b_sdk.mjs")).unwrap();
     let mut c = f.client(Path::new("node"));
     c.arg(dir.path().join("e2b_sdk.mjs"));
-    run_client(c, &["create + commands.run", "failing command throws CommandExitError", "files.write / files.read", "kill"]);
+    run_client(
+        c,
+        &["create + commands.run", "failing command throws CommandExitError", "files.write / files.read", "kill"],
+    );
 }
 
 #[test]
@@ -201,7 +211,13 @@ fn the_mcp_python_sdk_drives_smolvm_mcp_over_stdio_and_http() {
     let mut c = Command::new(&python);
     c.envs(stdio.get_envs().filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))));
     c.arg(client_script("mcp_client.py")).arg("stdio").arg(env!("CARGO_BIN_EXE_smolvm"));
-    let steps = ["list tools", "create_sandbox", "run_command (exit code, stdout, stderr, timeout)", "write_file / read_file", "list_sandboxes / delete_sandbox"];
+    let steps = [
+        "list tools",
+        "create_sandbox",
+        "run_command (exit code, stdout, stderr, timeout)",
+        "write_file / read_file",
+        "list_sandboxes / delete_sandbox",
+    ];
     run_client(c, &steps.map(|s| format!("stdio: {s}")).iter().map(String::as_str).collect::<Vec<_>>());
     let mut c = Command::new(&python);
     c.arg(client_script("mcp_client.py")).arg("http").arg(format!("{}/mcp", f.url)).arg(&f.key);
@@ -221,19 +237,32 @@ fn served_sandboxes_are_ordinary_and_outlive_a_restart_of_the_server() {
 
     let (status, doc) = f.http("GET", "/openapi.json", None, None);
     assert_eq!(status, 200);
-    for p in ["/v2/sandboxes", "/sandboxes/{sandboxID}/timeout", "/smolvm/v1/templates", "/smolvm/v1/sandboxes/{sandboxID}/network"] {
+    for p in [
+        "/v2/sandboxes",
+        "/sandboxes/{sandboxID}/timeout",
+        "/smolvm/v1/templates",
+        "/smolvm/v1/sandboxes/{sandboxID}/network",
+    ] {
         assert!(doc["paths"][p].is_object(), "{p} is not in /openapi.json");
     }
 
     let key = f.key.clone();
-    let (status, body) = f.http("POST", "/v2/sandboxes", Some(r#"{"templateID":"base","timeout":600,"metadata":{"who":"rust"}}"#), Some(&key));
+    let (status, body) = f.http(
+        "POST",
+        "/v2/sandboxes",
+        Some(r#"{"templateID":"base","timeout":600,"metadata":{"who":"rust"}}"#),
+        Some(&key),
+    );
     assert_eq!(status, 201, "{body}");
     let id = body["sandboxID"].as_str().unwrap().to_string();
     assert_eq!(body["envdVersion"], "0.5.7");
     // The CLI sees it and works alongside.
     let list: serde_json::Value = serde_json::from_str(&ok(f.cmd().args(["list", "--json"]))).unwrap();
     assert!(list.as_array().unwrap().iter().any(|s| s["name"] == id.as_str()), "{list}");
-    assert_eq!(ok(f.cmd().args(["exec", &id, "--", "sh", "-c", "echo from-cli > /root/cli.txt; echo ok"])).trim(), "ok");
+    assert_eq!(
+        ok(f.cmd().args(["exec", &id, "--", "sh", "-c", "echo from-cli > /root/cli.txt; echo ok"])).trim(),
+        "ok"
+    );
 
     // A restart of the server: the same key, the sandbox and its metadata are still there.
     f.stop_serve();

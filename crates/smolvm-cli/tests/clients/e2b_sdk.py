@@ -72,6 +72,13 @@ def basics():
     assert h.pid not in [p.pid for p in sbx.commands.list()]
     ok("background + kill", pid=h.pid)
 
+    h = sbx.commands.run("for i in 1 2 3 4 5 6; do echo tick$i; sleep 0.4; done", background=True)
+    time.sleep(0.6)
+    again = sbx.commands.connect(h.pid)
+    r = again.wait()
+    assert r.exit_code == 0 and "tick6" in r.stdout and "tick1" not in r.stdout, r.stdout
+    ok("commands.connect to a running command", stdout=r.stdout.split())
+
     h = sbx.commands.run("cat", background=True, stdin=True)
     sbx.commands.send_stdin(h.pid, "fed through stdin\n")
     sbx.commands.close_stdin(h.pid)
@@ -97,6 +104,19 @@ def basics():
     sbx.files.remove("/root/d")
     assert not sbx.files.exists("/root/d")
     ok("files: write/read text and 5 MB binary, list, stat, mkdir, rename, remove", sha256=hashlib.sha256(blob).hexdigest()[:16])
+
+    sbx.files.make_dir("/root/w")
+    w = sbx.files.watch_dir("/root/w", recursive=True)
+    sbx.files.write("/root/w/new.txt", "x")
+    sbx.commands.run("mkdir /root/w/sub && echo y > /root/w/sub/deep.txt && rm /root/w/new.txt")
+    seen = set()
+    deadline = time.time() + 20
+    while time.time() < deadline and not {("new.txt", "REMOVE"), ("sub/deep.txt", "CREATE")} <= seen:
+        seen |= {(e.name, str(e.type).rsplit(".", 1)[-1].upper()) for e in w.get_new_events()}
+        time.sleep(0.3)
+    w.stop()
+    assert ("new.txt", "REMOVE") in seen and ("sub/deep.txt", "CREATE") in seen, seen
+    ok("files.watch_dir (recursive) sees create and remove", events=len(seen))
 
     ids = []
     pager = Sandbox.list()
