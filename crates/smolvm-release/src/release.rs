@@ -4,7 +4,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::base::{build_base, BASE_ROOTFS_FILE};
-use crate::compress::zstd_cached;
+use crate::compress::{zstd_cached, ZSTD_ARGS, ZSTD_LAYER_ARGS};
 use crate::init::build_init;
 use crate::kernel::{build_kernel, KERNEL_BZIMAGE_FILE, KERNEL_ELF_FILE};
 use crate::preset::{build_layer, presets as all_presets};
@@ -110,7 +110,8 @@ pub fn build_release(
         let name = format!("{base_name}.zst");
         let source = blob(&file)?;
         let zst = report.step(&format!("zstd {base_name}"), || {
-            let (p, hit) = zstd_cached(env, &file, &source.sha256)?;
+            let args = if kind == AssetKind::Layer { ZSTD_LAYER_ARGS } else { ZSTD_ARGS };
+            let (p, hit) = zstd_cached(env, &file, &source.sha256, args)?;
             let size = fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
             Ok((p, hit, format!("{} -> {size} bytes", source.size)))
         })?;
