@@ -366,6 +366,7 @@ pub async fn list(
 }
 
 /// v1 `GET /sandboxes`: the running ones.
+#[utoipa::path(get, path = "/sandboxes", tag = "sandboxes", responses((status = 200, body = [ListedSandbox]), (status = 401, body = ApiError)))]
 pub async fn list_v1(app: State<Arc<App>>) -> Result<Json<Vec<ListedSandbox>>, ApiError> {
     list(app, Query(ListQuery { state: Some("running".into()), ..ListQuery::default() })).await
 }
@@ -473,6 +474,8 @@ pub async fn connect(
 }
 
 /// v1 `POST /sandboxes/{id}/resume`: 409 when it runs.
+#[utoipa::path(post, path = "/sandboxes/{sandboxID}/resume", tag = "sandboxes", params(("sandboxID" = String, Path)), request_body = TimeoutBody,
+    responses((status = 201, body = Sandbox), (status = 404, body = ApiError), (status = 409, description = "already running", body = ApiError)))]
 pub async fn resume(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
@@ -490,6 +493,8 @@ pub async fn resume(
 
 /// `GET /sandboxes/{id}/metrics`: none are collected yet (an empty list, as for a sandbox
 /// too young to have any).
+#[utoipa::path(get, path = "/sandboxes/{sandboxID}/metrics", tag = "sandboxes", params(("sandboxID" = String, Path)),
+    responses((status = 200, description = "no metrics are collected yet: an empty list", body = [Object]), (status = 404, body = ApiError)))]
 pub async fn metrics(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,

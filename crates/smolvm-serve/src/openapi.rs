@@ -10,7 +10,7 @@ use crate::{control, ext};
 #[openapi(
     info(title = "smolvm serve", description = "E2B's sandbox API over local smolvm sandboxes, and smolvm's own routes under /smolvm/v1/. Authenticate with X-API-Key (or Authorization: Bearer). The in-sandbox API (envd: /process.Process/*, /filesystem.Filesystem/*, /files) is E2B's Connect protocol, reached with the E2b-Sandbox-Id header and the sandbox's envdAccessToken."),
     paths(
-        control::create, control::list, control::get_one, control::kill, control::set_timeout, control::pause, control::connect,
+        control::create, control::list, control::list_v1, control::get_one, control::kill, control::set_timeout, control::pause, control::connect, control::resume, control::metrics,
         ext::templates, ext::get_network, ext::put_network, ext::snapshot, ext::snapshots, ext::delete_snapshot,
     ),
     components(schemas(control::ApiError, control::NewSandbox, control::Sandbox, control::ListedSandbox, control::TimeoutBody, ext::Template, ext::NewSnapshot, ext::Snapshot)),
