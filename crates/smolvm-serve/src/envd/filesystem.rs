@@ -19,6 +19,9 @@ use super::connect::{self, Code, RpcError};
 use super::{agent_error, target, Target};
 use crate::app::{lock, App};
 
+/// Events a polled watcher keeps between two polls, at most.
+const MAX_PENDING_EVENTS: usize = 65_536;
+
 /// A watch polled by GetWatcherEvents: what it saw since the last poll.
 #[derive(Debug, Default)]
 pub struct Watcher {
@@ -249,7 +252,13 @@ async fn create_watcher(app: &Arc<App>, t: &Target, headers: &HeaderMap, body: &
         }
         match batch {
             Ok(events) => {
-                lock(&w.events).extend(events);
+                // A guest (root inside, maybe hostile) can make changes faster than a client
+                // polls: past the cap the oldest are dropped, so the server's memory is not
+                // the guest's to fill.
+                let mut kept = lock(&w.events);
+                kept.extend(events);
+                let over = kept.len().saturating_sub(MAX_PENDING_EVENTS);
+                kept.drain(..over);
                 true
             }
             Err(e) => {
