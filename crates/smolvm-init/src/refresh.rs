@@ -49,7 +49,7 @@ pub fn apply(r: &Refresh) -> Refreshed {
         if let Err(e) = write_machine_id() {
             fail("write /etc/machine-id", e);
         }
-        match crate::ssh::rekey(&id.authorized_key_b64) {
+        match crate::ssh::rekey(&id.authorized_key_b64, id.host_key.as_ref().map(|k| k.0.as_str())) {
             Ok(k) => out.host_key = Some(k),
             Err(e) => fail("new SSH host key", e),
         }

@@ -45,15 +45,18 @@ pub fn bring_up(authorized_key_b64: Option<&str>) -> io::Result<String> {
 /// [`wait_listening`] (0: none pending).
 static REPLACED_PID: std::sync::Mutex<i32> = std::sync::Mutex::new(0);
 
-/// A clone's new SSH identity: root's key (that of the home restoring it) and a fresh host key.
-/// The old sshd is killed, not asked to reload (SIGHUP): the guest may have been saved while
+/// A clone's new SSH identity: root's key (that of the home restoring it) and a fresh host key
+/// (`given` by the host, or made here for an older host). The old sshd is killed, not asked to reload (SIGHUP): the guest may have been saved while
 /// sshd was still starting, before it handles SIGHUP, which would end it (the boot snapshot
 /// is taken as soon as the agent answers). Its successor starts when SSH is first wanted
 /// ([`wait_listening`]): sshd's start-up is a large share of a restore under emulation, and
 /// most sandboxes are only ever used through the agent. Returns the host public key.
-pub fn rekey(authorized_key_b64: &str) -> io::Result<String> {
+pub fn rekey(authorized_key_b64: &str, given: Option<&str>) -> io::Result<String> {
     install_authorized_keys(authorized_key_b64).map_err(io::Error::other)?;
-    let public = generate_host_key()?;
+    let public = match given {
+        Some(private) => install_host_key(private)?,
+        None => generate_host_key()?,
+    };
     let mut replaced = REPLACED_PID.lock().unwrap_or_else(|p| p.into_inner());
     let old = SSHD_PID.swap(0, std::sync::atomic::Ordering::SeqCst);
     if old > 0 {
@@ -151,9 +154,28 @@ fn generate_host_key() -> io::Result<String> {
         .map_err(|e| io::Error::other(format!("generate ed25519 host key: {e}")))?;
     let private =
         key.to_openssh(ssh_key::LineEnding::LF).map_err(|e| io::Error::other(format!("encode host key: {e}")))?;
+    write_host_key(&key, private.as_bytes())
+}
+
+/// The host key the host made for this clone (a restore's `Refresh`): checked to be one
+/// ed25519 key in OpenSSH's format, then written as [`generate_host_key`] writes its own.
+fn install_host_key(private: &str) -> io::Result<String> {
+    let key = ssh_key::PrivateKey::from_openssh(private)
+        .map_err(|e| io::Error::other(format!("the host key given is not an OpenSSH private key: {e}")))?;
+    if key.algorithm() != ssh_key::Algorithm::Ed25519 || key.is_encrypted() {
+        return Err(io::Error::other(format!(
+            "the host key given is {} (encrypted: {}), not a plain ed25519 key",
+            key.algorithm(),
+            key.is_encrypted()
+        )));
+    }
+    write_host_key(&key, private.as_bytes())
+}
+
+fn write_host_key(key: &ssh_key::PrivateKey, private: &[u8]) -> io::Result<String> {
     let public = key.public_key().to_openssh().map_err(|e| io::Error::other(format!("encode public key: {e}")))?;
     fs::create_dir_all("/etc/ssh")?;
-    write_private(Path::new(HOST_KEY), private.as_bytes())?;
+    write_private(Path::new(HOST_KEY), private)?;
     fs::write(format!("{HOST_KEY}.pub"), format!("{public}\n"))?;
     Ok(public)
 }

@@ -320,6 +320,24 @@ pub struct Identity {
     pub hostname: String,
     /// Base64 of root's `authorized_keys` (the key of the home that restores the snapshot).
     pub authorized_key_b64: String,
+    /// The clone's new SSH host key, made by the host (OpenSSH private key format, ed25519).
+    /// Absent from older hosts: the guest then makes one itself, which costs ~0.2 s of a
+    /// restore under emulation (the curve arithmetic runs on a cold translation cache). A
+    /// guest that predates the field ignores it and reports the key it made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_key: Option<PrivateText>,
+}
+
+/// Text that is a secret (a private key): travels like a `String` but never shows in a
+/// `Debug` rendering, so that no log line carries it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PrivateText(pub String);
+
+impl std::fmt::Debug for PrivateText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PrivateText(<{} bytes, not shown>)", self.0.len())
+    }
 }
 
 /// The guest's answer to a [`Refresh`] (as JSON).
@@ -639,6 +657,20 @@ pub fn frame_id(payload: &[u8]) -> Option<(u32, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refresh_identity_grows_compatibly_and_hides_its_host_key() {
+        // What a host before the host key sent: still read.
+        let old: Identity = serde_json::from_str(r#"{"hostname":"a","authorized_key_b64":"eA=="}"#).unwrap();
+        assert_eq!(old.host_key, None);
+        // Without a key, the JSON is what it was (an older guest reads it unchanged).
+        assert_eq!(serde_json::to_string(&old).unwrap(), r#"{"hostname":"a","authorized_key_b64":"eA=="}"#);
+        let new = Identity { host_key: Some(PrivateText("-----BEGIN OPENSSH PRIVATE KEY-----".into())), ..old };
+        let json = serde_json::to_string(&new).unwrap();
+        assert!(json.contains(r#""host_key":"-----BEGIN"#), "{json}");
+        assert_eq!(serde_json::from_str::<Identity>(&json).unwrap(), new);
+        assert!(!format!("{new:?}").contains("BEGIN"), "Debug shows no key: {new:?}");
+    }
 
     #[test]
     fn an_unknown_message_kind_still_names_its_request() {

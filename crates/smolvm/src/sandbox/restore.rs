@@ -108,10 +108,14 @@ fn refresh(
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or(0),
-            identity: clone.then(|| smolvm_protocol::agent::Identity {
-                hostname: row.name.clone(),
-                authorized_key_b64: key_b64.to_string(),
-            }),
+            identity: match clone {
+                true => Some(smolvm_protocol::agent::Identity {
+                    hostname: row.name.clone(),
+                    authorized_key_b64: key_b64.to_string(),
+                    host_key: Some(new_host_key()?),
+                }),
+                false => None,
+            },
         };
         let done = agent.refresh(&refresh).map_err(|e| format!("refresh the guest: {e}"))?;
         // A guest that could not be reseeded or renamed must not run anyone's commands.
@@ -120,5 +124,30 @@ fn refresh(
         }
         let host_key = if clone { done.host_key } else { kept.map(str::to_string) };
         host_key.ok_or_else(|| "the guest reported no SSH host key".into())
+    }
+}
+
+/// A clone's SSH host key, made here rather than in the guest: the same ed25519 key the guest
+/// would make, in microseconds instead of the ~0.2 s its curve arithmetic takes on a guest's
+/// cold translation cache under emulation. Sent once through the agent's port; never logged
+/// (`PrivateText`), never stored by the host.
+fn new_host_key() -> Result<smolvm_protocol::agent::PrivateText, String> {
+    let key = ssh_key::PrivateKey::random(&mut rand_core::OsRng, ssh_key::Algorithm::Ed25519)
+        .map_err(|e| format!("make an SSH host key: {e}"))?;
+    let text = key.to_openssh(ssh_key::LineEnding::LF).map_err(|e| format!("encode the SSH host key: {e}"))?;
+    Ok(smolvm_protocol::agent::PrivateText(text.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_host_made_key_is_one_plain_ed25519_key_and_never_shown_by_debug() {
+        let k = super::new_host_key().unwrap();
+        let parsed = ssh_key::PrivateKey::from_openssh(&k.0).unwrap();
+        assert_eq!(parsed.algorithm(), ssh_key::Algorithm::Ed25519);
+        assert!(!parsed.is_encrypted());
+        let shown = format!("{k:?}");
+        assert!(!shown.contains("PRIVATE KEY") && !shown.contains(&k.0[40..80]), "{shown}");
+        assert_ne!(super::new_host_key().unwrap(), k, "two clones never share a key");
     }
 }
