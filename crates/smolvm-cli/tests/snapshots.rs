@@ -149,6 +149,69 @@ fn pause_resume_snapshot_and_fork_keep_files_and_running_processes() {
     f.counting("c1");
 }
 
+fn nlink(path: &Path) -> u64 {
+    std::os::unix::fs::MetadataExt::nlink(&std::fs::metadata(path).unwrap())
+}
+
+/// A sandbox restored from a snapshot is saved as the pages it wrote over that snapshot's RAM
+/// image (and its devices), not its whole RAM: pause, resume, pause again, a snapshot of it
+/// paused, a fork of it and a fork of that fork (whose image has no name left), a pause of a
+/// clone. Each keeps the file and the counter; the boot snapshot's image is never written.
+#[test]
+#[ignore = "boots the release under QEMU: run scripts/test.sh"]
+fn a_restored_sandbox_is_saved_as_the_pages_it_wrote_over_its_image() {
+    let f = Fixture::new();
+    ok(f.cmd().args(["create", "--name", "first"]));
+    let c = f.json(&["create", "--name", "src"]);
+    assert_eq!(c["sandbox"]["started_from"], "boot-snapshot", "{c}");
+    f.exec("src", START_COUNTER);
+    ok(f.cmd().args(["delete", "first"]));
+
+    let paused = f.dir("src").join("paused");
+    for round in 0..2 {
+        let p = f.json(&["pause", "src"]);
+        assert!(paused.join("pages").is_file() && !paused.join("memory").exists(), "round {round}: {p}");
+        assert!(nlink(&paused.join("base")) >= 2, "round {round}: the image is linked, not copied");
+        let bytes = p["bytes"].as_u64().unwrap();
+        assert!(bytes < 64 << 20, "round {round}: a pause of a fresh guest kept {bytes} bytes");
+        assert!(!qemu_alive("src"));
+        ok(f.cmd().args(["resume", "src"]));
+        assert_eq!(f.exec("src", "cat /root/file"), "kept");
+        f.counting("src");
+    }
+
+    // A snapshot of it paused: its own image, made of the boot snapshot's and the pages.
+    ok(f.cmd().args(["pause", "src"]));
+    ok(f.cmd().args(["snapshot", "src", "--name", "ps"]));
+    assert_eq!(f.status("src"), "paused");
+    ok(f.cmd().args(["resume", "src"]));
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(f.snapshot_dir("ps").join("meta.json")).unwrap()).unwrap();
+    assert_eq!(meta["state_form"], "devices", "{meta}");
+    assert_eq!(nlink(&f.snapshot_dir("ps").join("ram")), 1, "a snapshot's image is its own");
+    ok(f.cmd().args(["create", "--from-snapshot", "ps", "--name", "c"]));
+    assert_eq!(f.exec("c", "cat /root/file"), "kept");
+    f.counting("c");
+
+    // A fork, and a fork of its clone (whose image, the first fork's, is unlinked by now).
+    ok(f.cmd().args(["fork", "src", "--name", "k"]));
+    f.counting("k");
+    ok(f.cmd().args(["fork", "k", "--name", "kk"]));
+    assert_eq!(f.exec("kk", "cat /root/file; hostname"), "kept\nkk");
+    f.counting("kk");
+    // A pause of that clone: its image has no name to link, so it is copied.
+    ok(f.cmd().args(["pause", "k"]));
+    assert_eq!(nlink(&f.dir("k").join("paused/base")), 1);
+    ok(f.cmd().args(["resume", "k"]));
+    f.counting("k");
+    f.counting("src");
+
+    // The boot snapshot is as it was: the next create restores it (its digests checked).
+    let last = f.json(&["create", "--name", "last"]);
+    assert_eq!(last["sandbox"]["started_from"], "boot-snapshot", "{last}");
+    assert_eq!(f.exec("last", "test -e /root/file && echo there || echo absent"), "absent");
+}
+
 #[test]
 #[ignore = "boots the release under QEMU: run scripts/test.sh"]
 fn a_corrupt_or_mismatched_snapshot_is_refused_naming_what_differs() {

@@ -25,9 +25,16 @@ const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
 /// Does what `r` asks; each step that fails is reported, the others are still done.
 pub fn apply(r: &Refresh) -> Refreshed {
     let mut out = Refreshed::default();
+    let mut errors = Vec::new();
     let mut fail = |what: &str, e: std::io::Error| {
         log::error!("refresh: {what}: {e}");
-        out.errors.push(format!("{what}: {e}"));
+        errors.push(format!("{what}: {e}"));
+    };
+    let mut steps = Vec::new();
+    let mut at = std::time::Instant::now();
+    let mut step = |name: &str| {
+        steps.push((name.to_string(), at.elapsed().as_micros() as u64));
+        at = std::time::Instant::now();
     };
     match decode_hex(&r.seed_hex) {
         Some(seed) if seed.len() >= 32 => {
@@ -37,23 +44,30 @@ pub fn apply(r: &Refresh) -> Refreshed {
         }
         _ => fail("reseed", std::io::Error::other("the seed is not at least 32 bytes of hex")),
     }
+    step("reseed");
     if let Err(e) = set_clock(r.unix_ns) {
         fail("step the clock", e);
     }
+    step("clock");
     if let Some(id) = &r.identity {
         if crate::net::valid_hostname(&id.hostname) {
             crate::net::set_hostname(&id.hostname);
         } else {
             fail("hostname", std::io::Error::other(format!("{:?} is not a valid hostname", id.hostname)));
         }
+        step("hostname");
         if let Err(e) = write_machine_id() {
             fail("write /etc/machine-id", e);
         }
-        match crate::ssh::rekey(&id.authorized_key_b64, id.host_key.as_ref().map(|k| k.0.as_str())) {
+        step("machine_id");
+        match crate::ssh::rekey(&id.authorized_key_b64, id.host_key.as_ref()) {
             Ok(k) => out.host_key = Some(k),
             Err(e) => fail("new SSH host key", e),
         }
+        step("ssh");
     }
+    out.errors = errors;
+    out.steps_us = steps;
     out
 }
 

@@ -320,12 +320,24 @@ pub struct Identity {
     pub hostname: String,
     /// Base64 of root's `authorized_keys` (the key of the home that restores the snapshot).
     pub authorized_key_b64: String,
-    /// The clone's new SSH host key, made by the host (OpenSSH private key format, ed25519).
-    /// Absent from older hosts: the guest then makes one itself, which costs ~0.2 s of a
-    /// restore under emulation (the curve arithmetic runs on a cold translation cache). A
-    /// guest that predates the field ignores it and reports the key it made.
+    /// The clone's new SSH host key, made by the host. Absent from older hosts: the guest
+    /// then makes one itself, which costs ~0.2 s of a restore under emulation (the curve
+    /// arithmetic runs on a cold translation cache). A guest that predates the field ignores
+    /// it and reports the key it made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub host_key: Option<PrivateText>,
+    pub host_key: Option<HostKey>,
+}
+
+/// An SSH host key pair, both halves in OpenSSH's formats (ed25519). The public half travels
+/// too so that the guest does no curve arithmetic at all: it writes both as given (deriving
+/// the public key from the private one, which parsing the private key does, costs what
+/// making one costs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostKey {
+    /// `-----BEGIN OPENSSH PRIVATE KEY-----` ...
+    pub private: PrivateText,
+    /// `ssh-ed25519 AAAA...`
+    pub public: String,
 }
 
 /// Text that is a secret (a private key): travels like a `String` but never shows in a
@@ -347,6 +359,10 @@ pub struct Refreshed {
     pub host_key: Option<String>,
     /// Steps that failed, each a line (the others were done).
     pub errors: Vec<String>,
+    /// How long each step took in the guest, µs, in order (absent from older guests): what
+    /// a restore spends where, for `status` and the bench.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps_us: Vec<(String, u64)>,
 }
 
 /// How a process ended.
@@ -665,9 +681,13 @@ mod tests {
         assert_eq!(old.host_key, None);
         // Without a key, the JSON is what it was (an older guest reads it unchanged).
         assert_eq!(serde_json::to_string(&old).unwrap(), r#"{"hostname":"a","authorized_key_b64":"eA=="}"#);
-        let new = Identity { host_key: Some(PrivateText("-----BEGIN OPENSSH PRIVATE KEY-----".into())), ..old };
+        let key = HostKey {
+            private: PrivateText("-----BEGIN OPENSSH PRIVATE KEY-----".into()),
+            public: "ssh-ed25519 AAAA".into(),
+        };
+        let new = Identity { host_key: Some(key), ..old };
         let json = serde_json::to_string(&new).unwrap();
-        assert!(json.contains(r#""host_key":"-----BEGIN"#), "{json}");
+        assert!(json.contains(r#""private":"-----BEGIN"#), "{json}");
         assert_eq!(serde_json::from_str::<Identity>(&json).unwrap(), new);
         assert!(!format!("{new:?}").contains("BEGIN"), "Debug shows no key: {new:?}");
     }

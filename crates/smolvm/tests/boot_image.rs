@@ -102,7 +102,7 @@ fn release_boots_and_serves_strict_ssh() {
         qemu: "qemu-system-x86_64".into(),
         upper_cache: smolvm::vm::qemu::DiskCache::Writeback,
         memory: smolvm::vm::qemu::Memory::Anonymous,
-        incoming: false,
+        incoming: None,
     };
     // The production plumbing too: the console and agent port are socket pairs (the agent
     // proxy's job, here a thread that writes the console as the proxy does); QEMU works in

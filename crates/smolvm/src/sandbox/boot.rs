@@ -47,7 +47,14 @@ pub(super) struct Restore {
     /// A sealed snapshot's RAM image, mapped copy-on-write, with `stream` its devices only;
     /// or `None`: `stream` is a mapped-ram stream, loaded into anonymous memory (a resume).
     pub ram: Option<PathBuf>,
+    /// `ram`'s digest, as the snapshot's meta records it (`snapshot::RamImage`).
+    pub ram_sha256: Option<String>,
     pub stream: PathBuf,
+    /// What `stream` is: a migration stream, or the devices alone (`snapshot::StateForm`).
+    pub incoming: qemu::Incoming,
+    /// Pages to write over `ram` before the devices load: a paused guest's own
+    /// (`snapshot::pages`), its `ram` the image it was restored from.
+    pub pages: Option<PathBuf>,
     /// A clone gets a new identity (hostname, machine-id, SSH host key); a resume keeps its own.
     pub clone: bool,
     /// The SSH host key the guest had when it was saved (what a resume keeps).
@@ -169,7 +176,7 @@ impl Smolvm {
             qemu: self.config().qemu.clone(),
             upper_cache: if self.unsafe_disk_cache { qemu::DiskCache::Unsafe } else { qemu::DiskCache::Writeback },
             memory: qemu::Memory::Anonymous,
-            incoming: false,
+            incoming: None,
         }
     }
 
@@ -211,7 +218,7 @@ impl Smolvm {
         make_run_dir(&dir, identity)?;
         let console = qemu::console_log(&dir);
         let limits = Limits::for_guest(row.memory_mib, accel);
-        let group = match cgroup::create(&self.cgroups, &row.name, &limits) {
+        let group = match cgroup::create(&self.cgroups, &self.cgroup_name(&row.name), &limits) {
             Ok(g) => g,
             Err(e) => {
                 tracing::warn!("{}: no resource limits: {e}", row.name);
@@ -279,7 +286,7 @@ impl Smolvm {
             cfg_netdev,
         );
         if let Start::Restore(r) = start {
-            cfg.incoming = true;
+            cfg.incoming = Some(r.incoming);
             if r.ram.is_some() {
                 cfg.memory = qemu::Memory::SnapshotImage;
             }
@@ -291,6 +298,10 @@ impl Smolvm {
                 return Err(e);
             }
         };
+        if let Err(e) = super::restore::record_ram_image(&dir, start, ram.as_ref()) {
+            kill_netd(&wire);
+            return Err(e);
+        }
         let (wire_pid, qemu_end) = match wire {
             Some(w) => (Some(w.pid), Some(w.qemu_end)),
             None => (None, None),

@@ -60,10 +60,13 @@ impl Smolvm {
                 if !d.is_empty() {
                     return Err(SnapshotError::Mismatch { snapshot: "boot".into(), differences: d });
                 }
-                snapshot::verify_cached(&dir, &m)
+                snapshot::verify_cached(&dir, &m).map(|()| m)
             });
             match sound {
-                Ok(()) => return Plan::Restore { dir, origin: "boot-snapshot".into() },
+                Ok(m) => {
+                    let ram_sha256 = m.file("ram").map(|f| f.sha256_sparse.clone());
+                    return Plan::Restore { dir, origin: "boot-snapshot".into(), form: m.state_form, ram_sha256 };
+                }
                 Err(e) => {
                     on(CreateEvent::Notice(format!("notice: the boot snapshot is unusable and is removed: {e}")));
                     let aside = parent.join(format!(".tmp-{}-bad-{}", std::process::id(), &key[..8]));
@@ -99,11 +102,11 @@ impl Smolvm {
             source,
         })?;
         let made = (|| {
-            self.capture(&row.name, &tmp, true, After::Continue)?;
+            let (_, captured) = self.capture(row, &tmp, true, After::Continue)?;
             // The host key is the first sandbox's; every restore makes its own.
             let mut anonymous = row.clone();
             anonymous.host_key = None;
-            self.seal_into(&anonymous, files, &tmp, "boot", None, slot.machine.clone())?;
+            self.seal_into(&anonymous, files, &tmp, "boot", None, slot.machine.clone(), captured)?;
             std::fs::rename(&tmp, &slot.dir).map_err(|source| SnapshotError::Io {
                 snapshot: "boot".into(),
                 what: "move it into place".into(),

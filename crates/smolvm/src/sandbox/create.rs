@@ -124,8 +124,9 @@ pub enum CreateError {
 pub(super) enum Plan {
     /// The kernel boots; then, holding this slot, a boot snapshot is saved.
     Cold(Option<super::boot_snapshot::Slot>),
-    /// From a sealed snapshot's directory (verified), as `origin` (for the row).
-    Restore { dir: PathBuf, origin: String },
+    /// From a sealed snapshot's directory (verified), as `origin` (for the row); its `state`
+    /// is of `form`.
+    Restore { dir: PathBuf, origin: String, form: crate::snapshot::StateForm, ram_sha256: Option<String> },
 }
 
 /// The verified images a boot needs.
@@ -312,11 +313,14 @@ impl Smolvm {
                 on(CreateEvent::Booting { accel: accel.qemu_name().into() });
                 Start::Cold
             }
-            Plan::Restore { dir: snap, origin } => {
+            Plan::Restore { dir: snap, origin, form, ram_sha256 } => {
                 on(CreateEvent::Restoring { from: origin.clone() });
                 Start::Restore(Restore {
                     ram: Some(snap.join("ram")),
+                    ram_sha256: ram_sha256.clone(),
                     stream: snap.join("state"),
+                    incoming: form.incoming(),
+                    pages: None,
                     clone: true,
                     host_key: None,
                     origin: origin.clone(),

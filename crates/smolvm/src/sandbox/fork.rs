@@ -92,7 +92,19 @@ impl Smolvm {
         }
         let row = Self::row_from_snapshot(name, &meta, opts);
         let (files, accel) = self.check_snapshot(&row, &dir, &meta, false)?;
-        self.create_row(row, &files, &accel, opts, Plan::Restore { dir, origin: format!("snapshot:{snap}") }, on)
+        self.create_row(
+            row,
+            &files,
+            &accel,
+            opts,
+            Plan::Restore {
+                dir,
+                origin: format!("snapshot:{snap}"),
+                form: meta.state_form,
+                ram_sha256: ram_sha256(&meta),
+            },
+            on,
+        )
     }
 
     /// `fork`: `names.len()` new sandboxes continuing from running (or paused) `name` as it is
@@ -134,7 +146,12 @@ impl Smolvm {
             let mut made: Vec<SandboxInfo> = Vec::new();
             for n in names {
                 let row = Self::row_from_snapshot(n, &meta, &opts);
-                let plan = Plan::Restore { dir: tmp.clone(), origin: format!("fork:{name}") };
+                let plan = Plan::Restore {
+                    dir: tmp.clone(),
+                    origin: format!("fork:{name}"),
+                    form: meta.state_form,
+                    ram_sha256: ram_sha256(&meta),
+                };
                 let one = self
                     .check_snapshot(&row, &tmp, &meta, true)
                     .and_then(|(files, accel)| self.create_row(row, &files, &accel, &opts, plan, on));
@@ -161,4 +178,8 @@ impl Smolvm {
         let _ = std::fs::remove_dir_all(&tmp);
         result
     }
+}
+
+fn ram_sha256(meta: &SnapshotMeta) -> Option<String> {
+    meta.file("ram").map(|f| f.sha256_sparse.clone())
 }

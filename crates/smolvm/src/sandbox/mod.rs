@@ -198,6 +198,13 @@ impl Smolvm {
         &self.cgroups
     }
 
+    /// The cgroup of sandbox `name`: its name and this home's (a hash of its data directory),
+    /// since cgroups are the host's and two homes may each have a sandbox of one name.
+    pub(crate) fn cgroup_name(&self, name: &str) -> String {
+        let home = crate::digest::sha256_hex(self.home().data.as_os_str().as_encoded_bytes());
+        format!("{name}.{}", &home[..8])
+    }
+
     pub fn home(&self) -> &Home {
         &self.config.home
     }
@@ -285,7 +292,7 @@ impl Smolvm {
             Some(u) => Some(u),
             None => planned()?,
         };
-        let limits = live.then(|| crate::vm::cgroup::applied(&self.cgroups, &row.name)).flatten();
+        let limits = live.then(|| crate::vm::cgroup::applied(&self.cgroups, &self.cgroup_name(&row.name))).flatten();
         let limits_note = match (&self.cgroups, live, &limits) {
             (crate::vm::cgroup::Support::Unavailable { reason }, true, _) => Some(reason.clone()),
             (_, true, None) => Some("its group could not be made (see the log of its start)".into()),

@@ -1,9 +1,12 @@
 //! `pause` and `resume`: a sandbox's memory and devices saved to its directory and its QEMU
 //! ended, so that it holds no host memory and survives a host reboot; and back.
 //!
-//! The paused state is `paused/` in the sandbox's directory: the mapped-ram stream (`memory`,
-//! as large as the RAM in use) and `meta.json` with its digest and the machine it needs. The
-//! disk stays where it is (nothing writes it while no QEMU runs). Order, so that a process
+//! The paused state is `paused/` in the sandbox's directory, with `meta.json` (the digests and
+//! the machine it needs): for a guest restored from a snapshot, the pages it wrote (`pages`),
+//! the devices (`state`) and a second name of the RAM image the pages go over (`base`: a hard
+//! link, so the snapshot may be removed meanwhile); for a booted guest, a mapped-ram stream
+//! (`memory`, as large as the RAM in use). The disk stays where it is (nothing writes it
+//! while no QEMU runs). Order, so that a process
 //! killed at any step leaves a sandbox that runs or one that is cleanly paused: capture (the
 //! guest stopped), `paused/` written and renamed into place, the row set to paused, QEMU
 //! ended, the capture marker removed; `Smolvm::settle_locked` finishes or undoes what a killed
@@ -12,7 +15,7 @@
 use std::time::{Duration, Instant};
 
 use super::boot::{Restore, Start};
-use super::snapshots::{After, CAPTURING};
+use super::snapshots::{After, Captured, CAPTURING};
 use super::{LifecycleError, SandboxError, Smolvm, Status};
 use crate::snapshot::{self, SnapshotError, SnapshotMeta};
 use crate::state::SandboxState;
@@ -48,7 +51,15 @@ impl Smolvm {
         let _ = std::fs::remove_dir_all(dir.join(PAUSED_DIR));
         std::fs::create_dir(&tmp).map_err(snap_io(name, "make paused/"))?;
         let written = (|| {
-            let q = self.capture(name, &tmp, false, After::Stopped)?;
+            let (q, captured) = self.capture(&row, &tmp, false, After::Stopped)?;
+            let (names, state_form, known): (&[&str], _, _) = match captured {
+                Captured::Stream => (&["memory"], snapshot::StateForm::Migration, vec![]),
+                Captured::Pages { base, base_sha256 } => {
+                    let images_gid = self.identity_of(name)?.map(|i| i.images_gid);
+                    keep_base(&base, &tmp.join("base"), images_gid).map_err(snap_io(name, "keep its RAM image"))?;
+                    (&["base", "pages", "state"], snapshot::StateForm::Devices, vec![("base", base_sha256)])
+                }
+            };
             let meta = SnapshotMeta {
                 format: snapshot::FORMAT,
                 name: name.to_string(),
@@ -58,11 +69,12 @@ impl Smolvm {
                 images: Self::images_of(&row),
                 host_key: row.host_key.clone(),
                 files: vec![],
+                state_form,
             };
-            snapshot::write_meta(&tmp, meta, &["memory"])?;
+            snapshot::write_meta_knowing(&tmp, meta, names, &known)?;
             // On the host's disk before the guest is given up: a paused sandbox survives a
             // host crash, not only a clean reboot. (Its disk is flushed by QEMU as it quits.)
-            for f in ["memory", "meta.json"] {
+            for f in names.iter().chain(&["meta.json"]) {
                 crate::text::open_untrusted(&tmp.join(f))
                     .and_then(|f| f.sync_all())
                     .map_err(snap_io(name, "sync the paused state"))?;
@@ -126,9 +138,13 @@ impl Smolvm {
         snapshot::verify(&paused, &meta)?;
         tracing::debug!("{name}: checked after {:?}", started.elapsed());
         let bytes = SnapshotMeta::allocated_bytes(&paused);
+        let diff = meta.file("pages").is_some();
         let restore = Restore {
-            ram: None,
-            stream: paused.join("memory"),
+            ram: diff.then(|| paused.join("base")),
+            ram_sha256: meta.file("base").map(|f| f.sha256_sparse.clone()),
+            stream: paused.join(if diff { "state" } else { "memory" }),
+            incoming: meta.state_form.incoming(),
+            pages: diff.then(|| paused.join("pages")),
             clone: false,
             host_key: meta.host_key.clone(),
             origin: "resume".into(),
@@ -138,6 +154,7 @@ impl Smolvm {
         // QEMU has loaded the stream and still holds it open: unlinked, its blocks would be
         // freed only when QEMU exits, on `delete`'s path (and slow there on a file system
         // mounted with `discard`). Emptied now, they are freed here, while nothing waits.
+        // (`base` is never emptied: it is the RAM image QEMU maps, and often a snapshot's.)
         if let Ok(f) = std::fs::OpenOptions::new().write(true).open(paused.join("memory")) {
             let _ = f.set_len(0);
         }
@@ -145,4 +162,26 @@ impl Smolvm {
         self.push_env(name)?;
         Ok(PauseReport { name: name.into(), millis: started.elapsed().as_millis() as u64, bytes })
     }
+}
+
+/// Puts the RAM image a paused guest's pages go over at `to`: a second name for it (instant,
+/// no space: the image is a snapshot's, written once and never changed), else, when it has
+/// no name left (a fork's, removed) or lives on another file system, a copy.
+/// A copy is made readable by the sandboxes' group, as a snapshot's image is: the resuming
+/// QEMU opens it again as the sandbox's uid.
+fn keep_base(base: &std::fs::File, to: &std::path::Path, images_gid: Option<u32>) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let from = std::ffi::CString::new(format!("/proc/self/fd/{}", base.as_raw_fd())).map_err(std::io::Error::other)?;
+    let to_c = std::ffi::CString::new(to.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: two valid C strings; linkat reads them only. AT_SYMLINK_FOLLOW links the file
+    // the descriptor's /proc entry names (it fails for a file without a name: ENOENT).
+    let linked =
+        unsafe { libc::linkat(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to_c.as_ptr(), libc::AT_SYMLINK_FOLLOW) };
+    if linked == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    tracing::debug!("the RAM image is copied, not linked: {e}");
+    snapshot::files::copy_sparse(base, to)?;
+    super::snapshots::share_with_sandboxes(to, images_gid)
 }

@@ -29,6 +29,26 @@ pub(super) fn open_inputs(start: &Start) -> Result<(Option<OwnedFd>, Option<Owne
     Ok((ram, Some(open(&r.stream)?)))
 }
 
+/// Records which RAM image the restoring QEMU maps (`snapshot::RamImage`), or that none is
+/// (a boot, or a resume into anonymous memory).
+pub(super) fn record_ram_image(dir: &Path, start: &Start, ram: Option<&OwnedFd>) -> Result<(), BootError> {
+    let io = |source| BootError::Io { what: format!("record {}", crate::snapshot::RAM_IMAGE), source };
+    let sha = match start {
+        Start::Restore(r) => r.ram_sha256.as_deref(),
+        Start::Cold => None,
+    };
+    match (ram, sha) {
+        (Some(fd), Some(sha)) => {
+            let f = std::fs::File::from(fd.try_clone().map_err(io)?);
+            crate::snapshot::RamImage::of(&f, sha).and_then(|r| r.write(dir)).map_err(io)
+        }
+        _ => match std::fs::remove_file(dir.join(crate::snapshot::RAM_IMAGE)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(e)),
+            _ => Ok(()),
+        },
+    }
+}
+
 fn qemu_log_tail(dir: &Path) -> String {
     let log = std::fs::read(qemu::qemu_log(dir)).unwrap_or_default();
     crate::text::escape_controls(String::from_utf8_lossy(&log[log.len().saturating_sub(8 * 1024)..]).trim())
@@ -57,6 +77,11 @@ impl Smolvm {
         let loaded = (|| {
             let mut q =
                 migrate::connect_new(&qemu::qmp_socket(dir), Duration::from_secs(30), || process::is_alive(pid, None))?;
+            if let Some(pages) = &r.pages {
+                // Before the devices: their load reads the virtqueues in guest memory.
+                write_pages(pid, u64::from(row.memory_mib) << 20, pages)?;
+                tracing::debug!("{}: its pages written", row.name);
+            }
             let uri = format!("file:/proc/self/fd/{}", qemu::INCOMING_FD);
             migrate::load(&mut q, &uri, r.ram.is_some())?;
             migrate::cont(&mut q)
@@ -90,6 +115,16 @@ impl Smolvm {
     }
 }
 
+/// Writes a paused guest's pages (`snapshot::pages`) into the RAM of `pid`, a QEMU that has
+/// mapped the image they go over and not yet run the guest.
+fn write_pages(pid: i32, ram_len: u64, pages: &Path) -> std::io::Result<()> {
+    let ram = crate::vm::guest_ram::RamMapping::find(pid, ram_len)?
+        .ok_or_else(|| std::io::Error::other("QEMU has not mapped the RAM image"))?;
+    crate::snapshot::pages::Pages::open(pages, ram_len)?
+        .apply(&ram)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("write the saved pages into the guest's RAM: {e}")))
+}
+
 /// Reseeds, steps the clock and (`clone`) renames the guest; returns its SSH host key (`kept`
 /// when not a clone).
 fn refresh(
@@ -118,6 +153,7 @@ fn refresh(
             },
         };
         let done = agent.refresh(&refresh).map_err(|e| format!("refresh the guest: {e}"))?;
+        tracing::debug!("{}: the guest's refresh took (µs) {:?}", row.name, done.steps_us);
         // A guest that could not be reseeded or renamed must not run anyone's commands.
         if !done.errors.is_empty() {
             return Err(format!("refresh the guest: {}", done.errors.join("; ")));
@@ -131,11 +167,12 @@ fn refresh(
 /// would make, in microseconds instead of the ~0.2 s its curve arithmetic takes on a guest's
 /// cold translation cache under emulation. Sent once through the agent's port; never logged
 /// (`PrivateText`), never stored by the host.
-fn new_host_key() -> Result<smolvm_protocol::agent::PrivateText, String> {
+fn new_host_key() -> Result<smolvm_protocol::agent::HostKey, String> {
     let key = ssh_key::PrivateKey::random(&mut rand_core::OsRng, ssh_key::Algorithm::Ed25519)
         .map_err(|e| format!("make an SSH host key: {e}"))?;
     let text = key.to_openssh(ssh_key::LineEnding::LF).map_err(|e| format!("encode the SSH host key: {e}"))?;
-    Ok(smolvm_protocol::agent::PrivateText(text.to_string()))
+    let public = key.public_key().to_openssh().map_err(|e| format!("encode the SSH host key: {e}"))?;
+    Ok(smolvm_protocol::agent::HostKey { private: smolvm_protocol::agent::PrivateText(text.to_string()), public })
 }
 
 #[cfg(test)]
@@ -143,11 +180,12 @@ mod tests {
     #[test]
     fn a_host_made_key_is_one_plain_ed25519_key_and_never_shown_by_debug() {
         let k = super::new_host_key().unwrap();
-        let parsed = ssh_key::PrivateKey::from_openssh(&k.0).unwrap();
+        let parsed = ssh_key::PrivateKey::from_openssh(&k.private.0).unwrap();
         assert_eq!(parsed.algorithm(), ssh_key::Algorithm::Ed25519);
         assert!(!parsed.is_encrypted());
+        assert_eq!(parsed.public_key().to_openssh().unwrap(), k.public, "the halves match");
         let shown = format!("{k:?}");
-        assert!(!shown.contains("PRIVATE KEY") && !shown.contains(&k.0[40..80]), "{shown}");
+        assert!(!shown.contains("PRIVATE KEY") && !shown.contains(&k.private.0[40..80]), "{shown}");
         assert_ne!(super::new_host_key().unwrap(), k, "two clones never share a key");
     }
 }

@@ -1,10 +1,15 @@
 //! `snapshot`, `fork` and the capture under them and under `pause` and the boot snapshot.
 //!
-//! A capture stops the guest, has its QEMU write a mapped-ram stream into its `run/`
-//! directory, copies the disk while the guest is stopped (the two are one moment), and lets
-//! the guest continue (or leaves it stopped for `pause` to end). The guest is stopped for the
-//! save and the disk copy only (~0.15 s for a fresh 512 MiB guest under emulation); sealing
-//! (`snapshot::seal`) happens after it runs again.
+//! A capture stops the guest, saves it, copies the disk while it is stopped (the two are one
+//! moment), and lets the guest continue (or leaves it stopped for `pause` to end). How it is
+//! saved depends on where its RAM is ([`Captured`]):
+//! - restored from a snapshot (the usual case: `create` restores the boot snapshot): the
+//!   pages it wrote over that snapshot's RAM image, read from outside QEMU (`vm::guest_ram`),
+//!   and its devices alone (~40 ms stopped for a fresh guest); a snapshot's own RAM image is
+//!   then made of the image and the pages, after the guest runs again;
+//! - booted (its RAM QEMU's anonymous memory): a mapped-ram stream of the whole RAM written
+//!   by its QEMU into its `run/` (~0.15 s for a fresh 512 MiB guest under emulation), sealed
+//!   by a second QEMU (`snapshot::seal`) after the guest runs again.
 //!
 //! A killed command must not leave the source stopped: the capture writes a marker
 //! ([`CAPTURING`]) before it stops the guest and removes it once the guest runs again (or is
@@ -22,7 +27,7 @@ use crate::snapshot::{self, files, Images, Machine, SnapshotError, SnapshotMeta}
 use crate::state::{SandboxRow, SandboxState};
 use crate::vm::accel::{Accel, AccelKind};
 use crate::vm::qemu::{self, Netdev};
-use crate::vm::{migrate, process, qmp::Qmp};
+use crate::vm::{guest_ram, migrate, process, qmp::Qmp};
 
 /// In the sandbox's directory while a capture may have its guest stopped.
 pub(super) const CAPTURING: &str = "capturing";
@@ -128,36 +133,38 @@ impl Smolvm {
         }
     }
 
-    /// Saves running `name`'s guest: the stream into `dest/memory`, the disk into
+    /// Saves running `row`'s guest into `dest` (see [`Captured`]), and its disk into
     /// `dest/disk.ext4` if `copy_disk`. The caller holds the sandbox's lock. Returns the QMP
     /// session (the guest stopped with [`After::Stopped`]).
-    pub(super) fn capture(&self, name: &str, dest: &Path, copy_disk: bool, after: After) -> Result<Qmp, SnapshotError> {
+    pub(super) fn capture(
+        &self,
+        row: &SandboxRow,
+        dest: &Path,
+        copy_disk: bool,
+        after: After,
+    ) -> Result<(Qmp, Captured), SnapshotError> {
+        let name = row.name.as_str();
         let dir = self.dir(name);
         let marker = dir.join(CAPTURING);
         std::fs::write(&marker, std::process::id().to_string()).map_err(snap_io(name, "write the capture marker"))?;
-        let run = qemu::run_dir(&dir);
-        let _ = std::fs::remove_file(run.join(CAPTURE_FILE));
         let mut q = Qmp::connect(&qemu::qmp_socket(&dir)).map_err(snap_io(name, "connect to its QEMU"))?;
         let t = std::time::Instant::now();
         migrate::stop(&mut q).map_err(snap_io(name, "stop the guest"))?;
-        let saved =
-            migrate::save(&mut q, CAPTURE_FILE, false).map_err(snap_io(name, "save the guest")).and_then(|()| {
-                if copy_disk {
-                    let src =
-                        crate::text::open_untrusted(&dir.join("disk.ext4")).map_err(snap_io(name, "open its disk"))?;
-                    files::copy_sparse(&src, &dest.join("disk.ext4")).map_err(snap_io(name, "copy its disk"))?;
-                }
-                Ok(())
-            });
+        let saved = save_stopped(&mut q, row, &dir, dest).and_then(|captured| {
+            if copy_disk {
+                let src =
+                    crate::text::open_untrusted(&dir.join("disk.ext4")).map_err(snap_io(name, "open its disk"))?;
+                files::copy_sparse(&src, &dest.join("disk.ext4")).map_err(snap_io(name, "copy its disk"))?;
+            }
+            Ok(captured)
+        });
         tracing::debug!("{name}: saved (and disk copied: {copy_disk}) in {:?}", t.elapsed());
         if saved.is_err() || after == After::Continue {
             migrate::cont(&mut q).map_err(snap_io(name, "let the guest run again"))?;
             let _ = std::fs::remove_file(&marker);
             tracing::debug!("{name}: running again after {:?}", t.elapsed());
         }
-        saved?;
-        take_file(&run.join(CAPTURE_FILE), &dest.join("memory")).map_err(snap_io(name, "keep the saved state"))?;
-        Ok(q)
+        Ok((q, saved?))
     }
 
     /// A capture whose process died leaves its marker: puts the sandbox back as it was meant
@@ -238,28 +245,44 @@ impl Smolvm {
         let row = self.row(name)?;
         let files = self.files_of(&row)?;
         let machine = self.machine_of(&row, &files)?;
-        match Self::status_of(&row) {
-            Status::Running => {
-                self.capture(name, dir, true, After::Continue)?;
-            }
+        let captured = match Self::status_of(&row) {
+            Status::Running => self.capture(&row, dir, true, After::Continue)?.1,
             Status::Paused => {
-                // Its state is saved already: the stream, and the disk as it stands.
+                // Its state is saved already, and the disk as it stands.
                 let paused = self.dir(name).join(super::pause::PAUSED_DIR);
-                let src = crate::text::open_untrusted(&paused.join("memory"))
-                    .map_err(snap_io(snap, "open its paused state"))?;
-                files::copy_sparse(&src, &dir.join("memory")).map_err(snap_io(snap, "copy its paused state"))?;
+                let copy = |from: &str, to: &str| {
+                    let src = crate::text::open_untrusted(&paused.join(from))
+                        .map_err(snap_io(snap, format!("open its paused {from}")))?;
+                    files::copy_sparse(&src, &dir.join(to)).map_err(snap_io(snap, format!("copy its paused {from}")))
+                };
                 let disk = crate::text::open_untrusted(&self.dir(name).join("disk.ext4"))
                     .map_err(snap_io(snap, "open its disk"))?;
                 files::copy_sparse(&disk, &dir.join("disk.ext4")).map_err(snap_io(snap, "copy its disk"))?;
+                if paused.join("pages").exists() {
+                    copy("pages", "pages")?;
+                    copy("state", "state")?;
+                    let base = crate::text::open_untrusted(&paused.join("base"))
+                        .map_err(snap_io(snap, "open its paused RAM image"))?;
+                    let base_sha256 = snapshot::read_meta(&paused, name)?
+                        .file("base")
+                        .map(|f| f.sha256_sparse.clone())
+                        .unwrap_or_default();
+                    Captured::Pages { base, base_sha256 }
+                } else {
+                    copy("memory", "memory")?;
+                    Captured::Stream
+                }
             }
             status => return Err(super::SandboxError::NotRunning { name: name.into(), status }.into()),
-        }
-        self.seal_into(&row, &files, dir, snap, Some(name.to_string()), machine)
+        };
+        self.seal_into(&row, &files, dir, snap, Some(name.to_string()), machine, captured)
     }
 
-    /// Seals `dir/memory` (with `dir/disk.ext4`) into `dir/ram` and `dir/state`, then writes the
-    /// meta with every digest. The snapshot's files are made readable by the sandboxes' group
-    /// (clones run as other uids).
+    /// Makes `dir` a snapshot from what a capture left there: `ram` (the RAM image) and
+    /// `state` (the devices) out of `memory` by a sealing QEMU, or out of `pages` over its
+    /// base image; with `dir/disk.ext4`, then the meta with every digest. The files are made
+    /// readable by the sandboxes' group (clones run as other uids).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn seal_into(
         &self,
         row: &SandboxRow,
@@ -268,8 +291,57 @@ impl Smolvm {
         snap: &str,
         source: Option<String>,
         machine: Machine,
+        captured: Captured,
     ) -> Result<SnapshotMeta, LifecycleError> {
         let identity = self.identity_of(&row.name)?;
+        let t = std::time::Instant::now();
+        let state_form = match captured {
+            Captured::Stream => {
+                self.seal_stream(row, files, dir, snap, identity)?;
+                snapshot::StateForm::Migration
+            }
+            Captured::Pages { base, .. } => {
+                let ram_len = u64::from(row.memory_mib) << 20;
+                let pages = snapshot::pages::Pages::open(&dir.join("pages"), ram_len)
+                    .map_err(snap_io(snap, "read the saved pages"))?;
+                snapshot::pages::materialize(&base, &dir.join("ram"), |each| pages.for_each_run(each))
+                    .map_err(snap_io(snap, "make its RAM image"))?;
+                let _ = std::fs::remove_file(dir.join("pages"));
+                snapshot::StateForm::Devices
+            }
+        };
+        tracing::debug!("{snap}: sealed in {:?}", t.elapsed());
+        let meta = SnapshotMeta {
+            format: snapshot::FORMAT,
+            name: snap.to_string(),
+            source,
+            created_at: crate::timefmt::now_secs(),
+            machine,
+            images: Self::images_of(row),
+            host_key: row.host_key.clone(),
+            files: vec![],
+            state_form,
+        };
+        let t = std::time::Instant::now();
+        let meta = snapshot::write_meta(dir, meta, &["ram", "state", "disk.ext4"])?;
+        tracing::debug!("{snap}: digests in {:?}", t.elapsed());
+        for n in ["ram", "state", "disk.ext4", "meta.json"] {
+            share_with_sandboxes(&dir.join(n), identity.map(|i| i.images_gid))
+                .map_err(snap_io(snap, format!("share {n}")))?;
+        }
+        Ok(meta)
+    }
+
+    /// Seals `dir/memory` (a mapped-ram stream, with `dir/disk.ext4`) into `dir/ram` and
+    /// `dir/state` with a second QEMU (`snapshot::seal`).
+    fn seal_stream(
+        &self,
+        row: &SandboxRow,
+        files: &BootFiles,
+        dir: &Path,
+        snap: &str,
+        identity: Option<crate::child::Identity>,
+    ) -> Result<(), LifecycleError> {
         let scratch = dir.join("seal");
         std::fs::create_dir(&scratch).map_err(snap_io(snap, "make the sealing directory"))?;
         if let Some(id) = identity {
@@ -281,29 +353,10 @@ impl Smolvm {
         let mut cfg = self.qemu_config(row, &Self::accel_of(row), files, String::new(), Netdev::Wire);
         cfg.dir = scratch.clone();
         cfg.upper = dir.join("disk.ext4");
-        let t = std::time::Instant::now();
         snapshot::seal::seal(&cfg, &dir.join("memory"), identity, dir).map_err(snap_io(snap, "seal it"))?;
-        tracing::debug!("{snap}: sealed in {:?}", t.elapsed());
         let _ = std::fs::remove_dir_all(&scratch);
         let _ = std::fs::remove_file(dir.join("memory"));
-        let meta = SnapshotMeta {
-            format: snapshot::FORMAT,
-            name: snap.to_string(),
-            source,
-            created_at: crate::timefmt::now_secs(),
-            machine,
-            images: Self::images_of(row),
-            host_key: row.host_key.clone(),
-            files: vec![],
-        };
-        let t = std::time::Instant::now();
-        let meta = snapshot::write_meta(dir, meta, &["ram", "state", "disk.ext4"])?;
-        tracing::debug!("{snap}: digests in {:?}", t.elapsed());
-        for n in ["ram", "state", "disk.ext4", "meta.json"] {
-            share_with_sandboxes(&dir.join(n), identity.map(|i| i.images_gid))
-                .map_err(snap_io(snap, format!("share {n}")))?;
-        }
-        Ok(meta)
+        Ok(())
     }
 
     /// Every snapshot taken with `snapshot`, oldest first.
@@ -330,6 +383,66 @@ impl Smolvm {
     }
 }
 
+/// What a capture saved a guest's RAM as.
+#[derive(Debug)]
+pub(super) enum Captured {
+    /// `memory`: a mapped-ram stream of the whole RAM and the devices. For a guest whose RAM
+    /// is QEMU's anonymous memory (booted, or resumed from such a stream), or one whose pages
+    /// cannot be read from outside (`vm::guest_ram`).
+    Stream,
+    /// `pages` (`snapshot::pages`) and `state` (the devices alone): the pages the guest wrote
+    /// over `base`, the RAM image it was restored from (open: its name may be gone by now;
+    /// `base_sha256` its digest). A few milliseconds instead of a read of the whole RAM.
+    Pages { base: std::fs::File, base_sha256: String },
+}
+
+/// The devices' state the guest's QEMU writes, in its `run/`.
+const DEVICES_FILE: &str = "capture.state";
+
+/// Saves stopped `row`'s guest into `dest`: its written pages and devices when its RAM is the
+/// snapshot image recorded at its restore, else a whole stream.
+fn save_stopped(q: &mut Qmp, row: &SandboxRow, dir: &Path, dest: &Path) -> Result<Captured, SnapshotError> {
+    let name = row.name.as_str();
+    let run = qemu::run_dir(dir);
+    let ram_len = u64::from(row.memory_mib) << 20;
+    let mapping = row.pid.map(|pid| guest_ram::RamMapping::find(pid, ram_len));
+    if let (Some(Ok(Some(ram))), Some(image)) = (mapping, snapshot::RamImage::read(dir)) {
+        match save_pages(q, &ram, &image, &run, dest) {
+            Ok(base) => return Ok(Captured::Pages { base, base_sha256: image.sha256_sparse }),
+            Err(e) => {
+                tracing::debug!("{name}: its written pages cannot be saved ({e}); its whole RAM is");
+                let _ = std::fs::remove_file(dest.join("pages"));
+                let _ = std::fs::remove_file(dest.join("state"));
+            }
+        }
+    }
+    let _ = std::fs::remove_file(run.join(CAPTURE_FILE));
+    migrate::save(q, CAPTURE_FILE, false).map_err(snap_io(name, "save the guest"))?;
+    take_file(&run.join(CAPTURE_FILE), &dest.join("memory")).map_err(snap_io(name, "keep the saved state"))?;
+    Ok(Captured::Stream)
+}
+
+fn save_pages(
+    q: &mut Qmp,
+    ram: &guest_ram::RamMapping,
+    image: &snapshot::RamImage,
+    run: &Path,
+    dest: &Path,
+) -> std::io::Result<std::fs::File> {
+    let base = ram.open_file()?;
+    if !image.is(&base) {
+        return Err(std::io::Error::other("the file its QEMU maps is not the RAM image it was restored from"));
+    }
+    let t = std::time::Instant::now();
+    let written = ram.written_pages()?;
+    snapshot::pages::save(ram, &written, &dest.join("pages"))?;
+    let _ = std::fs::remove_file(run.join(DEVICES_FILE));
+    migrate::save_devices(q, DEVICES_FILE)?;
+    take_file(&run.join(DEVICES_FILE), &dest.join("state"))?;
+    tracing::debug!("{} written pages and the devices saved in {:?}", written.len(), t.elapsed());
+    Ok(base)
+}
+
 /// Moves `from` (a file in a sandbox's `run/`, written by its QEMU) to `to`, never following
 /// a link: renamed if on one file system, else copied.
 fn take_file(from: &Path, to: &Path) -> std::io::Result<()> {
@@ -349,7 +462,7 @@ fn take_file(from: &Path, to: &Path) -> std::io::Result<()> {
 }
 
 /// Root's, readable by the sandboxes' group (0640), when smolvm is root; else the user's 0600.
-fn share_with_sandboxes(path: &Path, images_gid: Option<u32>) -> std::io::Result<()> {
+pub(super) fn share_with_sandboxes(path: &Path, images_gid: Option<u32>) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let f = crate::text::open_untrusted(path)?;
     if let Some(gid) = images_gid {

@@ -6,15 +6,19 @@
 //! directory whose name starts with `.` is never listed, and is swept once its writer is
 //! gone), holding:
 //! - `ram`: the RAM image (sparse), which clones map copy-on-write (`vm::qemu::Memory`);
-//! - `state`: the devices' state, a QEMU migration stream without the RAM;
+//! - `state`: the devices' state, a QEMU migration stream without the RAM, or the devices
+//!   alone ([`StateForm`]);
 //! - `disk.ext4`: the sandbox's writable disk as it was; each clone gets a copy;
 //! - `meta.json`: what it was taken from and with ([`SnapshotMeta`]), and each file's digest
 //!   (`files::digest`), checked before every restore.
 //!
-//! A paused sandbox keeps a different form in its own directory (`paused/`): one mapped-ram
-//! stream (`memory`) and the meta, resumed into anonymous memory (`vm::migrate`).
+//! A paused sandbox keeps another form in its own directory (`paused/`): for a guest restored
+//! from a snapshot, the pages it wrote (`pages`), a second name of the RAM image they go over
+//! (`base`) and the devices (`state`); for a booted guest, one mapped-ram stream (`memory`),
+//! resumed into anonymous memory (`vm::migrate`). Each with the meta.
 
 pub mod files;
+pub mod pages;
 pub mod seal;
 
 use std::path::{Path, PathBuf};
@@ -71,6 +75,79 @@ pub struct SnapshotMeta {
     /// The guest's SSH host key at the moment (a resume keeps it; a clone makes its own).
     pub host_key: Option<String>,
     pub files: Vec<FileDigest>,
+    /// How `state` was written (absent from older metas: a migration stream).
+    #[serde(default)]
+    pub state_form: StateForm,
+}
+
+/// The kind of devices' stream a snapshot holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateForm {
+    /// A migration stream with its RAM left out (`x-ignore-shared`), written by a sealing
+    /// QEMU; or, in a paused sandbox's `memory`, a whole mapped-ram stream.
+    #[default]
+    Migration,
+    /// The devices alone (QMP `xen-save-devices-state`), written by the guest's own QEMU in a
+    /// few milliseconds: for a guest whose RAM is a snapshot's image and the pages it wrote.
+    Devices,
+}
+
+impl StateForm {
+    pub fn incoming(self) -> crate::vm::qemu::Incoming {
+        match self {
+            StateForm::Migration => crate::vm::qemu::Incoming::Migration,
+            StateForm::Devices => crate::vm::qemu::Incoming::Devices,
+        }
+    }
+}
+
+/// Which RAM image a restored guest's QEMU maps: recorded at the restore in the sandbox's
+/// directory ([`RAM_IMAGE`], root's: QEMU cannot change it). A capture saves the guest's
+/// written pages over the image only if the mapping it finds in QEMU is of this very file
+/// (so a QEMU that mapped another file cannot have that linked or copied into a snapshot),
+/// and reuses its digest while the file is as it was.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RamImage {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub sha256_sparse: String,
+}
+
+/// [`RamImage`]'s file, in a sandbox's directory.
+pub const RAM_IMAGE: &str = "ram-image.json";
+
+impl RamImage {
+    pub fn of(f: &std::fs::File, sha256_sparse: &str) -> std::io::Result<RamImage> {
+        use std::os::unix::fs::MetadataExt;
+        let m = f.metadata()?;
+        Ok(RamImage {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.len(),
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            sha256_sparse: sha256_sparse.to_string(),
+        })
+    }
+
+    /// True if `f` is this file, unchanged.
+    pub fn is(&self, f: &std::fs::File) -> bool {
+        RamImage::of(f, &self.sha256_sparse).is_ok_and(|now| &now == self)
+    }
+
+    pub fn read(dir: &Path) -> Option<RamImage> {
+        serde_json::from_slice(&std::fs::read(dir.join(RAM_IMAGE)).ok()?).ok()
+    }
+
+    pub fn write(&self, dir: &Path) -> std::io::Result<()> {
+        let tmp = dir.join(format!(".{RAM_IMAGE}.tmp"));
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = crate::text::create_private(&tmp)?;
+        std::io::Write::write_all(&mut f, serde_json::to_string(self).map_err(std::io::Error::other)?.as_bytes())?;
+        std::fs::rename(&tmp, dir.join(RAM_IMAGE))
+    }
 }
 
 /// Why a snapshot cannot be used.
@@ -121,11 +198,15 @@ impl SnapshotMeta {
         self.files.iter().find(|f| f.name == name)
     }
 
-    /// Bytes on disk of its files (allocated, not apparent).
+    /// Bytes on disk of its files (allocated, not apparent), those with other names left
+    /// out: what removing the directory frees (a paused sandbox's `base` is often a second
+    /// name of a snapshot's RAM image).
     pub fn allocated_bytes(dir: &Path) -> u64 {
         use std::os::unix::fs::MetadataExt;
         std::fs::read_dir(dir)
-            .map(|d| d.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.blocks() * 512).sum())
+            .map(|d| {
+                d.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.nlink() == 1).map(|m| m.blocks() * 512).sum()
+            })
             .unwrap_or(0)
     }
 }
@@ -195,11 +276,13 @@ pub fn verify(dir: &Path, meta: &SnapshotMeta) -> Result<(), SnapshotError> {
 
 /// What a file looked like when its digest was last checked: a boot snapshot, restored by
 /// every `create`, is hashed in full once and then checked by `stat` (as the image cache
-/// does for images): its files are root's, written once, and any write changes the ctime.
+/// does for images): its files are root's, written once, and any write changes the mtime.
+/// Not the ctime: a pause links a paused guest's RAM image to the snapshot's (`sandbox::
+/// pause`), and a link changes the ctime without changing a byte.
 fn stamp_of(path: &Path) -> std::io::Result<String> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::symlink_metadata(path)?;
-    Ok(format!("{} {} {} {}.{} {}.{}", m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()))
+    Ok(format!("{} {} {} {}.{}", m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
 }
 
 /// [`verify`], skipped for files whose stamp (`verified.json`) says they are unchanged since
@@ -226,7 +309,17 @@ pub fn verify_cached(dir: &Path, meta: &SnapshotMeta) -> Result<(), SnapshotErro
 }
 
 /// Writes `meta` into `dir` with the digests of `names` (files in `dir`).
-pub fn write_meta(dir: &Path, mut meta: SnapshotMeta, names: &[&str]) -> Result<SnapshotMeta, SnapshotError> {
+pub fn write_meta(dir: &Path, meta: SnapshotMeta, names: &[&str]) -> Result<SnapshotMeta, SnapshotError> {
+    write_meta_knowing(dir, meta, names, &[])
+}
+
+/// [`write_meta`], with the digests of some files known already (`(name, digest)`).
+pub fn write_meta_knowing(
+    dir: &Path,
+    mut meta: SnapshotMeta,
+    names: &[&str],
+    known: &[(&str, String)],
+) -> Result<SnapshotMeta, SnapshotError> {
     let io = |what: String| {
         let snapshot = meta.name.clone();
         move |source| SnapshotError::Io { snapshot, what, source }
@@ -236,7 +329,10 @@ pub fn write_meta(dir: &Path, mut meta: SnapshotMeta, names: &[&str]) -> Result<
         let p = dir.join(n);
         let f = crate::text::open_untrusted(&p).map_err(io(format!("open {}", p.display())))?;
         let size = f.metadata().map_err(io(format!("stat {}", p.display())))?.len();
-        let sha256_sparse = files::digest(&f).map_err(io(format!("digest {}", p.display())))?;
+        let sha256_sparse = match known.iter().find(|(k, _)| k == n) {
+            Some((_, d)) => d.clone(),
+            None => files::digest(&f).map_err(io(format!("digest {}", p.display())))?,
+        };
         meta.files.push(FileDigest { name: n.to_string(), size, sha256_sparse });
     }
     let json = serde_json::to_string_pretty(&meta)
@@ -378,7 +474,16 @@ mod tests {
             },
             host_key: None,
             files: vec![],
+            state_form: StateForm::Devices,
         }
+    }
+
+    #[test]
+    fn a_meta_from_before_the_state_form_reads_as_a_migration_stream() {
+        let mut v = serde_json::to_value(meta()).unwrap();
+        v.as_object_mut().unwrap().remove("state_form");
+        let old: SnapshotMeta = serde_json::from_value(v).unwrap();
+        assert_eq!(old.state_form, StateForm::Migration);
     }
 
     #[test]

@@ -29,7 +29,7 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> std::io::Error 
 /// into `out/ram` and `out/state`. `cfg.dir` is a scratch directory of the caller's (QEMU's
 /// log, its `run/`); `cfg.upper` the disk copy that goes with the stream.
 pub fn seal(cfg: &QemuConfig, stream: &Path, identity: Option<Identity>, out: &Path) -> std::io::Result<()> {
-    let cfg = QemuConfig { memory: Memory::Shared, incoming: true, ..cfg.clone() };
+    let cfg = QemuConfig { memory: Memory::Shared, incoming: Some(qemu::Incoming::Migration), ..cfg.clone() };
     let run = crate::sandbox::boot_run_dir(&cfg.dir, identity).map_err(std::io::Error::other)?;
     let ram = memfd("smolvm-seal")?;
     // SAFETY: ftruncate on a descriptor we own.

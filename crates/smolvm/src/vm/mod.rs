@@ -3,6 +3,7 @@
 
 pub mod accel;
 pub mod cgroup;
+pub mod guest_ram;
 pub mod migrate;
 pub mod process;
 pub mod qemu;

@@ -57,9 +57,23 @@ pub struct QemuConfig {
     pub upper_cache: DiskCache,
     /// Where the guest's RAM lives.
     pub memory: Memory,
-    /// Start paused, waiting for a migration stream (`-incoming defer`): a restore.
-    pub incoming: bool,
+    /// Start paused, waiting for a saved state (`-incoming defer`): a restore.
+    pub incoming: Option<Incoming>,
 }
+
+/// The kind of stream a restoring QEMU loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Incoming {
+    /// A migration stream (`migrate`): it begins with the machine's configuration section.
+    Migration,
+    /// The devices alone (`xen-save-devices-state`, `vm::migrate::save_devices`), which has
+    /// no configuration section: QEMU is told not to expect one.
+    Devices,
+}
+
+/// What [`Incoming::Devices`] adds to the command line (left out of the device model: it
+/// concerns the stream, not the machine).
+const NO_CONFIGURATION_SECTION: &str = "migration.send-configuration=off";
 
 /// Where a guest's RAM lives. Every form is the memory backend `ram0`, so that a stream saved
 /// from one loads into another (the RAM block's name is part of the stream).
@@ -219,8 +233,11 @@ impl QemuConfig {
             // asked to `-daemonize`: that forks after the filter is in place.)
             .args(["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"])
             .stdin(Stdio::null());
-        if self.incoming {
+        if let Some(kind) = self.incoming {
             c.args(["-incoming", "defer"]);
+            if kind == Incoming::Devices {
+                c.args(["-global", NO_CONFIGURATION_SECTION]);
+            }
         }
         c
     }
@@ -248,6 +265,7 @@ impl QemuConfig {
         while i < args.len() {
             match args[i].as_str() {
                 "-name" | "-append" | "-object" | "-incoming" => i += 2,
+                "-global" if args.get(i + 1).map(String::as_str) == Some(NO_CONFIGURATION_SECTION) => i += 2,
                 a => {
                     out.push(a.to_string());
                     i += 1;
@@ -381,7 +399,7 @@ mod tests {
             qemu: "/usr/bin/qemu-system-x86_64".into(),
             upper_cache: DiskCache::Writeback,
             memory: Memory::Anonymous,
-            incoming: false,
+            incoming: None,
         }
     }
 
@@ -430,8 +448,12 @@ mod tests {
     #[test]
     fn a_restore_maps_the_snapshot_private_and_read_only_and_keeps_the_device_model() {
         let cold = cfg(Netdev::Wire);
-        let clone =
-            QemuConfig { memory: Memory::SnapshotImage, incoming: true, cmdline: "other".into(), ..cold.clone() };
+        let clone = QemuConfig {
+            memory: Memory::SnapshotImage,
+            incoming: Some(Incoming::Migration),
+            cmdline: "other".into(),
+            ..cold.clone()
+        };
         let a = args(&clone);
         assert_eq!(
             value_of(&a, "-object", ""),
@@ -441,6 +463,10 @@ mod tests {
         assert!(value_of(&a, "-drive", "id=base").is_some_and(|d| d.contains("file.drop-cache=off")));
         // Same devices, whatever the RAM and the command line: a stream of one loads in the other.
         assert_eq!(cold.device_model(), clone.device_model());
+        assert!(!a.iter().any(|x| x == "-global"));
+        let devices = QemuConfig { incoming: Some(Incoming::Devices), ..clone.clone() };
+        assert_eq!(value_of(&args(&devices), "-global", ""), Some(NO_CONFIGURATION_SECTION));
+        assert_eq!(cold.device_model(), devices.device_model(), "the stream's kind is not the machine's");
         assert_ne!(cold.device_model(), QemuConfig { memory_mib: 1024, ..cold.clone() }.device_model());
         assert_ne!(cold.device_model(), QemuConfig { layers: vec![], ..cold.clone() }.device_model());
         let shared = QemuConfig { memory: Memory::Shared, ..cold };
