@@ -45,26 +45,49 @@ pub fn bring_up(authorized_key_b64: Option<&str>) -> io::Result<String> {
 /// [`wait_listening`] (0: none pending).
 static REPLACED_PID: std::sync::Mutex<i32> = std::sync::Mutex::new(0);
 
+/// The SSH identity a clone's [`rekey`] was given, written by the first [`wait_listening`]
+/// (before its sshd starts): root's `authorized_keys` text and the host key pair.
+type Pending = (String, smolvm_protocol::agent::HostKey);
+static PENDING: std::sync::Mutex<Option<Pending>> = std::sync::Mutex::new(None);
+
 /// A clone's new SSH identity: root's key (that of the home restoring it) and a fresh host key
 /// (`given` by the host, or made here for an older host). The old sshd is killed, not asked to reload (SIGHUP): the guest may have been saved while
 /// sshd was still starting, before it handles SIGHUP, which would end it (the boot snapshot
 /// is taken as soon as the agent answers). Its successor starts when SSH is first wanted
 /// ([`wait_listening`]): sshd's start-up is a large share of a restore under emulation, and
 /// most sandboxes are only ever used through the agent. Returns the host public key.
+///
+/// A key `given` by the host is only checked here; it and root's key are written when SSH is
+/// first wanted, with the new sshd ([`PENDING`]): each file write is a large share of a
+/// restore under emulation (its first writes run on a cold translation cache).
 pub fn rekey(authorized_key_b64: &str, given: Option<&smolvm_protocol::agent::HostKey>) -> io::Result<String> {
-    install_authorized_keys(authorized_key_b64).map_err(io::Error::other)?;
-    let public = match given {
-        Some(key) => install_host_key(key)?,
-        None => generate_host_key()?,
-    };
     let mut replaced = REPLACED_PID.lock().unwrap_or_else(|p| p.into_inner());
+    let public = match given {
+        Some(key) => {
+            let keys = decode_authorized_keys(authorized_key_b64).map_err(io::Error::other)?;
+            check_host_key(key)?;
+            *PENDING.lock().unwrap_or_else(|p| p.into_inner()) = Some((keys, key.clone()));
+            key.public.clone()
+        }
+        None => {
+            install_authorized_keys(authorized_key_b64).map_err(io::Error::other)?;
+            generate_host_key()?
+        }
+    };
     let old = SSHD_PID.swap(0, std::sync::atomic::Ordering::SeqCst);
     if old > 0 {
         // SAFETY: kill(2) with a pid and a signal number has no memory effects.
         unsafe { libc::kill(old, libc::SIGKILL) };
         *replaced = old;
+        // Gone before this returns (a second at most): a snapshot taken next must not hold a
+        // dying sshd, and its end must not run on after, beside the host's first command.
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while !gone_or_zombie(old) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     } else if *replaced == 0 {
-        // No sshd ran (it failed at boot): start one for the new key all the same.
+        // No sshd ran (it failed at boot, or an earlier rekey ended it): start one for the
+        // new key all the same.
         *replaced = -1;
     }
     Ok(public)
@@ -79,6 +102,10 @@ fn start_replacement() -> io::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(5);
     while *replaced > 0 && gone_or_zombie(*replaced).not() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
+    }
+    if let Some((keys, key)) = PENDING.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        write_authorized_keys(&keys).map_err(io::Error::other)?;
+        install_host_key(&key)?;
     }
     start_sshd()?;
     *replaced = 0;
@@ -116,7 +143,10 @@ pub fn wait_listening(timeout: Duration) -> io::Result<()> {
 
 /// Decodes and checks the keys, then writes `/root/.ssh/authorized_keys` (0600, dir 0700).
 fn install_authorized_keys(b64: &str) -> Result<(), String> {
-    let keys = decode_authorized_keys(b64)?;
+    write_authorized_keys(&decode_authorized_keys(b64)?)
+}
+
+fn write_authorized_keys(keys: &str) -> Result<(), String> {
     let dir = Path::new("/root/.ssh");
     fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| e.to_string())?;
@@ -162,6 +192,11 @@ fn generate_host_key() -> io::Result<String> {
 /// host is trusted, and checking that the halves match would cost what making a key costs.
 /// Only their form is checked, so that a garbled message cannot leave sshd without a key.
 fn install_host_key(key: &smolvm_protocol::agent::HostKey) -> io::Result<String> {
+    check_host_key(key)?;
+    write_host_key(&format!("{}\n", key.private.0.trim_end()), &key.public)
+}
+
+fn check_host_key(key: &smolvm_protocol::agent::HostKey) -> io::Result<()> {
     let private = key.private.0.trim_end();
     if !private.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----")
         || !private.ends_with("-----END OPENSSH PRIVATE KEY-----")
@@ -171,7 +206,7 @@ fn install_host_key(key: &smolvm_protocol::agent::HostKey) -> io::Result<String>
     if !key.public.starts_with("ssh-ed25519 ") || key.public.contains('\n') {
         return Err(io::Error::other("the host key given has no ed25519 public key line"));
     }
-    write_host_key(&format!("{private}\n"), &key.public)
+    Ok(())
 }
 
 fn write_host_key(private: &str, public: &str) -> io::Result<String> {

@@ -329,7 +329,11 @@ impl Smolvm {
         };
         self.boot_row(&mut row, accel, files, opts.ready_timeout, &start)?;
         if let Plan::Cold(Some(slot)) = plan {
-            // Before anything of the user's reaches the guest (its CA, its variables).
+            // Before anything of the user's reaches the guest (its CA, its variables). A first
+            // new identity ends the sshd the boot started, so that the snapshot holds none: a
+            // restore then has no sshd start-up running beside its first command, nor one to
+            // end (its own starts when SSH is first wanted).
+            self.reidentify(&mut row)?;
             match self.save_boot_snapshot(&row, files, slot) {
                 // Every restore of it reseeds and takes a new SSH host key: so does this
                 // guest, so that none holds its key or its random state.
