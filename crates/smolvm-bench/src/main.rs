@@ -55,6 +55,10 @@ struct Args {
     /// Only the E2B figure (`smolvm serve` against exec and the library).
     #[arg(long, conflicts_with = "network_only")]
     serve_only: bool,
+    /// Only the snapshot figures (create from the boot snapshot against a cold boot, fork,
+    /// pause, resume, clones' memory): needs no preset layer in the release.
+    #[arg(long, conflicts_with_all = ["network_only", "serve_only"])]
+    snapshots_only: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -125,6 +129,10 @@ fn main() -> anyhow::Result<()> {
             if args.serve_only {
                 let sm = open(&home)?;
                 return serve::figures(args.runs, &sm, &home, &mut report);
+            }
+            if args.snapshots_only {
+                let sm = open(&home)?;
+                return snapshots::figures(args.runs, args.density, &sm, &mut report);
             }
             cold_create(&args, work.path(), &mut report)?;
             let sm = open(&home)?;

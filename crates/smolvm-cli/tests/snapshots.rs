@@ -155,8 +155,8 @@ fn nlink(path: &Path) -> u64 {
 
 /// A sandbox restored from a snapshot is saved as the pages it wrote over that snapshot's RAM
 /// image (and its devices), not its whole RAM: pause, resume, pause again, a snapshot of it
-/// paused, a fork of it and a fork of that fork (whose image has no name left), a pause of a
-/// clone. Each keeps the file and the counter; the boot snapshot's image is never written.
+/// paused, a fork of it and a fork of that fork (whose image only the clones name), a pause
+/// of a clone. Each keeps the file and the counter; the boot snapshot's image is never written.
 #[test]
 #[ignore = "boots the release under QEMU: run scripts/test.sh"]
 fn a_restored_sandbox_is_saved_as_the_pages_it_wrote_over_its_image() {
@@ -199,9 +199,9 @@ fn a_restored_sandbox_is_saved_as_the_pages_it_wrote_over_its_image() {
     ok(f.cmd().args(["fork", "k", "--name", "kk"]));
     assert_eq!(f.exec("kk", "cat /root/file; hostname"), "kept\nkk");
     f.counting("kk");
-    // A pause of that clone: its image has no name to link, so it is copied.
+    // A pause of that clone links the fork's image too: the clones' directories name it.
     ok(f.cmd().args(["pause", "k"]));
-    assert_eq!(nlink(&f.dir("k").join("paused/base")), 1);
+    assert!(nlink(&f.dir("k").join("paused/base")) >= 2);
     ok(f.cmd().args(["resume", "k"]));
     f.counting("k");
     f.counting("src");

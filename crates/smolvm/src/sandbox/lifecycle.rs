@@ -147,7 +147,7 @@ impl Smolvm {
         let t = Instant::now();
         self.kill_vm(name, &row);
         tracing::debug!("{name}: its processes ended after {:?}", t.elapsed());
-        remove_all(&self.dir(name));
+        super::throw_away(&self.dir(name));
         self.db().delete(name)?;
         tracing::debug!("{name}: deleted after {:?}", t.elapsed());
         // The lock file stays (empty): removing it would let a command waiting on the old file

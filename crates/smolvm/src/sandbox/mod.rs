@@ -528,6 +528,61 @@ fn remove_all(path: &Path) {
     }
 }
 
+/// A hidden name in the sandboxes' directory for what a delete threw away.
+const TRASH_PREFIX: &str = ".trash-";
+/// A thrown-away directory still there after this long lost its remover (killed, or the host
+/// went down): the next delete removes it.
+const TRASH_STALE: Duration = Duration::from_secs(600);
+
+/// Takes `dir` (a sandbox's) out of sight at once and frees its files in the background:
+/// freeing a disk or a RAM image of tens of MiB costs tens of milliseconds on a file system
+/// mounted with `discard` (and seconds for a disk the guest filled), none of which a delete
+/// needs to wait for. The remover is `rm` in its own process group (it outlives a CLI that
+/// exits at once); a server reaps it from a thread. Falls back to removing here.
+fn throw_away(dir: &Path) {
+    use rand_core::RngCore;
+    let Some(parent) = dir.parent() else { return remove_all(dir) };
+    sweep_trash(parent);
+    if !dir.exists() {
+        return;
+    }
+    let trash = parent.join(format!("{TRASH_PREFIX}{:016x}", rand_core::OsRng.next_u64()));
+    if std::fs::rename(dir, &trash).is_err() {
+        return remove_all(dir);
+    }
+    use std::os::unix::process::CommandExt;
+    let spawned = std::process::Command::new("rm")
+        .args(["-rf", "--"])
+        .arg(&trash)
+        .env_clear()
+        .env("PATH", crate::child::CHILD_PATH)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn();
+    match spawned {
+        Ok(mut child) => {
+            let _ = std::thread::Builder::new().name("trash".into()).spawn(move || child.wait());
+        }
+        Err(e) => {
+            tracing::debug!("no background rm ({e}): {} is removed here", trash.display());
+            remove_all(&trash);
+        }
+    }
+}
+
+/// Removes thrown-away directories whose remover is long gone.
+fn sweep_trash(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for e in entries.flatten() {
+        let stale = e.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok());
+        if e.file_name().to_string_lossy().starts_with(TRASH_PREFIX) && stale.is_some_and(|s| s > TRASH_STALE) {
+            remove_all(&e.path());
+        }
+    }
+}
+
 /// Guest readiness timeout: generous under emulation, where a boot takes seconds.
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long SSH waits for the guest's sshd to listen (it starts with the guest: a fraction of
@@ -540,3 +595,30 @@ pub const DEFAULT_MEMORY_MIB: u32 = 512;
 pub const DEFAULT_CPUS: u32 = 1;
 /// A sandbox's own writable disk, MiB (the base is shared and read-only).
 pub const DEFAULT_DISK_MIB: u64 = 2048;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_thrown_away_directory_is_gone_at_once_and_freed_in_the_background() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("box");
+        std::fs::create_dir_all(dir.join("run")).unwrap();
+        std::fs::write(dir.join("disk.ext4"), vec![1u8; 1 << 20]).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", dir.join("run/link")).unwrap();
+        super::throw_away(&dir);
+        assert!(!dir.exists(), "its name is free at once");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::fs::read_dir(parent.path()).unwrap().next().is_some() {
+            assert!(std::time::Instant::now() < deadline, "the trash was never removed");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(std::path::Path::new("/etc/passwd").exists(), "a link is removed, never followed");
+        // A trash directory left by a remover that died long ago goes with the next delete.
+        let stale = parent.path().join(format!("{}old", super::TRASH_PREFIX));
+        std::fs::create_dir(&stale).unwrap();
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        std::fs::File::open(&stale).unwrap().set_modified(old).unwrap();
+        super::sweep_trash(parent.path());
+        assert!(!stale.exists());
+    }
+}

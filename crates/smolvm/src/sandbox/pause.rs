@@ -170,17 +170,7 @@ impl Smolvm {
 /// A copy is made readable by the sandboxes' group, as a snapshot's image is: the resuming
 /// QEMU opens it again as the sandbox's uid.
 fn keep_base(base: &std::fs::File, to: &std::path::Path, images_gid: Option<u32>) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let from = std::ffi::CString::new(format!("/proc/self/fd/{}", base.as_raw_fd())).map_err(std::io::Error::other)?;
-    let to_c = std::ffi::CString::new(to.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
-    // SAFETY: two valid C strings; linkat reads them only. AT_SYMLINK_FOLLOW links the file
-    // the descriptor's /proc entry names (it fails for a file without a name: ENOENT).
-    let linked =
-        unsafe { libc::linkat(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to_c.as_ptr(), libc::AT_SYMLINK_FOLLOW) };
-    if linked == 0 {
-        return Ok(());
-    }
-    let e = std::io::Error::last_os_error();
+    let Err(e) = snapshot::files::link_open_file(base, to) else { return Ok(()) };
     tracing::debug!("the RAM image is copied, not linked: {e}");
     snapshot::files::copy_sparse(base, to)?;
     super::snapshots::share_with_sandboxes(to, images_gid)

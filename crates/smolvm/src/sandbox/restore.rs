@@ -30,16 +30,24 @@ pub(super) fn open_inputs(start: &Start) -> Result<(Option<OwnedFd>, Option<Owne
 }
 
 /// Records which RAM image the restoring QEMU maps (`snapshot::RamImage`), or that none is
-/// (a boot, or a resume into anonymous memory).
+/// (a boot, or a resume into anonymous memory). The image also gets a name in the sandbox's
+/// directory ([`RAM_LINK`]): a fork's image keeps one after the fork's own directory is
+/// gone, so that a pause can link it rather than copy it, and it is freed with the last
+/// sandbox that maps it.
 pub(super) fn record_ram_image(dir: &Path, start: &Start, ram: Option<&OwnedFd>) -> Result<(), BootError> {
     let io = |source| BootError::Io { what: format!("record {}", crate::snapshot::RAM_IMAGE), source };
     let sha = match start {
         Start::Restore(r) => r.ram_sha256.as_deref(),
         Start::Cold => None,
     };
+    let _ = std::fs::remove_file(dir.join(RAM_LINK));
     match (ram, sha) {
         (Some(fd), Some(sha)) => {
             let f = std::fs::File::from(fd.try_clone().map_err(io)?);
+            if let Err(e) = crate::snapshot::files::link_open_file(&f, &dir.join(RAM_LINK)) {
+                // Another file system (a cache elsewhere): a pause copies the image instead.
+                tracing::debug!("the RAM image gets no name in {}: {e}", dir.display());
+            }
             crate::snapshot::RamImage::of(&f, sha).and_then(|r| r.write(dir)).map_err(io)
         }
         _ => match std::fs::remove_file(dir.join(crate::snapshot::RAM_IMAGE)) {
@@ -48,6 +56,9 @@ pub(super) fn record_ram_image(dir: &Path, start: &Start, ram: Option<&OwnedFd>)
         },
     }
 }
+
+/// A second name of the RAM image a restored sandbox's QEMU maps, in its directory.
+pub(super) const RAM_LINK: &str = "ram.img";
 
 fn qemu_log_tail(dir: &Path) -> String {
     let log = std::fs::read(qemu::qemu_log(dir)).unwrap_or_default();
