@@ -177,7 +177,12 @@ fn main() -> anyhow::Result<()> {
         println!("{:<44} {:>5} {:>10} {:>10} {:>10} {:>10}", "figure", "unit", "min", "median", "p90", "max");
         for f in &report.figures {
             let s = &f.summary;
-            println!("{:<44} {:>5} {:>10.1} {:>10.1} {:>10.1} {:>10.1}", f.name, f.unit, s.min, s.median, s.p90, s.max);
+            // Ratios get two decimals: 0.24 and 0.16 are not both "0.2".
+            let p = if f.unit == "x" { 2 } else { 1 };
+            println!(
+                "{:<44} {:>5} {:>10.p$} {:>10.p$} {:>10.p$} {:>10.p$}",
+                f.name, f.unit, s.min, s.median, s.p90, s.max
+            );
         }
     }
     Ok(())

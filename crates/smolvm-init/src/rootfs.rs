@@ -66,7 +66,10 @@ pub fn switch_to_overlay(upper_dev: &str, layers: &[&str]) -> Result<(), String>
     // emulation, and most of what a restored guest's first writes cost. A sandbox's disk is
     // disposable, and fsync still means what it says.
     let upper_opts = Some("noauto_da_alloc");
-    step(&format!("mount {upper_dev} (ext4)"), mount(upper_dev, UPPER_MNT, Some("ext4"), libc::MS_NOATIME, upper_opts))?;
+    step(
+        &format!("mount {upper_dev} (ext4)"),
+        mount(upper_dev, UPPER_MNT, Some("ext4"), libc::MS_NOATIME, upper_opts),
+    )?;
     for d in ["root", "work"] {
         step(&format!("create {UPPER_MNT}/{d}"), std::fs::create_dir_all(format!("{UPPER_MNT}/{d}")))?;
     }

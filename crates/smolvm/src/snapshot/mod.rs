@@ -524,6 +524,26 @@ mod tests {
     }
 
     #[test]
+    fn a_ram_image_record_names_one_file_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, b"image").unwrap();
+        std::fs::write(&b, b"image").unwrap();
+        let rec = RamImage::of(&std::fs::File::open(&a).unwrap(), "d").unwrap();
+        rec.write(dir.path()).unwrap();
+        let back = RamImage::read(dir.path()).unwrap();
+        assert_eq!(back, rec);
+        assert!(back.is(&std::fs::File::open(&a).unwrap()));
+        assert!(!back.is(&std::fs::File::open(&b).unwrap()), "another file with the same bytes");
+        // A second name is the same file; a write makes it another.
+        std::fs::hard_link(&a, dir.path().join("link")).unwrap();
+        assert!(back.is(&std::fs::File::open(dir.path().join("link")).unwrap()));
+        let f = std::fs::OpenOptions::new().write(true).open(&a).unwrap();
+        f.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(60)).unwrap();
+        assert!(!back.is(&std::fs::File::open(&a).unwrap()), "changed since");
+    }
+
+    #[test]
     fn names() {
         validate_name("base-1.2_x").unwrap();
         for bad in ["", ".tmp", "a/b", "a b", &"x".repeat(64)] {
