@@ -328,6 +328,12 @@ impl Smolvm {
             }
         };
         self.boot_row(&mut row, accel, files, opts.ready_timeout, &start)?;
+        // A guest that has never been given variables: booted on a new disk, or the boot
+        // snapshot (saved before anything of a user's reached it).
+        let no_variables_yet = match &plan {
+            Plan::Cold(_) => true,
+            Plan::Restore { origin, .. } => origin == "boot-snapshot",
+        };
         if let Plan::Cold(Some(slot)) = plan {
             // Before anything of the user's reaches the guest (its CA, its variables). A first
             // new identity ends the sshd the boot started, so that the snapshot holds none: a
@@ -343,6 +349,6 @@ impl Smolvm {
                 ))),
             }
         }
-        self.after_boot(&row.name).map_err(|e| CreateError::Setup(Box::new(e)))
+        self.after_boot(&row.name, no_variables_yet).map_err(|e| CreateError::Setup(Box::new(e)))
     }
 }

@@ -132,8 +132,9 @@ impl Smolvm {
         let accel = Self::accel_of(&row);
         let files = self.files_of(&row)?;
         self.boot_row(&mut row, &accel, &files, timeout, &super::boot::Start::Cold)?;
-        // Variables set while it was stopped reach the guest now.
-        self.after_boot(name)
+        // Variables set while it was stopped reach the guest now (and ones removed meanwhile
+        // leave the file its disk kept).
+        self.after_boot(name, false)
     }
 
     /// Deletes a sandbox: its VM (killed: see below), disk and record.
@@ -257,9 +258,15 @@ impl Smolvm {
     /// Hands the sandbox's variables to its guest through the agent (for login shells:
     /// `/etc/profile.d/smolvm-env.sh`), if it runs; a stopped one gets them at its next start.
     /// What a freshly booted guest is given: trust in the sandbox's CA if it has secrets, and
-    /// its variables (placeholders included).
-    pub(super) fn after_boot(&self, name: &str) -> Result<(), LifecycleError> {
+    /// its variables (placeholders included). Nothing is sent to a guest that has no
+    /// variables yet when there are none to give (`fresh`): a round trip through the agent
+    /// and a file written in the guest, which a restore would pay on a cold translation
+    /// cache under emulation.
+    pub(super) fn after_boot(&self, name: &str, fresh: bool) -> Result<(), LifecycleError> {
         self.install_ca(name)?;
+        if fresh && self.guest_env(name)?.is_empty() {
+            return Ok(());
+        }
         self.push_env(name)
     }
 
