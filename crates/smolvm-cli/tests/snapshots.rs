@@ -185,6 +185,12 @@ fn a_restored_sandbox_is_saved_as_the_pages_it_wrote_over_its_image() {
         assert_eq!(f.exec("src", "cat /root/file"), "kept");
         f.counting("src");
     }
+    // The guest (root) fills 48 MiB of its memory with random bytes: all of it comes back.
+    let sum = f.exec("src", "head -c 48M /dev/urandom > /dev/shm/r; sha256sum < /dev/shm/r");
+    let p = f.json(&["pause", "src"]);
+    assert!(p["bytes"].as_u64().unwrap() >= 48 << 20, "{p}");
+    ok(f.cmd().args(["resume", "src"]));
+    assert_eq!(f.exec("src", "sha256sum < /dev/shm/r; rm /dev/shm/r"), sum);
 
     // A snapshot of it paused: its own image, made of the boot snapshot's and the pages.
     ok(f.cmd().args(["pause", "src"]));
