@@ -7,7 +7,8 @@
 //! joined by each child between fork and exec (`child::Confine`), so no thread of a sandbox
 //! ever runs outside it.
 //!
-//! Where: with cgroup v2, `<cgroup2 mount>/smolvm/<name>` (the root's subtree: a non-root v2
+//! Where: with cgroup v2, `<cgroup2 mount>/smolvm/<name>.<home>` (`Smolvm::cgroup_name`: two
+//! homes may each have a sandbox of one name), in the root's subtree (a non-root v2
 //! group that holds processes may not hand controllers to children, so nesting under our own
 //! group is not possible). With only cgroup v1 hierarchies (older hosts, some containers), one
 //! group per hierarchy *under this process's own group*, so that limits the host put on us
