@@ -105,6 +105,11 @@ impl AgentClient {
         })
     }
 
+    /// The protocol version agreed with the guest.
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
     /// Whether the connection has ended: a client that holds one for long (a server) makes a
     /// new one then.
     pub fn is_closed(&self) -> bool {

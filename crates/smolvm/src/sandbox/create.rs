@@ -251,7 +251,25 @@ impl Smolvm {
             layers: images.layers.iter().map(|(p, _)| p.clone()).collect(),
         };
         let plan = if opts.cold { Plan::Cold(None) } else { self.boot_snapshot_plan(&row, &files, on) };
-        self.create_row(row, &files, &accel, opts, plan, on)
+        let boot_snapshot = match &plan {
+            Plan::Restore { dir, origin, .. } if origin == "boot-snapshot" => Some(dir.clone()),
+            _ => None,
+        };
+        match self.create_row(row.clone(), &files, &accel, opts, plan, on) {
+            // A boot snapshot that does not continue (one an older smolvm made of a guest that
+            // cannot be refreshed, say) is removed, and this create boots (and makes a new one).
+            Err(CreateError::Boot(BootError::Restore { reason, .. })) if boot_snapshot.is_some() => {
+                on(CreateEvent::Notice(format!(
+                    "notice: the boot snapshot did not continue ({reason}); it is removed"
+                )));
+                if let Some(dir) = boot_snapshot {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+                let plan = self.boot_snapshot_plan(&row, &files, on);
+                self.create_row(row, &files, &accel, opts, plan, on)
+            }
+            other => other,
+        }
     }
 
     /// Records `row` and brings its sandbox up as `plan` says; nothing is left of it if that
@@ -333,6 +351,18 @@ impl Smolvm {
         let no_variables_yet = match &plan {
             Plan::Cold(_) => true,
             Plan::Restore { origin, .. } => origin == "boot-snapshot",
+        };
+        // A guest older than the Refresh message (a release from before agent protocol v3)
+        // cannot be given a clone's identity: no boot snapshot is made of it.
+        let refresh = smolvm_protocol::agent::HostMsg::Refresh { id: 0, json: String::new() }.since();
+        let plan = match plan {
+            Plan::Cold(Some(_)) if !self.agent(&row.name).is_ok_and(|c| c.version() >= refresh) => {
+                on(CreateEvent::Notice(format!(
+                    "notice: no boot snapshot: this release's guest agent predates protocol v{refresh}, which restores need"
+                )));
+                Plan::Cold(None)
+            }
+            other => other,
         };
         if let Plan::Cold(Some(slot)) = plan {
             // Before anything of the user's reaches the guest (its CA, its variables). A first
