@@ -246,6 +246,7 @@ impl Smolvm {
             let port = w.ssh_port;
             (Netdev::Wire, Some(w), port)
         };
+        tracing::debug!("{}: network helper up", row.name);
         let kill_netd = |wire: &Option<net::Started>| {
             if let Some(w) = wire {
                 let _ = process::signal(w.pid, libc::SIGKILL);
@@ -328,6 +329,7 @@ impl Smolvm {
         };
         drop(group);
         let pid = child.id() as i32;
+        tracing::debug!("{}: QEMU spawned", row.name);
         let pid_start = process::start_time(pid);
         // Recorded at once: if this process dies now (Ctrl-C, SIGKILL), `delete` still finds
         // and stops the VM it started (the row, and a pid file that smolvm, not QEMU, writes).

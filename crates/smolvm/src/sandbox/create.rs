@@ -251,6 +251,7 @@ impl Smolvm {
             layers: images.layers.iter().map(|(p, _)| p.clone()).collect(),
         };
         let plan = if opts.cold { Plan::Cold(None) } else { self.boot_snapshot_plan(&row, &files, on) };
+        tracing::debug!("{name}: images and plan ready");
         let boot_snapshot = match &plan {
             Plan::Restore { dir, origin, .. } if origin == "boot-snapshot" => Some(dir.clone()),
             _ => None,
@@ -322,6 +323,7 @@ impl Smolvm {
                 crate::snapshot::files::copy_sparse(&src, &disk).map_err(io)?;
             }
         }
+        tracing::debug!("{}: disk ready", row.name);
         if !opts.secrets.is_empty() {
             self.store_secrets(&row.name, &opts.secrets)?;
         }

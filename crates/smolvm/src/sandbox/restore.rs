@@ -88,6 +88,7 @@ impl Smolvm {
         let loaded = (|| {
             let mut q =
                 migrate::connect_new(&qemu::qmp_socket(dir), Duration::from_secs(30), || process::is_alive(pid, None))?;
+            tracing::debug!("{}: QMP connected", row.name);
             if let Some(pages) = &r.pages {
                 // Before the devices: their load reads the virtqueues in guest memory.
                 write_pages(pid, u64::from(row.memory_mib) << 20, pages)?;
@@ -95,11 +96,13 @@ impl Smolvm {
             }
             let uri = format!("file:/proc/self/fd/{}", qemu::INCOMING_FD);
             migrate::load(&mut q, &uri, r.ram.is_some())?;
+            tracing::debug!("{}: state loaded", row.name);
             migrate::cont(&mut q)
         })();
         loaded.map_err(|e| fail(format!("load the saved state: {e}")))?;
         tracing::debug!("{}: loaded and running", row.name);
         proxy.ready(timeout).map_err(|e| fail(format!("the agent: {e}")))?;
+        tracing::debug!("{}: agent proxy ready", row.name);
         let agent = crate::agent::AgentClient::connect(&row.name, &crate::agent::client_socket(dir))
             .map_err(|e| fail(format!("the agent: {e}")))?;
         tracing::debug!("{}: agent answers", row.name);
