@@ -48,6 +48,18 @@ pub fn assert_success(cmd: &Command, out: &Output) {
     );
 }
 
+/// A guest shell script that prints every file holding `needle` on the file systems a guest
+/// can write: its own disk (the overlay's upper) and its tmpfs mounts, each searched whole
+/// without crossing into another mount. For a value the test made after the images were built:
+/// the read-only base and layers cannot hold it (searching them too takes tens of seconds
+/// under emulation).
+pub fn find_in_writable_files(needle: &str) -> String {
+    format!(
+        "for m in /run/smolvm/upper /run /tmp /dev/shm /dev; do \
+           find \"$m\" -xdev -type f -exec grep -lF '{needle}' {{}} + 2>/dev/null; done"
+    )
+}
+
 /// Every file under `dir`, recursively (for "the cache holds nothing" checks).
 pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
