@@ -62,24 +62,43 @@ impl Fixture {
     }
     /// The counter loop's value, read twice a second apart: it must have moved.
     fn counting(&self, name: &str) -> (u64, u64) {
-        let a: u64 = self.exec(name, "cat /root/count").parse().unwrap();
+        let a: u64 = self.exec(name, READ_COUNT).parse().unwrap();
         std::thread::sleep(Duration::from_millis(1200));
-        let b: u64 = self.exec(name, "cat /root/count").parse().unwrap();
+        let b: u64 = self.exec(name, READ_COUNT).parse().unwrap();
         assert!(b > a, "{name}: the counter stopped at {a} (then {b})");
         (a, b)
     }
 }
 
-/// A counter loop that outlives the exec that started it, and a file.
-const START_COUNTER: &str = "echo kept > /root/file; \
-    setsid sh -c 'i=0; while true; do i=$((i+1)); echo $i > /root/count; sleep 0.2; done' </dev/null >/dev/null 2>&1 & \
-    sleep 0.5; cat /root/count";
+/// The counter's value. Its loop rewrites the file in place (truncate, then write), so a read
+/// can fall between the two and find it empty: read again then, a few times.
+macro_rules! read_count {
+    () => {
+        "for i in 1 2 3 4 5; do c=$(cat /root/count); [ -n \"$c\" ] && break; sleep 0.05; done; echo $c"
+    };
+}
+const READ_COUNT: &str = read_count!();
 
-fn qemu_alive(name: &str) -> bool {
-    let want = format!("smolvm-{name},process=smolvm-{name}");
-    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
-        std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == want.as_bytes()))
-    })
+/// A counter loop that outlives the exec that started it, and a file.
+const START_COUNTER: &str = concat!(
+    "echo kept > /root/file; \
+    setsid sh -c 'i=0; while true; do i=$((i+1)); echo $i > /root/count; sleep 0.2; done' </dev/null >/dev/null 2>&1 & \
+    sleep 0.5; ",
+    read_count!()
+);
+
+impl Fixture {
+    /// Whether a QEMU of this home's sandbox `name` runs: named for it, and working in a
+    /// directory of this home (its `run/`, or where a delete moved that): tests running side by
+    /// side use the same sandbox names in other homes.
+    fn qemu_alive(&self, name: &str) -> bool {
+        let want = format!("smolvm-{name},process=smolvm-{name}");
+        let home = self.home.path().canonicalize().unwrap();
+        std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == want.as_bytes()))
+                && std::fs::read_link(e.path().join("cwd")).is_ok_and(|d| d.starts_with(&home))
+        })
+    }
 }
 
 #[test]
@@ -87,6 +106,7 @@ fn qemu_alive(name: &str) -> bool {
 fn pause_resume_snapshot_and_fork_keep_files_and_running_processes() {
     let f = Fixture::new();
     ok(f.cmd().args(["create", "--name", "src"]));
+    assert!(f.qemu_alive("src"), "a running sandbox's QEMU is not found: the check below could not fail");
     let first: u64 = f.exec("src", START_COUNTER).parse().unwrap();
     assert!(first >= 1);
 
@@ -94,7 +114,7 @@ fn pause_resume_snapshot_and_fork_keep_files_and_running_processes() {
     let p = f.json(&["pause", "src"]);
     assert_eq!(p["status"], "paused", "{p}");
     assert_eq!(f.status("src"), "paused");
-    assert!(!qemu_alive("src"), "a paused sandbox's QEMU still runs");
+    assert!(!f.qemu_alive("src"), "a paused sandbox's QEMU still runs");
     assert!(f.fails(&["exec", "src", "--", "true"]).contains("smolvm resume src"));
     ok(f.cmd().args(["resume", "src"]));
     assert_eq!(f.json(&["status", "src"])["started_from"], "resume");
@@ -187,7 +207,7 @@ fn a_guest_ram_mapping_that_is_not_the_recorded_image_is_saved_whole() {
     let paused = f.dir("src").join("paused");
     assert!(paused.join("memory").is_file(), "the whole memory is saved: {p}");
     assert!(!paused.join("pages").exists() && !paused.join("base").exists(), "nothing is kept over the mapped file");
-    assert!(!qemu_alive("src"));
+    assert!(!f.qemu_alive("src"));
     ok(f.cmd().args(["resume", "src"]));
     assert_eq!(f.exec("src", "cat /root/file"), "kept");
     f.counting("src");
@@ -210,7 +230,7 @@ fn a_restored_sandbox_is_saved_as_the_pages_it_wrote_over_its_image() {
         assert!(nlink(&paused.join("base")) >= 2, "round {round}: the image is linked, not copied");
         let bytes = p["bytes"].as_u64().unwrap();
         assert!(bytes < 64 << 20, "round {round}: a pause of a fresh guest kept {bytes} bytes");
-        assert!(!qemu_alive("src"));
+        assert!(!f.qemu_alive("src"));
         ok(f.cmd().args(["resume", "src"]));
         assert_eq!(f.exec("src", "cat /root/file"), "kept");
         f.counting("src");
@@ -342,7 +362,7 @@ fn a_killed_snapshot_pause_or_fork_leaves_the_source_running_or_paused() {
     match f.status("src").as_str() {
         "running" => {}
         "paused" => {
-            assert!(!qemu_alive("src"), "paused, and its QEMU still runs");
+            assert!(!f.qemu_alive("src"), "paused, and its QEMU still runs");
             ok(f.cmd().args(["resume", "src"]));
         }
         other => panic!("after a killed pause the source is {other}"),
@@ -355,7 +375,7 @@ fn a_killed_snapshot_pause_or_fork_leaves_the_source_running_or_paused() {
     assert_eq!(f.status("src"), "running");
     f.counting("src");
     let _ = f.cmd().args(["delete", "kf"]).output();
-    assert!(!qemu_alive("kf"));
+    assert!(!f.qemu_alive("kf"));
     // The next snapshot sweeps what the killed ones left.
     ok(f.cmd().args(["snapshot", "src", "--name", "fine"]));
     assert!(!tmp_dirs(&snaps), "killed snapshots left their temporary directories");
