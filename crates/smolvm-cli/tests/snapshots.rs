@@ -179,10 +179,6 @@ fn nlink(path: &Path) -> u64 {
     std::os::unix::fs::MetadataExt::nlink(&std::fs::metadata(path).unwrap())
 }
 
-/// A sandbox restored from a snapshot is saved as the pages it wrote over that snapshot's RAM
-/// image (and its devices), not its whole RAM: pause, resume, pause again, a snapshot of it
-/// paused, a fork of it and a fork of that fork (whose image only the clones name), a pause
-/// of a clone. Each keeps the file and the counter; the boot snapshot's image is never written.
 #[test]
 #[ignore = "boots the release under QEMU: run scripts/test.sh"]
 fn a_guest_ram_mapping_that_is_not_the_recorded_image_is_saved_whole() {
@@ -213,6 +209,10 @@ fn a_guest_ram_mapping_that_is_not_the_recorded_image_is_saved_whole() {
     f.counting("src");
 }
 
+/// A sandbox restored from a snapshot is saved as the pages it wrote over that snapshot's RAM
+/// image (and its devices), not its whole RAM: pause, resume, pause again, a snapshot of it
+/// paused, a fork of it and a fork of that fork (whose image only the clones name), a pause
+/// of a clone. Each keeps the file and the counter; the boot snapshot's image is never written.
 #[test]
 #[ignore = "boots the release under QEMU: run scripts/test.sh"]
 fn a_restored_sandbox_is_saved_as_the_pages_it_wrote_over_its_image() {
