@@ -336,7 +336,9 @@ pub struct CreateArgs {
     pub preset: Option<String>,
     /// A secret that stays on the host: NAME@HOST[,HOST...] takes the value of this shell's
     /// NAME (or NAME@HOST=@FILE, NAME@HOST=@- for stdin). The guest's NAME is a placeholder;
-    /// smolvm puts the value into requests to those hosts (HTTPS) and nowhere else.
+    /// smolvm puts the value into requests to those hosts (HTTPS), in the header it belongs in
+    /// (Authorization: Bearer, x-api-key, api-key; or NAME@HOST:header=H[:SCHEME]) and nowhere
+    /// else: a request with the placeholder anywhere else is refused.
     #[arg(long = "secret", value_name = "NAME@HOST")]
     pub secrets: Vec<String>,
 }

@@ -3,24 +3,42 @@
 
 use anyhow::Context;
 use serde_json::json;
+use smolvm::net::intercept::rules::HeaderSlot;
 use smolvm::sandbox::secrets::{Secret, SecretValue};
 
 use super::{print_json, say};
 use crate::cli::SecretCommand;
 
-/// Parses `NAME@HOST[,HOST...]` (the value from this command's environment variable NAME),
-/// `NAME@HOSTS=@FILE` (from a file) or `NAME@HOSTS=@-` (from stdin). A value is never taken
-/// from the command line itself, where `ps` would show it.
+/// Parses `NAME@HOST[,HOST...][:header=H[,H...]]` (the value from this command's environment
+/// variable NAME), with `=@FILE` (from a file) or `=@-` (from stdin) after it. A value is never
+/// taken from the command line itself, where `ps` would show it. `H` is a header name the
+/// value is sent in as it is (`x-goog-api-key`) or `NAME:SCHEME` (`authorization:Token`);
+/// without `:header=`, `Authorization: Bearer`, `x-api-key` and `api-key`.
 pub fn parse(spec: &str, stdin_taken: &mut bool) -> anyhow::Result<Secret> {
-    let (left, source) = match spec.split_once('=') {
-        Some((l, s)) => (l, Some(s)),
+    let (left, source) = match spec.split_once("=@") {
+        Some((l, s)) => (l, Some(format!("@{s}"))),
         None => (spec, None),
+    };
+    let (left, headers) = match left.split_once(":header=") {
+        Some((l, h)) => {
+            let slots = h
+                .split(',')
+                .map(|one| HeaderSlot::parse(one).map_err(|e| anyhow::anyhow!("--secret {left}: header={one}: {e}")))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            (l, slots)
+        }
+        None => (left, Vec::new()),
+    };
+    // `NAME@HOST=VALUE`: the value on the command line, refused below.
+    let (left, source) = match (left.split_once('='), source) {
+        (Some((l, v)), None) => (l, Some(v.to_string())),
+        (_, s) => (left, s),
     };
     let (name, hosts) = match left.split_once('@') {
         Some((n, h)) => (n, h.split(',').filter(|h| !h.is_empty()).map(str::to_string).collect::<Vec<_>>()),
         None => (left, Vec::new()),
     };
-    let value = match source {
+    let value = match source.as_deref() {
         None => std::env::var(name).ok().filter(|v| !v.is_empty()).with_context(|| {
             format!("--secret {spec}: {name} is not set in this environment (export it, or give =@FILE or =@-)")
         })?,
@@ -41,7 +59,7 @@ pub fn parse(spec: &str, stdin_taken: &mut bool) -> anyhow::Result<Secret> {
              {name} exported, or {name}@HOST=@FILE, or {name}@HOST=@- for stdin"
         ),
     };
-    Ok(Secret { name: name.to_string(), hosts, value: SecretValue::new(value) })
+    Ok(Secret { name: name.to_string(), hosts, headers, value: SecretValue::new(value) })
 }
 
 pub fn parse_all(specs: &[String]) -> anyhow::Result<Vec<Secret>> {
@@ -60,7 +78,7 @@ pub fn run(cmd: SecretCommand, json: bool) -> anyhow::Result<i32> {
                 say(format!("{name} has no secrets"));
             } else {
                 for s in all {
-                    say(format!("{}  -> {}", s.name, s.hosts.join(", ")));
+                    say(format!("{}  -> {}  (in {})", s.name, s.hosts.join(", "), s.headers.join(" | ")));
                 }
             }
         }

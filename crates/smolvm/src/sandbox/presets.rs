@@ -103,6 +103,7 @@ impl Preset {
                 Some(v) => found.push(super::secrets::Secret {
                     name: s.var.to_string(),
                     hosts: s.hosts.iter().map(|h| h.to_string()).collect(),
+                    headers: vec![],
                     value: super::secrets::SecretValue::new(v),
                 }),
                 None => missing.push(s.var),

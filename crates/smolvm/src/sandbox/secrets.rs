@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::lifecycle::LifecycleError;
 use super::{Smolvm, Status};
+use crate::net::intercept::rules::HeaderSlot;
 use crate::net::intercept::{InterceptConfig, SecretRule};
 use crate::net::policy::{normalize_name, NetworkMode, NetworkPolicy};
 
@@ -37,11 +38,13 @@ impl std::fmt::Debug for SecretValue {
 }
 
 /// A secret handed to a sandbox: the guest's variable `name`, the hosts its value may be sent
-/// to (in request headers, over TLS), and the value.
+/// to (over TLS), the request headers it is sent in (empty: [`HeaderSlot::defaults`]), and the
+/// value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Secret {
     pub name: String,
     pub hosts: Vec<String>,
+    pub headers: Vec<HeaderSlot>,
     pub value: SecretValue,
 }
 
@@ -50,6 +53,8 @@ pub struct Secret {
 pub struct SecretInfo {
     pub name: String,
     pub hosts: Vec<String>,
+    /// The headers its value is sent in, as `name: [scheme ]<{}>`.
+    pub headers: Vec<String>,
 }
 
 /// Why a secret is refused (before anything is created or changed).
@@ -76,6 +81,8 @@ pub enum SecretError {
 struct Stored {
     name: String,
     hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    headers: Vec<HeaderSlot>,
     placeholder: String,
     value: String,
 }
@@ -130,17 +137,43 @@ pub fn validate(secrets: &[Secret], policy: &NetworkPolicy) -> Result<(), Secret
     Ok(())
 }
 
-/// A placeholder for `value`: random, and shaped like it (the same leading `sk-...-` style
-/// prefix, if any), so that tools that check a key's shape accept it.
+/// Key prefixes that name a provider's key format, public in every such key: a placeholder
+/// keeps one, so that tools that check a key's shape accept it. Nothing else of the value is
+/// copied (a prefix of the value itself could be secret: a UUID-shaped key's first group).
+const PUBLIC_PREFIXES: &[&str] = &[
+    "sk-ant-api03-",
+    "sk-ant-admin01-",
+    "sk-ant-",
+    "sk-proj-",
+    "sk-svcacct-",
+    "sk-or-v1-",
+    "sk-",
+    "github_pat_",
+    "ghp_",
+    "gho_",
+    "ghs_",
+    "glpat-",
+    "gsk_",
+    "xai-",
+    "hf_",
+    "AIza",
+];
+
+/// The fewest random hex digits a placeholder has.
+const MIN_RANDOM: usize = 24;
+
+/// A placeholder for `value`: a public key-format prefix if the value has one, the marker
+/// `smolvm-placeholder-`, and random hex digits up to the value's length (longer for a short
+/// value), so that an echo of the value can be replaced by it in place.
 fn placeholder_for(value: &str) -> String {
-    let head: String = value.chars().take(16).collect();
-    let prefix = match head.rfind('-') {
-        Some(i) if head[..i].chars().all(|c| c.is_ascii_alphanumeric() || c == '-') => &head[..=i],
-        _ => "",
-    };
-    let mut bytes = [0u8; 20];
+    let prefix = PUBLIC_PREFIXES.iter().find(|p| value.starts_with(**p)).copied().unwrap_or("");
+    let head = format!("{prefix}smolvm-placeholder-");
+    let digits = value.len().saturating_sub(head.len()).max(MIN_RANDOM);
+    let mut bytes = vec![0u8; digits.div_ceil(2)];
     crate::digest::random_bytes(&mut bytes);
-    format!("{prefix}smolvm-placeholder-{}", hex::encode(bytes))
+    let mut hex = hex::encode(bytes);
+    hex.truncate(digits);
+    format!("{head}{hex}")
 }
 
 pub(super) fn secrets_file(dir: &Path) -> PathBuf {
@@ -221,11 +254,13 @@ impl Smolvm {
             match all.iter_mut().find(|x| x.name == s.name) {
                 Some(x) => {
                     x.hosts = hosts;
+                    x.headers = s.headers.clone();
                     x.value = s.value.0.clone();
                 }
                 None => all.push(Stored {
                     name: s.name.clone(),
                     hosts,
+                    headers: s.headers.clone(),
                     placeholder: placeholder_for(&s.value.0),
                     value: s.value.0.clone(),
                 }),
@@ -239,14 +274,20 @@ impl Smolvm {
     pub(super) fn stored_secrets(&self, name: &str) -> Result<Vec<Secret>, super::SandboxError> {
         Ok(load(&self.dir(name))?
             .into_iter()
-            .map(|s| Secret { name: s.name, hosts: s.hosts, value: SecretValue::new(s.value) })
+            .map(|s| Secret { name: s.name, hosts: s.hosts, headers: s.headers, value: SecretValue::new(s.value) })
             .collect())
     }
 
     /// The secrets of sandbox `name`: names and hosts.
     pub fn secrets(&self, name: &str) -> Result<Vec<SecretInfo>, super::SandboxError> {
         self.row(name)?;
-        Ok(load(&self.dir(name))?.into_iter().map(|s| SecretInfo { name: s.name, hosts: s.hosts }).collect())
+        Ok(load(&self.dir(name))?
+            .into_iter()
+            .map(|s| {
+                let slots = if s.headers.is_empty() { HeaderSlot::defaults() } else { s.headers };
+                SecretInfo { name: s.name, hosts: s.hosts, headers: slots.iter().map(|h| h.to_string()).collect() }
+            })
+            .collect())
     }
 
     /// Adds or replaces a secret of sandbox `name`; a running sandbox uses it at once.
@@ -296,6 +337,7 @@ impl Smolvm {
                 hosts: s.hosts.clone(),
                 placeholder: s.placeholder.clone(),
                 value: s.value.clone(),
+                headers: s.headers.clone(),
             })
             .collect();
         if rules.is_empty() && !ca_key_file(&dir).exists() {
@@ -376,6 +418,7 @@ mod tests {
         Secret {
             name: name.into(),
             hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            headers: vec![],
             value: SecretValue::new(value),
         }
     }
@@ -409,5 +452,25 @@ mod tests {
         assert!(!a.contains("abcdef0123456789"));
         assert!(placeholder_for("plainvalue").starts_with("smolvm-placeholder-"));
         assert!(!format!("{:?}", SecretValue::new("hunter2")).contains("hunter2"));
+        // A long value: the placeholder has its length, so an echo is masked in place.
+        let long = format!("sk-ant-api03-{}", "Q".repeat(95));
+        let p = placeholder_for(&long);
+        assert_eq!(p.len(), long.len());
+        assert!(p.starts_with("sk-ant-api03-smolvm-placeholder-"), "{p}");
+    }
+
+    #[test]
+    fn a_placeholder_carries_no_part_of_the_value_beyond_a_public_prefix() {
+        // A UUID-shaped key: its first group was copied before (48 bits of it).
+        let uuid = "8f14e45f-ceea-467f-a0e6-1c2b3d4e5f60";
+        let p = placeholder_for(uuid);
+        let random = p.strip_prefix("smolvm-placeholder-").unwrap_or_else(|| panic!("{p}"));
+        assert!(random.len() >= MIN_RANDOM && random.chars().all(|c| c.is_ascii_hexdigit()), "{p}");
+        assert!(!p.contains("8f14e45f") && !p.contains("1c2b3d4e5f60"), "{p}");
+        // Many values, the same rule: only the marker and random digits after the prefix.
+        for v in ["AKIAIOSFODNN7EXAMPLE", "my-team-key-0001-zz", "Bearer-ish_value"] {
+            let p = placeholder_for(v);
+            assert!(p.starts_with("smolvm-placeholder-") && p.len() >= v.len(), "{v}: {p}");
+        }
     }
 }

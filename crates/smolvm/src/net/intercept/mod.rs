@@ -11,13 +11,21 @@
 //!   with a certificate for that name issued by the sandbox's own CA ([`ca`]), which the guest
 //!   was told to trust, and offering HTTP/1.1 only; and the TLS client of the real host,
 //!   verified against the host's roots (plus a test CA when configured). Guest → server
-//!   plaintext goes through [`http1::Rewriter`]; server → guest plaintext passes as it is.
+//!   plaintext goes through [`request::RequestGate`] (strict parse, the value only in the
+//!   secret's own header, re-serialised heads); server → guest plaintext through
+//!   [`response::ResponseScrub`] (every real value masked by its placeholder).
+//!
+//! A refused request is answered by this thread with an HTTP error naming why, recorded as a
+//! refusal of the sandbox, and the connection is closed; the server never sees it.
 //!
 //! The real values live only in this process's memory (and the 0600 file of the sandbox's
 //! host directory that the library keeps them in); they are never logged.
 
 pub mod ca;
-pub mod http1;
+pub mod request;
+pub mod response;
+pub mod rules;
+pub mod scrub;
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -30,20 +38,29 @@ use std::time::{Duration, Instant};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde::{Deserialize, Serialize};
 
-use http1::{Replace, Rewriter};
+use request::RequestGate;
+use response::ResponseScrub;
+use rules::{Binding, HeaderSlot};
 
 /// How long the real host may take to accept the connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 /// An intercepted connection with no traffic either way for this long is closed.
 const IDLE: Duration = Duration::from_secs(600);
 
-/// One secret as the network process knows it: its value, its placeholder, where it may go.
+/// How long the server may pause on bytes that could begin a secret before they go to the
+/// guest masked (see `scrub.rs`).
+const HOLD: Duration = Duration::from_millis(20);
+
+/// One secret as the network process knows it: its value, its placeholder, where it may go
+/// (hosts, and the headers it is bound to; none given: [`HeaderSlot::defaults`]).
 #[derive(Clone, Serialize, Deserialize)]
 pub struct SecretRule {
     pub name: String,
     pub hosts: Vec<String>,
     pub placeholder: String,
     pub value: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderSlot>,
 }
 
 impl std::fmt::Debug for SecretRule {
@@ -81,11 +98,15 @@ pub enum InterceptError {
     Roots(String),
 }
 
+/// Where the interceptor reports the requests it refuses (the network process's refusal log).
+pub type RefusalSink = Arc<dyn Fn(crate::net::refusals::Refusal) + Send + Sync>;
+
 /// See the module documentation.
 pub struct Interceptor {
     ca: ca::Ca,
-    /// Replacements by (normalised) host name.
-    rules: RwLock<HashMap<String, Vec<Replace>>>,
+    /// Bindings by (normalised) host name.
+    rules: RwLock<HashMap<String, Vec<Binding>>>,
+    refusals: RefusalSink,
     upstream: Arc<rustls::ClientConfig>,
     /// Server configurations by name (a leaf certificate each), made on first use.
     servers: Mutex<HashMap<String, Arc<rustls::ServerConfig>>>,
@@ -102,21 +123,24 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn rules_by_host(rules: &[SecretRule]) -> HashMap<String, Vec<Replace>> {
-    let mut by_host: HashMap<String, Vec<Replace>> = HashMap::new();
+fn rules_by_host(rules: &[SecretRule]) -> HashMap<String, Vec<Binding>> {
+    let mut by_host: HashMap<String, Vec<Binding>> = HashMap::new();
     for r in rules {
+        let slots = if r.headers.is_empty() { HeaderSlot::defaults() } else { r.headers.clone() };
         for h in &r.hosts {
-            by_host
-                .entry(crate::net::policy::normalize_name(h))
-                .or_default()
-                .push(Replace { from: r.placeholder.as_bytes().to_vec(), to: r.value.as_bytes().to_vec() });
+            by_host.entry(crate::net::policy::normalize_name(h)).or_default().push(Binding {
+                name: r.name.clone(),
+                placeholder: r.placeholder.as_bytes().to_vec(),
+                value: r.value.as_bytes().to_vec(),
+                slots: slots.clone(),
+            });
         }
     }
     by_host
 }
 
 impl Interceptor {
-    pub fn new(cfg: &InterceptConfig) -> Result<Interceptor, InterceptError> {
+    pub fn new(cfg: &InterceptConfig, refusals: RefusalSink) -> Result<Interceptor, InterceptError> {
         let ca = ca::Ca::from_pem(&cfg.ca_label, &cfg.ca_cert_pem, &cfg.ca_key_pem).map_err(InterceptError::Ca)?;
         let mut roots = rustls::RootCertStore::empty();
         let native = rustls_native_certs::load_native_certs();
@@ -141,6 +165,7 @@ impl Interceptor {
         Ok(Interceptor {
             ca,
             rules: RwLock::new(rules_by_host(&cfg.rules)),
+            refusals,
             upstream: Arc::new(upstream),
             servers: Mutex::new(HashMap::new()),
         })
@@ -185,22 +210,65 @@ impl Interceptor {
         std::thread::spawn(move || {
             let name = crate::net::policy::normalize_name(&server_name);
             match me.serve(guest, dest, &name) {
-                Ok(n) => tracing::info!("{name} ({dest}): {n} request(s), secrets added"),
+                Ok(Ended::Done { requests, filled, masked }) => tracing::info!(
+                    "{name} ({dest}): {requests} request(s), {filled} secret header(s) added, {masked} echo(es) masked"
+                ),
+                Ok(Ended::Refused(r)) => {
+                    tracing::info!("{name} ({dest}): refused ({}): {}", r.status, r.reason);
+                    (me.refusals)(crate::net::refusals::Refusal {
+                        time: std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs() as i64),
+                        proto: "https".into(),
+                        dest: dest.to_string(),
+                        name: Some(name.clone()),
+                        rule: format!("secrets: {}", r.reason),
+                    });
+                }
                 Err(e) => tracing::info!("{name} ({dest}): intercepted connection ended: {e}"),
             }
         });
     }
 
-    fn serve(&self, guest: UnixStream, dest: SocketAddr, name: &str) -> io::Result<u64> {
+    fn serve(&self, guest: UnixStream, dest: SocketAddr, name: &str) -> io::Result<Ended> {
         let server = self.server_config(name).map_err(io::Error::other)?;
-        let replace = self.rules.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned().unwrap_or_default();
+        let bindings = self.rules.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned().unwrap_or_default();
+        let masks = bindings.iter().map(Binding::mask).collect();
         let up = TcpStream::connect_timeout(&dest, CONNECT_TIMEOUT)?;
         let _ = up.set_nodelay(true);
         let sni = ServerName::try_from(name.to_string()).map_err(|e| io::Error::other(e.to_string()))?;
         let client = rustls::ClientConnection::new(self.upstream.clone(), sni).map_err(io::Error::other)?;
         let guest_side = rustls::ServerConnection::new(server).map_err(io::Error::other)?;
-        relay(guest, guest_side, up, client, Rewriter::new(replace))
+        relay(guest, guest_side, up, client, RequestGate::new(name, bindings), ResponseScrub::new(masks))
     }
+}
+
+/// How an intercepted connection ended.
+#[derive(Debug)]
+enum Ended {
+    Done { requests: u64, filled: u64, masked: u64 },
+    /// A request (or the server's answer) was refused: the guest was told, the server
+    /// connection dropped.
+    Refused(request::Refusal),
+}
+
+/// The answer the guest gets for a refused request.
+fn refusal_response(r: &request::Refusal) -> Vec<u8> {
+    let reason = match r.status {
+        400 => "Bad Request",
+        403 => "Forbidden",
+        421 => "Misdirected Request",
+        431 => "Request Header Fields Too Large",
+        _ => "Bad Gateway",
+    };
+    let body = format!("smolvm egress refused this request: {}\n", r.reason);
+    format!(
+        "HTTP/1.1 {} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\
+         Connection: close\r\nX-Smolvm-Refused: secrets\r\n\r\n{body}",
+        r.status,
+        body.len()
+    )
+    .into_bytes()
 }
 
 /// One TLS endpoint over a non-blocking socket.
@@ -258,20 +326,49 @@ impl<S: Read + Write> Side<S> {
     }
 }
 
-/// Moves plaintext between the two TLS connections until both are done.
+/// Waits until `fd` is readable or writable as asked, at most `ms` milliseconds; the
+/// `revents` of each.
+fn wait(fds: &mut [libc::pollfd], ms: i32) -> io::Result<usize> {
+    // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd structures of that length.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted { Ok(0) } else { Err(e) };
+    }
+    Ok(n as usize)
+}
+
+/// Answers the guest with `r` and closes its side (bounded: a guest that does not read gets
+/// what fitted).
+fn answer_refusal<S: Read + Write + AsRawFd>(g: &mut Side<S>, r: &request::Refusal) -> io::Result<()> {
+    g.tls.writer().write_all(&refusal_response(r))?;
+    g.tls.send_close_notify();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while g.tls.wants_write() && Instant::now() < deadline {
+        g.flush()?;
+        let mut fds = [libc::pollfd { fd: g.sock.as_raw_fd(), events: libc::POLLOUT, revents: 0 }];
+        wait(&mut fds, 100)?;
+    }
+    Ok(())
+}
+
+/// Moves plaintext between the two TLS connections until both are done: guest to server
+/// through `gate`, server to guest through `scrub`.
 fn relay(
     guest: UnixStream,
     guest_tls: rustls::ServerConnection,
     up: TcpStream,
     up_tls: rustls::ClientConnection,
-    mut rewriter: Rewriter,
-) -> io::Result<u64> {
+    mut gate: RequestGate,
+    mut scrub: ResponseScrub,
+) -> io::Result<Ended> {
     guest.set_nonblocking(true)?;
     up.set_nonblocking(true)?;
     let mut g = Side { tls: rustls::Connection::Server(guest_tls), sock: guest, eof: false };
     let mut u = Side { tls: rustls::Connection::Client(up_tls), sock: up, eof: false };
     let mut last = Instant::now();
     let (mut g_closed, mut u_closed) = (false, false);
+    let mut out = Vec::with_capacity(64 * 1024);
     loop {
         g.flush()?;
         u.flush()?;
@@ -282,13 +379,16 @@ fn relay(
             u_closed = true;
         }
         if u.eof && !g_closed {
+            out.clear();
+            scrub.end(&mut out);
+            g.tls.writer().write_all(&out)?;
             g.tls.send_close_notify();
             g.flush()?;
             let _ = g.sock.shutdown(std::net::Shutdown::Write);
             g_closed = true;
         }
         if (g.eof && u.eof) || (u.eof && g_closed && !g.tls.wants_write()) {
-            return Ok(rewriter.rewritten);
+            return Ok(Ended::Done { requests: gate.requests, filled: gate.filled, masked: scrub.replaced() });
         }
         // Back-pressure: a side is read only when what it would feed has been sent on.
         let read_g = !g.eof && !u.tls.wants_write();
@@ -305,17 +405,15 @@ fn relay(
                 revents: 0,
             },
         ];
-        // SAFETY: `fds` is a valid array of two pollfd structures.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
+        let holding = scrub.holding();
+        let n = wait(&mut fds, if holding { HOLD.as_millis() as i32 } else { 1000 })?;
         if n == 0 {
-            if last.elapsed() > IDLE {
+            if holding {
+                // The server paused on bytes that could begin a secret: they go out masked.
+                out.clear();
+                scrub.pause(&mut out);
+                g.tls.writer().write_all(&out)?;
+            } else if last.elapsed() > IDLE {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "idle"));
             }
             continue;
@@ -325,14 +423,39 @@ fn relay(
         if fds[0].revents & hup != 0 {
             let plain = g.receive()?;
             if !plain.is_empty() {
-                let out = rewriter.feed(&plain).map_err(io::Error::other)?;
+                out.clear();
+                if let Err(r) = gate.feed(&plain, &mut out) {
+                    // Never forwarded: the server connection is dropped unsent.
+                    drop(u);
+                    answer_refusal(&mut g, &r)?;
+                    return Ok(Ended::Refused(r));
+                }
                 u.tls.writer().write_all(&out)?;
             }
         }
         if fds[1].revents & hup != 0 {
             let plain = u.receive()?;
             if !plain.is_empty() {
-                g.tls.writer().write_all(&plain)?;
+                out.clear();
+                match scrub.feed(&plain, &mut out, &mut gate.sent) {
+                    Ok(ev) => {
+                        g.tls.writer().write_all(&out)?;
+                        if let Some(switched) = ev.upgrade_answered {
+                            out.clear();
+                            if let Err(r) = gate.upgrade_answered(switched, &mut out) {
+                                drop(u);
+                                answer_refusal(&mut g, &r)?;
+                                return Ok(Ended::Refused(r));
+                            }
+                            u.tls.writer().write_all(&out)?;
+                        }
+                    }
+                    Err(r) => {
+                        drop(u);
+                        answer_refusal(&mut g, &r)?;
+                        return Ok(Ended::Refused(r));
+                    }
+                }
             }
         }
     }

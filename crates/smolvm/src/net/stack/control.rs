@@ -23,6 +23,17 @@ impl Netd {
 
     /// One request, answered at once. The socket is the owner's only (the sandbox directory
     /// is 0700, the peer's uid is checked), and a client gets a second to send its line.
+    /// Where interceptor threads report refused requests: queued for this loop, which is
+    /// woken to record them.
+    fn refusal_sink(&self) -> crate::net::intercept::RefusalSink {
+        let tx = self.intercept_refusals.0.clone();
+        let waker = self.waker.clone();
+        Arc::new(move |r| {
+            let _ = tx.send(r);
+            let _ = waker.wake();
+        })
+    }
+
     fn serve_control(&mut self, conn: UnixStream) -> io::Result<()> {
         // SAFETY: we take the descriptor out of mio's wrapper, which gives up ownership.
         let std_conn = unsafe {
@@ -48,7 +59,7 @@ impl Netd {
                     i.set_rules(&config.rules);
                     ControlReply::default()
                 }
-                None => match crate::net::intercept::Interceptor::new(&config) {
+                None => match crate::net::intercept::Interceptor::new(&config, self.refusal_sink()) {
                     Ok(i) => {
                         tracing::info!(
                             "secrets for {} host(s)",

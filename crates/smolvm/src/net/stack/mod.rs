@@ -115,6 +115,8 @@ struct Netd {
     dns_hosts: Arc<HashMap<String, Vec<Ipv4Addr>>>,
     /// Set once the sandbox has secrets: TLS to their hosts is terminated here.
     intercept: Option<Arc<super::intercept::Interceptor>>,
+    /// Requests the interceptor threads refused, for the refusal log.
+    intercept_refusals: (mpsc::Sender<Refusal>, mpsc::Receiver<Refusal>),
 }
 
 /// Runs the network process in the directory `dir` with `cfg`: takes the wire on descriptor
@@ -198,6 +200,7 @@ impl Netd {
             waker,
             dns_hosts,
             intercept: None,
+            intercept_refusals: mpsc::channel(),
         };
         netd.add_forward(cfg.ssh)?;
         for f in &cfg.forwards {
@@ -266,6 +269,9 @@ impl Netd {
                 self.refusals.flush(true);
                 let _ = std::fs::remove_file(self.dir.join(super::CONTROL_SOCKET));
                 return Ok(());
+            }
+            while let Ok(r) = self.intercept_refusals.1.try_recv() {
+                self.refusals.record(r);
             }
             while let Ok(done) = self.lookups_rx.try_recv() {
                 self.lookups_inflight -= 1;
