@@ -193,3 +193,78 @@ fn a_secret_reaches_its_host_only_and_never_the_guest() {
     let (_, v) = w.sh("s", "printf %s \"${OTHER_KEY:-unset}\"");
     assert_eq!(v, "unset");
 }
+
+/// The guest (root inside) tries every way to make the secret's own host send the value back:
+/// the placeholder in the path, the query, another header, another shape of the right header,
+/// the body; request smuggling past the rewriter; another Host on a kept-alive connection; a
+/// compressed echo; an echo split across chunks. The "provider" (`/reflect` of the test
+/// world's HTTPS server) answers with everything it received. The guest never receives the
+/// value; the host still gets it in the one header it belongs in.
+#[test]
+#[ignore = "needs root, network namespaces and QEMU: run scripts/test.sh"]
+fn a_host_that_echoes_everything_never_hands_the_value_to_the_guest() {
+    let w = world();
+    common::ok(w.with_secrets().args(["create", "--name", "e", "--secret", "OPENAI_API_KEY@a.test"]));
+    let (_, ph) = w.sh("e", "printf %s \"$OPENAI_API_KEY\"");
+    assert!(ph.contains("smolvm-placeholder-") && ph.len() >= REAL.len(), "{ph}");
+    // What an echo of the value becomes: the placeholder, cut to the value's length.
+    let mask = &ph[..REAL.len()];
+    let h = "Host: a.test\r\n";
+    let next = format!("GET /reflect HTTP/1.1\r\n{h}X-Echo: Bearer {ph}\r\n\r\n");
+    let cases = serde_json::json!({
+        "ok": format!("GET /reflect HTTP/1.1\r\n{h}Authorization: Bearer {ph}\r\nConnection: close\r\n\r\n"),
+        "ok_chunked": format!("GET /reflect-chunked HTTP/1.1\r\n{h}x-api-key: {ph}\r\nConnection: close\r\n\r\n"),
+        "ok_headers": format!("GET /headers HTTP/1.1\r\n{h}Authorization: Bearer {ph}\r\nConnection: close\r\n\r\n"),
+        "gzip": format!("GET /reflect-gzip HTTP/1.1\r\n{h}Authorization: Bearer {ph}\r\nConnection: close\r\n\r\n"),
+        "path": format!("GET /reflect/v1/{ph} HTTP/1.1\r\n{h}Authorization: Bearer {ph}\r\n\r\n"),
+        "query": format!("GET /reflect?key={ph} HTTP/1.1\r\n{h}\r\n"),
+        "header": format!("GET /reflect HTTP/1.1\r\n{h}X-Echo: {ph}\r\n\r\n"),
+        "shape": format!("GET /reflect HTTP/1.1\r\n{h}Authorization: Basic {ph}\r\n\r\n"),
+        "body": format!("POST /reflect HTTP/1.1\r\n{h}Content-Length: {}\r\n\r\n{{\"model\":\"{ph}\"}}", ph.len() + 12),
+        "smuggle_lf": format!("POST /reflect HTTP/1.1\r\n{h}X: y\nContent-Length: {}\r\n\r\n{next}", next.len()),
+        "smuggle_plus": format!("POST /reflect HTTP/1.1\r\n{h}Content-Length: +{}\r\n\r\n{next}", next.len()),
+        "smuggle_te": format!("POST /reflect HTTP/1.1\r\n{h}Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\nContent-Length: {}\r\n\r\n{next}", next.len()),
+        "second_host": format!("GET /reflect HTTP/1.1\r\n{h}\r\nGET /reflect HTTP/1.1\r\nHost: b.test\r\nAuthorization: Bearer {ph}\r\n\r\n"),
+    });
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/raw_https.py");
+    common::ok(w.cmd().args(["cp"]).arg(&script).arg("e:/root/raw_https.py"));
+    let cases_file = w.files.path().join("cases.json");
+    std::fs::write(&cases_file, cases.to_string()).unwrap();
+    common::ok(w.cmd().args(["cp"]).arg(&cases_file).arg("e:/root/cases.json"));
+    let (code, out) = w.sh("e", "python3 /root/raw_https.py a.test OPENAI_API_KEY /root/cases.json");
+    assert_eq!(code, 0, "{out}");
+    let got: std::collections::HashMap<String, String> = serde_json::from_str(&out).unwrap();
+    for (case, resp) in &got {
+        assert!(!resp.contains(REAL), "{case}: the value reached the guest: {resp}");
+        assert!(!resp.contains(&REAL[8..]), "{case}: part of the value reached the guest: {resp}");
+    }
+    let status = |case: &str| got[case].lines().next().unwrap_or_default().to_string();
+    // Where it belongs: sent, and its echo arrives as the placeholder.
+    assert!(status("ok").starts_with("HTTP/1.1 200"), "{}", got["ok"]);
+    assert!(got["ok"].contains(&format!("Authorization: Bearer {mask}")), "{}", got["ok"]);
+    assert!(got["ok_chunked"].contains("200") && got["ok_chunked"].contains(mask), "{}", got["ok_chunked"]);
+    assert!(got["ok_headers"].contains(&arrived("Authorization", &format!("Bearer {REAL}"))), "{}", got["ok_headers"]);
+    // A compressed echo cannot be checked: refused before any of it arrives.
+    assert!(status("gzip").starts_with("HTTP/1.1 502"), "{}", got["gzip"]);
+    // Everywhere else: refused by the egress, never sent.
+    for case in ["path", "query", "header", "shape", "body"] {
+        assert!(status(case).starts_with("HTTP/1.1 403"), "{case}: {}", got[case]);
+        assert!(
+            got[case].contains("X-Smolvm-Refused") && got[case].contains("OPENAI_API_KEY"),
+            "{case}: {}",
+            got[case]
+        );
+    }
+    for case in ["smuggle_lf", "smuggle_plus", "smuggle_te"] {
+        assert!(status(case).starts_with("HTTP/1.1 400"), "{case}: {}", got[case]);
+    }
+    // (Sent pipelined: the first answer may be cut by the refusal of the second.)
+    assert!(got["second_host"].contains("HTTP/1.1 421"), "{}", got["second_host"]);
+    // Each refusal is recorded, with why.
+    let s = w.status("e");
+    let recent = s["network_refusals"]["recent"].as_array().unwrap();
+    let secrets: Vec<&serde_json::Value> =
+        recent.iter().filter(|r| r["rule"].as_str().unwrap_or_default().starts_with("secrets:")).collect();
+    assert!(secrets.len() >= 5, "refusals: {}", s["network_refusals"]);
+    assert!(secrets.iter().all(|r| r["name"] == "a.test"), "{}", s["network_refusals"]);
+}

@@ -246,7 +246,11 @@ impl Interceptor {
 /// How an intercepted connection ended.
 #[derive(Debug)]
 enum Ended {
-    Done { requests: u64, filled: u64, masked: u64 },
+    Done {
+        requests: u64,
+        filled: u64,
+        masked: u64,
+    },
     /// A request (or the server's answer) was refused: the guest was told, the server
     /// connection dropped.
     Refused(request::Refusal),

@@ -137,7 +137,8 @@ impl RequestGate {
                 }
                 State::ChunkEnd(seen) | State::LastCrlf(seen) => {
                     if input[0] != b"\r\n"[seen as usize] {
-                        return self.fail(400, "a chunk does not end in CRLF (chunk extensions and trailers are refused)");
+                        return self
+                            .fail(400, "a chunk does not end in CRLF (chunk extensions and trailers are refused)");
                     }
                     out.push(input[0]);
                     input = &input[1..];
@@ -227,7 +228,10 @@ impl RequestGate {
                     .or_else(|| placeholder_in(&self.bindings, bytes))
                     .map(|b| b.name.clone())
                     .unwrap_or_default();
-                return self.fail(403, format!("the placeholder of {name} is in a request body: it is only sent in its header"));
+                return self.fail(
+                    403,
+                    format!("the placeholder of {name} is in a request body: it is only sent in its header"),
+                );
             }
             window.extend_from_slice(&bytes[bytes.len().min(self.longest)..]);
             let keep = self.longest.saturating_sub(1);
@@ -277,8 +281,13 @@ impl RequestGate {
         if method.eq_ignore_ascii_case("CONNECT") {
             return refuse(400, "CONNECT is refused on an intercepted connection");
         }
-        if let Some(b) = placeholder_in(&self.bindings, method.as_bytes()).or(placeholder_in(&self.bindings, target.as_bytes())) {
-            return refuse(403, format!("the placeholder of {} is in the request line: it is only sent in its header", b.name));
+        if let Some(b) =
+            placeholder_in(&self.bindings, method.as_bytes()).or(placeholder_in(&self.bindings, target.as_bytes()))
+        {
+            return refuse(
+                403,
+                format!("the placeholder of {} is in the request line: it is only sent in its header", b.name),
+            );
         }
         self.check_target(target)?;
         let mut head = format!("{method} {target} HTTP/1.1\r\n").into_bytes();
@@ -292,7 +301,11 @@ impl RequestGate {
                     if !self.same_host(value) {
                         return refuse(
                             421,
-                            format!("Host {:?} is not {} (the name this connection was opened for)", lossy(value), self.host),
+                            format!(
+                                "Host {:?} is not {} (the name this connection was opened for)",
+                                lossy(value),
+                                self.host
+                            ),
                         );
                     }
                 }

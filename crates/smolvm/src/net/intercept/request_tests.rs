@@ -88,7 +88,12 @@ fn a_placeholder_anywhere_but_its_header_is_refused() {
     refused(&format!("GET / HTTP/1.1\r\n{h}Cookie: k={PH}\r\n\r\n"), 403, "Cookie");
     refused(&format!("POST / HTTP/1.1\r\n{h}Content-Length: {}\r\n\r\n{{\"k\":\"{PH}\"}}", PH.len() + 8), 403, "body");
     refused(
-        &format!("POST / HTTP/1.1\r\n{h}Transfer-Encoding: chunked\r\n\r\n5\r\n{}\r\n{:x}\r\n{}\r\n0\r\n\r\n", &PH[..5], PH.len() - 5, &PH[5..]),
+        &format!(
+            "POST / HTTP/1.1\r\n{h}Transfer-Encoding: chunked\r\n\r\n5\r\n{}\r\n{:x}\r\n{}\r\n0\r\n\r\n",
+            &PH[..5],
+            PH.len() - 5,
+            &PH[5..]
+        ),
         403,
         "body",
     );
@@ -113,8 +118,16 @@ fn smuggling_and_ambiguous_framing_are_refused() {
     refused(&format!("POST / HTTP/1.1\r\n{h}Content-Length : 5\r\n\r\nhello"), 400, "malformed");
     refused(&format!("GET / HTTP/1.1\r\n{h}X: a\r\n  folded\r\n\r\n"), 400, "malformed");
     refused(&format!("GET / HTTP/1.0\r\n{h}\r\n"), 400, "HTTP/1.1");
-    refused(&format!("POST / HTTP/1.1\r\n{h}Transfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n0\r\n\r\n"), 400, "chunk");
-    refused(&format!("POST / HTTP/1.1\r\n{h}Transfer-Encoding: chunked\r\n\r\n0\r\nX-Trailer: 1\r\n\r\n"), 400, "trailers");
+    refused(
+        &format!("POST / HTTP/1.1\r\n{h}Transfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n0\r\n\r\n"),
+        400,
+        "chunk",
+    );
+    refused(
+        &format!("POST / HTTP/1.1\r\n{h}Transfer-Encoding: chunked\r\n\r\n0\r\nX-Trailer: 1\r\n\r\n"),
+        400,
+        "trailers",
+    );
     refused(&format!("CONNECT api.example.com:443 HTTP/1.1\r\n{h}\r\n"), 400, "CONNECT");
     refused(&format!("GET / HTTP/1.1\r\n{h}X: a\0b\r\n\r\n"), 400, "NUL");
     // (Not at every split: 64 KiB squared.)
@@ -170,7 +183,10 @@ fn the_secret_is_never_in_debug_output() {
 }
 
 fn scrub() -> ResponseScrub {
-    ResponseScrub::new(vec![crate::net::intercept::scrub::Mask { value: REAL.into(), mask: PH.as_bytes()[..REAL.len()].to_vec() }])
+    ResponseScrub::new(vec![crate::net::intercept::scrub::Mask {
+        value: REAL.into(),
+        mask: PH.as_bytes()[..REAL.len()].to_vec(),
+    }])
 }
 
 fn respond(input: &[u8], sent: &[Sent]) -> Result<Vec<u8>, Refusal> {
@@ -226,7 +242,8 @@ fn compressed_responses_are_refused_before_any_of_them_reaches_the_guest() {
 #[test]
 fn head_1xx_204_and_upgrades_are_framed() {
     let head = Sent { head: true, upgrade: false };
-    let input = b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\nHTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n";
+    let input =
+        b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\nHTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n";
     let mut s = scrub();
     let mut q: VecDeque<Sent> = [head, GET].into_iter().collect();
     let mut out = Vec::new();

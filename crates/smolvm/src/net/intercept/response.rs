@@ -172,7 +172,13 @@ impl ResponseScrub {
         chunk(&piece, out);
     }
 
-    fn head(&mut self, raw: &[u8], out: &mut Vec<u8>, sent: &mut VecDeque<Sent>, ev: &mut Events) -> Result<(), Refusal> {
+    fn head(
+        &mut self,
+        raw: &[u8],
+        out: &mut Vec<u8>,
+        sent: &mut VecDeque<Sent>,
+        ev: &mut Events,
+    ) -> Result<(), Refusal> {
         let mut fields = [httparse::EMPTY_HEADER; 128];
         let mut resp = httparse::Response::new(&mut fields);
         match resp.parse(raw) {
@@ -180,12 +186,8 @@ impl ResponseScrub {
             _ => return Err(bad("a response head that does not parse")),
         }
         let code = resp.code.unwrap_or(0);
-        let req = if (100..200).contains(&code) && code != 101 {
-            sent.front().copied()
-        } else {
-            sent.pop_front()
-        }
-        .unwrap_or(Sent { head: false, upgrade: false });
+        let req = if (100..200).contains(&code) && code != 101 { sent.front().copied() } else { sent.pop_front() }
+            .unwrap_or(Sent { head: false, upgrade: false });
         let (mut length, mut chunked, mut other_coding) = (None::<u64>, false, None::<String>);
         for h in resp.headers.iter() {
             let v = String::from_utf8_lossy(h.value).trim().to_ascii_lowercase();

@@ -209,8 +209,10 @@ mod tests {
 
     #[test]
     fn a_value_is_masked_at_every_cut_and_the_length_is_kept() {
-        let input = [b"HTTP/1.1 404\r\nX: ".as_slice(), VALUE, b"\r\n\r\n{\"e\":\"", VALUE, b"\"}aab-second-value"].concat();
-        let want = [b"HTTP/1.1 404\r\nX: ".as_slice(), MASK, b"\r\n\r\n{\"e\":\"", MASK, b"\"}xxx-second-maskk"].concat();
+        let input =
+            [b"HTTP/1.1 404\r\nX: ".as_slice(), VALUE, b"\r\n\r\n{\"e\":\"", VALUE, b"\"}aab-second-value"].concat();
+        let want =
+            [b"HTTP/1.1 404\r\nX: ".as_slice(), MASK, b"\r\n\r\n{\"e\":\"", MASK, b"\"}xxx-second-maskk"].concat();
         assert_eq!(run(&[&input], false), want);
         for cut in 1..input.len() {
             assert_eq!(run(&[&input[..cut], &input[cut..]], false), want, "cut at {cut}");
