@@ -287,3 +287,42 @@ fn served_sandboxes_are_ordinary_and_outlive_a_restart_of_the_server() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--allow-remote"));
 }
+
+/// A hostile API caller: an id that walks out of the home (made root create a lock file
+/// anywhere before), the unauthenticated `/health` with such an id, and a metadata query that
+/// panicked the server (and with `panic = "abort"`, ended every session). The server answers
+/// each with a client error and keeps serving.
+#[test]
+#[ignore = "starts smolvm serve; run by scripts/test.sh"]
+fn hostile_ids_and_queries_neither_reach_paths_nor_take_the_server_down() {
+    let f = Fixture::new();
+    let target = format!("/tmp/smolvm-hostile-{}", std::process::id());
+    let walk = format!("%2F..%2F..%2F..%2F..%2F..%2F..%2F..%2F..{}", target.replace('/', "%2F"));
+    for (method, path) in [
+        ("DELETE", format!("/sandboxes/{walk}")),
+        ("GET", format!("/sandboxes/{walk}")),
+        ("POST", format!("/sandboxes/{walk}/pause")),
+    ] {
+        let (status, body) = f.http(method, &path, None, Some(&f.key));
+        assert_eq!(status, 400, "{method} {path}: {body}");
+    }
+    // envd's routes take the id from a header, /health without any key.
+    let addr = f.url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        s,
+        "GET /health HTTP/1.1\r\nHost: {addr}\r\nE2b-Sandbox-Id: ../../../../../../../..{target}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(!resp.starts_with("HTTP/1.1 2"), "{resp}");
+    for suffix in [".lock", "", ".json"] {
+        assert!(!Path::new(&format!("{target}{suffix}")).exists(), "{target}{suffix} was created");
+    }
+    let (status, body) = f.http("GET", "/v2/sandboxes?metadata=%25a%C3%A9%3Dx", None, Some(&f.key));
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = f.http("GET", "/v2/sandboxes", None, Some(&f.key));
+    assert_eq!(status, 200, "the server is still up: {body}");
+}

@@ -26,6 +26,8 @@ pub fn build_init(env: &BuildEnv) -> Result<PathBuf, BuildError> {
     run(
         Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .args(["build", "--locked", "--release", "-p", "smolvm-init", "--target", TARGET])
+            // PID 1 has nothing to unwind to: abort (smaller, and as the init always was).
+            .args(["--config", "profile.release.panic=\"abort\""])
             .arg("--target-dir")
             .arg(&target_dir)
             .env("RUSTFLAGS", rustflags)

@@ -57,6 +57,7 @@ impl From<crate::app::AppError> for ApiError {
 fn sandbox_error(id: &str, e: SandboxError) -> ApiError {
     match e {
         SandboxError::NotFound(_) => ApiError::not_found(id),
+        SandboxError::BadName(_) => ApiError::new(StatusCode::BAD_REQUEST, e.to_string()),
         SandboxError::NotRunning { .. } => ApiError::new(StatusCode::CONFLICT, e.to_string()),
         other => ApiError::internal(other),
     }
@@ -323,15 +324,17 @@ fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
+    let hex = |c: u8| (c as char).to_digit(16);
     while i < b.len() {
         match b[i] {
-            b'%' if i + 2 < b.len() => match u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                Ok(v) => {
-                    out.push(v);
+            // Bytes, not a `str` slice: `%` before a multi-byte character must not split it.
+            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
                     i += 3;
                     continue;
                 }
-                Err(_) => out.push(b'%'),
+                _ => out.push(b'%'),
             },
             b'+' => out.push(b' '),
             c => out.push(c),
@@ -506,6 +509,18 @@ pub async fn metrics(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hostile_metadata_query_is_decoded_without_a_panic() {
+        // What `?metadata=%25a%C3%A9%3Dx` is after the query's own decoding: `%a` then a
+        // two-byte character. A `str` slice there split the character, and the panic took the
+        // whole server down.
+        let q = Some("%a\u{e9}=x".to_string());
+        assert_eq!(metadata_filter(&q), vec![("%a\u{e9}".to_string(), "x".to_string())]);
+        assert_eq!(percent_decode("\u{e9}%\u{e9}\u{e9}"), "\u{e9}%\u{e9}\u{e9}");
+        assert_eq!(percent_decode("%"), "%");
+        assert_eq!(percent_decode("%zz%41"), "%zzA");
+    }
 
     #[test]
     fn metadata_queries_decode_as_the_sdk_encodes_them() {

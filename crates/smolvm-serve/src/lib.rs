@@ -58,6 +58,23 @@ async fn require_key(State(app): State<Arc<App>>, req: Request, next: Next) -> R
     control::ApiError::new(StatusCode::UNAUTHORIZED, "a missing or wrong API key (X-API-Key)").into_response()
 }
 
+/// A sandbox id in a route (`/sandboxes/{id}/...`) must be a sandbox name, as the URL has it
+/// (no percent-encoding: no name needs one): checked before any handler turns it into a path.
+async fn valid_ids(req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    let mut segments = path.split('/');
+    while let Some(s) = segments.next() {
+        if s == "sandboxes" {
+            if let Some(id) = segments.next() {
+                if let Err(e) = smolvm::sandbox::names::validate(id) {
+                    return control::ApiError::new(StatusCode::BAD_REQUEST, e.to_string()).into_response();
+                }
+            }
+        }
+    }
+    next.run(req).await
+}
+
 /// Every route of the server.
 pub fn router(app: Arc<App>) -> Router {
     let control = Router::new()
@@ -76,13 +93,30 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/smolvm/v1/snapshots", get(ext::snapshots))
         .route("/smolvm/v1/snapshots/{name}", delete(ext::delete_snapshot))
         .nest_service("/mcp", mcp::http_service(app.clone()))
+        .route_layer(axum::middleware::from_fn(valid_ids))
         .route_layer(axum::middleware::from_fn_with_state(app.clone(), require_key));
     Router::new()
         .merge(control)
         .merge(envd::routes())
         .route("/openapi.json", get(openapi::document))
         .fallback(|| async { control::ApiError::new(StatusCode::NOT_FOUND, "no such route (see /openapi.json)") })
+        .layer(axum::middleware::from_fn(catch_panics))
         .with_state(app)
+}
+
+/// A panic while answering one request answers that request with a 500 and leaves every other
+/// session alone (the host binary unwinds; see the workspace's release profile).
+async fn catch_panics(req: Request, next: Next) -> Response {
+    use futures_util::FutureExt;
+    let route = format!("{} {}", req.method(), req.uri().path());
+    match std::panic::AssertUnwindSafe(next.run(req)).catch_unwind().await {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::error!("{route}: the handler panicked (a bug); answered 500");
+            control::ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error (the server logged it)")
+                .into_response()
+        }
+    }
 }
 
 /// Removes (or, with auto-pause, pauses) sandboxes whose timeout passed; runs forever.

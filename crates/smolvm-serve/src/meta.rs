@@ -39,25 +39,32 @@ impl MetaStore {
         MetaStore { dir }
     }
 
-    fn path(&self, id: &str) -> PathBuf {
-        self.dir.join(format!("{id}.json"))
+    /// The record's path: none for an id that is not a sandbox name (an API caller's id
+    /// never becomes a path outside this directory).
+    fn path(&self, id: &str) -> Option<PathBuf> {
+        smolvm::sandbox::names::validate(id).ok()?;
+        Some(self.dir.join(format!("{id}.json")))
     }
 
     pub fn get(&self, id: &str) -> Option<Meta> {
-        let text = std::fs::read_to_string(self.path(id)).ok()?;
+        let text = std::fs::read_to_string(self.path(id)?).ok()?;
         serde_json::from_str(&text).ok()
     }
 
     pub fn put(&self, id: &str, meta: &Meta) -> std::io::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
-        let path = self.path(id);
+        let path = self.path(id).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{id:?} is not a sandbox name"))
+        })?;
         let tmp = path.with_extension(format!("json.tmp-{}", std::process::id()));
         std::fs::write(&tmp, serde_json::to_vec(meta).map_err(std::io::Error::other)?)?;
         std::fs::rename(&tmp, &path)
     }
 
     pub fn remove(&self, id: &str) {
-        let _ = std::fs::remove_file(self.path(id));
+        if let Some(p) = self.path(id) {
+            let _ = std::fs::remove_file(p);
+        }
     }
 
     /// Every sandbox that has a record.

@@ -60,8 +60,14 @@ impl Target {
     }
 }
 
-/// The sandbox a request names: the header, else the Host name.
+/// The sandbox a request names: the header, else the Host name. Only a valid sandbox name
+/// counts: anything else names none.
 pub fn sandbox_id(headers: &HeaderMap) -> Option<String> {
+    let id = named_id(headers)?;
+    smolvm::sandbox::names::validate(&id).ok().map(|()| id)
+}
+
+fn named_id(headers: &HeaderMap) -> Option<String> {
     if let Some(id) = headers.get("e2b-sandbox-id").and_then(|v| v.to_str().ok()) {
         return Some(id.to_string());
     }
@@ -147,7 +153,13 @@ pub fn agent_error(e: smolvm::agent::AgentError) -> RpcError {
 
 /// `GET /health`: 204 while the sandbox's agent answers, else E2B's 502.
 async fn health(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    let Some(id) = sandbox_id(&headers) else { return StatusCode::NO_CONTENT.into_response() };
+    let Some(id) = sandbox_id(&headers) else {
+        return match named_id(&headers) {
+            // An id that is no sandbox name: nothing to look up.
+            Some(_) => StatusCode::BAD_REQUEST.into_response(),
+            None => StatusCode::NO_CONTENT.into_response(),
+        };
+    };
     match app.conn(&id).await {
         Ok(_) => StatusCode::NO_CONTENT.into_response(),
         Err(_) => not_found(&id),

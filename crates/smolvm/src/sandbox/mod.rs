@@ -126,6 +126,9 @@ pub struct HostSide {
 pub enum SandboxError {
     #[error("no sandbox named {0:?}")]
     NotFound(String),
+    /// A name that no sandbox can have (checked before it touches a path or the database).
+    #[error(transparent)]
+    BadName(#[from] names::NameError),
     #[error("sandbox {name} is {status}, not running")]
     NotRunning { name: String, status: Status },
     #[error(transparent)]
@@ -218,13 +221,21 @@ impl Smolvm {
     }
 
     fn dir(&self, name: &str) -> PathBuf {
+        // Fail closed: a name that is not a sandbox name (an API caller's `../..`) gets a path
+        // with a NUL in it, which every file operation refuses. The public entries refuse such
+        // names with a clear error first (`lock`, `row`); this covers any path built before.
+        if names::validate(name).is_err() {
+            return self.config.home.sandboxes().join("\0not-a-sandbox-name");
+        }
         self.config.home.sandboxes().join(name)
     }
 
     /// Serialises changes to one sandbox across processes. The lock file sits beside the
     /// sandbox directory so that `delete` can remove the directory while holding it.
     fn lock(&self, name: &str) -> Result<FileLock, SandboxError> {
-        let path = self.config.home.sandboxes().join(format!(".{name}.lock"));
+        // The name becomes a path: nothing but a valid name gets that far.
+        names::validate(name)?;
+        let path = self.lock_path(name);
         let lock = FileLock::exclusive(&path)
             .map_err(|source| SandboxError::Io { what: format!("lock {}", path.display()), source })?;
         // A snapshot or pause killed half-way is put right by the next holder.
@@ -232,7 +243,16 @@ impl Smolvm {
         Ok(lock)
     }
 
+    /// The lock file of sandbox `name` (see [`Smolvm::dir`] for a name that is none).
+    fn lock_path(&self, name: &str) -> PathBuf {
+        if names::validate(name).is_err() {
+            return self.config.home.sandboxes().join("\0not-a-sandbox-name.lock");
+        }
+        self.config.home.sandboxes().join(format!(".{name}.lock"))
+    }
+
     fn row(&self, name: &str) -> Result<SandboxRow, SandboxError> {
+        names::validate(name)?;
         self.db.get(name)?.ok_or_else(|| SandboxError::NotFound(name.to_string()))
     }
 
@@ -620,5 +640,32 @@ mod tests {
         std::fs::File::open(&stale).unwrap().set_modified(old).unwrap();
         super::sweep_trash(parent.path());
         assert!(!stale.exists());
+    }
+
+    /// An API caller's id that walks out of the home: every public entry refuses it as a name
+    /// before any path is made of it (a lock file was created wherever it pointed).
+    #[test]
+    fn hostile_names_never_become_paths() {
+        let root = tempfile::tempdir().unwrap();
+        let home = root.path().join("home");
+        let sm = super::Smolvm::open_at(crate::paths::Home::at(&home)).unwrap();
+        let target = root.path().join("outside");
+        let walk = format!("/../../../../../../../..{}", target.display());
+        for name in [walk.as_str(), "../outside", ".hidden", "a/b", "UPPER"] {
+            assert!(matches!(sm.info(name), Err(super::SandboxError::BadName(_))), "info {name}");
+            let deleted = sm.delete(name);
+            assert!(
+                matches!(deleted, Err(super::LifecycleError::Sandbox(super::SandboxError::BadName(_)))),
+                "delete {name}: {deleted:?}"
+            );
+            assert!(sm.secrets(name).is_err(), "secrets {name}");
+            assert!(sm.stop(name, std::time::Duration::from_secs(1)).is_err(), "stop {name}");
+        }
+        for suffix in ["", ".lock", ".json"] {
+            let p = format!("{}{suffix}", target.display());
+            assert!(!std::path::Path::new(&p).exists(), "{p} was created");
+        }
+        let stray: Vec<_> = std::fs::read_dir(root.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(stray, vec![std::ffi::OsString::from("home")], "only the home was written");
     }
 }

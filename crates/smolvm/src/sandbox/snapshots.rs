@@ -204,8 +204,7 @@ impl Smolvm {
     /// shortly, and the command's request waits in the agent's port meanwhile).
     pub(super) fn settle(&self, name: &str) {
         if self.dir(name).join(CAPTURING).exists() {
-            let path = self.home().sandboxes().join(format!(".{name}.lock"));
-            if let Ok(Some(_lock)) = crate::lock::FileLock::try_exclusive(&path) {
+            if let Ok(Some(_lock)) = crate::lock::FileLock::try_exclusive(&self.lock_path(name)) {
                 self.settle_locked(name);
             }
         }
