@@ -307,3 +307,103 @@ fn a_guest_that_ignores_its_timeout_or_stops_reading_its_agent_port_holds_nothin
     ok(f.cmd().args(["delete", "deaf"]));
     assert!(t.elapsed() < std::time::Duration::from_secs(10), "delete took {:?}", t.elapsed());
 }
+
+/// Starts, as `pid`'s credentials (a taken-over QEMU) and in its working directory (the run
+/// directory: the home above it is root's), a listener on `path` that writes whatever a
+/// client sends it to `path.stolen`: a socket planted where root connects.
+fn plant_listener(pid: i32, path: &Path) -> std::process::Child {
+    let (uid, gid, groups) = uid_gid_groups(pid);
+    let groups = groups.split_whitespace().collect::<Vec<_>>().join(",");
+    let script = r#"
+import os, socket, sys
+path = sys.argv[1]
+os.unlink(path)
+s = socket.socket(socket.AF_UNIX); s.bind(path); s.listen(8)
+print("planted", flush=True)
+while True:
+    c, _ = s.accept(); c.settimeout(5)
+    try:
+        with open(path + ".stolen", "ab") as f:
+            while True:
+                b = c.recv(65536)
+                if not b: break
+                f.write(b); f.flush()
+    except Exception:
+        pass
+"#;
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid", &uid.to_string(), "--regid", &gid.to_string()]);
+    if groups.is_empty() {
+        cmd.arg("--clear-groups");
+    } else {
+        cmd.args(["--groups", &groups]);
+    }
+    let mut child = cmd
+        .current_dir(path.parent().unwrap())
+        .args(["/usr/bin/python3", "-c", script])
+        .arg(path.file_name().unwrap())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    assert_eq!(line.trim(), "planted");
+    child
+}
+
+/// A taken-over QEMU owns its `run/` directory, where root connects by path: it plants its
+/// own socket in place of the network process's (and would be handed every secret and the CA
+/// key at the next `secret set`) or of the agent's (and be sent commands), or links its QMP
+/// socket to another sandbox's (and the next `pause` would stop that one). Root checks who
+/// serves a socket before it sends a byte.
+#[test]
+#[ignore = "boots the release under QEMU: run scripts/test.sh"]
+fn a_taken_over_qemu_cannot_plant_sockets_for_root() {
+    if !is_root() {
+        eprintln!("skipped: as an ordinary user the sandboxes run as that user (needs root to test)");
+        return;
+    }
+    let f = Fixture::new();
+    ok(f.cmd().args(["create", "--name", "a"]));
+    ok(f.cmd().args(["create", "--name", "b"]));
+    let qemu_a = f.status("a")["pid"].as_i64().unwrap() as i32;
+    let run_a = f.dir("a").join("run");
+    const VALUE: &str = "sk-planted-socket-test-9c1e5b2d40867f3a";
+
+    let mut net = plant_listener(qemu_a, &run_a.join("net.sock"));
+    let mut agent = plant_listener(qemu_a, &run_a.join("agent.sock"));
+    let out =
+        f.cmd().env("PLANT_KEY", VALUE).args(["secret", "set", "a", "PLANT_KEY@api.example.com"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "secret set through a planted socket succeeded");
+    assert!(err.contains("refused") || err.contains("not by the sandbox"), "{err}");
+    let out = f.cmd().args(["exec", "a", "--", "echo", "a command for the guest"]).output().unwrap();
+    assert!(!out.status.success(), "exec through a planted socket succeeded");
+    for l in [&mut net, &mut agent] {
+        let _ = l.kill();
+        let _ = l.wait();
+    }
+    for s in ["net.sock.stolen", "agent.sock.stolen"] {
+        let stolen = std::fs::read(run_a.join(s)).unwrap_or_default();
+        assert!(stolen.is_empty(), "{s}: root sent {} bytes to the planted socket", stolen.len());
+    }
+
+    // c's QMP socket replaced by a link to b's: pausing c must not touch b.
+    ok(f.cmd().args(["create", "--name", "c"]));
+    let (uid, gid, _) = uid_gid_groups(f.status("c")["pid"].as_i64().unwrap() as i32);
+    let qmp = f.dir("c").join("run/qmp.sock");
+    ok(Command::new("setpriv")
+        .current_dir(qmp.parent().unwrap())
+        .args(["--reuid", &uid.to_string(), "--regid", &gid.to_string(), "--clear-groups"])
+        .args([
+            "sh",
+            "-c",
+            &format!("rm -f qmp.sock && ln -s {} qmp.sock", f.dir("b").join("run/qmp.sock").display()),
+        ]));
+    let out = f.cmd().args(["pause", "c"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "pause through another sandbox's QMP socket succeeded");
+    assert!(err.contains("refused") || err.contains("not by the sandbox"), "{err}");
+    assert_eq!(f.status("b")["status"], "running");
+    assert_eq!(ok(f.cmd().args(["exec", "b", "--", "echo", "b-alive"])).trim(), "b-alive");
+}

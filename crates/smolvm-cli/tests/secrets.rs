@@ -210,29 +210,35 @@ fn a_host_that_echoes_everything_never_hands_the_value_to_the_guest() {
     // What an echo of the value becomes: the placeholder, cut to the value's length.
     let mask = &ph[..REAL.len()];
     let h = "Host: a.test\r\n";
-    let next = format!("GET /reflect HTTP/1.1\r\n{h}X-Echo: Bearer {ph}\r\n\r\n");
+    let next = format!("GET /reflect HTTP/1.1\r\n{h}X-Echo: Bearer {ph}\r\nConnection: close\r\n\r\n");
     let cases = serde_json::json!({
         "ok": format!("GET /reflect HTTP/1.1\r\n{h}Authorization: Bearer {ph}\r\nConnection: close\r\n\r\n"),
         "ok_chunked": format!("GET /reflect-chunked HTTP/1.1\r\n{h}x-api-key: {ph}\r\nConnection: close\r\n\r\n"),
         "ok_headers": format!("GET /headers HTTP/1.1\r\n{h}Authorization: Bearer {ph}\r\nConnection: close\r\n\r\n"),
         "gzip": format!("GET /reflect-gzip HTTP/1.1\r\n{h}Authorization: Bearer {ph}\r\nConnection: close\r\n\r\n"),
-        "path": format!("GET /reflect/v1/{ph} HTTP/1.1\r\n{h}Authorization: Bearer {ph}\r\n\r\n"),
+        "path": format!("GET /reflect/v1/{ph} HTTP/1.1\r\n{h}Authorization: Bearer {ph}\r\nConnection: close\r\n\r\n"),
         "query": format!("GET /reflect?key={ph} HTTP/1.1\r\n{h}\r\n"),
-        "header": format!("GET /reflect HTTP/1.1\r\n{h}X-Echo: {ph}\r\n\r\n"),
-        "shape": format!("GET /reflect HTTP/1.1\r\n{h}Authorization: Basic {ph}\r\n\r\n"),
-        "body": format!("POST /reflect HTTP/1.1\r\n{h}Content-Length: {}\r\n\r\n{{\"model\":\"{ph}\"}}", ph.len() + 12),
+        "header": format!("GET /reflect HTTP/1.1\r\n{h}X-Echo: {ph}\r\nConnection: close\r\n\r\n"),
+        "shape": format!("GET /reflect HTTP/1.1\r\n{h}Authorization: Basic {ph}\r\nConnection: close\r\n\r\n"),
+        "body": format!("POST /reflect HTTP/1.1\r\n{h}Connection: close\r\nContent-Length: {}\r\n\r\n{{\"model\":\"{ph}\"}}", ph.len() + 12),
         "smuggle_lf": format!("POST /reflect HTTP/1.1\r\n{h}X: y\nContent-Length: {}\r\n\r\n{next}", next.len()),
         "smuggle_plus": format!("POST /reflect HTTP/1.1\r\n{h}Content-Length: +{}\r\n\r\n{next}", next.len()),
         "smuggle_te": format!("POST /reflect HTTP/1.1\r\n{h}Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\nContent-Length: {}\r\n\r\n{next}", next.len()),
-        "second_host": format!("GET /reflect HTTP/1.1\r\n{h}\r\nGET /reflect HTTP/1.1\r\nHost: b.test\r\nAuthorization: Bearer {ph}\r\n\r\n"),
+        "second_host": format!("GET /reflect HTTP/1.1\r\n{h}\r\nGET /reflect HTTP/1.1\r\nHost: b.test\r\nAuthorization: Bearer {ph}\r\nConnection: close\r\n\r\n"),
     });
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/raw_https.py");
     common::ok(w.cmd().args(["cp"]).arg(&script).arg("e:/root/raw_https.py"));
     let cases_file = w.files.path().join("cases.json");
     std::fs::write(&cases_file, cases.to_string()).unwrap();
     common::ok(w.cmd().args(["cp"]).arg(&cases_file).arg("e:/root/cases.json"));
-    let (code, out) = w.sh("e", "python3 /root/raw_https.py a.test OPENAI_API_KEY /root/cases.json");
-    assert_eq!(code, 0, "{out}");
+    let run = w
+        .cmd()
+        .args(["exec", "e", "--timeout", "300", "--", "python3", "/root/raw_https.py", "a.test", "OPENAI_API_KEY"])
+        .arg("/root/cases.json")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&run.stdout).into_owned();
+    assert!(run.status.success(), "{out} {}", String::from_utf8_lossy(&run.stderr));
     let got: std::collections::HashMap<String, String> = serde_json::from_str(&out).unwrap();
     for (case, resp) in &got {
         assert!(!resp.contains(REAL), "{case}: the value reached the guest: {resp}");

@@ -220,6 +220,56 @@ pub(crate) fn kill_helper(dir: &std::path::Path, what: &str, subcommand: &str) -
     Some((pid, started))
 }
 
+/// The pid a helper's pid file in the sandbox directory `dir` names (`<what>.pid`; QEMU's is
+/// `qemu.pid`, "pid start"). The directory is root's (0700): the sandbox cannot write it.
+pub fn recorded_pid(dir: &std::path::Path, what: &str) -> Option<i32> {
+    let text = std::fs::read_to_string(dir.join(format!("{what}.pid"))).ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
+/// The pid of the process at the other end of a unix socket (for a listening socket's
+/// clients: the process that listened), from `SO_PEERCRED`.
+pub fn peer_pid(fd: &impl AsRawFd) -> Option<i32> {
+    let mut cred = libc::ucred { pid: 0, uid: u32::MAX, gid: u32::MAX };
+    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a ucred we own.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && cred.pid > 0).then_some(cred.pid)
+}
+
+/// Connects to the unix socket at `path` and checks, before a byte is sent, that the process
+/// serving it is `pid` (`what`, for the error). A sandbox's sockets sit in its `run/`
+/// directory, which its uid can write: a taken-over QEMU could plant a socket of its own there
+/// (and be handed secrets), or a link to another sandbox's (and have a command meant for this
+/// one run there). Neither passes this check.
+pub fn connect_served_by(
+    path: &std::path::Path,
+    pid: i32,
+    what: &str,
+) -> std::io::Result<std::os::unix::net::UnixStream> {
+    let s = std::os::unix::net::UnixStream::connect(path)?;
+    match peer_pid(&s) {
+        Some(p) if p == pid => Ok(s),
+        other => Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is served by pid {}, not by the sandbox's {what} (pid {pid}): refused (a socket put there by \
+                 something else)",
+                path.display(),
+                other.map_or("?".into(), |p| p.to_string())
+            ),
+        )),
+    }
+}
+
 /// Whether the process at the other end of a unix socket runs as `owner` (`SO_PEERCRED`):
 /// the sandbox's sockets serve their owner only, whatever the file modes say.
 pub fn peer_is(fd: &impl AsRawFd, owner: u32) -> bool {

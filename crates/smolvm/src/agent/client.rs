@@ -50,10 +50,24 @@ pub struct AgentClient {
 }
 
 impl AgentClient {
-    /// Connects to `socket` (the proxy's) and exchanges Hello.
-    pub fn connect(sandbox: &str, socket: &Path) -> Result<AgentClient, AgentError> {
+    /// Connects to the agent proxy of the sandbox whose directory is `dir` (its socket in
+    /// `run/`, served by the pid its `agent-proxy.pid` names) and exchanges Hello.
+    pub fn connect_sandbox(sandbox: &str, dir: &Path) -> Result<AgentClient, AgentError> {
+        let pid = crate::child::recorded_pid(dir, "agent-proxy").ok_or_else(|| AgentError::Connect {
+            sandbox: sandbox.to_string(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no agent-proxy.pid: its agent proxy is not running",
+            ),
+        })?;
+        AgentClient::connect(sandbox, &super::client_socket(dir), pid)
+    }
+
+    /// Connects to `socket`, which the proxy of pid `proxy` serves (checked before a byte is
+    /// sent), and exchanges Hello.
+    pub fn connect(sandbox: &str, socket: &Path, proxy: i32) -> Result<AgentClient, AgentError> {
         let connect_err = |source| AgentError::Connect { sandbox: sandbox.to_string(), source };
-        let mut stream = UnixStream::connect(socket).map_err(connect_err)?;
+        let mut stream = crate::child::connect_served_by(socket, proxy, "agent proxy").map_err(connect_err)?;
         stream.write_all(&encode(&HostMsg::Hello { version: PROTOCOL_VERSION })).map_err(connect_err)?;
         stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(connect_err)?;
         let reply = read_frame::<GuestMsg>(&mut stream);

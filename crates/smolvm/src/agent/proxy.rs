@@ -296,8 +296,9 @@ mod tests {
         let proxy = std::thread::spawn(move || run(&d, ours, me, move || tx.send(()).unwrap()));
         rx.recv().unwrap();
         let sock = dir.path().join("agent.sock");
-        let a = AgentClient::connect("t", &sock).unwrap();
-        let b = AgentClient::connect("t", &sock).unwrap();
+        let me = std::process::id() as i32;
+        let a = AgentClient::connect("t", &sock, me).unwrap();
+        let b = AgentClient::connect("t", &sock, me).unwrap();
         assert_eq!(a.version, 1, "the version both speak");
         // Renumbered ids, routed back to the right client: each exit code is the global id.
         let (ea, eb) = (a.exec_output(exec("x"), None).unwrap(), b.exec_output(exec("y"), None).unwrap());

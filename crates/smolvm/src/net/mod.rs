@@ -233,7 +233,14 @@ pub fn netd_main(owner: u32) -> std::io::Result<()> {
 
 /// Sends one request to a running sandbox's network process.
 pub(crate) fn control(dir: &Path, req: &ControlRequest) -> Result<ControlReply, NetError> {
-    let mut s = std::os::unix::net::UnixStream::connect(control_socket(dir)).map_err(NetError::NotRunning)?;
+    let pid = crate::child::recorded_pid(dir, "netd").ok_or_else(|| {
+        NetError::NotRunning(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no netd.pid: the network process is not running",
+        ))
+    })?;
+    let mut s =
+        crate::child::connect_served_by(&control_socket(dir), pid, "network process").map_err(NetError::NotRunning)?;
     s.set_read_timeout(Some(Duration::from_secs(10))).map_err(io("control socket"))?;
     let mut line = serde_json::to_string(req).map_err(|e| NetError::Io { what: "encode".into(), source: e.into() })?;
     line.push('\n');

@@ -360,9 +360,10 @@ impl Smolvm {
         let ready: Ready = wait_for_ready(&console, &pidfd, timeout).map_err(&mut fail)?;
         // Ready on the console means sshd and the agent are up. The proxy says so once it holds
         // the agent's connection and serves clients; one Hello through it proves the path.
-        let agent = proxy.ready(timeout).map_err(|e| e.to_string()).and_then(|()| {
-            crate::agent::AgentClient::connect(&row.name, &crate::agent::client_socket(&dir)).map_err(|e| e.to_string())
-        });
+        let agent = proxy
+            .ready(timeout)
+            .map_err(|e| e.to_string())
+            .and_then(|()| crate::agent::AgentClient::connect_sandbox(&row.name, &dir).map_err(|e| e.to_string()));
         if let Err(e) = agent {
             let _ = process::signal(pid, libc::SIGKILL);
             return Err(BootError::Agent(e));

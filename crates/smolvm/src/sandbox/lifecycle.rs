@@ -93,7 +93,7 @@ impl Smolvm {
             };
             if graceful.is_none() || !wait_exit(pid, row.pid_start, timeout) {
                 tracing::warn!("{name}: no clean power-off within {timeout:?}; terminating the VM");
-                if let Ok(mut q) = Qmp::connect(&qemu::qmp_socket(&self.dir(name))) {
+                if let Ok(mut q) = Qmp::connect(&qemu::qmp_socket(&self.dir(name)), pid) {
                     let _ = q.execute("quit", None);
                 }
                 if !wait_exit(pid, row.pid_start, Duration::from_secs(5)) {

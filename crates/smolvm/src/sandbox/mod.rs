@@ -414,7 +414,7 @@ impl Smolvm {
         self.settle(name);
         self.running(name)
             .map_err(|e| crate::agent::AgentError::Guest { sandbox: name.into(), message: e.to_string() })?;
-        crate::agent::AgentClient::connect(name, &crate::agent::client_socket(&self.dir(name)))
+        crate::agent::AgentClient::connect_sandbox(name, &self.dir(name))
     }
 
     /// Runs `argv` in a running sandbox through its agent and collects the output.

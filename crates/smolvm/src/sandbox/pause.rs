@@ -88,7 +88,9 @@ impl Smolvm {
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&tmp);
                 // The guest runs on, unpaused.
-                if let Ok(mut q) = crate::vm::qmp::Qmp::connect(&crate::vm::qemu::qmp_socket(&dir)) {
+                if let Ok(mut q) =
+                    crate::vm::qmp::Qmp::connect(&crate::vm::qemu::qmp_socket(&dir), row.pid.unwrap_or(0))
+                {
                     let _ = crate::vm::migrate::cont(&mut q);
                 }
                 let _ = std::fs::remove_file(dir.join(CAPTURING));

@@ -86,8 +86,7 @@ impl Smolvm {
             BootError::Restore { reason, qemu_log: qemu_log_tail(dir) }
         };
         let loaded = (|| {
-            let mut q =
-                migrate::connect_new(&qemu::qmp_socket(dir), Duration::from_secs(30), || process::is_alive(pid, None))?;
+            let mut q = migrate::connect_new(&qemu::qmp_socket(dir), Duration::from_secs(30), pid)?;
             tracing::debug!("{}: QMP connected", row.name);
             if let Some(pages) = &r.pages {
                 // Before the devices: their load reads the virtqueues in guest memory.
@@ -103,8 +102,8 @@ impl Smolvm {
         tracing::debug!("{}: loaded and running", row.name);
         proxy.ready(timeout).map_err(|e| fail(format!("the agent: {e}")))?;
         tracing::debug!("{}: agent proxy ready", row.name);
-        let agent = crate::agent::AgentClient::connect(&row.name, &crate::agent::client_socket(dir))
-            .map_err(|e| fail(format!("the agent: {e}")))?;
+        let agent =
+            crate::agent::AgentClient::connect_sandbox(&row.name, dir).map_err(|e| fail(format!("the agent: {e}")))?;
         tracing::debug!("{}: agent answers", row.name);
         let key = refresh(&agent, row, key_b64, r.clone, r.host_key.as_deref()).map_err(fail)?;
         tracing::debug!("{}: refreshed", row.name);
@@ -116,8 +115,8 @@ impl Smolvm {
     pub(super) fn reidentify(&self, row: &mut SandboxRow) -> Result<(), BootError> {
         let dir = self.dir(&row.name);
         let key_b64 = super::boot::public_key_b64(&self.home().keys())?;
-        let agent = crate::agent::AgentClient::connect(&row.name, &crate::agent::client_socket(&dir))
-            .map_err(|e| BootError::Agent(e.to_string()))?;
+        let agent =
+            crate::agent::AgentClient::connect_sandbox(&row.name, &dir).map_err(|e| BootError::Agent(e.to_string()))?;
         let host_key = refresh(&agent, row, &key_b64, true, None)
             .map_err(|reason| BootError::Restore { reason, qemu_log: String::new() })?;
         let port = row.ssh_port.unwrap_or(0);

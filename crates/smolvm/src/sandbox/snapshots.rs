@@ -147,7 +147,8 @@ impl Smolvm {
         let dir = self.dir(name);
         let marker = dir.join(CAPTURING);
         std::fs::write(&marker, std::process::id().to_string()).map_err(snap_io(name, "write the capture marker"))?;
-        let mut q = Qmp::connect(&qemu::qmp_socket(&dir)).map_err(snap_io(name, "connect to its QEMU"))?;
+        let mut q = Qmp::connect(&qemu::qmp_socket(&dir), row.pid.unwrap_or(0))
+            .map_err(snap_io(name, "connect to its QEMU"))?;
         let t = std::time::Instant::now();
         migrate::stop(&mut q).map_err(snap_io(name, "stop the guest"))?;
         let saved = save_stopped(&mut q, row, &dir, dest).and_then(|captured| {
@@ -181,7 +182,7 @@ impl Smolvm {
             SandboxState::Running if alive => {
                 // The pause had not been recorded: it did not happen.
                 let _ = std::fs::remove_dir_all(dir.join(super::pause::PAUSED_DIR));
-                if let Ok(mut q) = Qmp::connect(&qemu::qmp_socket(&dir)) {
+                if let Ok(mut q) = Qmp::connect(&qemu::qmp_socket(&dir), row.pid.unwrap_or(0)) {
                     if migrate::run_state(&mut q).is_ok_and(|s| s != "running") {
                         tracing::warn!("{name}: an interrupted capture left the guest stopped; it runs again");
                         let _ = migrate::cont(&mut q);

@@ -58,9 +58,7 @@ pub fn seal(cfg: &QemuConfig, stream: &Path, identity: Option<Identity>, out: &P
     let mut child = cfg.spawn(plumbing, log).map_err(io("start the sealing QEMU"))?;
     let pid = child.id() as i32;
     let result = (|| {
-        let mut q = migrate::connect_new(&qemu::qmp_socket(&cfg.dir), Duration::from_secs(30), || {
-            crate::vm::process::is_alive(pid, None)
-        })?;
+        let mut q = migrate::connect_new(&qemu::qmp_socket(&cfg.dir), Duration::from_secs(30), pid)?;
         migrate::load(&mut q, &format!("file:/proc/self/fd/{}", qemu::INCOMING_FD), false)?;
         migrate::save(&mut q, "state", true)?;
         let _ = q.execute("quit", None);

@@ -98,12 +98,14 @@ pub fn load(q: &mut Qmp, uri: &str, devices_only: bool) -> std::io::Result<()> {
 }
 
 /// Connects to a QEMU's QMP socket that may not be listening yet (a QEMU just started).
-pub fn connect_new(socket: &std::path::Path, within: Duration, alive: impl Fn() -> bool) -> std::io::Result<Qmp> {
+pub fn connect_new(socket: &std::path::Path, within: Duration, qemu: i32) -> std::io::Result<Qmp> {
     let deadline = Instant::now() + within;
     loop {
-        match Qmp::connect(socket) {
+        match Qmp::connect(socket, qemu) {
             Ok(q) => return Ok(q),
-            Err(e) if Instant::now() > deadline || !alive() => return Err(e),
+            // Someone else's socket there: no use waiting.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return Err(e),
+            Err(e) if Instant::now() > deadline || !crate::vm::process::is_alive(qemu, None) => return Err(e),
             Err(_) => std::thread::sleep(Duration::from_millis(2)),
         }
     }

@@ -15,9 +15,10 @@ pub struct Qmp {
 }
 
 impl Qmp {
-    /// Connects, reads the greeting and negotiates capabilities.
-    pub fn connect(socket: &Path) -> io::Result<Qmp> {
-        let stream = UnixStream::connect(socket)?;
+    /// Connects to the QMP socket of the QEMU of pid `qemu` (checked before a byte is sent),
+    /// reads the greeting and negotiates capabilities.
+    pub fn connect(socket: &Path, qemu: i32) -> io::Result<Qmp> {
+        let stream = crate::child::connect_served_by(socket, qemu, "QEMU")?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         let writer = stream.try_clone()?;
         let mut qmp = Qmp { reader: BufReader::new(stream), writer };
