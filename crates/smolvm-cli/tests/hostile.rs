@@ -407,3 +407,33 @@ fn a_taken_over_qemu_cannot_plant_sockets_for_root() {
     assert_eq!(f.status("b")["status"], "running");
     assert_eq!(ok(f.cmd().args(["exec", "b", "--", "echo", "b-alive"])).trim(), "b-alive");
 }
+
+/// Two homes on one host (two users of the library, a server and the CLI): each one's first
+/// sandbox had slot 0, hence the same uid, and one QEMU could reach the other through /proc.
+/// uids are leased host-wide: never the same, and a uid with processes is never handed out.
+#[test]
+#[ignore = "boots the release under QEMU: run scripts/test.sh"]
+fn sandboxes_of_two_homes_never_share_a_uid() {
+    if !is_root() {
+        eprintln!("skipped: as an ordinary user the sandboxes run as that user (needs root to test)");
+        return;
+    }
+    let (f1, f2) = (Fixture::new(), Fixture::new());
+    ok(f1.cmd().args(["create", "--name", "a"]));
+    ok(f2.cmd().args(["create", "--name", "a"]));
+    let uid = |f: &Fixture| uid_gid_groups(f.status("a")["pid"].as_i64().unwrap() as i32).0;
+    let (u1, u2) = (uid(&f1), uid(&f2));
+    assert_ne!(u1, u2, "two homes' sandboxes run as one uid");
+    assert_eq!(f2.status("a")["host"]["uid"].as_u64(), Some(u2 as u64), "status names the uid it runs as");
+    // Each one's processes: all of its uid, none of the other's.
+    for (f, u) in [(&f1, u1), (&f2, u2)] {
+        let dir = f.dir("a");
+        for pid in [helper_pid(&dir, "netd"), helper_pid(&dir, "agent-proxy")] {
+            assert_eq!(uid_gid_groups(pid).0, u);
+        }
+    }
+    // A restart keeps working (its own lease is no obstacle; the other's is).
+    ok(f2.cmd().args(["stop", "a"]));
+    ok(f2.cmd().args(["start", "a"]));
+    assert_ne!(uid(&f2), u1);
+}

@@ -39,6 +39,9 @@ pub struct Config {
     /// its network process and agent proxy: one uid per sandbox, so that no sandbox's QEMU can
     /// reach another's processes or files). `None` as root: sandboxes refuse to boot.
     pub vm_users: Option<VmUsers>,
+    /// Where the host-wide uid leases live (`sandbox::uids`): one directory for every home on
+    /// the host, so that no two homes' sandboxes share a uid.
+    pub uid_leases: PathBuf,
     /// A PEM file of CA certificates trusted for the real hosts that secrets go to, besides
     /// the host's own roots (tests that stand up their own "provider" with a test CA).
     pub egress_extra_roots: Option<PathBuf>,
@@ -59,11 +62,15 @@ impl Config {
             helper_log: None,
             resolver_hosts: None,
             vm_users: None,
+            uid_leases: PathBuf::from(DEFAULT_UID_LEASES),
             egress_extra_roots: None,
             user_umask: current_umask(),
         }
     }
 }
+
+/// The host-wide uid lease directory (on a tmpfs: no process outlives a reboot, nor a lease).
+pub const DEFAULT_UID_LEASES: &str = "/run/smolvm/uids";
 
 /// A range of ids reserved for sandboxes: sandbox slot `i` runs as `uid_base + i`,
 /// `gid_base + i`. `scripts/install-host-deps.sh` creates the system user `smolvm` and gives

@@ -188,7 +188,25 @@ impl Smolvm {
         }
         let users = self.config().vm_users.ok_or(BootError::NoVmUsers)?;
         let slot = self.db().uid_slot(name)?;
-        users.identity(slot).map(Some).ok_or(BootError::NoFreeUid { count: users.count })
+        // This home's slot, if no other home's sandbox (or any process) has its uid now.
+        let holder = format!("{}/{name}", self.home().database().display());
+        let db = self.db();
+        let leased = super::uids::lease(
+            &self.config().uid_leases,
+            &users,
+            slot,
+            |s| db.uid_slot_taken(name, s).unwrap_or(true),
+            &holder,
+        )
+        .map_err(|source| BootError::Io {
+            what: format!("lease a uid in {}", self.config().uid_leases.display()),
+            source,
+        })?
+        .ok_or(BootError::NoFreeUid { count: users.count })?;
+        if leased != slot {
+            db.set_uid_slot(name, leased)?;
+        }
+        users.identity(leased).map(Some).ok_or(BootError::NoFreeUid { count: users.count })
     }
 
     /// Boots `row`'s sandbox from `files` and waits until a command can run in it; on success

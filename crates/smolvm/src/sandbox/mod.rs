@@ -21,6 +21,7 @@ mod restore;
 pub mod secrets;
 mod snapshots;
 pub mod ssh;
+pub mod uids;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

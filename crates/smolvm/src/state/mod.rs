@@ -286,6 +286,25 @@ impl Db {
         Ok(self.conn.query_row("SELECT uid_slot FROM sandboxes WHERE name=?1", [name], |r| r.get(0))?)
     }
 
+    /// Moves a sandbox to another uid slot (the host-wide lease gave it another).
+    pub fn set_uid_slot(&self, name: &str, slot: u32) -> Result<(), StateError> {
+        self.conn.execute("UPDATE sandboxes SET uid_slot = ?2 WHERE name = ?1", rusqlite::params![name, slot])?;
+        Ok(())
+    }
+
+    /// Whether another sandbox of this home holds slot `slot`.
+    pub fn uid_slot_taken(&self, name: &str, slot: u32) -> Result<bool, StateError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT 1 FROM sandboxes WHERE uid_slot = ?2 AND name <> ?1",
+                rusqlite::params![name, slot],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
     /// The slot a sandbox holds, if any (for `status`).
     pub fn uid_slot_of(&self, name: &str) -> Result<Option<u32>, StateError> {
         Ok(self
