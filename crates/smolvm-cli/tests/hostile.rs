@@ -437,3 +437,85 @@ fn sandboxes_of_two_homes_never_share_a_uid() {
     ok(f2.cmd().args(["start", "a"]));
     assert_ne!(uid(&f2), u1);
 }
+
+/// A taken-over QEMU in the namespaces smolvm gives it: no network at all (a host service on
+/// 127.0.0.1 is out of reach), a root with nothing of the host's but `/usr` and its own run
+/// directory, a procfs with its own processes only, and a seccomp filter on top of QEMU's own.
+/// The attack runs as QEMU's uid inside QEMU's network and mount namespaces, from its root
+/// and working directory. The agent proxy gets the same.
+#[test]
+#[ignore = "boots the release under QEMU: run scripts/test.sh"]
+fn a_taken_over_qemu_has_no_network_no_host_files_and_sees_only_itself() {
+    if !is_root() {
+        eprintln!("skipped: needs root (namespaces are made as root)");
+        return;
+    }
+    let f = Fixture::new();
+    ok(f.cmd().args(["create", "--name", "a"]));
+    let qemu = f.status("a")["pid"].as_i64().unwrap() as i32;
+    let proxy = helper_pid(&f.dir("a"), "agent-proxy");
+    let host_service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = host_service.local_addr().unwrap().port();
+    for (what, pid) in [("QEMU", qemu), ("agent proxy", proxy)] {
+        for ns in ["net", "mnt", "ipc"] {
+            let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+            let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+            assert_ne!(theirs, ours, "{what} shares the host's {ns} namespace");
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        assert!(status.contains("NoNewPrivs:\t1") && status.contains("Seccomp:\t2"), "{what}: {status}");
+    }
+    let filters = std::fs::read_to_string(format!("/proc/{qemu}/status")).unwrap();
+    assert!(filters.contains("Seccomp_filters:\t2"), "ours and QEMU's own: {filters}");
+    let (uid, gid, _) = uid_gid_groups(qemu);
+    let script = format!(
+        r#"
+import json, os, socket
+out = {{}}
+try:
+    s = socket.create_connection(("127.0.0.1", {port}), timeout=3); out["host service"] = "ok"
+except Exception as e:
+    out["host service"] = type(e).__name__
+try:
+    s = socket.create_connection(("169.254.169.254", 80), timeout=3); out["metadata"] = "ok"
+except Exception as e:
+    out["metadata"] = type(e).__name__
+out["root"] = sorted(os.listdir("/"))
+out["pids"] = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+out["home"] = os.path.exists("{home}")
+out["cwd"] = sorted(os.listdir("."))
+print(json.dumps(out))
+"#,
+        home = f.home.path().display()
+    );
+    let out = ok(Command::new("nsenter")
+        .args(["-t", &qemu.to_string(), "-n", "-m", "-r", "-w", "--", "setpriv"])
+        .args(["--reuid", &uid.to_string(), "--regid", &gid.to_string(), "--clear-groups", "--"])
+        .args(["/usr/bin/python3", "-c", &script]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    eprintln!("as QEMU: {v}");
+    assert_ne!(v["host service"], "ok", "reached 127.0.0.1:{port} on the host");
+    assert_ne!(v["metadata"], "ok");
+    assert_eq!(v["home"], false, "the home is visible");
+    let root: Vec<&str> = v["root"].as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect();
+    for r in &root {
+        assert!(
+            ["bin", "dev", "etc", "lib", "lib32", "lib64", "libx32", "proc", "run", "sbin", "usr"].contains(r),
+            "/{r} in QEMU's root: {root:?}"
+        );
+    }
+    assert!(v["cwd"].as_array().unwrap().iter().any(|x| x == "qmp.sock"), "its run directory: {}", v["cwd"]);
+    // Its own processes only: every pid listed runs as its uid.
+    for p in v["pids"].as_array().unwrap() {
+        let p = p.as_i64().unwrap() as i32;
+        if let Ok(s) = std::fs::read_to_string(format!("/proc/{p}/status")) {
+            let u =
+                s.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap().split_whitespace().next().unwrap().to_string();
+            assert_eq!(u, uid.to_string(), "pid {p} of uid {u} is visible to QEMU");
+        }
+    }
+    assert!(!v["pids"].as_array().unwrap().iter().any(|p| p == 1), "init is visible");
+    // The sandbox works through all of it.
+    assert_eq!(ok(f.cmd().args(["exec", "a", "--", "echo", "fine"])).trim(), "fine");
+    drop(host_service);
+}

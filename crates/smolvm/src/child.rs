@@ -42,6 +42,11 @@ pub(crate) struct Confine {
     pub cgroup_procs: Vec<RawFd>,
     /// The program, opened by [`Executable::open`]: the child runs it through its descriptor.
     pub exe: Option<RawFd>,
+    /// Namespaces and a root of its own (`crate::jail`); its working directory is then the
+    /// jail's (`cwd` is what the jail binds there). Only when we are root.
+    pub jail: Option<crate::jail::Jail>,
+    /// The seccomp filter that refuses new namespaces.
+    pub no_namespaces: bool,
 }
 
 /// Where the child finds its program: the command's path is `/proc/self/fd/EXE_FD`.
@@ -109,13 +114,17 @@ impl Confine {
         // Prepared before the fork: nothing below allocates.
         let cwd = self.cwd.map(|p| std::ffi::CString::new(p.as_os_str().as_bytes()).expect("no NUL in a path"));
         let identity = self.identity;
+        // SAFETY: geteuid has no preconditions.
+        let jail = self.jail.filter(|_| unsafe { libc::geteuid() } == 0);
+        let filter = self.no_namespaces.then(crate::jail::no_namespaces_filter);
         let mut procs = [-1; 4];
         for (i, fd) in self.cgroup_procs.iter().take(4).enumerate() {
             procs[i] = *fd;
         }
         // SAFETY: only async-signal-safe system calls (setsid, write, fcntl, dup2, chdir,
-        // prctl, umask, setgroups, setresgid, setresuid) run between fork and exec, on values
-        // prepared before the fork.
+        // unshare, mount, mkdir, symlink, open, close, pivot_root, umount2, prctl, umask,
+        // setgroups, setresgid, setresuid) run between fork and exec, on values prepared
+        // before the fork.
         unsafe {
             cmd.pre_exec(move || {
                 let check = |rc: libc::c_int| if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) };
@@ -140,11 +149,17 @@ impl Confine {
                     // Only to be exec'd through: closed in the program itself.
                     check(libc::fcntl(EXE_FD, libc::F_SETFD, libc::FD_CLOEXEC))?;
                 }
-                if let Some(c) = &cwd {
-                    check(libc::chdir(c.as_ptr()))?;
+                match (&jail, &cwd) {
+                    (Some(j), _) => j.enter()?,
+                    (None, Some(c)) => check(libc::chdir(c.as_ptr()))?,
+                    (None, None) => {}
                 }
                 libc::umask(0o077);
                 check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+                if let Some(f) = &filter {
+                    let prog = libc::sock_fprog { len: f.len() as u16, filter: f.as_ptr().cast_mut() };
+                    crate::jail::install_filter(&prog)?;
+                }
                 if let Some(id) = identity {
                     if libc::geteuid() == 0 {
                         let groups = [id.images_gid];

@@ -14,6 +14,7 @@ pub mod child;
 pub mod config;
 pub mod digest;
 pub mod images;
+pub mod jail;
 pub mod lock;
 pub mod net;
 pub mod paths;

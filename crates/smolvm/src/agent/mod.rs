@@ -89,6 +89,12 @@ pub fn spawn_proxy(
         identity: p.identity,
         cgroup_procs: p.cgroup_procs,
         exe: Some(exe.file.as_raw_fd()),
+        jail: Some(crate::jail::Jail::new(
+            &crate::jail::mount_point(dir, "proxy"),
+            &crate::vm::qemu::run_dir(dir),
+            true,
+        )?),
+        no_namespaces: true,
     }
     .apply(&mut cmd);
     let mut child = cmd.spawn()?;

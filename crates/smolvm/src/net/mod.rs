@@ -178,6 +178,10 @@ pub fn spawn(
         identity,
         cgroup_procs,
         exe: Some(exe.file.as_raw_fd()),
+        // It keeps the host's network (it is the sandbox's way out) and its mounts (the
+        // host's resolver configuration).
+        jail: None,
+        no_namespaces: true,
     }
     .apply(&mut cmd);
     let mut child = cmd.spawn().map_err(io(format!("start {} __netd", program.display())))?;

@@ -334,6 +334,12 @@ impl QemuConfig {
             identity: plumbing.identity,
             cgroup_procs: plumbing.cgroup_procs,
             exe: Some(exe.file.as_raw_fd()),
+            jail: Some(crate::jail::Jail::new(
+                &crate::jail::mount_point(&self.dir, "qemu"),
+                &run_dir(&self.dir),
+                true,
+            )?),
+            no_namespaces: true,
         }
         .apply(&mut cmd);
         tracing::debug!("starting {cmd:?}");
