@@ -67,8 +67,21 @@ pub struct Jail {
     pub new_net: bool,
 }
 
-/// What a sandbox's processes are confined with, for `status` and `doctor`.
-pub const CONFINEMENT: &[&str] = &[
+/// What a sandbox's processes are confined with on this host, for `status` and `doctor`.
+pub fn confinement() -> Vec<&'static str> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        CONFINEMENT.to_vec()
+    } else {
+        vec![
+            "the calling user's uid (namespaces and a uid per sandbox need root)",
+            "no_new_privs",
+            "seccomp: no new namespaces; QEMU -sandbox (spawn, elevateprivileges, resourcecontrol denied)",
+        ]
+    }
+}
+
+const CONFINEMENT: &[&str] = &[
     "own uid and gid",
     "no_new_privs",
     "cgroup limits",

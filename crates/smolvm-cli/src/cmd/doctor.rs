@@ -62,6 +62,7 @@ pub fn run(json: bool) -> anyhow::Result<i32> {
             "home": { "data": home.data, "cache": home.cache },
             "images_release_tag": pins.map(|p| p.tag.clone()),
             "sandbox_processes": privilege,
+            "confinement": smolvm::jail::confinement(),
             "limits": { "support": cgroups, "overhead_mib_kvm": smolvm::vm::cgroup::OVERHEAD_MIB_KVM, "tcg_cache_mib": smolvm::vm::cgroup::TCG_CACHE_MIB, "pids_max": smolvm::vm::cgroup::PIDS_MAX, "cpu_weight": smolvm::vm::cgroup::CPU_WEIGHT },
         }))?;
         return Ok(if found.iter().all(|(_, v, _)| v.is_some()) && privilege_ok { 0 } else { 1 });
@@ -97,6 +98,7 @@ pub fn run(json: bool) -> anyhow::Result<i32> {
         }
         (uid, _) => say(format!("ok       sandboxes' QEMU and helpers run as you (uid {uid})")),
     }
+    say(format!("ok       confinement: {}", smolvm::jail::confinement().join("; ")));
     let limits = format!(
         "memory = guest + {} MiB (+{} MiB under emulation), {} tasks, cpu weight {}",
         smolvm::vm::cgroup::OVERHEAD_MIB_KVM,

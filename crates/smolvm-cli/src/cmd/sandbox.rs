@@ -236,6 +236,9 @@ pub fn status(name: &str, json: bool) -> anyhow::Result<i32> {
         (None, Some(why)) => say(format!("limits:   none: {why}")),
         (None, None) => {}
     }
+    if !s.host.confinement.is_empty() {
+        say(format!("confined: {}", s.host.confinement.join("; ")));
+    }
     say(format!("dir:      {}", s.dir.display()));
     Ok(0)
 }

@@ -120,6 +120,8 @@ pub struct HostSide {
     pub limits: Option<crate::vm::cgroup::Applied>,
     /// Why there are none, when it runs without.
     pub limits_note: Option<String>,
+    /// What its QEMU and helpers are confined with (`crate::jail`).
+    pub confinement: Vec<String>,
 }
 
 /// Errors shared by every operation on an existing sandbox.
@@ -319,7 +321,8 @@ impl Smolvm {
             (_, true, None) => Some("its group could not be made (see the log of its start)".into()),
             _ => None,
         };
-        Ok(HostSide { uid, limits, limits_note })
+        let confinement = crate::jail::confinement().into_iter().map(str::to_string).collect();
+        Ok(HostSide { uid, limits, limits_note, confinement })
     }
 
     /// The images `create` uses now: the configured overrides, else this home's default
