@@ -232,6 +232,10 @@ pub struct ServeArgs {
     /// Seconds a sandbox created without a timeout lives (E2B's default).
     #[arg(long, default_value_t = 300)]
     pub default_timeout: u64,
+    /// Let API callers give a sandbox the host's ports (allow_host_ports) or private ranges
+    /// (allow_private). Off: such a network policy is refused with 403.
+    #[arg(long)]
+    pub allow_host_access: bool,
 }
 
 #[derive(Debug, Args)]
@@ -287,6 +291,10 @@ pub struct NetworkArgs {
     /// Let the guest reach the host's 127.0.0.1:PORT, at 10.0.2.2:PORT (host.smolvm.internal).
     #[arg(long = "allow-host-port", value_name = "PORT")]
     pub allow_host_ports: Vec<u16>,
+    /// Let --allow-cidr ranges admit the private ranges they cover (RFC 1918, 100.64/10,
+    /// fc00::/7): a LAN service. Link-local (metadata services) stays refused.
+    #[arg(long = "allow-private")]
+    pub allow_private: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

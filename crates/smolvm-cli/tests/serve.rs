@@ -321,6 +321,14 @@ fn hostile_ids_and_queries_neither_reach_paths_nor_take_the_server_down() {
     for suffix in [".lock", "", ".json"] {
         assert!(!Path::new(&format!("{target}{suffix}")).exists(), "{target}{suffix} was created");
     }
+    // Any caller holds the key: the host's ports and private networks are not theirs to open.
+    for policy in [
+        r#"{"mode":"nat","allow_host_ports":[22]}"#,
+        r#"{"mode":"nat","allow_cidrs":["10.0.0.0/8"],"allow_private":true}"#,
+    ] {
+        let (status, body) = f.http("PUT", "/smolvm/v1/sandboxes/any-box/network", Some(policy), Some(&f.key));
+        assert_eq!(status, 403, "{policy}: {body}");
+    }
     let (status, body) = f.http("GET", "/v2/sandboxes?metadata=%25a%C3%A9%3Dx", None, Some(&f.key));
     assert_eq!(status, 200, "{body}");
     let (status, body) = f.http("GET", "/v2/sandboxes", None, Some(&f.key));

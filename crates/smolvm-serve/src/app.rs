@@ -28,6 +28,10 @@ pub struct ServeConfig {
     /// Host names (besides loopback's) that `/mcp` answers to: its guard against DNS
     /// rebinding refuses others.
     pub public_hosts: Vec<String>,
+    /// Whether API callers may open the host to a sandbox (`allow_host_ports`) or private
+    /// ranges (`allow_private`): off unless the server was started with the flag that allows
+    /// it. Any API caller holds the key; the host's services are not theirs to hand out.
+    pub allow_host_access: bool,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

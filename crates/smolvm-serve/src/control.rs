@@ -229,6 +229,19 @@ fn timeout_secs(app: &App, t: Option<u64>) -> Result<u64, ApiError> {
     Ok(t)
 }
 
+/// Refuses (403) a policy that opens the host (its ports, private ranges) unless the server
+/// was started with `--allow-host-access`.
+pub fn host_access_allowed(app: &App, policy: &smolvm::sandbox::NetworkPolicy) -> Result<(), ApiError> {
+    if app.config.allow_host_access || (policy.allow_host_ports.is_empty() && !policy.allow_private) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "allow_host_ports and allow_private open the host's services and networks: this server does not let API \
+         callers do that (start it with --allow-host-access)",
+    ))
+}
+
 /// E2B's `network.allowOut` as smolvm's allow-lists; `denyOut` has no meaning in an
 /// allow-list policy and is refused rather than ignored.
 fn network_policy(body: &NewSandbox) -> Result<smolvm::sandbox::NetworkPolicy, ApiError> {

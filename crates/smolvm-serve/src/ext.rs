@@ -53,6 +53,7 @@ pub async fn put_network(
         body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("a malformed body: {}", e.body_text())))?;
     let policy: smolvm::sandbox::NetworkPolicy = serde_json::from_value(v)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("not a network policy: {e}")))?;
+    crate::control::host_access_allowed(&app, &policy)?;
     let name = id.clone();
     app.blocking(move |s| s.set_network(&name, &policy)).await?.map_err(|e| match e {
         smolvm::sandbox::LifecycleError::Sandbox(smolvm::sandbox::SandboxError::NotFound(_)) => {

@@ -25,6 +25,7 @@ pub fn policy(a: &NetworkArgs) -> anyhow::Result<NetworkPolicy> {
             .map(|c| c.parse().with_context(|| format!("--allow-cidr {c}")))
             .collect::<anyhow::Result<_>>()?,
         allow_host_ports: a.allow_host_ports.clone(),
+        allow_private: a.allow_private,
     };
     p.validate()?;
     Ok(p)

@@ -7,7 +7,11 @@ use smolvm_serve::{ApiKey, App, ServeConfig};
 
 use crate::cli::ServeArgs;
 
-fn app(default_timeout: u64, public_hosts: Vec<String>) -> anyhow::Result<std::sync::Arc<App>> {
+fn app(
+    default_timeout: u64,
+    public_hosts: Vec<String>,
+    allow_host_access: bool,
+) -> anyhow::Result<std::sync::Arc<App>> {
     let smolvm = crate::config::from_env();
     let key_path = key_path(&smolvm);
     let (key, made) = ApiKey::load_or_create(&key_path)?;
@@ -20,6 +24,7 @@ fn app(default_timeout: u64, public_hosts: Vec<String>) -> anyhow::Result<std::s
         default_timeout_secs: default_timeout,
         reap_interval: std::time::Duration::from_secs(1),
         public_hosts,
+        allow_host_access,
     }))
 }
 
@@ -50,7 +55,7 @@ pub fn serve(a: ServeArgs, json: bool) -> anyhow::Result<i32> {
         );
     }
     let public = if addr.ip().is_loopback() { Vec::new() } else { vec![addr.ip().to_string()] };
-    let app = app(a.default_timeout, public)?;
+    let app = app(a.default_timeout, public, a.allow_host_access)?;
     let key_file = key_path(&app.config.smolvm);
     let rt = runtime()?;
     rt.block_on(async move {
@@ -88,7 +93,7 @@ pub fn serve(a: ServeArgs, json: bool) -> anyhow::Result<i32> {
 }
 
 pub fn mcp() -> anyhow::Result<i32> {
-    let app = app(300, Vec::new())?;
+    let app = app(300, Vec::new(), false)?;
     runtime()?.block_on(smolvm_serve::mcp::serve_stdio(app))?;
     Ok(0)
 }

@@ -217,6 +217,12 @@ pub struct NetworkPolicy {
     /// Ports of the host's 127.0.0.1 that the guest may reach at [`super::GATEWAY`].
     #[serde(default)]
     pub allow_host_ports: Vec<u16>,
+    /// Let `allow_cidrs` admit private ranges (RFC 1918, 100.64/10, fc00::/7, ...) where
+    /// they cover them. Without it an allowed range never opens them (`0.0.0.0/0` means the
+    /// internet); link-local (metadata services), loopback, multicast and reserved ranges are
+    /// refused whatever the policy says.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_private: bool,
 }
 
 impl NetworkPolicy {
@@ -259,7 +265,32 @@ impl NetworkPolicy {
             let ports: Vec<String> = self.allow_host_ports.iter().map(u16::to_string).collect();
             s.push_str(&format!(", host ports {}", ports.join(" ")));
         }
+        if self.allow_private {
+            s.push_str(", private ranges in those CIDRs");
+        }
         s
+    }
+}
+
+/// Whether a special range is one that no policy opens: the host itself, link-local (the
+/// metadata services at 169.254.169.254 and fe80::), multicast, reserved.
+fn never_allowed(ip: IpAddr) -> bool {
+    match canonical(ip) {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            o[0] == 127 || o[0] == 0 || (o[0] == 169 && o[1] == 254) || o[0] >= 224
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || s[0] & 0xffc0 == 0xfe80
+                || s[0] & 0xff00 == 0xff00
+                || (s[0] == 0x64 && s[1] == 0xff9b && {
+                    let v4 = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+                    never_allowed(IpAddr::V4(v4))
+                })
+        }
     }
 }
 
@@ -419,6 +450,21 @@ impl Decider {
         self.policy.allow_cidrs.iter().any(|c| c.contains(ip))
     }
 
+    /// The verdict on an address in a special range (`None`: not in one): refused, unless it
+    /// is a private range that an allowed CIDR covers under `allow_private`.
+    fn special(&self, ip: IpAddr) -> Option<Verdict> {
+        let range = special_range(ip)?;
+        if !never_allowed(ip) && self.policy.allow_private && self.in_allowed_cidr(ip) {
+            return Some(Verdict::Allow);
+        }
+        let why = if self.in_allowed_cidr(ip) && !never_allowed(ip) {
+            format!("{range}: an allowed CIDR opens a private range only with --allow-private")
+        } else {
+            range.to_string()
+        };
+        Some(Verdict::Refuse(why))
+    }
+
     /// The first check of a connection (TCP) or flow (UDP) to `ip` outside the gateway.
     pub fn check_ip(&mut self, ip: IpAddr, tcp: bool) -> Verdict {
         if self.policy.mode == NetworkMode::None {
@@ -427,11 +473,11 @@ impl Decider {
         if self.host.contains(ip) || canonical(ip).is_loopback() || canonical(ip).is_unspecified() {
             return Verdict::Refuse("the host's own address".into());
         }
+        if let Some(v) = self.special(ip) {
+            return v;
+        }
         if self.in_allowed_cidr(ip) {
             return Verdict::Allow;
-        }
-        if let Some(range) = special_range(ip) {
-            return Verdict::Refuse(range.into());
         }
         if !self.policy.has_allow_list() {
             return Verdict::Allow;
@@ -475,8 +521,14 @@ impl Decider {
         if self.policy.mode == NetworkMode::None {
             return Verdict::Refuse("network none".into());
         }
-        if !self.policy.allow_domains.is_empty() && !self.name_allowed(name) && self.policy.allow_cidrs.is_empty() {
-            return Verdict::Refuse(format!("{} is not in --allow-domain", normalize_name(name)));
+        // Under an allow-list the resolver answers allowed names only: a query is sent on to
+        // the host's resolver, and its name is data that leaves (DNS exfiltration), whatever
+        // addresses the guest may then connect to. (CIDRs name no names: under a CIDR-only
+        // list no name is resolved.)
+        let name = normalize_name(name);
+        let host_name = name == super::HOST_NAME && !self.policy.allow_host_ports.is_empty();
+        if self.policy.has_allow_list() && !self.name_allowed(&name) && !host_name {
+            return Verdict::Refuse(format!("{name} is not in --allow-domain"));
         }
         Verdict::Allow
     }
@@ -492,10 +544,8 @@ impl Decider {
         for &ip in addrs {
             let v = if self.host.contains(ip) || canonical(ip).is_loopback() {
                 Verdict::Refuse("the host's own address".into())
-            } else if self.in_allowed_cidr(ip) {
-                Verdict::Allow
-            } else if let Some(range) = special_range(ip) {
-                Verdict::Refuse(range.into())
+            } else if let Some(v) = self.special(ip) {
+                v
             } else {
                 Verdict::Allow
             };
@@ -524,6 +574,49 @@ mod tests {
 
     fn decider(p: NetworkPolicy) -> Decider {
         Decider::new(p, HostAddrs::fixed(vec![ip("192.0.2.1"), ip("198.51.100.77")]))
+    }
+
+    /// E2B's `allowOut: ["0.0.0.0/0"]` (or any wide CIDR) meant "everything", private ranges
+    /// and the metadata service included. Now a CIDR opens private ranges only with
+    /// `allow_private`, and link-local, loopback, multicast never.
+    #[test]
+    fn an_allowed_cidr_never_opens_the_metadata_service_and_private_ranges_only_when_asked() {
+        let wide = NetworkPolicy {
+            allow_cidrs: vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()],
+            ..Default::default()
+        };
+        let mut d = decider(wide.clone());
+        for refused in [
+            "169.254.169.254",
+            "10.0.0.1",
+            "192.168.1.1",
+            "100.64.0.1",
+            "127.0.0.1",
+            "224.0.0.1",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:169.254.169.254",
+            "64:ff9b::a9fe:a9fe",
+        ] {
+            assert!(matches!(d.check_ip(ip(refused), true), Verdict::Refuse(_)), "{refused}");
+        }
+        assert_eq!(d.check_ip(ip("203.0.113.9"), true), Verdict::Allow);
+        let (kept, refused) =
+            d.check_resolved("rebind.test", &[ip("10.1.2.3"), ip("169.254.169.254"), ip("203.0.113.9")]);
+        assert_eq!((kept.len(), refused.len()), (1, 2));
+        let mut lan = decider(NetworkPolicy { allow_private: true, ..wide });
+        assert_eq!(lan.check_ip(ip("10.0.0.1"), true), Verdict::Allow);
+        assert_eq!(lan.check_ip(ip("fd00::1"), true), Verdict::Allow);
+        for refused in ["169.254.169.254", "127.0.0.1", "224.0.0.1", "fe80::1", "192.0.2.1"] {
+            assert!(matches!(lan.check_ip(ip(refused), true), Verdict::Refuse(_)), "{refused} with allow_private");
+        }
+        // allow_private without a CIDR that covers the address opens nothing.
+        let mut narrow = decider(NetworkPolicy {
+            allow_private: true,
+            allow_cidrs: vec!["203.0.113.0/24".parse().unwrap()],
+            ..Default::default()
+        });
+        assert!(matches!(narrow.check_ip(ip("10.0.0.1"), true), Verdict::Refuse(_)));
     }
 
     #[test]
@@ -592,6 +685,23 @@ mod tests {
         assert!(matches!(d.check_query("a.test"), Verdict::Refuse(_)));
     }
 
+    /// A CIDR on the list made the resolver answer any name through the host's resolver: the
+    /// name itself leaves the host (`<data>.attacker.example`).
+    #[test]
+    fn under_an_allow_list_only_allowed_names_are_resolved() {
+        let cidr_only = NetworkPolicy { allow_cidrs: vec!["203.0.113.0/24".parse().unwrap()], ..Default::default() };
+        let d = decider(cidr_only.clone());
+        assert!(matches!(d.check_query("c2VjcmV0.exfil.example"), Verdict::Refuse(_)));
+        let both = NetworkPolicy { allow_domains: vec!["*.a.test".parse().unwrap()], ..cidr_only };
+        let d = decider(both);
+        assert_eq!(d.check_query("api.a.test"), Verdict::Allow);
+        assert!(matches!(d.check_query("c2VjcmV0.exfil.example"), Verdict::Refuse(_)));
+        assert!(matches!(d.check_query(crate::net::HOST_NAME), Verdict::Refuse(_)), "no host port allowed");
+        let host = NetworkPolicy { allow_host_ports: vec![8080], ..NetworkPolicy::default() };
+        assert_eq!(decider(host).check_query(crate::net::HOST_NAME), Verdict::Allow);
+        assert_eq!(decider(NetworkPolicy::default()).check_query("anything.example"), Verdict::Allow);
+    }
+
     #[test]
     fn allow_cidr_admits_its_range_only() {
         let p = NetworkPolicy { allow_cidrs: vec!["203.0.113.0/24".parse().unwrap()], ..Default::default() };
@@ -638,6 +748,7 @@ mod tests {
             allow_domains: vec!["*.a.test".parse().unwrap()],
             allow_cidrs: vec!["203.0.113.0/24".parse().unwrap()],
             allow_host_ports: vec![11434],
+            allow_private: false,
         };
         let j = serde_json::to_string(&p).unwrap();
         assert_eq!(
