@@ -15,6 +15,9 @@ pub enum Sniffed {
     NeedMore,
     /// TLS with this server name.
     Tls(String),
+    /// TLS with Encrypted Client Hello: the server name given (the "outer" one) is a public
+    /// name of the provider, the real one is encrypted. It names nothing that can be checked.
+    Ech(String),
     /// An HTTP/1 request for this host (port removed).
     Http(String),
     /// Neither, or one that names no host.
@@ -105,10 +108,19 @@ fn tls_sni(buf: &[u8]) -> Sniffed {
     if hs.len() < total(&hs) {
         return Sniffed::NeedMore;
     }
-    parse_client_hello(&hs).map(Sniffed::Tls).unwrap_or(Sniffed::Unnamed)
+    match parse_client_hello(&hs) {
+        Some((_, true)) => Sniffed::Ech(String::new()),
+        Some((Some(name), false)) => Sniffed::Tls(name),
+        _ => Sniffed::Unnamed,
+    }
 }
 
-fn parse_client_hello(hs: &[u8]) -> Option<String> {
+/// The extension type of Encrypted Client Hello (draft-ietf-tls-esni).
+const ECH_EXTENSION: usize = 0xfe0d;
+
+/// The server name a ClientHello gives, and whether it carries ECH (every extension is read:
+/// the order is the client's).
+fn parse_client_hello(hs: &[u8]) -> Option<(Option<String>, bool)> {
     let mut c = Cur { b: hs };
     c.take(1)?; // type
     let len = c.u24()?;
@@ -122,11 +134,15 @@ fn parse_client_hello(hs: &[u8]) -> Option<String> {
     c.take(comp)?;
     let ext_len = c.u16()?;
     let mut ext = Cur { b: c.take(ext_len)? };
+    let (mut sni, mut ech) = (None, false);
     while !ext.b.is_empty() {
         let ty = ext.u16()?;
         let len = ext.u16()?;
         let body = ext.take(len)?;
-        if ty != 0 {
+        if ty == ECH_EXTENSION {
+            ech = true;
+        }
+        if ty != 0 || sni.is_some() {
             continue;
         }
         let mut s = Cur { b: body };
@@ -137,13 +153,12 @@ fn parse_client_hello(hs: &[u8]) -> Option<String> {
             let n = list.u16()?;
             let name = list.take(n)?;
             if kind == 0 {
-                let name = std::str::from_utf8(name).ok()?;
-                return Some(name.to_ascii_lowercase());
+                sni = Some(std::str::from_utf8(name).ok()?.to_ascii_lowercase());
+                break;
             }
         }
-        return None;
     }
-    None
+    Some((sni, ech))
 }
 
 /// The Host header of an HTTP/1.x request.
@@ -193,6 +208,11 @@ pub(crate) mod tests {
 
     /// A minimal, well-formed ClientHello naming `host`.
     pub(crate) fn client_hello(host: &str) -> Vec<u8> {
+        client_hello_with(host, &[])
+    }
+
+    /// The same with more extensions (raw: type, length, body) after the server name.
+    fn client_hello_with(host: &str, more: &[u8]) -> Vec<u8> {
         let name = host.as_bytes();
         let mut sni = Vec::new();
         sni.extend_from_slice(&((name.len() + 3) as u16).to_be_bytes());
@@ -204,6 +224,7 @@ pub(crate) mod tests {
         exts.extend_from_slice(&[0, 0]);
         exts.extend_from_slice(&(sni.len() as u16).to_be_bytes());
         exts.extend_from_slice(&sni);
+        exts.extend_from_slice(more);
         let mut body = vec![3, 3];
         body.extend_from_slice(&[7; 32]);
         body.push(0); // session id
@@ -237,6 +258,16 @@ pub(crate) mod tests {
         two.extend_from_slice(&(b.len() as u16).to_be_bytes());
         two.extend_from_slice(b);
         assert_eq!(sniff(&two), Sniffed::Tls("a.test".into()));
+    }
+
+    /// ECH: the server name in sight is the provider's public one; the real one is encrypted.
+    #[test]
+    fn an_encrypted_client_hello_is_told_apart() {
+        let ech = client_hello_with("public.cdn.test", &[0xfe, 0x0d, 0x00, 0x04, 0, 1, 2, 3]);
+        assert_eq!(sniff(&ech), Sniffed::Ech(String::new()));
+        assert_eq!(Sniffed::Ech(String::new()).name(), None);
+        let other = client_hello_with("a.test", &[0x00, 0x2b, 0x00, 0x03, 0x02, 0x03, 0x04]);
+        assert_eq!(sniff(&other), Sniffed::Tls("a.test".into()));
     }
 
     #[test]

@@ -65,6 +65,11 @@ enum State {
 /// See the module documentation.
 pub struct RequestGate {
     host: String,
+    /// The port the connection goes to (a `Host` may name it, or none).
+    port: u16,
+    /// Secrets' mode: ask for an identity encoding (so that echoes can be scrubbed) and offer
+    /// no compressed WebSocket. Off for a plain connection that is only checked.
+    identity: bool,
     bindings: Vec<Binding>,
     placeholders: Option<AhoCorasick>,
     longest: usize,
@@ -87,6 +92,13 @@ impl std::fmt::Debug for RequestGate {
 }
 
 impl RequestGate {
+    /// A gate that only checks: every request of a plain-HTTP connection under a domain
+    /// allow-list names `host` (the name its first request was allowed for) at `port`, and is
+    /// framed unambiguously; heads are re-serialised, nothing else changes.
+    pub fn checking(host: &str, port: u16) -> RequestGate {
+        RequestGate { port, identity: false, ..RequestGate::new(host, Vec::new()) }
+    }
+
     /// `host`: the (normalised) name the connection was intercepted for.
     pub fn new(host: &str, bindings: Vec<Binding>) -> RequestGate {
         let placeholders =
@@ -94,6 +106,8 @@ impl RequestGate {
         let longest = bindings.iter().map(|b| b.placeholder.len()).max().unwrap_or(0);
         RequestGate {
             host: host.to_string(),
+            port: 443,
+            identity: true,
             bindings,
             placeholders,
             longest,
@@ -182,6 +196,11 @@ impl RequestGate {
             }
         }
         Ok(())
+    }
+
+    /// The name every request must carry.
+    pub fn host(&self) -> &str {
+        &self.host
     }
 
     /// The server answered the upgrade request: `switched` (101) makes the rest of the
@@ -327,7 +346,7 @@ impl RequestGate {
                 "upgrade" => upgrade = true,
                 // The server is asked for an identity encoding (below), so that what it sends
                 // back can be scanned; no compressed WebSocket either.
-                "accept-encoding" | "sec-websocket-extensions" => continue,
+                "accept-encoding" | "sec-websocket-extensions" if self.identity => continue,
                 _ => {}
             }
             let value = match header_use(&self.bindings, h.name, value) {
@@ -358,7 +377,10 @@ impl RequestGate {
         if chunked && length.is_some() {
             return refuse(400, "both Content-Length and Transfer-Encoding");
         }
-        head.extend_from_slice(b"Accept-Encoding: identity\r\n\r\n");
+        if self.identity {
+            head.extend_from_slice(b"Accept-Encoding: identity\r\n");
+        }
+        head.extend_from_slice(b"\r\n");
         let state = match (chunked, length) {
             (true, _) => State::ChunkSize,
             (false, Some(n)) if n > 0 => State::Body(n),
@@ -385,7 +407,7 @@ impl RequestGate {
     fn same_host(&self, value: &[u8]) -> bool {
         let Ok(v) = std::str::from_utf8(value) else { return false };
         let name = match v.rsplit_once(':') {
-            Some((n, "443")) => n,
+            Some((n, p)) if p.parse::<u16>() == Ok(self.port) => n,
             Some(_) => return false,
             None => v,
         };

@@ -258,3 +258,18 @@ fn head_1xx_204_and_upgrades_are_framed() {
     s.end(&mut out);
     assert!(!String::from_utf8_lossy(&out).contains(REAL));
 }
+
+/// A plain connection under a domain allow-list: every request is for the allowed host, at
+/// the connection's port; the head goes out re-serialised, and nothing else changes.
+#[test]
+fn a_checked_plain_connection_keeps_every_request_on_its_host() {
+    let mut g = RequestGate::checking("a.test", 80);
+    let mut out = Vec::new();
+    g.feed(b"GET / HTTP/1.1\r\nHost: a.test:80\r\nAccept-Encoding: gzip\r\n\r\n", &mut out).unwrap();
+    assert_eq!(out, b"GET / HTTP/1.1\r\nHost: a.test:80\r\nAccept-Encoding: gzip\r\n\r\n");
+    assert_eq!(g.feed(b"GET / HTTP/1.1\r\nHost: b.test\r\n\r\n", &mut out).unwrap_err().status, 421);
+    let mut g = RequestGate::checking("a.test", 80);
+    assert_eq!(g.feed(b"GET / HTTP/1.1\r\nHost: a.test:443\r\n\r\n", &mut out).unwrap_err().status, 421);
+    let mut g = RequestGate::checking("a.test", 80);
+    assert_eq!(g.feed(b"GET http://b.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n", &mut out).unwrap_err().status, 421);
+}

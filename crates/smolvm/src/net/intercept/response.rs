@@ -78,8 +78,18 @@ impl ResponseScrub {
     }
 
     /// Feeds bytes from the server; appends what goes to the guest to `out`. `sent` holds the
-    /// requests whose responses have not begun, oldest first.
-    pub fn feed(&mut self, mut input: &[u8], out: &mut Vec<u8>, sent: &mut VecDeque<Sent>) -> Result<Events, Refusal> {
+    /// requests whose responses have not begun, oldest first. With nothing to mask (a plain
+    /// connection that is only checked) the bytes pass exactly as they came, framed only to
+    /// see each response's status.
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>, sent: &mut VecDeque<Sent>) -> Result<Events, Refusal> {
+        if self.scrub.masks_anything() {
+            return self.frame(input, out, sent);
+        }
+        out.extend_from_slice(input);
+        self.frame(input, &mut Vec::new(), sent)
+    }
+
+    fn frame(&mut self, mut input: &[u8], out: &mut Vec<u8>, sent: &mut VecDeque<Sent>) -> Result<Events, Refusal> {
         let mut ev = Events::default();
         while !input.is_empty() {
             match self.state.clone() {
@@ -194,16 +204,15 @@ impl ResponseScrub {
             if h.name.eq_ignore_ascii_case("content-encoding") && !(v.is_empty() || v == "identity") {
                 other_coding = Some(v);
             } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                if v == "chunked" {
-                    chunked = true;
-                } else {
+                chunked = v.rsplit(',').next().is_some_and(|last| last.trim() == "chunked");
+                if v != "chunked" {
                     other_coding = Some(v);
                 }
             } else if h.name.eq_ignore_ascii_case("content-length") {
                 length = v.parse().ok();
             }
         }
-        if let Some(coding) = other_coding {
+        if let (Some(coding), true) = (other_coding, self.scrub.masks_anything()) {
             return Err(Refusal {
                 status: 502,
                 reason: format!(

@@ -65,6 +65,11 @@ impl Scrubber {
         Scrubber { masks, ac, longest, ctx: Vec::new(), held: Vec::new(), replaced: 0 }
     }
 
+    /// Whether there is any value to mask (a plain connection's response framer has none).
+    pub fn masks_anything(&self) -> bool {
+        self.ac.is_some()
+    }
+
     /// Whether bytes are held back (the caller flushes them when the stream pauses).
     pub fn holding(&self) -> bool {
         !self.held.is_empty()

@@ -2,6 +2,8 @@
 //! the host to the guest.
 
 use super::*;
+use crate::net::intercept::request::RequestGate;
+use crate::net::intercept::response::ResponseScrub;
 
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Phase {
@@ -70,6 +72,10 @@ pub(super) struct Conn {
     host_eof: bool,
     shut_wr: bool,
     since: Instant,
+    /// A plain-HTTP connection allowed by its name under a domain allow-list: every later
+    /// request on it is checked too (the same Host, unambiguous framing), and responses are
+    /// framed to see an upgrade's answer.
+    http: Option<Box<(RequestGate, ResponseScrub)>>,
 }
 
 impl Netd {
@@ -164,6 +170,7 @@ impl Netd {
             host_eof: false,
             shut_wr: false,
             since: Instant::now(),
+            http: None,
         };
         if matches!(c.phase, Phase::Connecting { .. }) && !self.connect_host(&mut c) {
             if let Phase::Connecting { syn: Some(syn) } = &c.phase {
@@ -342,6 +349,14 @@ impl Netd {
             Action::Fail => self.fail(id),
             Action::Finish => self.finish(id),
             Action::Named(found) => self.named(id, found),
+            Action::Refuse(rule) => {
+                let (dest, name) = match self.conns.get(&id) {
+                    Some(c) => (c.key.1.to_string(), c.http.as_ref().map(|h| h.0.host().to_string())),
+                    None => (String::new(), None),
+                };
+                self.fail(id);
+                self.refuse("http", dest, name, rule);
+            }
         }
     }
 
@@ -351,7 +366,13 @@ impl Netd {
         let ip = IpAddr::V4(*c.key.1.ip());
         let dest = c.key.1.to_string();
         let name = found.name().map(str::to_string);
-        let verdict = if c.ip_allowed { Verdict::Allow } else { self.decider.check_name(ip, name.as_deref()) };
+        let verdict = match &found {
+            _ if c.ip_allowed => Verdict::Allow,
+            Sniffed::Ech(_) => {
+                Verdict::Refuse("an encrypted ClientHello (ECH) hides the server name --allow-domain checks".into())
+            }
+            _ => self.decider.check_name(ip, name.as_deref()),
+        };
         match verdict {
             Verdict::Allow => {
                 let to_intercept = match (&found, &self.intercept) {
@@ -362,6 +383,19 @@ impl Netd {
                     return self.intercept_conn(id, icpt, sni);
                 }
                 let mut c = self.conns.remove(&id).expect("present");
+                if let (Sniffed::Http(host), false) = (&found, c.ip_allowed) {
+                    // Allowed for this Host: so must every later request on it be.
+                    let mut gate = RequestGate::checking(host, c.key.1.port());
+                    let mut first = Vec::new();
+                    if let Err(r) = gate.feed(&c.to_host, &mut first) {
+                        self.conns.insert(id, c);
+                        self.fail(id);
+                        return self.refuse("http", dest, name, r.reason);
+                    }
+                    c.to_host = first;
+                    c.to_host_off = 0;
+                    c.http = Some(Box::new((gate, ResponseScrub::new(Vec::new()))));
+                }
                 c.phase = Phase::Connecting { syn: None };
                 let ok = self.connect_host(&mut c);
                 self.conns.insert(id, c);
@@ -372,7 +406,7 @@ impl Netd {
             Verdict::Refuse(rule) => {
                 self.fail(id);
                 let proto = match found {
-                    Sniffed::Tls(_) => "tls",
+                    Sniffed::Tls(_) | Sniffed::Ech(_) => "tls",
                     Sniffed::Http(_) => "http",
                     _ => "tcp",
                 };
@@ -466,6 +500,7 @@ impl Netd {
                     host_eof: false,
                     shut_wr: false,
                     since: Instant::now(),
+                    http: None,
                 },
             );
         }
@@ -478,6 +513,8 @@ enum Action {
     Fail,
     Finish,
     Named(Sniffed),
+    /// A later request of a checked connection is refused: why.
+    Refuse(String),
 }
 
 /// Collects the first bytes of a connection until they name a host (or cannot).
@@ -521,6 +558,15 @@ fn pipe(c: &mut Conn, s: &mut tcp::Socket) -> Action {
             if c.to_host.is_empty() {
                 break;
             }
+            if let Some(h) = c.http.as_mut() {
+                let raw = std::mem::take(&mut c.to_host);
+                if let Err(r) = h.0.feed(&raw, &mut c.to_host) {
+                    return Action::Refuse(r.reason);
+                }
+                if c.to_host.is_empty() {
+                    continue;
+                }
+            }
         }
         if !c.host_writable {
             break;
@@ -553,6 +599,25 @@ fn pipe(c: &mut Conn, s: &mut tcp::Socket) -> Action {
             }
             Ok(n) => {
                 let _ = s.send_slice(&buf[..n]);
+                if let Some(h) = c.http.as_mut() {
+                    let (gate, framer) = &mut **h;
+                    match framer.feed(&buf[..n], &mut Vec::new(), &mut gate.sent) {
+                        Ok(ev) => {
+                            if let Some(switched) = ev.upgrade_answered {
+                                // The guest's bytes that waited for the answer go now (checked
+                                // as requests unless it switched protocols).
+                                let mut more = Vec::new();
+                                if let Err(r) = gate.upgrade_answered(switched, &mut more) {
+                                    return Action::Refuse(r.reason);
+                                }
+                                c.to_host.extend_from_slice(&more);
+                            }
+                        }
+                        // A response we cannot frame: stop checking (nothing more can be
+                        // told apart on this connection), and stop the connection.
+                        Err(r) => return Action::Refuse(r.reason),
+                    }
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.host_readable = false,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
