@@ -10,6 +10,7 @@
 
 #![allow(clippy::print_stdout)]
 
+mod intercept;
 mod network;
 mod serve;
 mod snapshots;
@@ -59,6 +60,9 @@ struct Args {
     /// pause, resume, clones' memory): needs no preset layer in the release.
     #[arg(long, conflicts_with_all = ["network_only", "serve_only"])]
     snapshots_only: bool,
+    /// Only the secrets interceptor's figures (host-side: no VM, no root).
+    #[arg(long, conflicts_with_all = ["network_only", "serve_only", "snapshots_only"])]
+    intercept_only: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -97,7 +101,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let work = tempfile::tempdir()?;
     // Before any thread: the network figures need this process in namespaces of its own.
-    let measure_network = !args.no_network && is_root();
+    let measure_network = !args.no_network && !args.intercept_only && is_root();
     let inet = if measure_network { Some(network::enter_world(work.path(), 64)?) } else { None };
     let release =
         args.release.canonicalize().with_context(|| format!("release directory {}", args.release.display()))?;
@@ -123,7 +127,7 @@ fn main() -> anyhow::Result<()> {
     }
     let mut report = Report::default();
 
-    if !args.network_only {
+    if !args.network_only && !args.intercept_only {
         let home = work.path().join("warm");
         let mut run = || -> anyhow::Result<()> {
             if args.serve_only {
@@ -158,11 +162,14 @@ fn main() -> anyhow::Result<()> {
         }
         result?;
     }
-    if let Some(inet) = &inet {
+    if !args.network_only && !args.serve_only && !args.snapshots_only {
+        intercept::figures(args.runs, 64, &mut report)?;
+    }
+    if let Some(inet) = inet.as_ref().filter(|_| !args.intercept_only) {
         let r = network::figures(work.path(), args.runs, &mut report);
         network::leave_world(inet);
         r?;
-    } else if !args.json {
+    } else if !args.json && !args.intercept_only {
         println!("(network figures skipped: they need root, or --no-network was given)\n");
     }
 

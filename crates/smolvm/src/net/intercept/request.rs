@@ -28,7 +28,8 @@ pub const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
 
 /// A request refused: the status the guest is answered with and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{status}: {reason}")]
 pub struct Refusal {
     pub status: u16,
     pub reason: String,
