@@ -143,6 +143,9 @@ impl Jail {
         // SAFETY: every call below is a system call on NUL-terminated strings prepared before
         // the fork, which outlive this function.
         unsafe {
+            // The directories made below must be traversable by the sandbox's uid whatever
+            // this process's umask is (smolvm's is 077); the child sets its own after.
+            libc::umask(0o022);
             check(libc::unshare(flags))?;
             // Nothing mounted here propagates back to the host.
             check(libc::mount(null, c"/".as_ptr(), null, libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()))?;

@@ -135,7 +135,9 @@ fn start_servers(ns: &str, specs: &[String]) -> Child {
 }
 
 pub fn world() -> World {
-    let id = std::process::id();
+    // Two worlds of one test process (tests run in parallel) need names of their own.
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let id = format!("{}{}", std::process::id(), NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
     let (host, inet) = (format!("smv-host-{id}"), format!("smv-inet-{id}"));
     let (vh, vi) = (format!("smvh{id}"), format!("smvi{id}"));
     let files = tempfile::tempdir().unwrap();

@@ -180,8 +180,21 @@ impl Smolvm {
         }
     }
 
-    /// Who the sandbox's processes run as: its own uid when we are root, else the caller.
+    /// Who the sandbox's processes run as now: its own uid (its slot's) when we are root, else
+    /// the caller. Takes no lease: for the processes of a running sandbox (a sealing QEMU).
     pub(super) fn identity_of(&self, name: &str) -> Result<Option<Identity>, BootError> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Ok(None);
+        }
+        let users = self.config().vm_users.ok_or(BootError::NoVmUsers)?;
+        let slot = self.db().uid_slot(name)?;
+        users.identity(slot).map(Some).ok_or(BootError::NoFreeUid { count: users.count })
+    }
+
+    /// [`Smolvm::identity_of`] for a boot: the uid leased host-wide first (`uids.rs`), the
+    /// sandbox moved to another slot if another home's sandbox holds its uid.
+    fn lease_identity(&self, name: &str) -> Result<Option<Identity>, BootError> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return Ok(None);
@@ -191,10 +204,15 @@ impl Smolvm {
         // This home's slot, if no other home's sandbox (or any process) has its uid now.
         let holder = format!("{}/{name}", self.home().database().display());
         let db = self.db();
+        // Its own last processes (a QEMU still quitting after a pause) do not make its uid busy.
+        let dir = self.dir(name);
+        let own: Vec<i32> =
+            ["qemu", "netd", "agent-proxy"].iter().filter_map(|what| crate::child::recorded_pid(&dir, what)).collect();
         let leased = super::uids::lease(
             &self.config().uid_leases,
             &users,
             slot,
+            &own,
             |s| db.uid_slot_taken(name, s).unwrap_or(true),
             &holder,
         )
@@ -221,7 +239,7 @@ impl Smolvm {
     ) -> Result<(), BootError> {
         let dir = self.dir(&row.name);
         let key_b64 = public_key_b64(&self.home().keys())?;
-        let identity = self.identity_of(&row.name)?;
+        let identity = self.lease_identity(&row.name)?;
         let dns_hosts = match &self.config().resolver_hosts {
             Some(p) => Some(std::fs::read_to_string(p).map_err(io_err(format!("read {}", p.display())))?),
             None => None,

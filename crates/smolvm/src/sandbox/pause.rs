@@ -50,16 +50,24 @@ impl Smolvm {
         let _ = std::fs::remove_dir_all(&tmp);
         let _ = std::fs::remove_dir_all(dir.join(PAUSED_DIR));
         std::fs::create_dir(&tmp).map_err(snap_io(name, "make paused/"))?;
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let images_gid = self.config().vm_users.filter(|_| root).map(|u| u.images_gid);
         let written = (|| {
             let (q, captured) = self.capture(&row, &tmp, false, After::Stopped)?;
             let (names, state_form, known): (&[&str], _, _) = match captured {
                 Captured::Stream => (&["memory"], snapshot::StateForm::Migration, vec![]),
                 Captured::Pages { base, base_sha256 } => {
-                    let images_gid = self.identity_of(name)?.map(|i| i.images_gid);
                     keep_base(&base, &tmp.join("base"), images_gid).map_err(snap_io(name, "keep its RAM image"))?;
                     (&["base", "pages", "state"], snapshot::StateForm::Devices, vec![("base", base_sha256)])
                 }
             };
+            // What QEMU wrote is its uid's: made root's (group-readable by the sandboxes'
+            // group), so that the QEMU that resumes it reads it whichever uid it is leased.
+            for n in names.iter().filter(|n| **n != "base") {
+                super::snapshots::share_with_sandboxes(&tmp.join(n), images_gid)
+                    .map_err(snap_io(name, "hand the paused state to root"))?;
+            }
             let meta = SnapshotMeta {
                 format: snapshot::FORMAT,
                 name: name.to_string(),

@@ -21,18 +21,20 @@ use crate::config::VmUsers;
 pub const LEASE_FRESH: Duration = Duration::from_secs(120);
 
 /// Which slot of `users` the sandbox `holder` (its home's database and name) may use: `want`
-/// if no process runs as its uid and no fresh lease of another holds it, else the lowest such
-/// slot that `taken` (other sandboxes of this home) does not name. `None`: every slot is busy.
+/// if no process runs as its uid (but its own last ones, `own`: a QEMU still quitting after a
+/// pause) and no fresh lease of another holds it, else the lowest such slot that `taken`
+/// (other sandboxes of this home) does not name. `None`: every slot is busy.
 pub fn lease(
     dir: &Path,
     users: &VmUsers,
     want: u32,
+    own: &[i32],
     taken: impl Fn(u32) -> bool,
     holder: &str,
 ) -> std::io::Result<Option<u32>> {
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     let _lock = crate::lock::FileLock::exclusive(&dir.join(".lock"))?;
-    let busy = uids_with_processes();
+    let busy = uids_with_processes(own);
     let candidates = std::iter::once(want).chain((0..users.count).filter(|s| *s != want && !taken(*s)));
     for slot in candidates {
         let Some(id) = users.identity(slot) else { continue };
@@ -70,13 +72,15 @@ fn fresh_holder(path: &Path) -> Option<String> {
     (alive && age < LEASE_FRESH).then(|| holder.trim().to_string())
 }
 
-/// Every uid (real, effective, saved or file system) that a process on this host runs as.
-pub fn uids_with_processes() -> std::collections::HashSet<u32> {
+/// Every uid (real, effective, saved or file system) that a process on this host runs as,
+/// the processes `except` left out.
+pub fn uids_with_processes(except: &[i32]) -> std::collections::HashSet<u32> {
     let mut uids = std::collections::HashSet::new();
     let Ok(dir) = std::fs::read_dir("/proc") else { return uids };
     for e in dir.flatten() {
         let name = e.file_name();
-        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        if except.contains(&pid) {
             continue;
         }
         // `/proc/PID/status` (not the directory's owner: a non-dumpable process's is root's).
@@ -103,14 +107,14 @@ mod tests {
         // SAFETY: getuid has no preconditions.
         let me = unsafe { libc::getuid() };
         let u = users(me);
-        let a = lease(dir.path(), &u, 0, |_| false, "home-a/box").unwrap();
+        let a = lease(dir.path(), &u, 0, &[], |_| false, "home-a/box").unwrap();
         assert_eq!(a, Some(1), "slot 0 is this process's uid");
-        let b = lease(dir.path(), &u, 1, |_| false, "home-b/box").unwrap();
+        let b = lease(dir.path(), &u, 1, &[], |_| false, "home-b/box").unwrap();
         assert_eq!(b, Some(2), "another home's first sandbox gets another uid");
         // The same holder again (a restart): its own lease is no obstacle.
-        assert_eq!(lease(dir.path(), &u, 1, |_| false, "home-a/box").unwrap(), Some(1));
+        assert_eq!(lease(dir.path(), &u, 1, &[], |_| false, "home-a/box").unwrap(), Some(1));
         // Slots this home's other sandboxes hold are skipped too.
-        assert_eq!(lease(dir.path(), &u, 1, |s| s == 3, "home-c/box").unwrap(), None);
+        assert_eq!(lease(dir.path(), &u, 1, &[], |s| s == 3, "home-c/box").unwrap(), None);
     }
 
     #[test]
@@ -119,6 +123,6 @@ mod tests {
         let u = users(4_000_000_000);
         // A lease whose taker is gone (no such pid).
         std::fs::write(dir.path().join("4000000000"), "2147483646\nhome-x/gone\n").unwrap();
-        assert_eq!(lease(dir.path(), &u, 0, |_| false, "home-y/new").unwrap(), Some(0));
+        assert_eq!(lease(dir.path(), &u, 0, &[], |_| false, "home-y/new").unwrap(), Some(0));
     }
 }

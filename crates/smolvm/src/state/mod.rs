@@ -39,7 +39,7 @@ pub enum StateError {
     Open { path: String, source: rusqlite::Error },
     #[error("lock the state database {path}: {source}")]
     Lock { path: String, source: std::io::Error },
-    #[error("{path} can be written by other users (mode {mode:o}): smolvm keeps sandboxes' keys and disks there and refuses it")]
+    #[error("{path} can be read or written by other users (mode {mode:o}): smolvm keeps sandboxes' keys, secrets and disks there and refuses it (chmod 700 {path})")]
     SharedHome { path: String, mode: u32 },
     #[error("{path} belongs to another user (uid {owner})")]
     ForeignHome { path: String, owner: u32 },
@@ -150,7 +150,8 @@ pub fn private_dir(dir: &Path) -> Result<(), StateError> {
     if meta.uid() != me {
         return Err(StateError::ForeignHome { path: dir.display().to_string(), owner: meta.uid() });
     }
-    if meta.mode() & 0o022 != 0 {
+    // Not even readable: sandbox names, logs and snapshot lists are the owner's business too.
+    if meta.mode() & 0o077 != 0 {
         return Err(StateError::SharedHome { path: dir.display().to_string(), mode: meta.mode() & 0o7777 });
     }
     Ok(())
@@ -423,6 +424,10 @@ mod tests {
         std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o777)).unwrap();
         let err = private_dir(&home).unwrap_err().to_string();
         assert!(err.contains("written by other users"), "{err}");
+        // Readable by others (0755, what `mkdir` gives): refused too, with the fix.
+        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let err = private_dir(&home).unwrap_err().to_string();
+        assert!(err.contains("read or written by other users") && err.contains("chmod 700"), "{err}");
     }
 
     #[test]
