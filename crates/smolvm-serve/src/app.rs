@@ -80,6 +80,20 @@ impl App {
         Arc::new(App { config, meta, pool: Mutex::default(), conns: Mutex::default(), watchers: Mutex::default() })
     }
 
+    /// Sandbox `id`'s access token (bound to its creation: `Meta::generation`).
+    pub fn sandbox_token(&self, id: &str) -> String {
+        self.key().sandbox_token(id, &self.generation(id))
+    }
+
+    /// Whether `token` is sandbox `id`'s.
+    pub fn token_matches(&self, id: &str, token: &str) -> bool {
+        self.key().token_matches(id, &self.generation(id), token)
+    }
+
+    fn generation(&self, id: &str) -> String {
+        self.meta.get(id).map(|m| m.generation).unwrap_or_default()
+    }
+
     pub fn key(&self) -> &ApiKey {
         &self.config.key
     }

@@ -191,7 +191,7 @@ fn sandbox_out(app: &App, id: &str, template: &str) -> Sandbox {
         client_id: "smolvm".into(),
         alias: Some(template.to_string()),
         envd_version: ENVD_VERSION.into(),
-        envd_access_token: app.key().sandbox_token(id),
+        envd_access_token: app.sandbox_token(id),
         domain: None,
     }
 }
@@ -213,7 +213,7 @@ fn listed(app: &App, info: &SandboxInfo, meta: Option<&Meta>) -> ListedSandbox {
         state: if info.status == Status::Paused { "paused".into() } else { "running".into() },
         envd_version: ENVD_VERSION.into(),
         metadata: meta.map(|m| m.metadata.clone()).unwrap_or_default(),
-        envd_access_token: app.key().sandbox_token(&info.name),
+        envd_access_token: app.sandbox_token(&info.name),
         domain: None,
     }
 }
@@ -317,6 +317,7 @@ pub async fn create(
         end_at: now + timeout as i64,
         auto_pause: body.auto_pause,
         started_at: now,
+        generation: crate::key::random_hex(16),
     };
     app.meta.put(&info.name, &meta).map_err(ApiError::internal)?;
     tracing::info!("created {} ({template}), expires in {timeout} s", info.name);

@@ -91,22 +91,30 @@ impl ApiKey {
         self.0.as_bytes().ct_eq(given.as_bytes()).into()
     }
 
-    /// The access token of sandbox `id`: hex of HMAC-SHA256(key, "envd:" + id).
-    pub fn sandbox_token(&self, id: &str) -> String {
-        hex::encode(self.mac(id).finalize().into_bytes())
+    /// The access token of sandbox `id` of creation `generation` (a nonce made when the API
+    /// created it): hex of HMAC-SHA256(key, "envd:" + id + ":" + generation). A sandbox
+    /// deleted and created again under the same name has another generation: the old token
+    /// (and every URL signed with it) opens nothing.
+    pub fn sandbox_token(&self, id: &str, generation: &str) -> String {
+        hex::encode(self.mac(id, generation).finalize().into_bytes())
     }
 
-    /// Whether `token` is sandbox `id`'s, in constant time.
-    pub fn token_matches(&self, id: &str, token: &str) -> bool {
+    /// Whether `token` is sandbox `id`'s (of `generation`), in constant time.
+    pub fn token_matches(&self, id: &str, generation: &str, token: &str) -> bool {
         let Ok(raw) = hex::decode(token) else { return false };
-        self.mac(id).verify_slice(&raw).is_ok()
+        self.mac(id, generation).verify_slice(&raw).is_ok()
     }
 
-    fn mac(&self, id: &str) -> Hmac<sha2::Sha256> {
+    fn mac(&self, id: &str, generation: &str) -> Hmac<sha2::Sha256> {
         #[allow(clippy::expect_used)]
         let mut mac = Hmac::<sha2::Sha256>::new_from_slice(self.0.as_bytes()).expect("HMAC takes any key length");
         mac.update(b"envd:");
         mac.update(id.as_bytes());
+        // A sandbox from before generations (or made outside the API) keeps the token it had.
+        if !generation.is_empty() {
+            mac.update(b":");
+            mac.update(generation.as_bytes());
+        }
         mac
     }
 }
@@ -154,10 +162,13 @@ mod tests {
     #[test]
     fn a_sandbox_token_opens_that_sandbox_only() {
         let k = ApiKey::new("smolvm_0123456789abcdef");
-        let t = k.sandbox_token("sbx-a");
-        assert!(k.token_matches("sbx-a", &t));
-        assert!(!k.token_matches("sbx-b", &t));
-        assert!(!ApiKey::new("smolvm_other_key_0000").token_matches("sbx-a", &t));
-        assert!(!k.token_matches("sbx-a", "zz"));
+        let t = k.sandbox_token("sbx-a", "g1");
+        assert!(k.token_matches("sbx-a", "g1", &t));
+        assert!(!k.token_matches("sbx-b", "g1", &t));
+        assert!(!ApiKey::new("smolvm_other_key_0000").token_matches("sbx-a", "g1", &t));
+        assert!(!k.token_matches("sbx-a", "g1", "zz"));
+        // The same name created again: the old token opens nothing.
+        assert!(!k.token_matches("sbx-a", "g2", &t));
+        assert_ne!(k.sandbox_token("sbx-a", "g2"), t);
     }
 }

@@ -27,6 +27,10 @@ pub struct Meta {
     /// When the API started it (unix seconds): the SDK's `startedAt`.
     #[serde(default)]
     pub started_at: i64,
+    /// Made at each creation: the sandbox's access token is bound to it, so that a sandbox
+    /// created again under the same name does not accept the old one.
+    #[serde(default)]
+    pub generation: String,
 }
 
 #[derive(Debug, Clone)]

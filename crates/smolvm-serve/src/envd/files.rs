@@ -57,7 +57,7 @@ fn signature_ok(app: &App, id: &str, q: &FileQuery, op: &str) -> bool {
     if q.signature_expiration.is_some_and(|exp| exp < smolvm::timefmt::now_secs()) {
         return false;
     }
-    let token = app.key().sandbox_token(id);
+    let token = app.sandbox_token(id);
     let user = q.username.as_deref().unwrap_or_default();
     let mut text = format!("{path}:{op}:{user}:{token}");
     if let Some(exp) = q.signature_expiration {

@@ -111,7 +111,7 @@ fn user_home(headers: &HeaderMap, query_user: Option<&str>) -> Result<String, Rp
 /// Whether the request may reach sandbox `id`: its token, or the API key.
 pub fn allowed(app: &App, headers: &HeaderMap, id: &str) -> bool {
     let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
-    header("x-access-token").is_some_and(|t| app.key().token_matches(id, t))
+    header("x-access-token").is_some_and(|t| app.token_matches(id, t))
         || header("x-api-key").is_some_and(|k| app.key().matches(k))
 }
 

@@ -39,7 +39,7 @@ pub enum StateError {
     Open { path: String, source: rusqlite::Error },
     #[error("lock the state database {path}: {source}")]
     Lock { path: String, source: std::io::Error },
-    #[error("{path} can be read or written by other users (mode {mode:o}): smolvm keeps sandboxes' keys, secrets and disks there and refuses it (chmod 700 {path})")]
+    #[error("{path} can be written by other users (mode {mode:o}): smolvm keeps sandboxes' keys, secrets and disks there and refuses it (chmod 700 {path})")]
     SharedHome { path: String, mode: u32 },
     #[error("{path} belongs to another user (uid {owner})")]
     ForeignHome { path: String, owner: u32 },
@@ -150,9 +150,16 @@ pub fn private_dir(dir: &Path) -> Result<(), StateError> {
     if meta.uid() != me {
         return Err(StateError::ForeignHome { path: dir.display().to_string(), owner: meta.uid() });
     }
-    // Not even readable: sandbox names, logs and snapshot lists are the owner's business too.
-    if meta.mode() & 0o077 != 0 {
+    // Writable by others: someone else may have put anything there already; refused.
+    if meta.mode() & 0o022 != 0 {
         return Err(StateError::SharedHome { path: dir.display().to_string(), mode: meta.mode() & 0o7777 });
+    }
+    // Readable by others (0755, what `mkdir` makes): ours, so made 0700, as documented.
+    // Sandbox names, logs and snapshot lists are the owner's business too.
+    if meta.mode() & 0o055 != 0 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+        tracing::info!("{}: made 0700 (it was {:o})", dir.display(), meta.mode() & 0o777);
     }
     Ok(())
 }
@@ -424,10 +431,11 @@ mod tests {
         std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o777)).unwrap();
         let err = private_dir(&home).unwrap_err().to_string();
         assert!(err.contains("written by other users"), "{err}");
-        // Readable by others (0755, what `mkdir` gives): refused too, with the fix.
+        assert!(err.contains("chmod 700"), "{err}");
+        // Readable by others (0755, what `mkdir` gives): ours, so made 0700.
         std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let err = private_dir(&home).unwrap_err().to_string();
-        assert!(err.contains("read or written by other users") && err.contains("chmod 700"), "{err}");
+        private_dir(&home).unwrap();
+        assert_eq!(std::fs::metadata(&home).unwrap().permissions().mode() & 0o777, 0o700);
     }
 
     #[test]
