@@ -36,7 +36,9 @@ fn main() -> std::process::ExitCode {
     match cmd::dispatch(parsed) {
         Ok(code) => std::process::ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
-            eprintln!("smolvm: error: {}", error_text(&e));
+            // Errors can carry a guest's words (a command's stderr, a file name): no escape
+            // sequence of theirs reaches the terminal.
+            eprintln!("smolvm: error: {}", smolvm::text::escape_controls(&error_text(&e)));
             std::process::ExitCode::FAILURE
         }
     }

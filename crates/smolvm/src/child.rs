@@ -204,6 +204,22 @@ pub(crate) fn helper_command(
     cmd
 }
 
+/// The largest file a helper writes (its log, the refusal log, the console's): a guest that
+/// makes it log without end (a refused connection a millisecond) fills no disk. Past it a write
+/// fails (`EFBIG`, `SIGXFSZ` ignored) and the line is dropped; the files it rotates stay far
+/// below it.
+pub const HELPER_FILE_CAP: u64 = 16 << 20;
+
+/// For a helper itself, first thing: no file it writes grows past [`HELPER_FILE_CAP`].
+pub fn cap_file_size() {
+    let lim = libc::rlimit { rlim_cur: HELPER_FILE_CAP, rlim_max: HELPER_FILE_CAP };
+    // SAFETY: signal(SIGXFSZ, SIG_IGN) and setrlimit with a valid struct; no memory effects.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+        libc::setrlimit(libc::RLIMIT_FSIZE, &lim);
+    }
+}
+
 /// For a helper itself, first thing: not dumpable, so that no process of the same uid (the
 /// sandbox's QEMU included) can ptrace it or open its `/proc` files.
 pub fn not_dumpable() {
@@ -378,5 +394,40 @@ mod tests {
         assert!(!super::peer_is_owner(&conn), "a client of uid 65534 passed as the owner");
         let _ = other.kill();
         let _ = other.wait();
+    }
+}
+
+#[cfg(test)]
+mod cap_tests {
+    /// A helper's files stop at the cap: the write past it fails, the process lives on.
+    #[test]
+    fn a_capped_helper_cannot_grow_a_file_past_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        // SAFETY: the child only makes system calls and leaves with _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            super::cap_file_size();
+            let Ok(mut f) = std::fs::File::create(&path) else {
+                // SAFETY: leaving the forked child.
+                unsafe { libc::_exit(10) }
+            };
+            let chunk = vec![b'x'; 1 << 20];
+            let mut failed = false;
+            for _ in 0..(super::HELPER_FILE_CAP >> 20) + 4 {
+                if std::io::Write::write_all(&mut f, &chunk).is_err() {
+                    failed = true;
+                }
+            }
+            // SAFETY: leaving the forked child.
+            unsafe { libc::_exit(if failed { 0 } else { 11 }) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(libc::WIFEXITED(status), "killed: {status:#x} (SIGXFSZ not ignored?)");
+        assert_eq!(libc::WEXITSTATUS(status), 0, "11: the file grew past the cap");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), super::HELPER_FILE_CAP);
     }
 }

@@ -108,6 +108,7 @@ pub fn spawn_proxy(
 pub fn proxy_main(owner: u32) -> std::io::Result<()> {
     use std::os::fd::FromRawFd;
     crate::child::not_dumpable();
+    crate::child::cap_file_size();
     // SAFETY: the parent handed us these two descriptors (socket pair ends) and nothing else
     // in this process owns them.
     let (vm, console) = unsafe {

@@ -228,6 +228,7 @@ pub(crate) struct ControlReply {
 /// 1 MiB) and runs the process in its working directory.
 pub fn netd_main(owner: u32) -> std::io::Result<()> {
     crate::child::not_dumpable();
+    crate::child::cap_file_size();
     let mut body = Vec::new();
     std::io::stdin().take(1 << 20).read_to_end(&mut body)?;
     let cfg: NetConfig = serde_json::from_slice(&body)
