@@ -160,6 +160,14 @@ fn pause_resume_snapshot_and_fork_keep_files_and_running_processes() {
         line.split_whitespace().nth(2).unwrap().to_string()
     };
     assert_ne!(pinned("k-1"), pinned("k-2"), "the two clones share their SSH host key");
+    // Before SSH is first wanted, no clone holds its source's host key (the private half
+    // came with the disk and memory): removed at the refresh, before any command.
+    for k in ["k-1", "k-2"] {
+        let on_disk =
+            f.exec(k, "cat /etc/ssh/ssh_host_ed25519_key.pub /etc/ssh/ssh_host_ed25519_key 2>/dev/null | head -c 4096");
+        assert!(!on_disk.contains(&pinned("src")), "{k} holds its source's host key: {on_disk}");
+        assert!(!on_disk.contains("PRIVATE KEY"), "{k} holds a private host key before SSH was wanted");
+    }
     for k in ["k-1", "k-2"] {
         assert_eq!(f.exec(k, "cat /root/file"), "kept");
         f.counting(k);

@@ -67,6 +67,14 @@ pub fn rekey(authorized_key_b64: &str, given: Option<&smolvm_protocol::agent::Ho
             let keys = decode_authorized_keys(authorized_key_b64).map_err(io::Error::other)?;
             check_host_key(key)?;
             *PENDING.lock().unwrap_or_else(|p| p.into_inner()) = Some((keys, key.clone()));
+            // The key this guest had (a clone's: its source's, private half included) goes now,
+            // before any command runs; the new one is written with the sshd that needs it.
+            for f in [HOST_KEY.to_string(), format!("{HOST_KEY}.pub")] {
+                match fs::remove_file(&f) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
             key.public.clone()
         }
         None => {
