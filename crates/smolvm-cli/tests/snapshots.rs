@@ -92,11 +92,20 @@ impl Fixture {
     /// directory of this home (its `run/`, or where a delete moved that): tests running side by
     /// side use the same sandbox names in other homes.
     fn qemu_alive(&self, name: &str) -> bool {
+        // QEMU works in a root of its own, where its directory is `/run`: which home's it is
+        // shows in its mount table, as the directory bound there.
         let want = format!("smolvm-{name},process=smolvm-{name}");
         let home = self.home.path().canonicalize().unwrap();
+        let home = home.to_string_lossy();
         std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
             std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == want.as_bytes()))
-                && std::fs::read_link(e.path().join("cwd")).is_ok_and(|d| d.starts_with(&home))
+                && (std::fs::read_link(e.path().join("cwd")).is_ok_and(|d| d.starts_with(&*home))
+                    || std::fs::read_to_string(e.path().join("mountinfo")).is_ok_and(|m| {
+                        m.lines().any(|l| {
+                            let f: Vec<&str> = l.split(' ').collect();
+                            f.get(4) == Some(&"/run") && f.get(3).is_some_and(|root| root.starts_with(&*home))
+                        })
+                    }))
         })
     }
 }

@@ -128,6 +128,18 @@ pub async fn target(
         return Err(e.into_response());
     };
     if !allowed(app, headers, &id) && !signed(&id) {
+        // A sandbox that is gone (killed: its token's generation went with it) answers as
+        // E2B does, "not found", which the SDKs turn into their own error; one that exists
+        // refuses the token.
+        let name = id.clone();
+        let exists = app.meta.get(&id).is_some()
+            || !matches!(
+                app.blocking(move |s| s.info(&name)).await,
+                Ok(Err(smolvm::sandbox::SandboxError::NotFound(_)))
+            );
+        if !exists {
+            return Err(not_found(&id));
+        }
         let e = RpcError::new(Code::Unauthenticated, "a missing or wrong X-Access-Token for this sandbox");
         return Err(e.into_response());
     }
