@@ -334,11 +334,16 @@ impl QemuConfig {
             identity: plumbing.identity,
             cgroup_procs: plumbing.cgroup_procs,
             exe: Some(exe.file.as_raw_fd()),
-            jail: Some(crate::jail::Jail::new(
-                &crate::jail::mount_point(&self.dir, "qemu"),
-                &run_dir(&self.dir),
-                true,
-            )?),
+            // QEMU's own user-mode network (the benchmark's baseline, never a sandbox's) needs
+            // the host's network and resolver configuration: it runs as before, unjailed.
+            jail: match self.netdev {
+                Netdev::Wire => Some(crate::jail::Jail::new(
+                    &crate::jail::mount_point(&self.dir, "qemu"),
+                    &run_dir(&self.dir),
+                    true,
+                )?),
+                Netdev::UnrestrictedUser { .. } => None,
+            },
             no_namespaces: true,
         }
         .apply(&mut cmd);
