@@ -65,11 +65,23 @@ fn uid_gid_groups(pid: i32) -> (u32, u32, String) {
     (first(field("Uid:")), first(field("Gid:")), field("Groups:"))
 }
 
-/// What a process with `pid`'s credentials (uid, gid, groups: a QEMU taken over by its guest)
-/// can do to the paths and processes named: each attempt's outcome, "ok" or the error.
-fn attack_as(pid: i32, attempts: &serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+/// `setpriv` to run as `pid`'s credentials (uid, gid, groups: a QEMU taken over by its guest).
+fn as_credentials_of(pid: i32) -> Command {
     let (uid, gid, groups) = uid_gid_groups(pid);
     let groups = groups.split_whitespace().collect::<Vec<_>>().join(",");
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid", &uid.to_string(), "--regid", &gid.to_string()]);
+    if groups.is_empty() {
+        cmd.arg("--clear-groups");
+    } else {
+        cmd.args(["--groups", &groups]);
+    }
+    cmd
+}
+
+/// What a process with `pid`'s credentials can do to the paths and processes named: each
+/// attempt's outcome, "ok" or the error.
+fn attack_as(pid: i32, attempts: &serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
     let script = r#"
 import json, os, socket, sys
 out = {}
@@ -94,14 +106,7 @@ for name, (kind, target) in json.loads(sys.argv[1]).items():
         out[name] = type(e).__name__ + ": " + str(e)
 print(json.dumps(out))
 "#;
-    let mut cmd = Command::new("setpriv");
-    cmd.args(["--reuid", &uid.to_string(), "--regid", &gid.to_string()]);
-    if groups.is_empty() {
-        cmd.arg("--clear-groups");
-    } else {
-        cmd.args(["--groups", &groups]);
-    }
-    let out = ok(cmd.args(["/usr/bin/python3", "-c", script, &attempts.to_string()]));
+    let out = ok(as_credentials_of(pid).args(["/usr/bin/python3", "-c", script, &attempts.to_string()]));
     serde_json::from_str::<serde_json::Value>(&out).unwrap().as_object().unwrap().clone()
 }
 
@@ -312,8 +317,6 @@ fn a_guest_that_ignores_its_timeout_or_stops_reading_its_agent_port_holds_nothin
 /// directory: the home above it is root's), a listener on `path` that writes whatever a
 /// client sends it to `path.stolen`: a socket planted where root connects.
 fn plant_listener(pid: i32, path: &Path) -> std::process::Child {
-    let (uid, gid, groups) = uid_gid_groups(pid);
-    let groups = groups.split_whitespace().collect::<Vec<_>>().join(",");
     let script = r#"
 import os, socket, sys
 path = sys.argv[1]
@@ -331,14 +334,7 @@ while True:
     except Exception:
         pass
 "#;
-    let mut cmd = Command::new("setpriv");
-    cmd.args(["--reuid", &uid.to_string(), "--regid", &gid.to_string()]);
-    if groups.is_empty() {
-        cmd.arg("--clear-groups");
-    } else {
-        cmd.args(["--groups", &groups]);
-    }
-    let mut child = cmd
+    let mut child = as_credentials_of(pid)
         .current_dir(path.parent().unwrap())
         .args(["/usr/bin/python3", "-c", script])
         .arg(path.file_name().unwrap())

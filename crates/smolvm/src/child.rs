@@ -258,9 +258,9 @@ pub fn recorded_pid(dir: &std::path::Path, what: &str) -> Option<i32> {
     text.split_whitespace().next()?.parse().ok()
 }
 
-/// The pid of the process at the other end of a unix socket (for a listening socket's
-/// clients: the process that listened), from `SO_PEERCRED`.
-pub fn peer_pid(fd: &impl AsRawFd) -> Option<i32> {
+/// The credentials of the process at the other end of a unix socket (`SO_PEERCRED`; for a
+/// listening socket's clients: the process that listened).
+fn peer_cred(fd: &impl AsRawFd) -> Option<libc::ucred> {
     let mut cred = libc::ucred { pid: 0, uid: u32::MAX, gid: u32::MAX };
     let mut len = size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `cred`, a ucred we own.
@@ -273,7 +273,12 @@ pub fn peer_pid(fd: &impl AsRawFd) -> Option<i32> {
             &mut len,
         )
     };
-    (rc == 0 && cred.pid > 0).then_some(cred.pid)
+    (rc == 0).then_some(cred)
+}
+
+/// The pid of the process at the other end of a unix socket.
+pub fn peer_pid(fd: &impl AsRawFd) -> Option<i32> {
+    peer_cred(fd).map(|c| c.pid).filter(|p| *p > 0)
 }
 
 /// Connects to the unix socket at `path` and checks, before a byte is sent, that the process
@@ -304,19 +309,7 @@ pub fn connect_served_by(
 /// Whether the process at the other end of a unix socket runs as `owner` (`SO_PEERCRED`):
 /// the sandbox's sockets serve their owner only, whatever the file modes say.
 pub fn peer_is(fd: &impl AsRawFd, owner: u32) -> bool {
-    let mut cred = libc::ucred { pid: 0, uid: u32::MAX, gid: u32::MAX };
-    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a ucred we own.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    rc == 0 && cred.uid == owner
+    peer_cred(fd).is_some_and(|c| c.uid == owner)
 }
 
 /// [`peer_is`] this process's own user.
