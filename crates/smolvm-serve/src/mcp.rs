@@ -227,9 +227,10 @@ impl Tools {
                 if st.size as usize > READ_CAP {
                     return Err(format!("{path} is {} bytes; this tool reads at most {READ_CAP}", st.size));
                 }
-                let mut buf = Vec::new();
+                // The size is the guest's word: what it sends past the cap is refused, not kept.
+                let mut buf = CappedBuf(Vec::new());
                 client.read_file(&path, &mut buf).map_err(|e| e.to_string())?;
-                Ok(buf)
+                Ok(buf.0)
             })
             .await?;
         Ok(match r {
@@ -318,4 +319,20 @@ pub fn http_service(app: Arc<App>) -> StreamableHttpService<Tools, LocalSessionM
     hosts.extend(app.config.public_hosts.iter().cloned());
     let config = StreamableHttpServerConfig::default().with_allowed_hosts(hosts);
     StreamableHttpService::new(move || Ok(Tools::new(app.clone())), Arc::new(LocalSessionManager::default()), config)
+}
+
+/// A buffer that refuses to grow past [`READ_CAP`].
+struct CappedBuf(Vec<u8>);
+
+impl std::io::Write for CappedBuf {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > READ_CAP {
+            return Err(std::io::Error::other(format!("the file sent more than {READ_CAP} bytes")));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

@@ -154,7 +154,15 @@ def hostile(sbx):
         status = e.code
     assert status == 401, status
     other.kill()
-    ok("hostile: the guest cannot reach the server; one sandbox's token opens no other")
+    # Files that never end or never start: refused at once, not streamed or waited on.
+    sbx.commands.run("mkfifo /tmp/fifo")
+    for path in ["/dev/zero", "/tmp/fifo"]:
+        try:
+            sbx.files.read(path, request_timeout=60)
+            raise AssertionError(f"{path} was read")
+        except SandboxException as e:
+            assert "not a regular file" in str(e), e
+    ok("hostile: the guest cannot reach the server; one sandbox's token opens no other; /dev/zero and a FIFO are refused")
 
 
 def concurrency():

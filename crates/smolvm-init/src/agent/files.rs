@@ -75,22 +75,33 @@ pub fn write_end(s: &mut Session, id: u32) {
 }
 
 /// Streams a file back from its own thread (a large read does not hold up other requests).
+/// Regular files only, and at most the size they had when opened: a FIFO would hold the
+/// thread (and the host's reader) forever, `/dev/zero` would never end.
 pub fn read(s: &mut Session, id: u32, path: String) {
     let out = s.out.clone();
     std::thread::spawn(move || {
-        let mut f = match File::open(&path) {
+        // Non-blocking: opening a FIFO would otherwise wait for a writer.
+        let mut f = match fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&path) {
             Ok(f) => f,
             Err(e) => return out.error(id, format!("open {path}: {e}")),
         };
-        let Some(st) = stat(&path) else { return out.error(id, format!("stat {path}: vanished")) };
-        if st.is_dir {
+        let Ok(m) = f.metadata() else { return out.error(id, format!("stat {path}: vanished")) };
+        if m.is_dir() {
             return out.error(id, format!("{path} is a directory"));
         }
+        if !m.is_file() {
+            return out.error(id, format!("{path} is not a regular file (a device, FIFO or socket is not read)"));
+        }
+        let st =
+            FileStat { size: m.len(), mode: m.mode(), uid: m.uid(), gid: m.gid(), mtime: m.mtime(), is_dir: false };
+        let mut left = st.size;
         let mut buf = vec![0u8; CHUNK];
-        loop {
-            match f.read(&mut buf) {
+        while left > 0 {
+            let want = (left as usize).min(buf.len());
+            match f.read(&mut buf[..want]) {
                 Ok(0) => break,
                 Ok(n) => {
+                    left -= n as u64;
                     if !out.send(&GuestMsg::FileData { id, data: buf[..n].to_vec() }) {
                         return;
                     }

@@ -84,6 +84,14 @@ pub async fn download(State(app): State<Arc<App>>, Query(q): Query<FileQuery>, h
         Ok(r) if r.entries.first().is_some_and(|e| e.kind == EntryKind::Dir) => {
             return error(StatusCode::BAD_REQUEST, format!("{path} is a directory"))
         }
+        // A device or a FIFO never ends, or never starts: refused before a byte is streamed
+        // (the guest's agent refuses it too, behind a link).
+        Ok(r) if r.entries.first().is_some_and(|e| e.kind == EntryKind::Other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("{path} is not a regular file (a device, FIFO or socket is not read)"),
+            )
+        }
         Ok(_) => {}
         Err(e) => return rpc_to_http(e),
     }
