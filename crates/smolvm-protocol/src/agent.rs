@@ -53,7 +53,7 @@ pub struct ReadyV1 {
 }
 
 /// The protocol version this crate speaks (the newest).
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// The oldest version this crate still speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 /// The virtio-serial port's name (`/sys/class/virtio-ports/*/name` in the guest).
@@ -66,6 +66,12 @@ pub const MAX_FRAME: usize = 1 << 20;
 pub const CHUNK: usize = 64 * 1024;
 /// Bytes a message adds around a chunk, at most (variant, id, lengths).
 pub const CHUNK_OVERHEAD: usize = 64;
+
+/// v5 flow control: the data bytes (`Stdout` and `Stderr` of an exec together, `FileData` of a
+/// read) a guest sends for one request before the host grants more with [`HostMsg::Credit`].
+/// The host grants what it has taken off its queue, so its queue for a request never holds
+/// more than this, and a reader that stops reading stops the process writing, in the guest.
+pub const INITIAL_WINDOW: u32 = 1 << 20;
 
 // A full chunk with its envelope always fits in a frame.
 const _: () = assert!(CHUNK + CHUNK_OVERHEAD <= MAX_FRAME);
@@ -191,9 +197,17 @@ pub enum HostMsg {
         id: u32,
         json: String,
     },
-    /// v4: ends request `id` (a watch).
+    /// v4: ends request `id` (a watch). v5: for an exec or a read, the host takes no more of
+    /// its data: the guest drains the process's output without sending it (the process goes on
+    /// and its `Exit` still comes), or ends the read.
     Cancel {
         id: u32,
+    },
+    /// v5: the host took `bytes` more of request `id`'s data off its queue: the guest may send
+    /// that much more ([`INITIAL_WINDOW`]).
+    Credit {
+        id: u32,
+        bytes: u32,
     },
 }
 
@@ -463,6 +477,7 @@ impl HostMsg {
             HostMsg::Ping { .. } => 2,
             HostMsg::Refresh { .. } | HostMsg::WaitSsh { .. } => 3,
             HostMsg::Fs { .. } | HostMsg::Watch { .. } | HostMsg::Cancel { .. } => 4,
+            HostMsg::Credit { .. } => 5,
             _ => 1,
         }
     }
@@ -488,6 +503,7 @@ impl HostMsg {
             HostMsg::Fs { .. } => "Fs",
             HostMsg::Watch { .. } => "Watch",
             HostMsg::Cancel { .. } => "Cancel",
+            HostMsg::Credit { .. } => "Credit",
         }
     }
 
@@ -497,6 +513,7 @@ impl HostMsg {
             HostMsg::Hello { .. } | HostMsg::Shutdown => None,
             HostMsg::Ping { id } | HostMsg::Refresh { id, .. } | HostMsg::WaitSsh { id, .. } => Some(id),
             HostMsg::Fs { id, .. } | HostMsg::Watch { id, .. } | HostMsg::Cancel { id } => Some(id),
+            HostMsg::Credit { id, .. } => Some(id),
             HostMsg::Exec { id, .. }
             | HostMsg::Stdin { id, .. }
             | HostMsg::StdinClose { id }
@@ -575,6 +592,17 @@ impl GuestMsg {
             | GuestMsg::FsResult { id, .. }
             | GuestMsg::FsEvents { id, .. }
             | GuestMsg::Error { id, .. } => Some(id),
+        }
+    }
+
+    /// The bytes this message counts against its request's flow-control window (v5): the data
+    /// of `Stdout`, `Stderr` and `FileData`; nothing for every other message.
+    pub fn flow_bytes(&self) -> usize {
+        match self {
+            GuestMsg::Stdout { data, .. } | GuestMsg::Stderr { data, .. } | GuestMsg::FileData { data, .. } => {
+                data.len()
+            }
+            _ => 0,
         }
     }
 

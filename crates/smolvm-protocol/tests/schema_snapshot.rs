@@ -54,6 +54,7 @@ fn host_samples() -> Vec<(&'static str, HostMsg)> {
         ("fs", HostMsg::Fs { id: 8, json: "{}".into() }),
         ("watch", HostMsg::Watch { id: 9, json: "{}".into() }),
         ("cancel", HostMsg::Cancel { id: 9 }),
+        ("credit", HostMsg::Credit { id: 7, bytes: 65536 }),
     ]
 }
 

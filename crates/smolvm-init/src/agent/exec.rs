@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use smolvm_protocol::agent::{Command, ExecRequest, ExitStatus, GuestMsg, CHUNK};
 
+use super::flow::{Grant, Window};
 use super::{Session, Writer};
 use crate::reaper;
 
@@ -77,6 +78,7 @@ pub fn start(s: &mut Session, id: u32, req: ExecRequest) {
     let pid = child.id() as i32;
     let exited = registry.register(pid);
     drop(registry);
+    let window = s.window(id);
 
     let pumps: Vec<_> = [
         child.stdout.take().map(|r| (Box::new(r) as Box<dyn Read + Send>, true)),
@@ -86,7 +88,8 @@ pub fn start(s: &mut Session, id: u32, req: ExecRequest) {
     .flatten()
     .map(|(r, is_out)| {
         let out = s.out.clone();
-        std::thread::spawn(move || pump(r, &out, id, is_out))
+        let window = window.clone();
+        std::thread::spawn(move || pump(r, &out, id, is_out, &window))
     })
     .collect();
 
@@ -106,6 +109,7 @@ pub fn start(s: &mut Session, id: u32, req: ExecRequest) {
 
     let out = s.out.clone();
     let procs = s.procs.clone();
+    let windows = s.windows.clone();
     let timeout = req.timeout_ms.map(Duration::from_millis);
     std::thread::spawn(move || {
         let mut timed_out = false;
@@ -121,11 +125,21 @@ pub fn start(s: &mut Session, id: u32, req: ExecRequest) {
                 }
             },
         };
-        let deadline = Instant::now() + DRAIN_AFTER_EXIT;
+        let mut deadline = Instant::now() + DRAIN_AFTER_EXIT;
         for p in pumps {
             // A pump ends at EOF of its pipe, which a grandchild holding the pipe may delay
             // for ever: wait for it, but only until the deadline (JoinHandle has no timed join).
-            while !p.is_finished() && Instant::now() < deadline {
+            // Output the host has not yet let through is not such a delay: the deadline
+            // starts again while a pump waits for the host's credit.
+            while !p.is_finished() {
+                if window.host_is_behind() {
+                    deadline = Instant::now() + DRAIN_AFTER_EXIT;
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+                if Instant::now() >= deadline {
+                    break;
+                }
                 std::thread::sleep(Duration::from_millis(2));
             }
             if p.is_finished() {
@@ -133,6 +147,7 @@ pub fn start(s: &mut Session, id: u32, req: ExecRequest) {
             }
         }
         procs.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        super::flow::lock(&windows).remove(&id);
         // No status (the reaper's channel closed) is not success: -1, as for a status that
         // is neither an exit nor a signal.
         let st = raw.map(std::process::ExitStatus::from_raw);
@@ -149,19 +164,32 @@ pub fn start(s: &mut Session, id: u32, req: ExecRequest) {
     });
 }
 
-fn pump(mut r: Box<dyn Read + Send>, out: &Writer, id: u32, is_stdout: bool) {
+/// Sends one of the process's outputs, as far as the host's window allows: while it is shut,
+/// the pipe fills and the process blocks writing. Once the host cancels, the output is read
+/// and dropped (the process is not held up by a reader that left).
+fn pump(mut r: Box<dyn Read + Send>, out: &Writer, id: u32, is_stdout: bool, window: &Window) {
     let mut buf = vec![0u8; CHUNK];
     loop {
-        match r.read(&mut buf) {
+        let (may, send) = match window.take(CHUNK) {
+            Grant::Send(n) => (n, true),
+            Grant::Discard => (CHUNK, false),
+        };
+        match r.read(&mut buf[..may]) {
             Ok(0) => return,
-            Ok(n) => {
+            Ok(n) if send => {
+                window.unused(may - n);
                 let data = buf[..n].to_vec();
                 let msg = if is_stdout { GuestMsg::Stdout { id, data } } else { GuestMsg::Stderr { id, data } };
                 if !out.send(&msg) {
                     return;
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                if send {
+                    window.unused(may);
+                }
+            }
             Err(_) => return,
         }
     }

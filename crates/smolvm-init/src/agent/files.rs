@@ -79,9 +79,19 @@ pub fn write_end(s: &mut Session, id: u32) {
 /// thread (and the host's reader) forever, `/dev/zero` would never end.
 pub fn read(s: &mut Session, id: u32, path: String) {
     let out = s.out.clone();
+    let window = s.window(id);
+    let windows = s.windows.clone();
     std::thread::spawn(move || {
+        read_window(&out, id, &path, &window);
+        super::flow::lock(&windows).remove(&id);
+    });
+}
+
+fn read_window(out: &super::Writer, id: u32, path: &str, window: &super::flow::Window) {
+    use super::flow::Grant;
+    {
         // Non-blocking: opening a FIFO would otherwise wait for a writer.
-        let mut f = match fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&path) {
+        let mut f = match fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path) {
             Ok(f) => f,
             Err(e) => return out.error(id, format!("open {path}: {e}")),
         };
@@ -97,10 +107,12 @@ pub fn read(s: &mut Session, id: u32, path: String) {
         let mut left = st.size;
         let mut buf = vec![0u8; CHUNK];
         while left > 0 {
-            let want = (left as usize).min(buf.len());
-            match f.read(&mut buf[..want]) {
+            // The host stopped the read (or went away): nothing more to send.
+            let Grant::Send(may) = window.take((left as usize).min(buf.len())) else { return };
+            match f.read(&mut buf[..may]) {
                 Ok(0) => break,
                 Ok(n) => {
+                    window.unused(may - n);
                     left -= n as u64;
                     if !out.send(&GuestMsg::FileData { id, data: buf[..n].to_vec() }) {
                         return;
@@ -110,7 +122,7 @@ pub fn read(s: &mut Session, id: u32, path: String) {
             }
         }
         out.send(&GuestMsg::FileEnd { id, stat: st });
-    });
+    }
 }
 
 pub fn stat(path: &str) -> Option<FileStat> {

@@ -8,6 +8,7 @@
 
 mod exec;
 mod files;
+mod flow;
 mod fs;
 mod watch;
 
@@ -71,6 +72,19 @@ pub struct Session {
     pub env: Vec<(String, String)>,
     /// Running watches' cancel flags.
     pub watches: HashMap<u32, Arc<AtomicBool>>,
+    /// The protocol version agreed at Hello (flow control from v5).
+    pub version: u32,
+    /// The flow-control windows of running execs and reads.
+    pub windows: flow::Windows,
+}
+
+impl Session {
+    /// A window for a new streaming request `id`, registered so `Credit` and `Cancel` find it.
+    pub fn window(&self, id: u32) -> Arc<flow::Window> {
+        let w = flow::Window::new(self.version);
+        flow::lock(&self.windows).insert(id, w.clone());
+        w
+    }
 }
 
 /// Finds the port's device: `/sys/class/virtio-ports/vportNpM/name` holds the name, and
@@ -120,6 +134,8 @@ fn serve(port: PathBuf) {
             writes: HashMap::new(),
             env: Vec::new(),
             watches: HashMap::new(),
+            version: 1,
+            windows: Arc::default(),
         };
         let mut reader = &file;
         let mut got_any = false;
@@ -144,6 +160,9 @@ fn serve(port: PathBuf) {
         files::discard_all(&mut session);
         for (_, cancel) in session.watches.drain() {
             cancel.store(true, Ordering::Relaxed);
+        }
+        for (_, w) in flow::lock(&session.windows).drain() {
+            w.cancel();
         }
         if got_any {
             log::info!("agent: host disconnected");
@@ -172,7 +191,8 @@ fn handle(s: &mut Session, msg: HostMsg) {
             // Hello waits for readiness: a host that connects during boot learns the guest is
             // ready from this answer.
             let ready = wait_ready();
-            s.out.send(&GuestMsg::hello(version.min(PROTOCOL_VERSION), &ready));
+            s.version = version.min(PROTOCOL_VERSION);
+            s.out.send(&GuestMsg::hello(s.version, &ready));
         }
         HostMsg::Exec { id, request } => exec::start(s, id, request),
         HostMsg::Stdin { id, data } => exec::stdin(s, id, Some(data)),
@@ -241,6 +261,14 @@ fn handle(s: &mut Session, msg: HostMsg) {
         HostMsg::Cancel { id } => {
             if let Some(c) = s.watches.remove(&id) {
                 c.store(true, Ordering::Relaxed);
+            }
+            if let Some(w) = flow::lock(&s.windows).remove(&id) {
+                w.cancel();
+            }
+        }
+        HostMsg::Credit { id, bytes } => {
+            if let Some(w) = flow::lock(&s.windows).get(&id) {
+                w.grant(u64::from(bytes));
             }
         }
         HostMsg::Shutdown => {

@@ -10,7 +10,7 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use smolvm_protocol::agent::{encode, read_frame, GuestMsg, HostMsg, CHUNK, PROTOCOL_VERSION};
+use smolvm_protocol::agent::{encode, read_frame, GuestMsg, HostMsg, CHUNK, INITIAL_WINDOW, PROTOCOL_VERSION};
 pub use smolvm_protocol::agent::{Command, ExecRequest, ExitStatus, FileStat, PtySize, WriteFile};
 use smolvm_protocol::ready::Ready;
 
@@ -29,7 +29,102 @@ pub enum AgentError {
     Io(#[from] std::io::Error),
 }
 
-type Waiters = Arc<Mutex<HashMap<u32, Sender<GuestMsg>>>>;
+/// A request's queue, as the connection's reader and the request's holder share it: how many
+/// data bytes wait in it, and whether the guest sent more than the queue may hold.
+#[derive(Debug, Default)]
+struct Queue {
+    bytes: std::sync::atomic::AtomicUsize,
+    overflowed: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    tx: Sender<GuestMsg>,
+    queue: Arc<Queue>,
+}
+
+type Waiters = Arc<Mutex<HashMap<u32, Waiter>>>;
+
+/// The most data a request's queue holds for a guest that does not speak v5 flow control
+/// (one older than v5, or one that claims to be): past it the request is ended. A v5 guest
+/// may send no more than [`INITIAL_WINDOW`] beyond what was taken; one that does is ended too.
+const UNCONTROLLED_QUEUE: usize = 64 << 20;
+
+/// How long a request that expects one answer waits for it by default: a guest that never
+/// answers must not hold the caller's thread (a server's, say) for ever.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The receiving end of one request: takes its messages off the queue, grants the guest that
+/// much again (v5 `Credit`, in halves of the window), and on drop tells the guest that an
+/// unfinished request's data is no longer wanted (`Cancel`).
+#[derive(Debug)]
+struct Inbox<'a> {
+    client: &'a AgentClient,
+    id: u32,
+    rx: Receiver<GuestMsg>,
+    queue: Arc<Queue>,
+    /// Data taken since the last grant.
+    taken: std::cell::Cell<usize>,
+    /// The request's last message was taken.
+    ended: std::cell::Cell<bool>,
+}
+
+impl Inbox<'_> {
+    fn took(&self, msg: GuestMsg) -> GuestMsg {
+        let n = msg.flow_bytes();
+        if n > 0 {
+            self.queue.bytes.fetch_sub(n, Ordering::Relaxed);
+            let taken = self.taken.get() + n;
+            if self.client.version >= 5 && taken >= INITIAL_WINDOW as usize / 2 {
+                // A grant that cannot be sent means the connection is gone, which the next
+                // receive reports.
+                let _ = self.client.send(&HostMsg::Credit { id: self.id, bytes: taken as u32 });
+                self.taken.set(0);
+            } else {
+                self.taken.set(taken);
+            }
+        }
+        if msg.ends_request() {
+            self.ended.set(true);
+        }
+        msg
+    }
+
+    /// The next message; `None` once the request's messages ended without its last one (the
+    /// connection closed, or the guest overran the queue: [`Inbox::gone`] says which).
+    fn recv(&self) -> Option<GuestMsg> {
+        self.rx.recv().ok().map(|m| self.took(m))
+    }
+
+    fn recv_timeout(&self, t: Duration) -> Result<GuestMsg, mpsc::RecvTimeoutError> {
+        self.rx.recv_timeout(t).map(|m| self.took(m))
+    }
+
+    fn try_recv(&self) -> Option<GuestMsg> {
+        self.rx.try_recv().ok().map(|m| self.took(m))
+    }
+
+    /// Why no more messages come.
+    fn gone(&self, what: &str) -> AgentError {
+        if self.queue.overflowed.load(Ordering::Relaxed) {
+            let limit = if self.client.version >= 5 { INITIAL_WINDOW as usize } else { UNCONTROLLED_QUEUE };
+            self.client.lost(format!(
+                "the guest sent more than {limit} bytes of data that had not been taken: {what} was ended"
+            ))
+        } else {
+            self.client.lost(format!("the connection closed before {what}"))
+        }
+    }
+}
+
+impl Drop for Inbox<'_> {
+    fn drop(&mut self) {
+        lock(&self.client.waiters).remove(&self.id);
+        if !self.ended.get() && self.client.version >= 5 && !self.client.is_closed() {
+            let _ = self.client.send(&HostMsg::Cancel { id: self.id });
+        }
+    }
+}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -92,14 +187,22 @@ impl AgentClient {
         let mut input = stream.try_clone().map_err(connect_err)?;
         let w = waiters.clone();
         let c = closed.clone();
+        let limit = if version >= 5 { INITIAL_WINDOW as usize } else { UNCONTROLLED_QUEUE };
         std::thread::spawn(move || {
             while let Ok(Some(mut msg)) = read_frame::<GuestMsg>(&mut input) {
                 let ends = msg.ends_request();
                 let Some(id) = msg.id_mut().copied() else { continue };
                 let mut waiters = lock(&w);
-                if let Some(tx) = waiters.get(&id) {
-                    let _ = tx.send(msg);
+                let Some(waiter) = waiters.get(&id) else { continue };
+                // The queue is bounded whatever the guest does: one that sends past it has
+                // its request ended (the holder learns why), and the rest of it is dropped.
+                let n = msg.flow_bytes();
+                if n > 0 && waiter.queue.bytes.fetch_add(n, Ordering::Relaxed) + n > limit {
+                    waiter.queue.overflowed.store(true, Ordering::Relaxed);
+                    waiters.remove(&id);
+                    continue;
                 }
+                let _ = waiter.tx.send(msg);
                 if ends {
                     waiters.remove(&id);
                 }
@@ -148,25 +251,27 @@ impl AgentClient {
     }
 
     /// Opens a request: registers its id before sending, so no reply is missed.
-    fn open(&self, make: impl FnOnce(u32) -> HostMsg) -> Result<(u32, Receiver<GuestMsg>), AgentError> {
+    fn open(&self, make: impl FnOnce(u32) -> HostMsg) -> Result<(u32, Inbox<'_>), AgentError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel();
-        lock(&self.waiters).insert(id, tx);
+        let queue = Arc::new(Queue::default());
+        lock(&self.waiters).insert(id, Waiter { tx, queue: queue.clone() });
         if let Err(e) = self.send(&make(id)) {
             lock(&self.waiters).remove(&id);
             return Err(e);
         }
-        Ok((id, rx))
+        Ok((
+            id,
+            Inbox { client: self, id, rx, queue, taken: std::cell::Cell::new(0), ended: std::cell::Cell::new(false) },
+        ))
     }
 
     /// A round trip to the guest agent (v2): it answers, so commands can run.
     pub fn ping(&self) -> Result<(), AgentError> {
         let (_, rx) = self.open(|id| HostMsg::Ping { id })?;
-        match rx.recv() {
-            Ok(GuestMsg::Done { .. }) => Ok(()),
-            Ok(GuestMsg::Error { message, .. }) => Err(AgentError::Guest { sandbox: self.sandbox.clone(), message }),
-            Ok(other) => Err(self.lost(format!("unexpected answer to Ping: {other:?}"))),
-            Err(_) => Err(self.lost("the connection closed")),
+        match self.reply(&rx)? {
+            GuestMsg::Done { .. } => Ok(()),
+            other => Err(self.lost(format!("unexpected answer to Ping: {other:?}"))),
         }
     }
 
@@ -200,7 +305,7 @@ impl AgentClient {
             }
             self.send(&HostMsg::FileData { id, data: buf[..n].to_vec() })?;
             // An early error (no such directory) ends the request: stop sending.
-            if let Ok(GuestMsg::Error { message, .. }) = rx.try_recv() {
+            if let Some(GuestMsg::Error { message, .. }) = rx.try_recv() {
                 return Err(AgentError::Guest { sandbox: self.sandbox.clone(), message });
             }
         }
@@ -264,18 +369,26 @@ impl AgentClient {
             return Ok(());
         }
         let (_, rx) = self.open(|id| HostMsg::WaitSsh { id, timeout_ms: timeout.as_millis() as u64 })?;
-        match self.reply(&rx)? {
+        match self.reply_within(&rx, timeout + REPLY_TIMEOUT)? {
             GuestMsg::Done { .. } => Ok(()),
             other => Err(self.unexpected(other)),
         }
     }
 
-    /// The next reply to a request: the guest's `Error` and a closed connection become errors.
-    fn reply(&self, rx: &Receiver<GuestMsg>) -> Result<GuestMsg, AgentError> {
-        match rx.recv() {
+    /// The next reply to a request, within [`REPLY_TIMEOUT`]: the guest's `Error`, a closed
+    /// connection and silence become errors.
+    fn reply(&self, rx: &Inbox<'_>) -> Result<GuestMsg, AgentError> {
+        self.reply_within(rx, REPLY_TIMEOUT)
+    }
+
+    fn reply_within(&self, rx: &Inbox<'_>, timeout: Duration) -> Result<GuestMsg, AgentError> {
+        match rx.recv_timeout(timeout) {
             Ok(GuestMsg::Error { message, .. }) => Err(AgentError::Guest { sandbox: self.sandbox.clone(), message }),
             Ok(msg) => Ok(msg),
-            Err(_) => Err(self.lost("the connection closed before the guest answered")),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                Err(self.lost(format!("the guest did not answer within {}s", timeout.as_secs())))
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(rx.gone("the guest answered")),
         }
     }
 
@@ -293,7 +406,8 @@ impl AgentClient {
     pub fn fs(&self, req: &smolvm_protocol::agent::FsRequest) -> Result<smolvm_protocol::agent::FsReply, AgentError> {
         let json = serde_json::to_string(req).map_err(|e| self.lost(e.to_string()))?;
         let (_, rx) = self.open(|id| HostMsg::Fs { id, json })?;
-        match self.reply(&rx)? {
+        // A deep listing or a large removal may take a while on a slow disk.
+        match self.reply_within(&rx, 5 * REPLY_TIMEOUT)? {
             GuestMsg::FsResult { json, .. } => {
                 serde_json::from_str(&json).map_err(|e| self.lost(format!("an unreadable FsResult: {e}")))
             }
@@ -357,7 +471,7 @@ impl ExecOutput {
 pub struct ExecHandle<'a> {
     client: &'a AgentClient,
     id: u32,
-    rx: Receiver<GuestMsg>,
+    rx: Inbox<'a>,
 }
 
 /// The input side of a running exec (stdin, signals); it can be moved to another thread.
@@ -387,7 +501,7 @@ impl ExecInput<'_> {
 pub struct WatchHandle<'a> {
     client: &'a AgentClient,
     id: u32,
-    rx: Receiver<GuestMsg>,
+    rx: Inbox<'a>,
     cancelled: bool,
 }
 
@@ -405,7 +519,7 @@ impl WatchHandle<'_> {
             }
             Ok(other) => Err(self.client.unexpected(other)),
             Err(mpsc::RecvTimeoutError::Timeout) => Ok(None),
-            Err(mpsc::RecvTimeoutError::Disconnected) => Err(self.client.lost("the connection closed")),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(self.rx.gone("the watch ended")),
         }
     }
 
@@ -450,7 +564,7 @@ impl ExecHandle<'_> {
 
     /// The next event; `Exit` is the last.
     pub fn next_event(&self) -> Result<ExecEvent, AgentError> {
-        self.event(self.rx.recv().ok())
+        self.event(self.rx.recv())
     }
 
     /// As [`ExecHandle::next_event`], or `None` after `timeout` with nothing new.
@@ -471,7 +585,7 @@ impl ExecHandle<'_> {
                 Err(AgentError::Guest { sandbox: self.client.sandbox.clone(), message })
             }
             Some(other) => Err(self.client.lost(format!("unexpected reply {other:?}"))),
-            None => Err(self.client.lost("the connection closed before the command finished")),
+            None => Err(self.rx.gone("the command finished")),
         }
     }
 
@@ -522,3 +636,7 @@ impl ExecHandle<'_> {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "client_tests.rs"]
+mod tests;

@@ -172,7 +172,8 @@ fn serve_client(
             continue;
         }
         let opens = msg.opens_request();
-        let is_exec = matches!(msg, HostMsg::Exec { .. } | HostMsg::Watch { .. });
+        // Requests that go on until they are stopped (a v5 read waits for its reader's credit).
+        let is_exec = matches!(msg, HostMsg::Exec { .. } | HostMsg::Watch { .. } | HostMsg::ReadFile { .. });
         if let Some(id) = msg.id_mut() {
             let global = if opens {
                 let g = next_id.fetch_add(1, Ordering::Relaxed);
@@ -212,8 +213,9 @@ fn serve_client(
     let mut routes = lock(routes);
     for g in execs {
         if routes.by_global.contains_key(&g) {
-            // A signal ends an exec (a watch ignores it); a Cancel ends a watch (a guest
-            // older than v4 cannot read it and answers an error no one waits for).
+            // A signal ends an exec (a watch or a read ignores it); a Cancel ends a watch and,
+            // from v5, a read (a guest older than v4 cannot read it and answers an error no
+            // one waits for).
             let _ = vm_out.push(encode(&HostMsg::Signal { id: g, signal: libc::SIGKILL }));
             let _ = vm_out.push(encode(&HostMsg::Cancel { id: g }));
         }
