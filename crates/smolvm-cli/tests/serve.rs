@@ -334,3 +334,128 @@ fn hostile_ids_and_queries_neither_reach_paths_nor_take_the_server_down() {
     let (status, body) = f.http("GET", "/v2/sandboxes", None, Some(&f.key));
     assert_eq!(status, 200, "the server is still up: {body}");
 }
+
+/// A raw request to envd's routes for sandbox `id`; returns the socket after the request is
+/// sent (the caller reads as much, and when, it likes).
+fn envd(f: &Fixture, path: &str, id: &str, token: Option<&str>, ctype: &str, body: &[u8]) -> std::net::TcpStream {
+    let addr = f.url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let token = token.map(|t| format!("X-Access-Token: {t}\r\n")).unwrap_or_default();
+    let method = if body.is_empty() && ctype.is_empty() { "GET" } else { "POST" };
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nE2b-Sandbox-Id: {id}\r\n{token}Content-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    s
+}
+
+fn status_of(s: std::net::TcpStream) -> u16 {
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A Connect streaming request's body: one envelope holding `json`.
+fn envelope(json: &str) -> Vec<u8> {
+    let mut b = vec![0u8];
+    b.extend_from_slice(&(json.len() as u32).to_be_bytes());
+    b.extend_from_slice(json.as_bytes());
+    b
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A hostile (or careless) API caller, with its sandbox's token: a process stream it never
+/// reads (the server held all of it before: the output must instead wait in the guest, and
+/// arrive whole once read), more processes than a server should keep threads for, and
+/// `/health` asked without a token (which told whether a sandbox existed).
+#[test]
+#[ignore = "boots a real VM; run by scripts/test.sh"]
+fn an_api_caller_can_neither_make_the_server_hold_output_nor_learn_what_exists() {
+    let f = Fixture::new();
+    let key = f.key.clone();
+    let (status, body) = f.http("POST", "/v2/sandboxes", Some(r#"{"templateID":"base","timeout":900}"#), Some(&key));
+    assert_eq!(status, 201, "{body}");
+    let id = body["sandboxID"].as_str().unwrap().to_string();
+    let token = body["envdAccessToken"].as_str().unwrap().to_string();
+
+    // Without the token, a sandbox that exists and one that does not answer alike.
+    let here = status_of(envd(&f, "/health", &id, None, "", b""));
+    let nowhere = status_of(envd(&f, "/health", "sbx-nowhere", None, "", b""));
+    assert_eq!((here, nowhere), (401, 401));
+    assert_eq!(status_of(envd(&f, "/health", &id, Some("00"), "", b"")), 401);
+    assert_eq!(status_of(envd(&f, "/health", &id, Some(&token), "", b"")), 204);
+
+    // 64 MiB of output on a stream whose reader reads only the response's head.
+    let total = 64u64 << 20;
+    let start = format!(
+        r#"{{"process":{{"cmd":"/bin/sh","args":["-c","dd if=/dev/zero bs=64k count={} status=progress 2>/tmp/dd.err"]}},"stdin":false}}"#,
+        total >> 16
+    );
+    let serve_pid = f.serve.as_ref().unwrap().id();
+    let rss_before = rss_kib(serve_pid);
+    let stream = envd(&f, "/process.Process/Start", &id, Some(&token), "application/connect+json", &envelope(&start));
+    std::thread::sleep(Duration::from_secs(20));
+    // How far dd got: its last progress line (each second, after a write completed).
+    let probe = "tr '\\r' '\\n' < /tmp/dd.err | grep copied | tail -n 1";
+    let progress = ok(f.cmd().args(["exec", &id, "--", "sh", "-c", probe]));
+    let written: u64 = progress.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
+    eprintln!("dd, unread for 20 s: {}", progress.trim());
+    let grown = rss_kib(serve_pid).saturating_sub(rss_before);
+    assert!(written < 40 << 20, "dd wrote {written} bytes with nobody reading: the output was held somewhere");
+    assert!(grown < 96 * 1024, "the server grew by {grown} KiB holding an unread stream");
+
+    // Read now: every byte arrives.
+    let mut r = BufReader::new(stream);
+    let mut head = String::new();
+    while r.read_line(&mut head).unwrap() > 2 {}
+    let mut got = 0u64;
+    let mut body = Vec::new();
+    r.read_to_end(&mut body).unwrap();
+    let text = dechunk(&String::from_utf8_lossy(&body));
+    let mut b = text.as_bytes();
+    while b.len() >= 5 {
+        let n = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+        let v: serde_json::Value = serde_json::from_slice(&b[5..5 + n]).unwrap();
+        if let Some(d) = v["event"]["data"]["stdout"].as_str() {
+            got += smolvm_serve::envd::connect::decode_bytes(d).unwrap().len() as u64;
+        }
+        b = &b[5 + n..];
+    }
+    assert_eq!(got, total, "the output, read late, arrives whole");
+
+    // Processes the server keeps a thread for are bounded per sandbox.
+    let sleeper = envelope(r#"{"process":{"cmd":"/bin/sleep","args":["600"]},"stdin":false}"#);
+    let mut held = Vec::new();
+    // A Connect stream answers 200 either way: its first message says which.
+    let refused = (0..400).find_map(|i| {
+        let mut s = envd(&f, "/process.Process/Start", &id, Some(&token), "application/connect+json", &sleeper);
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        let text = loop {
+            let n = s.read(&mut buf).unwrap();
+            seen.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&seen).into_owned();
+            if n == 0 || text.contains("\"start\"") || text.contains("resource_exhausted") {
+                break text;
+            }
+        };
+        held.push(s);
+        (!text.contains("\"start\"")).then_some((i, text))
+    });
+    let (i, text) = refused.expect("400 processes were all started");
+    assert_eq!(i, smolvm_serve::limits::MAX_PROCESSES, "{text}");
+    assert!(text.contains("resource_exhausted"), "{text}");
+    drop(held);
+    assert_eq!(f.http("DELETE", &format!("/sandboxes/{id}"), None, Some(&key)).0, 204);
+    // The token of the sandbox just removed: told it is gone (as E2B's SDKs expect).
+    assert_eq!(status_of(envd(&f, "/health", &id, Some(&token), "", b"")), 502);
+}

@@ -53,6 +53,8 @@ pub struct Conn {
     pub name: String,
     pub client: AgentClient,
     pub procs: Mutex<HashMap<u32, Arc<Proc>>>,
+    /// What the sandbox's callers hold on the server (processes, watches), bounded.
+    pub limits: crate::limits::Limits,
     next_pid: AtomicU32,
 }
 
@@ -88,6 +90,11 @@ impl App {
     /// Whether `token` is sandbox `id`'s.
     pub fn token_matches(&self, id: &str, token: &str) -> bool {
         self.key().token_matches(id, &self.generation(id), token)
+    }
+
+    /// Whether `token` was the token of the sandbox of this name that was removed last.
+    pub fn token_was_valid(&self, id: &str, token: &str) -> bool {
+        self.meta.gone_generation(id).is_some_and(|g| self.key().token_matches(id, &g, token))
     }
 
     fn generation(&self, id: &str) -> String {
@@ -135,8 +142,13 @@ impl App {
             .blocking(move |s| s.agent(&n))
             .await
             .map_err(|e| smolvm::agent::AgentError::Guest { sandbox: name.into(), message: e.to_string() })??;
-        let conn =
-            Arc::new(Conn { name: name.to_string(), client, procs: Mutex::default(), next_pid: AtomicU32::new(1000) });
+        let conn = Arc::new(Conn {
+            name: name.to_string(),
+            client,
+            procs: Mutex::default(),
+            limits: Default::default(),
+            next_pid: AtomicU32::new(1000),
+        });
         let mut conns = lock(&self.conns);
         // Two requests raced to connect: keep the first, so that both see one process table.
         let kept = conns.entry(name.to_string()).or_insert_with(|| conn.clone());

@@ -20,6 +20,7 @@ pub mod control;
 pub mod envd;
 pub mod ext;
 pub mod key;
+pub mod limits;
 pub mod mcp;
 pub mod meta;
 pub mod openapi;
@@ -125,6 +126,7 @@ pub async fn reap(app: Arc<App>) {
     loop {
         tick.tick().await;
         let now = smolvm::timefmt::now_secs();
+        app.meta.sweep_tombstones();
         for (id, mut m) in app.meta.all() {
             if m.end_at == 0 || m.end_at > now {
                 continue;

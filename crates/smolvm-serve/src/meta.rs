@@ -33,6 +33,9 @@ pub struct Meta {
     pub generation: String,
 }
 
+/// How long a removed sandbox's tombstone is kept.
+pub const TOMBSTONE_DAYS: u64 = 7;
+
 #[derive(Debug, Clone)]
 pub struct MetaStore {
     dir: PathBuf,
@@ -65,9 +68,31 @@ impl MetaStore {
         std::fs::rename(&tmp, &path)
     }
 
+    /// Forgets a sandbox, keeping its generation as a tombstone (`<id>.gone`, for
+    /// [`TOMBSTONE_DAYS`]): a caller whose token was valid for it is told it is gone, every
+    /// other caller learns nothing of whether such a sandbox ever was.
     pub fn remove(&self, id: &str) {
-        if let Some(p) = self.path(id) {
-            let _ = std::fs::remove_file(p);
+        let Some(p) = self.path(id) else { return };
+        if let Some(m) = self.get(id).filter(|m| !m.generation.is_empty()) {
+            let _ = std::fs::write(p.with_extension("gone"), m.generation);
+        }
+        let _ = std::fs::remove_file(p);
+    }
+
+    /// The generation of the sandbox of this name that was removed last, if it has one.
+    pub fn gone_generation(&self, id: &str) -> Option<String> {
+        std::fs::read_to_string(self.path(id)?.with_extension("gone")).ok().filter(|g| !g.is_empty())
+    }
+
+    /// Drops tombstones older than [`TOMBSTONE_DAYS`].
+    pub fn sweep_tombstones(&self) {
+        let Ok(dir) = std::fs::read_dir(&self.dir) else { return };
+        let max = std::time::Duration::from_secs(TOMBSTONE_DAYS * 86_400);
+        for e in dir.flatten() {
+            let old = e.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok());
+            if e.file_name().to_string_lossy().ends_with(".gone") && old.is_some_and(|a| a > max) {
+                let _ = std::fs::remove_file(e.path());
+            }
         }
     }
 

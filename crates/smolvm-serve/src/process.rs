@@ -1,6 +1,11 @@
 //! Processes started through the server: each is an agent exec pumped by a thread of its own
 //! into every subscriber (the request that started it, and any `Connect` to it later), so the
 //! process outlives the HTTP request that started it, as E2B's envd does.
+//!
+//! Every queue on the way is bounded: a follower's queue holds [`FOLLOWER_QUEUE`] chunks, and
+//! a full one holds up the pumping thread, which so stops taking the exec's output, which
+//! (agent protocol v5) stops the guest sending it and the process writing. A caller that reads
+//! slowly slows the process, as a pipe would; one that leaves frees it.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -9,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use smolvm::agent::client::{Command, ExecEvent, ExecRequest, ExitStatus};
 use smolvm::agent::AgentError;
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::sync::mpsc::{channel, Receiver, Sender};
 
 use crate::app::{lock, Conn};
 
@@ -76,19 +81,34 @@ pub struct Proc {
     pub exec_id: u32,
     pub config: ProcConfig,
     pub tag: Option<String>,
-    subs: Mutex<Vec<UnboundedSender<ProcEvent>>>,
+    subs: Mutex<Vec<Sender<ProcEvent>>>,
 }
 
+/// Chunks (of at most 64 KiB) a follower's queue holds.
+pub const FOLLOWER_QUEUE: usize = 16;
+
 impl Proc {
-    /// Events from now on (until its end).
-    pub fn subscribe(&self) -> UnboundedReceiver<ProcEvent> {
-        let (tx, rx) = unbounded_channel();
-        lock(&self.subs).push(tx);
-        rx
+    /// Events from now on (until its end); `None` with [`crate::limits::MAX_FOLLOWERS`]
+    /// following it already.
+    pub fn subscribe(&self) -> Option<Receiver<ProcEvent>> {
+        let mut subs = lock(&self.subs);
+        subs.retain(|s| !s.is_closed());
+        if subs.len() >= crate::limits::MAX_FOLLOWERS {
+            return None;
+        }
+        let (tx, rx) = channel(FOLLOWER_QUEUE);
+        subs.push(tx);
+        Some(rx)
     }
 
+    /// Hands `ev` to every follower, waiting while one's queue is full (from the pumping
+    /// thread, never from the runtime). A follower that left is dropped.
     fn publish(&self, ev: &ProcEvent) {
-        lock(&self.subs).retain(|s| s.send(ev.clone()).is_ok());
+        let subs = lock(&self.subs).clone();
+        let gone: Vec<_> = subs.into_iter().filter(|s| s.blocking_send(ev.clone()).is_err()).collect();
+        if !gone.is_empty() {
+            lock(&self.subs).retain(|s| !gone.iter().any(|g| g.same_channel(s)));
+        }
     }
 }
 
@@ -106,7 +126,13 @@ pub struct Spawn {
 
 /// Starts a process (blocking: call it from the blocking pool). The returned receiver gets
 /// every event of it, from the first byte of output.
-pub fn spawn(conn: &Arc<Conn>, s: Spawn) -> Result<(Arc<Proc>, UnboundedReceiver<ProcEvent>), AgentError> {
+/// `slot` is the process's place among the sandbox's ([`crate::limits::MAX_PROCESSES`]), held
+/// until it ends.
+pub fn spawn(
+    conn: &Arc<Conn>,
+    s: Spawn,
+    slot: crate::limits::Slot,
+) -> Result<(Arc<Proc>, Receiver<ProcEvent>), AgentError> {
     let mut argv = vec![s.config.cmd.clone()];
     argv.extend(s.config.args.iter().cloned());
     let mut env = s.sandbox_env.clone();
@@ -133,8 +159,10 @@ pub fn spawn(conn: &Arc<Conn>, s: Spawn) -> Result<(Arc<Proc>, UnboundedReceiver
                     return;
                 }
             };
+            let _slot = slot;
             let proc = Arc::new(Proc { pid, exec_id: h.id(), config, tag, subs: Mutex::default() });
-            let first = proc.subscribe();
+            let (tx, first) = channel(FOLLOWER_QUEUE);
+            lock(&proc.subs).push(tx);
             lock(&c.procs).insert(pid, proc.clone());
             if started_tx.send(Ok((proc.clone(), first))).is_err() {
                 let _ = h.signal(libc::SIGKILL);

@@ -27,6 +27,7 @@ pub enum Code {
     Unimplemented,
     Unavailable,
     Internal,
+    ResourceExhausted,
 }
 
 impl Code {
@@ -41,6 +42,7 @@ impl Code {
             Code::Unimplemented => "unimplemented",
             Code::Unavailable => "unavailable",
             Code::Internal => "internal",
+            Code::ResourceExhausted => "resource_exhausted",
         }
     }
 
@@ -55,6 +57,7 @@ impl Code {
             Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
             Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Code::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 }

@@ -22,12 +22,31 @@ use crate::app::{lock, App};
 /// Events a polled watcher keeps between two polls, at most.
 const MAX_PENDING_EVENTS: usize = 65_536;
 
+/// A polled watcher nobody asked for events this long is stopped (its caller forgot it, or
+/// went away without RemoveWatcher): it holds a thread and a watch in the guest.
+const WATCHER_IDLE: Duration = Duration::from_secs(600);
+
 /// A watch polled by GetWatcherEvents: what it saw since the last poll.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Watcher {
     events: Mutex<Vec<FsEvent>>,
     failed: Mutex<Option<String>>,
     cancel: AtomicBool,
+    /// Its watch ended (failed, removed, idle): the entry can go.
+    ended: AtomicBool,
+    polled: Mutex<std::time::Instant>,
+}
+
+impl Default for Watcher {
+    fn default() -> Watcher {
+        Watcher {
+            events: Mutex::default(),
+            failed: Mutex::default(),
+            cancel: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
+            polled: Mutex::new(std::time::Instant::now()),
+        }
+    }
 }
 
 /// The polled watchers of every sandbox, by id.
@@ -183,15 +202,31 @@ async fn watched_dir(t: &Target, p: &str) -> Result<String, RpcError> {
     Ok(path)
 }
 
-/// Runs a watch on its own thread, handing each batch to `sink` until it says stop.
+/// A place among the sandbox's watches, or the error that says there is none.
+fn watch_slot(t: &Target) -> Result<crate::limits::Slot, RpcError> {
+    t.conn.limits.watches.take(crate::limits::MAX_WATCHES).ok_or_else(|| {
+        RpcError::new(
+            Code::ResourceExhausted,
+            format!(
+                "this sandbox has {} watches already; end some (close the stream, RemoveWatcher) first",
+                crate::limits::MAX_WATCHES
+            ),
+        )
+    })
+}
+
+/// Runs a watch on its own thread, handing each batch to `sink` until it says stop; `slot`
+/// is held as long.
 fn run_watch(
     t: &Target,
     path: String,
     recursive: bool,
+    slot: crate::limits::Slot,
     mut sink: impl FnMut(Result<Vec<FsEvent>, String>) -> bool + Send + 'static,
 ) {
     let conn = t.conn.clone();
     std::thread::spawn(move || {
+        let _slot = slot;
         let h = match conn.client.watch(&path, recursive) {
             Ok(h) => h,
             Err(e) => {
@@ -223,11 +258,12 @@ fn run_watch(
 async fn watch_dir(t: &Target, headers: &HeaderMap, body: &Bytes) -> Result<Response, RpcError> {
     let p: PathReq = connect::request(headers, body)?;
     let path = watched_dir(t, &p.path).await?;
+    let slot = watch_slot(t)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
     if tx.send(connect::message(&json!({"start": {}}))).await.is_err() {
         return Err(RpcError::new(Code::Unavailable, "the client went away"));
     }
-    run_watch(t, path, p.recursive, move |batch| match batch {
+    run_watch(t, path, p.recursive, slot, move |batch| match batch {
         Ok(events) if events.is_empty() => !tx.is_closed(),
         Ok(events) => {
             events.iter().all(|e| tx.blocking_send(connect::message(&json!({"filesystem": event_json(e)}))).is_ok())
@@ -243,11 +279,21 @@ async fn watch_dir(t: &Target, headers: &HeaderMap, body: &Bytes) -> Result<Resp
 async fn create_watcher(app: &Arc<App>, t: &Target, headers: &HeaderMap, body: &Bytes) -> Result<Response, RpcError> {
     let p: PathReq = connect::request(headers, body)?;
     let path = watched_dir(t, &p.path).await?;
+    let slot = watch_slot(t)?;
     let w = Arc::new(Watcher::default());
     let id = crate::key::random_hex(8);
-    lock(&app.watchers).insert(id.clone(), (t.id.clone(), w.clone()));
-    run_watch(t, path, p.recursive, move |batch| {
-        if w.cancel.load(Ordering::Relaxed) {
+    {
+        let mut watchers = lock(&app.watchers);
+        watchers.retain(|_, (_, w)| !w.ended.load(Ordering::Relaxed));
+        watchers.insert(id.clone(), (t.id.clone(), w.clone()));
+    }
+    run_watch(t, path, p.recursive, slot, move |batch| {
+        let idle = lock(&w.polled).elapsed() > WATCHER_IDLE;
+        if w.cancel.load(Ordering::Relaxed) || idle {
+            if idle {
+                *lock(&w.failed) = Some(format!("not polled for {}s: the watcher was stopped", WATCHER_IDLE.as_secs()));
+            }
+            w.ended.store(true, Ordering::Relaxed);
             return false;
         }
         match batch {
@@ -263,6 +309,7 @@ async fn create_watcher(app: &Arc<App>, t: &Target, headers: &HeaderMap, body: &
             }
             Err(e) => {
                 *lock(&w.failed) = Some(e);
+                w.ended.store(true, Ordering::Relaxed);
                 false
             }
         }
@@ -281,6 +328,7 @@ fn watcher(app: &App, t: &Target, id: &str) -> Result<Arc<Watcher>, RpcError> {
 fn watcher_events(app: &App, t: &Target, headers: &HeaderMap, body: &Bytes) -> Result<Response, RpcError> {
     let p: PathReq = connect::request(headers, body)?;
     let w = watcher(app, t, &p.watcher_id)?;
+    *lock(&w.polled) = std::time::Instant::now();
     let events: Vec<FsEvent> = std::mem::take(&mut *lock(&w.events));
     if events.is_empty() {
         if let Some(e) = lock(&w.failed).clone() {

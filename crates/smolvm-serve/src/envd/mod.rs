@@ -128,20 +128,7 @@ pub async fn target(
         return Err(e.into_response());
     };
     if !allowed(app, headers, &id) && !signed(&id) {
-        // A sandbox that is gone (killed: its token's generation went with it) answers as
-        // E2B does, "not found", which the SDKs turn into their own error; one that exists
-        // refuses the token.
-        let name = id.clone();
-        let exists = app.meta.get(&id).is_some()
-            || !matches!(
-                app.blocking(move |s| s.info(&name)).await,
-                Ok(Err(smolvm::sandbox::SandboxError::NotFound(_)))
-            );
-        if !exists {
-            return Err(not_found(&id));
-        }
-        let e = RpcError::new(Code::Unauthenticated, "a missing or wrong X-Access-Token for this sandbox");
-        return Err(e.into_response());
+        return Err(refused(app, headers, &id));
     }
     let home = user_home(headers, query_user).map_err(IntoResponse::into_response)?;
     match app.conn(&id).await {
@@ -163,7 +150,20 @@ pub fn agent_error(e: smolvm::agent::AgentError) -> RpcError {
     }
 }
 
-/// `GET /health`: 204 while the sandbox's agent answers, else E2B's 502.
+/// The answer to a caller the sandbox does not admit: the same whether or not a sandbox of
+/// that name exists, so that a caller without its token learns nothing of it. The one
+/// exception is the caller whose token was valid for the sandbox removed last under that name
+/// (E2B's SDKs after `kill`): it is told "not found", which the SDKs turn into their own error.
+fn refused(app: &App, headers: &HeaderMap, id: &str) -> Response {
+    let token = headers.get("x-access-token").and_then(|v| v.to_str().ok());
+    if token.is_some_and(|t| app.token_was_valid(id, t)) {
+        return not_found(id);
+    }
+    RpcError::new(Code::Unauthenticated, "a missing or wrong X-Access-Token for this sandbox").into_response()
+}
+
+/// `GET /health`: 204 while the sandbox's agent answers, else E2B's 502; only for a caller
+/// the sandbox admits (with no sandbox named: 204, the server's own health).
 async fn health(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     let Some(id) = sandbox_id(&headers) else {
         return match named_id(&headers) {
@@ -172,6 +172,9 @@ async fn health(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
             None => StatusCode::NO_CONTENT.into_response(),
         };
     };
+    if !allowed(&app, &headers, &id) {
+        return refused(&app, &headers, &id);
+    }
     match app.conn(&id).await {
         Ok(_) => StatusCode::NO_CONTENT.into_response(),
         Err(_) => not_found(&id),

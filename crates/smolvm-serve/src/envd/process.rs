@@ -14,7 +14,6 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::connect::{self, Code, RpcError};
 use super::{agent_error, target, Target};
@@ -153,6 +152,15 @@ async fn start(app: &Arc<App>, t: &Target, headers: &HeaderMap, body: &Bytes) ->
         stdin: req.stdin.unwrap_or(true),
         timeout: deadline,
     };
+    let slot = t.conn.limits.processes.take(crate::limits::MAX_PROCESSES).ok_or_else(|| {
+        RpcError::new(
+            Code::ResourceExhausted,
+            format!(
+                "this sandbox has {} processes started through the API still running; wait for some to end or kill them",
+                crate::limits::MAX_PROCESSES
+            ),
+        )
+    })?;
     let conn = t.conn.clone();
     let home = t.home.clone();
     let (proc, rx) = tokio::task::spawn_blocking(move || {
@@ -160,7 +168,7 @@ async fn start(app: &Arc<App>, t: &Target, headers: &HeaderMap, body: &Bytes) ->
             // E2B's default user's home, made on first use.
             let _ = conn.client.fs(&smolvm_protocol::agent::FsRequest::MakeDir { path: home });
         }
-        procs::spawn(&conn, spawn)
+        procs::spawn(&conn, spawn, slot)
     })
     .await
     .map_err(|e| RpcError::new(Code::Internal, e.to_string()))?
@@ -171,7 +179,13 @@ async fn start(app: &Arc<App>, t: &Target, headers: &HeaderMap, body: &Bytes) ->
 fn attach(t: &Target, headers: &HeaderMap, body: &Bytes) -> Result<Response, RpcError> {
     let req: Selected = connect::request(headers, body)?;
     let p = selected(t, &req.process)?;
-    Ok(events(p.pid, p.subscribe(), keepalive(headers)))
+    let rx = p.subscribe().ok_or_else(|| {
+        RpcError::new(
+            Code::ResourceExhausted,
+            format!("process {} has {} streams following it already", p.pid, crate::limits::MAX_FOLLOWERS),
+        )
+    })?;
+    Ok(events(p.pid, rx, keepalive(headers)))
 }
 
 /// `Keepalive-Ping-Interval` (seconds), default 90 as envd's.
@@ -181,8 +195,8 @@ fn keepalive(headers: &HeaderMap) -> Duration {
 }
 
 /// The event stream of a process: `start`, its output, `end`; keepalives while it is quiet.
-fn events(pid: u32, mut rx: UnboundedReceiver<ProcEvent>, ping: Duration) -> Response {
-    let (tx, out) = tokio::sync::mpsc::channel::<Bytes>(64);
+fn events(pid: u32, mut rx: tokio::sync::mpsc::Receiver<ProcEvent>, ping: Duration) -> Response {
+    let (tx, out) = tokio::sync::mpsc::channel::<Bytes>(8);
     tokio::spawn(async move {
         let ev = |e: Value| connect::message(&json!({ "event": e }));
         if tx.send(ev(json!({"start": {"pid": pid}}))).await.is_err() {
