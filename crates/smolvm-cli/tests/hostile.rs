@@ -185,7 +185,7 @@ fn the_host_processes_of_a_sandbox_are_not_root_and_reach_nothing_of_another() {
 
 #[test]
 #[ignore = "boots the release under QEMU: run scripts/test.sh"]
-fn a_console_flood_is_capped_on_the_host() {
+fn a_flood_of_console_or_qemu_output_is_capped_on_the_host() {
     let f = Fixture::new();
     ok(f.cmd().args(["create", "--name", "loud"]));
     // 9 MiB (more than the 8 MiB the host keeps), as root in the guest, then a last line.
@@ -215,6 +215,33 @@ fn a_console_flood_is_capped_on_the_host() {
     assert!(on_disk <= smolvm::agent::console::TOTAL_CAP, "{on_disk} bytes of console on the host");
     assert!(on_disk > smolvm::agent::console::FILE_CAP, "the flood never reached the rotation: {on_disk}");
     assert!(logs.len() as u64 <= smolvm::agent::console::TOTAL_CAP + 1024);
+
+    // A taken-over QEMU floods its own output (12 MiB on its stderr, a pipe the agent proxy
+    // keeps in run/qemu.log): the host keeps at most the console's cap of it, the newest.
+    let pid_file = std::fs::read_to_string(f.dir("loud").join("qemu.pid")).unwrap();
+    let qemu: i32 = pid_file.split_whitespace().next().unwrap().parse().unwrap();
+    {
+        use std::io::Write;
+        let mut w = std::fs::OpenOptions::new().write(true).open(format!("/proc/{qemu}/fd/2")).unwrap();
+        let chunk = vec![b'q'; 1 << 20];
+        for _ in 0..12 {
+            w.write_all(&chunk).unwrap();
+        }
+        w.write_all(b"\nQEMU-FLOOD-END\n").unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let tail = loop {
+        let tail = smolvm::agent::console::tail_of(&run, "qemu.log", 64);
+        if tail.ends_with(b"QEMU-FLOOD-END\n") || std::time::Instant::now() > deadline {
+            break tail;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert!(tail.ends_with(b"QEMU-FLOOD-END\n"), "{}", String::from_utf8_lossy(&tail));
+    let on_disk: u64 =
+        ["qemu.log", "qemu.log.1"].iter().map(|n| std::fs::metadata(run.join(n)).map(|m| m.len()).unwrap_or(0)).sum();
+    assert!(on_disk <= smolvm::agent::console::TOTAL_CAP, "{on_disk} bytes of QEMU output on the host");
+
     // The sandbox is still fine.
     assert_eq!(ok(f.cmd().args(["exec", "loud", "--", "echo", "alive"])).trim(), "alive");
 

@@ -148,7 +148,7 @@ fn a_secret_reaches_its_host_only_and_never_the_guest() {
         let bytes = std::fs::read(w.home.path().join(f)).unwrap_or_default();
         assert!(!contains(&bytes, REAL), "in {f}");
     }
-    for f in ["netd.log", "agent-proxy.log", "qemu.log", "net.json", "run/console.log", "run/network.log"] {
+    for f in ["netd.log", "agent-proxy.log", "run/qemu.log", "net.json", "run/console.log", "run/network.log"] {
         let bytes = std::fs::read(dir.join(f)).unwrap_or_default();
         assert!(!contains(&bytes, REAL), "in {f}");
     }

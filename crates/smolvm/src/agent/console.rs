@@ -1,4 +1,5 @@
-//! The serial console, written to `console.log` by the agent proxy with a size cap.
+//! The serial console, written to `console.log` by the agent proxy with a size cap; QEMU's own
+//! output (its stdout and stderr, a pipe) goes to `qemu.log` the same way.
 //!
 //! QEMU's console is one end of a socket pair; the proxy reads the other and appends to
 //! `console.log`. When the file reaches [`FILE_CAP`] it becomes `console.log.1` (replacing the
@@ -19,18 +20,39 @@ pub const FILE_CAP: u64 = 4 << 20;
 /// The most the console occupies on the host: `console.log` and `console.log.1`.
 pub const TOTAL_CAP: u64 = 2 * FILE_CAP;
 
-fn open_log(dir: &Path) -> std::io::Result<File> {
+fn open_log(dir: &Path, name: &str) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
-    OpenOptions::new().create(true).append(true).custom_flags(libc::O_NOFOLLOW).open(dir.join("console.log"))
+    OpenOptions::new().create(true).append(true).custom_flags(libc::O_NOFOLLOW).open(dir.join(name))
 }
 
 /// Copies `from` (the console) to `dir/console.log` until it ends, rotating at [`FILE_CAP`].
-pub fn relay(mut from: impl Read, dir: &Path) -> std::io::Result<()> {
-    let mut out = open_log(dir)?;
-    let mut size = out.metadata()?.len();
+pub fn relay(from: impl Read, dir: &Path) -> std::io::Result<()> {
+    relay_to(from, dir, "console.log")
+}
+
+/// Copies `from` to `dir/<name>` until it ends, rotating at [`FILE_CAP`] to `<name>.1`. Once
+/// the file cannot be written (a full disk), the rest is read and dropped: the writer (QEMU,
+/// on a pipe) must never block on a log.
+pub fn relay_to(mut from: impl Read, dir: &Path, name: &str) -> std::io::Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
+    let copied = copy_rotating(&mut from, dir, name, &mut buf);
+    if copied.is_err() {
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) => break,
+                Err(e) if e.kind() != std::io::ErrorKind::Interrupted => break,
+                _ => {}
+            }
+        }
+    }
+    copied
+}
+
+fn copy_rotating(from: &mut impl Read, dir: &Path, name: &str, buf: &mut [u8]) -> std::io::Result<()> {
+    let mut out = open_log(dir, name)?;
+    let mut size = out.metadata()?.len();
     loop {
-        let n = match from.read(&mut buf) {
+        let n = match from.read(buf) {
             Ok(0) => return Ok(()),
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -39,8 +61,8 @@ pub fn relay(mut from: impl Read, dir: &Path) -> std::io::Result<()> {
         let mut chunk = &buf[..n];
         while !chunk.is_empty() {
             if size >= FILE_CAP {
-                std::fs::rename(dir.join("console.log"), dir.join("console.log.1"))?;
-                out = open_log(dir)?;
+                std::fs::rename(dir.join(name), dir.join(format!("{name}.1")))?;
+                out = open_log(dir, name)?;
                 size = 0;
             }
             let take = chunk.len().min((FILE_CAP - size) as usize);
@@ -54,6 +76,11 @@ pub fn relay(mut from: impl Read, dir: &Path) -> std::io::Result<()> {
 /// The last `max` bytes of the console of the sandbox directory `dir` (its `run/`), across
 /// the rotation; read as untrusted files (no symbolic link followed).
 pub fn tail(run_dir: &Path, max: u64) -> Vec<u8> {
+    tail_of(run_dir, "console.log", max)
+}
+
+/// As [`tail`], for the log `name` in `run_dir`.
+pub fn tail_of(run_dir: &Path, name: &str, max: u64) -> Vec<u8> {
     let read = |name: &str, max: u64| -> Vec<u8> {
         use std::io::{Seek, SeekFrom};
         let Ok(mut f) = crate::text::open_untrusted(&run_dir.join(name)) else { return Vec::new() };
@@ -63,11 +90,11 @@ pub fn tail(run_dir: &Path, max: u64) -> Vec<u8> {
         let _ = f.take(max).read_to_end(&mut b);
         b
     };
-    let newest = read("console.log", max);
+    let newest = read(name, max);
     if newest.len() as u64 >= max {
         return newest;
     }
-    let mut all = read("console.log.1", max - newest.len() as u64);
+    let mut all = read(&format!("{name}.1"), max - newest.len() as u64);
     all.extend_from_slice(&newest);
     all
 }

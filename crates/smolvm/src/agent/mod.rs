@@ -25,6 +25,10 @@ pub use client::{AgentClient, AgentError, ExecEvent, ExecHandle, ExecOutput};
 pub const PROXY_VM_FD: RawFd = 3;
 /// The proxy's end of the console's socket pair.
 pub const PROXY_CONSOLE_FD: RawFd = 4;
+/// The read end of the pipe that is QEMU's stdout and stderr: the proxy keeps it in
+/// `run/qemu.log` with the console's cap (a file QEMU wrote itself had none, and a file-size
+/// limit on QEMU would limit its disk too).
+pub const PROXY_QEMU_LOG_FD: RawFd = 5;
 
 /// The proxy's socket, for any number of clients.
 pub fn client_socket(dir: &Path) -> PathBuf {
@@ -67,6 +71,8 @@ impl ProxyStart {
 pub struct ProxyPlumbing {
     pub vm: OwnedFd,
     pub console: OwnedFd,
+    /// The read end of QEMU's output pipe.
+    pub qemu_log: OwnedFd,
     pub identity: Option<crate::child::Identity>,
     pub cgroup_procs: Vec<RawFd>,
 }
@@ -84,7 +90,11 @@ pub fn spawn_proxy(
     let exe = crate::child::Executable::open(helper)?;
     let mut cmd = crate::child::helper_command(&exe, "__agent-proxy", &run, log, log_filter);
     crate::child::Confine {
-        fds: vec![(p.vm.as_raw_fd(), PROXY_VM_FD), (p.console.as_raw_fd(), PROXY_CONSOLE_FD)],
+        fds: vec![
+            (p.vm.as_raw_fd(), PROXY_VM_FD),
+            (p.console.as_raw_fd(), PROXY_CONSOLE_FD),
+            (p.qemu_log.as_raw_fd(), PROXY_QEMU_LOG_FD),
+        ],
         cwd: Some(run),
         identity: p.identity,
         cgroup_procs: p.cgroup_procs,
@@ -109,18 +119,24 @@ pub fn proxy_main(owner: u32) -> std::io::Result<()> {
     use std::os::fd::FromRawFd;
     crate::child::not_dumpable();
     crate::child::cap_file_size();
-    // SAFETY: the parent handed us these two descriptors (socket pair ends) and nothing else
-    // in this process owns them.
-    let (vm, console) = unsafe {
+    // SAFETY: the parent handed us these three descriptors (socket pair ends, a pipe's read
+    // end) and nothing else in this process owns them.
+    let (vm, console, qemu_log) = unsafe {
         (
             std::os::unix::net::UnixStream::from_raw_fd(PROXY_VM_FD),
             std::os::unix::net::UnixStream::from_raw_fd(PROXY_CONSOLE_FD),
+            std::fs::File::from_raw_fd(PROXY_QEMU_LOG_FD),
         )
     };
     let here = Path::new(".");
     std::thread::spawn(move || {
         if let Err(e) = console::relay(console, Path::new(".")) {
             tracing::warn!("console: {e}");
+        }
+    });
+    std::thread::spawn(move || {
+        if let Err(e) = console::relay_to(qemu_log, Path::new("."), "qemu.log") {
+            tracing::warn!("qemu.log: {e}");
         }
     });
     proxy::run(here, vm, owner, || {

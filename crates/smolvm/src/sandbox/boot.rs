@@ -102,10 +102,21 @@ pub(crate) fn public_key_b64(keys: &Path) -> Result<String, BootError> {
 }
 
 /// Starts QEMU detached: its own session (a Ctrl-C or a closed terminal does not reach it),
-/// its output in `qemu.log`, confined like its helpers (`vm::qemu::QemuConfig::spawn`).
-fn spawn_qemu(cfg: &QemuConfig, plumbing: qemu::Plumbing) -> Result<std::process::Child, BootError> {
-    let log = std::fs::File::create(qemu::qemu_log(&cfg.dir)).map_err(io_err("create qemu.log"))?;
+/// its output on `log` (the pipe the agent proxy keeps in `run/qemu.log`), confined like its
+/// helpers (`vm::qemu::QemuConfig::spawn`).
+fn spawn_qemu(
+    cfg: &QemuConfig,
+    plumbing: qemu::Plumbing,
+    log: std::io::PipeWriter,
+) -> Result<std::process::Child, BootError> {
+    let log = std::fs::File::from(OwnedFd::from(log));
     cfg.spawn(plumbing, log).map_err(|source| BootError::Spawn { qemu: cfg.qemu.display().to_string(), source })
+}
+
+/// The last `max` bytes of QEMU's output, escaped for a terminal.
+pub(super) fn qemu_log_tail(dir: &Path, max: u64) -> String {
+    let log = crate::agent::console::tail_of(&qemu::run_dir(dir), "qemu.log", max);
+    crate::text::escape_controls(String::from_utf8_lossy(&log).trim())
 }
 
 /// A connected pair of stream sockets: (ours, theirs).
@@ -288,9 +299,13 @@ impl Smolvm {
                 let _ = process::signal(w.pid, libc::SIGKILL);
             }
         };
-        // The agent proxy starts before QEMU, holding its ends of the agent and console pairs.
-        let pairs = socket_pair("the agent port").and_then(|a| Ok((a, socket_pair("the console")?)));
-        let ((agent_ours, agent_qemu), (console_ours, console_qemu)) = match pairs {
+        // The agent proxy starts before QEMU, holding its ends of the agent and console pairs
+        // and of QEMU's output pipe.
+        let pairs = socket_pair("the agent port").and_then(|a| {
+            let log = std::io::pipe().map_err(io_err("a pipe for QEMU's output"))?;
+            Ok((a, socket_pair("the console")?, log))
+        });
+        let ((agent_ours, agent_qemu), (console_ours, console_qemu), (log_ours, log_qemu)) = match pairs {
             Ok(p) => p,
             Err(e) => {
                 kill_netd(&wire);
@@ -304,6 +319,7 @@ impl Smolvm {
             crate::agent::ProxyPlumbing {
                 vm: agent_ours,
                 console: console_ours,
+                qemu_log: OwnedFd::from(log_ours),
                 identity,
                 cgroup_procs: procs.clone(),
             },
@@ -354,7 +370,7 @@ impl Smolvm {
         };
         // Our copies of QEMU's ends close when `plumbing` is dropped inside, so that the
         // helpers see QEMU's exit.
-        let mut child = match spawn_qemu(&cfg, plumbing) {
+        let mut child = match spawn_qemu(&cfg, plumbing, log_qemu) {
             Ok(c) => c,
             Err(e) => {
                 if let Some(p) = wire_pid {
@@ -377,13 +393,8 @@ impl Smolvm {
             // How QEMU ended, if it did (before we kill it).
             let status = child.try_wait().ok().flatten().map(|s| format!(" (QEMU {s})")).unwrap_or_default();
             let _ = process::signal(pid, libc::SIGKILL);
-            let qemu_log = std::fs::read(qemu::qemu_log(&dir)).unwrap_or_default();
-            let qemu_log = String::from_utf8_lossy(&qemu_log[qemu_log.len().saturating_sub(16 * 1024)..]).into_owned();
-            let tail = format!(
-                "{}\n--- qemu.log{status} ---\n{}",
-                console_tail(&console, 30),
-                crate::text::escape_controls(qemu_log.trim())
-            );
+            let tail =
+                format!("{}\n--- qemu.log{status} ---\n{}", console_tail(&console, 30), qemu_log_tail(&dir, 16 * 1024));
             BootError::NotReady { cause, console: console.display().to_string(), tail }
         };
         if let Start::Restore(r) = start {

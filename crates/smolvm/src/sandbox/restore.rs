@@ -61,8 +61,7 @@ pub(super) fn record_ram_image(dir: &Path, start: &Start, ram: Option<&OwnedFd>)
 pub(super) const RAM_LINK: &str = "ram.img";
 
 fn qemu_log_tail(dir: &Path) -> String {
-    let log = std::fs::read(qemu::qemu_log(dir)).unwrap_or_default();
-    crate::text::escape_controls(String::from_utf8_lossy(&log[log.len().saturating_sub(8 * 1024)..]).trim())
+    super::boot::qemu_log_tail(dir, 8 * 1024)
 }
 
 impl Smolvm {

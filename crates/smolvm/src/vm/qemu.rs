@@ -128,7 +128,7 @@ pub fn pid_file(dir: &Path) -> PathBuf {
     dir.join("qemu.pid")
 }
 pub fn qemu_log(dir: &Path) -> PathBuf {
-    dir.join("qemu.log")
+    run_dir(dir).join("qemu.log")
 }
 
 /// The descriptors a QEMU is started with, besides the files of its [`QemuConfig`].
