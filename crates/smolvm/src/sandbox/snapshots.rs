@@ -443,21 +443,39 @@ fn save_pages(
     Ok(base)
 }
 
-/// Moves `from` (a file in a sandbox's `run/`, written by its QEMU) to `to`, never following
-/// a link: renamed if on one file system, else copied.
-fn take_file(from: &Path, to: &Path) -> std::io::Result<()> {
+/// Moves `from` (a file in a sandbox's `run/`, written by its QEMU) to `to` (in a directory
+/// only root writes). `run/` is the sandbox uid's, so whatever is checked there by path can
+/// be swapped before it is used (a hard link to a root file, say, which the chown that follows
+/// would take over): the file is renamed first and checked where it now is, out of QEMU's
+/// reach, and removed again unless it is a regular file with no other name. Across file systems
+/// it is copied from the descriptor that was checked.
+pub(super) fn take_file(from: &Path, to: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let f = crate::text::open_untrusted(from)?;
-    if f.metadata()?.nlink() != 1 {
-        return Err(std::io::Error::other(format!("{} has other links", from.display())));
-    }
+    let refuse = |what: &str| std::io::Error::other(format!("{}: {what}; not taken", from.display()));
     match std::fs::rename(from, to) {
-        Ok(()) => Ok(()),
+        Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            let f = crate::text::open_untrusted(from)?;
+            let m = f.metadata()?;
+            if !m.is_file() || m.nlink() != 1 {
+                return Err(refuse("not a regular file with one name"));
+            }
             files::copy_sparse(&f, to)?;
-            std::fs::remove_file(from)
+            return std::fs::remove_file(from);
         }
-        Err(e) => Err(e),
+        Err(e) => return Err(e),
+    }
+    let checked = crate::text::open_untrusted(to).and_then(|f| f.metadata());
+    match checked {
+        Ok(m) if m.is_file() && m.nlink() == 1 => Ok(()),
+        other => {
+            let is_dir = std::fs::symlink_metadata(to).is_ok_and(|m| m.is_dir());
+            let _ = if is_dir { std::fs::remove_dir_all(to) } else { std::fs::remove_file(to) };
+            Err(match other {
+                Ok(_) => refuse("not a regular file with one name"),
+                Err(e) => refuse(&e.to_string()),
+            })
+        }
     }
 }
 
@@ -470,4 +488,64 @@ pub(super) fn share_with_sandboxes(path: &Path, images_gid: Option<u32>) -> std:
         f.set_permissions(std::fs::Permissions::from_mode(0o640))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    /// A taken-over QEMU swaps its capture file for a hard link to a file it does not own,
+    /// over and over, while root takes the capture: what root ends up holding is never that
+    /// file (by path, the check and the rename raced).
+    #[test]
+    fn a_capture_swapped_for_a_link_is_never_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let (run, dest) = (dir.path().join("run"), dir.path().join("dest"));
+        std::fs::create_dir_all(&run).unwrap();
+        std::fs::create_dir_all(&dest).unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"root's").unwrap();
+        let victim_ino = std::fs::metadata(&victim).unwrap().ino();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (r, v, s) = (run.clone(), victim.clone(), stop.clone());
+        let swapper = std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !s.load(std::sync::atomic::Ordering::Relaxed) && n < 50_000_000 {
+                let tmp = r.join("tmp");
+                let _ = std::fs::remove_file(&tmp);
+                if std::fs::hard_link(&v, &tmp).is_ok() {
+                    let _ = std::fs::rename(&tmp, r.join("capture"));
+                }
+                n += 1;
+            }
+        });
+        let (mut taken, mut refused) = (0, 0);
+        let t0 = std::time::Instant::now();
+        for _ in 0..3000 {
+            if t0.elapsed() > std::time::Duration::from_secs(20) {
+                break;
+            }
+            // A fresh capture, as QEMU writes one (never through the name, which may be a link).
+            std::fs::write(run.join("fresh"), b"guest memory").unwrap();
+            std::fs::rename(run.join("fresh"), run.join("capture")).unwrap();
+            let to = dest.join("memory");
+            match take_file(&run.join("capture"), &to) {
+                Ok(()) => {
+                    taken += 1;
+                    assert_ne!(std::fs::metadata(&to).unwrap().ino(), victim_ino, "took a link to the victim");
+                }
+                Err(_) => {
+                    refused += 1;
+                    assert!(!to.exists() || std::fs::metadata(&to).unwrap().ino() != victim_ino);
+                }
+            }
+            let _ = std::fs::remove_file(&to);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        swapper.join().unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"root's");
+        assert!(taken + refused > 0);
+    }
 }
