@@ -7,6 +7,7 @@
 mod common;
 
 use std::io::Write;
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use common::{ok, release_dir, smolvm};
@@ -125,6 +126,47 @@ fn files_round_trip_and_twenty_concurrent_execs_on_one_connection() {
     let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
     assert_eq!(mode & 0o7000, 0, "setuid/setgid/sticky came back from the guest: {mode:o}");
     assert_eq!(std::fs::read(&dest).unwrap(), b"evil");
+
+    // Directories go through the agent both ways, into a temporary name renamed at the end.
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("a/b")).unwrap();
+    std::fs::write(tree.join("top.txt"), b"top").unwrap();
+    std::fs::write(tree.join("a/b/deep.bin"), &data[..70_000]).unwrap();
+    ok(f.cmd().args(["cp", tree.to_str().unwrap(), "fs:/root/"]));
+    let guest = ok(f.cmd().args([
+        "exec",
+        "fs",
+        "--",
+        "sh",
+        "-c",
+        "cat /root/tree/top.txt; sha256sum < /root/tree/a/b/deep.bin",
+    ]));
+    assert_eq!(guest, format!("top{}  -\n", hex(&Sha256::digest(&data[..70_000]))));
+    // Out of a hostile guest: a setuid file, a link to a host file, a FIFO, a nested directory.
+    ok(f.cmd().args([
+        "exec",
+        "fs",
+        "--",
+        "sh",
+        "-c",
+        "mkdir -p /root/evil/sub && printf x > /root/evil/suid && chmod 4755 /root/evil/suid && \
+         ln -s /etc/passwd /root/evil/link && mkfifo /root/evil/fifo && printf deep > /root/evil/sub/f",
+    ]));
+    let out = dir.path().join("out");
+    ok(f.cmd().args(["cp", "fs:/root/evil", out.to_str().unwrap()]));
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(out.join("suid")).unwrap().permissions());
+    assert_eq!(mode & 0o7000, 0, "a setuid bit came out of the guest: {mode:o}");
+    assert_eq!(std::fs::read_link(out.join("link")).unwrap(), Path::new("/etc/passwd"), "a link is a link");
+    assert!(std::fs::symlink_metadata(out.join("fifo")).is_err(), "a FIFO was copied");
+    assert_eq!(std::fs::read(out.join("sub/f")).unwrap(), b"deep");
+    // A file the guest announces larger than the host's free space: refused before a byte is
+    // read, and nothing is left behind.
+    ok(f.cmd().args(["exec", "fs", "--", "truncate", "-s", "8T", "/root/huge"]));
+    let refused = f.cmd().args(["cp", "fs:/root/huge", dir.path().to_str().unwrap()]).output().unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("free"), "{}", String::from_utf8_lossy(&refused.stderr));
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(!left.iter().any(|n| n.to_string_lossy().contains("huge")), "{left:?}");
 
     // Twenty execs at once on one agent connection, each with its own id.
     let mut config = smolvm::config::Config::new(smolvm::paths::Home::at(f.home.path()));

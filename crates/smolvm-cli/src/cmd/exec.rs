@@ -100,14 +100,18 @@ pub fn cp(from: &str, to: &str) -> anyhow::Result<i32> {
     match (remote(from), remote(to)) {
         (None, Some((name, path))) => {
             if Path::new(from).is_dir() {
-                return scp(&sm, from, to);
+                let done = sm.copy_dir_in(name, Path::new(from), path)?;
+                return tree_done(&done);
             }
             sm.copy_in(name, Path::new(from), path)?;
             Ok(0)
         }
         (Some((name, path)), None) => match sm.copy_out(name, path, Path::new(to)) {
             Ok(_) => Ok(0),
-            Err(smolvm::sandbox::CopyError::Directory { .. }) => scp(&sm, from, to),
+            Err(smolvm::sandbox::CopyError::Directory { .. }) => {
+                let done = sm.copy_dir_out(name, path, Path::new(to))?;
+                tree_done(&done)
+            }
             Err(e) => Err(e.into()),
         },
         _ => anyhow::bail!(
@@ -116,11 +120,14 @@ pub fn cp(from: &str, to: &str) -> anyhow::Result<i32> {
     }
 }
 
-/// Directories go through scp (recursive), which the agent does not do yet.
-fn scp(sm: &smolvm::sandbox::Smolvm, from: &str, to: &str) -> anyhow::Result<i32> {
-    let out = sm.cp_command(from, to)?.output().context("run scp")?;
-    if !out.status.success() {
-        anyhow::bail!("cp {from} {to}: {}", String::from_utf8_lossy(&out.stderr).trim());
+/// A directory copy's summary, on stderr (stdout stays empty, as `cp`'s).
+fn tree_done(t: &smolvm::sandbox::TreeCopy) -> anyhow::Result<i32> {
+    #[allow(clippy::print_stderr)]
+    if t.skipped > 0 {
+        eprintln!(
+            "{}: {} files, {} directories, {} links; {} entries skipped (devices, FIFOs, sockets; links going into a sandbox)",
+            t.path, t.files, t.dirs, t.links, t.skipped
+        );
     }
     Ok(0)
 }

@@ -28,30 +28,49 @@ pub enum CopyError {
     Directory { sandbox: String, path: String },
     #[error("{path}: the guest sent more than the {announced} bytes it announced; nothing was kept")]
     TooLong { path: String, announced: u64 },
+    #[error("{path}: the guest announces {announced} bytes and {free} are free where it would go; nothing was copied")]
+    NoSpace { path: String, announced: u64, free: u64 },
+    #[error("{path} exists; a directory is copied only to a new name (or into an existing directory)")]
+    Exists { path: String },
+    #[error("sandbox {sandbox}: {message}")]
+    Guest { sandbox: String, message: String },
     #[error("{what} {path}: {source}")]
     Io { what: &'static str, path: String, source: io::Error },
 }
 
-fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> CopyError {
+pub(super) fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> CopyError {
     let path = path.display().to_string();
     move |source| CopyError::Io { what, path, source }
 }
 
-/// A sink that refuses more than `left` bytes.
+/// A sink that refuses more than `left` bytes, and leaves a hole for a chunk of zeros (a
+/// sparse file in the guest stays sparse here).
 struct Capped<'a> {
     file: &'a File,
     left: u64,
     over: bool,
+    pos: u64,
+}
+
+impl Capped<'_> {
+    /// Gives the file its full length (a trailing hole has no write to make it).
+    fn finish(&self) -> io::Result<()> {
+        self.file.set_len(self.pos)
+    }
 }
 
 impl Write for Capped<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
         if buf.len() as u64 > self.left {
             self.over = true;
             return Err(io::Error::other("more bytes than announced"));
         }
         self.left -= buf.len() as u64;
-        (&mut &*self.file).write_all(buf)?;
+        if buf.iter().any(|&b| b != 0) {
+            self.file.write_all_at(buf, self.pos)?;
+        }
+        self.pos += buf.len() as u64;
         Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -96,16 +115,8 @@ impl Smolvm {
         };
         let base = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let tmp = dir.join(format!(".{base}.smolvm-partial-{}", std::process::id()));
-        let file = crate::text::create_private(&tmp).map_err(io_err("create", &tmp))?;
+        let (_, file) = read_into_new(&client, name, remote, &tmp, self.config().user_umask)?;
         let result = (|| -> Result<(), CopyError> {
-            let mut sink = Capped { file: &file, left: stat.size, over: false };
-            let read = client.read_file(remote, &mut sink);
-            if sink.over {
-                return Err(CopyError::TooLong { path: format!("{name}:{remote}"), announced: stat.size });
-            }
-            read?;
-            let mode = stat.mode & 0o777 & !self.config().user_umask;
-            file.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(io_err("chmod", &tmp))?;
             file.sync_all().map_err(io_err("sync", &tmp))?;
             std::fs::rename(&tmp, &target).map_err(io_err("rename into", &target))
         })();
@@ -113,6 +124,65 @@ impl Smolvm {
             let _ = std::fs::remove_file(&tmp);
         }
         result.map(|()| target)
+    }
+}
+
+/// Bytes free for an unprivileged writer on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: statvfs(3) fills the zeroed struct we own; `c` is a valid NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+/// Reads the guest file `remote` into the new local file `to` (created `O_EXCL|O_NOFOLLOW`,
+/// 0600): refused before a byte is read if the guest announces more than the space left
+/// there, cut off (and removed) past what it announced, given the guest's permission bits
+/// without setuid, setgid or sticky, masked by `umask`. Returns the bytes and the file.
+pub(super) fn read_into_new(
+    client: &crate::agent::AgentClient,
+    name: &str,
+    remote: &str,
+    to: &Path,
+    umask: u32,
+) -> Result<(u64, File), CopyError> {
+    let stat =
+        client.stat(remote)?.ok_or_else(|| CopyError::NoSuchFile { sandbox: name.into(), path: remote.into() })?;
+    if stat.is_dir {
+        return Err(CopyError::Directory { sandbox: name.into(), path: remote.into() });
+    }
+    let dir = match to.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let free = free_bytes(dir).map_err(io_err("statvfs", dir))?;
+    if stat.size > free {
+        return Err(CopyError::NoSpace { path: format!("{name}:{remote}"), announced: stat.size, free });
+    }
+    let file = crate::text::create_private(to).map_err(io_err("create", to))?;
+    let result = (|| -> Result<u64, CopyError> {
+        let mut sink = Capped { file: &file, left: stat.size, over: false, pos: 0 };
+        let read = client.read_file(remote, &mut sink);
+        if sink.over {
+            return Err(CopyError::TooLong { path: format!("{name}:{remote}"), announced: stat.size });
+        }
+        read?;
+        sink.finish().map_err(io_err("write", to))?;
+        let mode = stat.mode & 0o777 & !umask;
+        file.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(io_err("chmod", to))?;
+        Ok(sink.pos)
+    })();
+    match result {
+        Ok(n) => Ok((n, file)),
+        Err(e) => {
+            let _ = std::fs::remove_file(to);
+            Err(e)
+        }
     }
 }
 
@@ -124,10 +194,12 @@ mod tests {
     fn the_cap_refuses_what_was_not_announced() {
         let dir = tempfile::tempdir().unwrap();
         let f = File::create(dir.path().join("f")).unwrap();
-        let mut c = Capped { file: &f, left: 5, over: false };
-        assert!(c.write(b"abc").is_ok() && c.write(b"de").is_ok());
+        let mut c = Capped { file: &f, left: 5 + 8192, over: false, pos: 0 };
+        assert!(c.write(b"abc").is_ok() && c.write(&[0; 8192]).is_ok() && c.write(b"de").is_ok());
         assert!(c.write(b"!").is_err() && c.over);
-        assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), b"abcde");
+        c.finish().unwrap();
+        let back = std::fs::read(dir.path().join("f")).unwrap();
+        assert_eq!((&back[..3], &back[3 + 8192..], back.len()), (&b"abc"[..], &b"de"[..], 5 + 8192));
     }
 
     #[test]

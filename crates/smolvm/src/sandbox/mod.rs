@@ -21,6 +21,7 @@ mod restore;
 pub mod secrets;
 mod snapshots;
 pub mod ssh;
+mod tree;
 pub mod uids;
 
 use std::path::{Path, PathBuf};
@@ -35,6 +36,7 @@ pub use files::CopyError;
 pub use lifecycle::LifecycleError;
 pub use pause::PauseReport;
 pub use snapshots::SnapshotInfo;
+pub use tree::TreeCopy;
 
 use crate::images::fetch::ImageCache;
 use crate::lock::FileLock;
