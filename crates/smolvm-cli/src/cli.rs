@@ -325,6 +325,14 @@ pub struct CreateArgs {
     /// with --from-snapshot, the snapshot's].
     #[arg(long = "disk-size")]
     pub disk_size: Option<u64>,
+    /// A ceiling on the sandbox's disk I/O in MiB/s, reads and writes of all its disks
+    /// together (QEMU's block throttling) [default: none].
+    #[arg(long = "disk-mbps", value_name = "MIB_S", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub disk_mbps: Option<u64>,
+    /// A ceiling on the sandbox's disk operations per second, all its disks together
+    /// [default: none].
+    #[arg(long = "disk-iops", value_name = "IOPS", value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub disk_iops: Option<u64>,
     /// Continue from this snapshot (smolvm snapshot NAME --name SNAP) instead of booting.
     #[arg(long = "from-snapshot", value_name = "SNAP")]
     pub from_snapshot: Option<String>,

@@ -103,6 +103,7 @@ fn release_boots_and_serves_strict_ssh() {
         upper_cache: smolvm::vm::qemu::DiskCache::Writeback,
         memory: smolvm::vm::qemu::Memory::Anonymous,
         incoming: None,
+        disk_limit: Default::default(),
     };
     // The production plumbing too: the console and agent port are socket pairs (the agent
     // proxy's job, here a thread that writes the console as the proxy does); QEMU works in

@@ -21,12 +21,11 @@ pub fn run(json: bool) -> anyhow::Result<i32> {
     let home = config.home.clone();
     let qemu = config.qemu.display().to_string();
     let openssh = version_of("ssh", "-V").unwrap_or_default();
-    // scp and ssh-keygen have no version option: they come with ssh, whose version is shown.
-    let tools: [(&str, Option<&str>, &str); 5] = [
+    // ssh-keygen has no version option: it comes with ssh, whose version is shown.
+    let tools: [(&str, Option<&str>, &str); 4] = [
         (qemu.as_str(), Some("--version"), "runs the VMs (scripts/install-host-deps.sh)"),
         ("mkfs.ext4", Some("-V"), "makes each sandbox's disk (e2fsprogs)"),
         ("ssh", Some("-V"), "ssh into a sandbox (openssh-client)"),
-        ("scp", None, "cp of directories (openssh-client)"),
         ("ssh-keygen", None, "the managed key (openssh-client)"),
     ];
     let found: Vec<_> = tools
@@ -63,7 +62,7 @@ pub fn run(json: bool) -> anyhow::Result<i32> {
             "images_release_tag": pins.map(|p| p.tag.clone()),
             "sandbox_processes": privilege,
             "confinement": smolvm::jail::confinement(),
-            "limits": { "support": cgroups, "overhead_mib_kvm": smolvm::vm::cgroup::OVERHEAD_MIB_KVM, "tcg_cache_mib": smolvm::vm::cgroup::TCG_CACHE_MIB, "pids_max": smolvm::vm::cgroup::PIDS_MAX, "cpu_weight": smolvm::vm::cgroup::CPU_WEIGHT },
+            "limits": { "support": cgroups, "placement_note": smolvm::vm::cgroup::placement_note(&cgroups), "overhead_mib_kvm": smolvm::vm::cgroup::OVERHEAD_MIB_KVM, "tcg_cache_mib": smolvm::vm::cgroup::TCG_CACHE_MIB, "pids_max": smolvm::vm::cgroup::PIDS_MAX, "cpu_weight": smolvm::vm::cgroup::CPU_WEIGHT },
         }))?;
         return Ok(if found.iter().all(|(_, v, _)| v.is_some()) && privilege_ok { 0 } else { 1 });
     }
@@ -107,9 +106,13 @@ pub fn run(json: bool) -> anyhow::Result<i32> {
         smolvm::vm::cgroup::CPU_WEIGHT
     );
     match &cgroups {
-        smolvm::vm::cgroup::Support::V2 { parent } => {
-            say(format!("ok       limits: cgroup v2 under {}: {limits}", parent.display()))
-        }
+        smolvm::vm::cgroup::Support::V2 { parent, unit } => match smolvm::vm::cgroup::placement_note(&cgroups) {
+            None => {
+                let under = unit.as_ref().map(|u| u.join("smolvm")).unwrap_or_else(|| parent.clone());
+                say(format!("ok       limits: cgroup v2 under {}: {limits}", under.display()))
+            }
+            Some(note) => say(format!("note     limits: cgroup v2 under {}: {limits}; {note}", parent.display())),
+        },
         smolvm::vm::cgroup::Support::V1 { memory, .. } => {
             say(format!("ok       limits: cgroup v1 (memory group under {}): {limits}", memory.display()))
         }

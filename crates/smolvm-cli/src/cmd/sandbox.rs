@@ -64,6 +64,7 @@ fn create_sandbox(
         ready_timeout: Duration::from_secs(args.timeout),
         preset: args.preset,
         secrets: extra_secrets,
+        disk_limit: smolvm::state::DiskLimit { bytes_per_sec: args.disk_mbps.map(|m| m << 20), iops: args.disk_iops },
     };
     let mut progress = Progress::new(json);
     let start = Instant::now();
@@ -203,7 +204,17 @@ pub fn status(name: &str, json: bool) -> anyhow::Result<i32> {
     }
     say(format!("name:     {}", s.name));
     say(format!("status:   {}", s.status));
-    say(format!("resources: {} MiB memory, {} vCPU, {} MiB disk, accel {}", s.memory_mib, s.cpus, s.disk_mib, s.accel));
+    let mut io = String::new();
+    if let Some(b) = s.disk_limit.bytes_per_sec {
+        io.push_str(&format!(", disk I/O at most {} MiB/s", b >> 20));
+    }
+    if let Some(n) = s.disk_limit.iops {
+        io.push_str(&format!(", at most {n} disk operations/s"));
+    }
+    say(format!(
+        "resources: {} MiB memory, {} vCPU, {} MiB disk{io}, accel {}",
+        s.memory_mib, s.cpus, s.disk_mib, s.accel
+    ));
     super::network::print_policy(&s);
     say(format!("images:   {}{}", s.image_tag, if s.pinned { "" } else { " (not pinned in this binary)" }));
     if let Some(p) = s.ssh_port {

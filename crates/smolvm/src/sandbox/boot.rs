@@ -188,6 +188,7 @@ impl Smolvm {
             upper_cache: if self.unsafe_disk_cache { qemu::DiskCache::Unsafe } else { qemu::DiskCache::Writeback },
             memory: qemu::Memory::Anonymous,
             incoming: None,
+            disk_limit: row.disk_limit,
         }
     }
 
@@ -265,13 +266,14 @@ impl Smolvm {
         make_run_dir(&dir, identity)?;
         let console = qemu::console_log(&dir);
         let limits = Limits::for_guest(row.memory_mib, accel);
-        let group = match cgroup::create(&self.cgroups, &self.cgroup_name(&row.name), &limits) {
-            Ok(g) => g,
-            Err(e) => {
-                tracing::warn!("{}: no resource limits: {e}", row.name);
-                None
-            }
-        };
+        let group =
+            match cgroup::create(&self.cgroups, &self.cgroup_name(&row.name), &limits, &dir.join(cgroup::RECORD)) {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::warn!("{}: no resource limits: {e}", row.name);
+                    None
+                }
+            };
         let procs = group.as_ref().map(|g| g.procs_fds()).unwrap_or_default();
         let started = Instant::now();
         let (cfg_netdev, wire, ssh_port) = if self.unrestricted_user_net {

@@ -36,6 +36,8 @@ pub struct CreateOptions {
     pub from_snapshot: Option<String>,
     /// Boot the kernel even where a boot snapshot could be restored (and make none).
     pub cold: bool,
+    /// A ceiling on its disk I/O (none by default).
+    pub disk_limit: crate::state::DiskLimit,
 }
 
 impl Default for CreateOptions {
@@ -52,6 +54,7 @@ impl Default for CreateOptions {
             secrets: Vec::new(),
             from_snapshot: None,
             cold: false,
+            disk_limit: crate::state::DiskLimit::default(),
         }
     }
 }
@@ -230,6 +233,7 @@ impl Smolvm {
             memory_mib: opts.memory_mib,
             cpus: opts.cpus,
             disk_mib: opts.disk_mib,
+            disk_limit: opts.disk_limit,
             policy: opts.network.clone(),
             accel: accel.kind(),
             ssh_port: None,

@@ -110,7 +110,11 @@ impl Smolvm {
         // A paused sandbox that is stopped forgets its saved memory: its next start boots.
         let _ = std::fs::remove_dir_all(self.dir(name).join(super::pause::PAUSED_DIR));
         let _ = std::fs::remove_file(self.dir(name).join("ssh.ctl"));
-        crate::vm::cgroup::remove(&self.cgroups, &self.cgroup_name(name));
+        crate::vm::cgroup::remove(
+            &self.cgroups,
+            &self.cgroup_name(name),
+            &self.dir(name).join(crate::vm::cgroup::RECORD),
+        );
         Ok(())
     }
 
@@ -197,7 +201,7 @@ impl Smolvm {
         for (pid, started) in dying {
             wait_exit(pid, started, Duration::from_secs(5));
         }
-        crate::vm::cgroup::remove(&self.cgroups, &self.cgroup_name(name));
+        crate::vm::cgroup::remove(&self.cgroups, &self.cgroup_name(name), &dir.join(crate::vm::cgroup::RECORD));
     }
 
     /// Forwards 127.0.0.1:`host_port` (default: a free port) to the guest's `guest_port`.

@@ -89,6 +89,9 @@ pub struct SandboxInfo {
     pub memory_mib: u32,
     pub cpus: u32,
     pub disk_mib: u64,
+    /// Its disk I/O ceiling (none by default).
+    #[serde(skip_serializing_if = "crate::state::DiskLimit::is_none")]
+    pub disk_limit: crate::state::DiskLimit,
     /// The network mode (`nat` or `none`); the whole policy is in `network_policy`.
     pub network: NetworkMode,
     pub network_policy: NetworkPolicy,
@@ -281,6 +284,7 @@ impl Smolvm {
             memory_mib: row.memory_mib,
             cpus: row.cpus,
             disk_mib: row.disk_mib,
+            disk_limit: row.disk_limit,
             network: row.policy.mode,
             network_policy: row.policy.clone(),
             network_refusals: crate::net::refusals::read_stats(&crate::vm::qemu::run_dir(&self.dir(&row.name))),
@@ -317,10 +321,18 @@ impl Smolvm {
             Some(u) => Some(u),
             None => planned()?,
         };
-        let limits = live.then(|| crate::vm::cgroup::applied(&self.cgroups, &self.cgroup_name(&row.name))).flatten();
+        let record = self.dir(&row.name).join(crate::vm::cgroup::RECORD);
+        let limits =
+            live.then(|| crate::vm::cgroup::applied(&self.cgroups, &self.cgroup_name(&row.name), &record)).flatten();
         let limits_note = match (&self.cgroups, live, &limits) {
             (crate::vm::cgroup::Support::Unavailable { reason }, true, _) => Some(reason.clone()),
             (_, true, None) => Some("its group could not be made (see the log of its start)".into()),
+            // Made at the hierarchy's root: outside the limits of the unit that started it.
+            (crate::vm::cgroup::Support::V2 { parent, unit: Some(_) }, true, Some(a))
+                if a.groups.iter().all(|g| g.starts_with(parent)) =>
+            {
+                Some("its group is outside the limits of the unit that started it (see `smolvm doctor`)".into())
+            }
             _ => None,
         };
         let confinement = crate::jail::confinement().into_iter().map(str::to_string).collect();

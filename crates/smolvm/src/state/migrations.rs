@@ -51,6 +51,8 @@ const STEPS: &[&str] = &[
      CREATE UNIQUE INDEX sandboxes_uid_slot ON sandboxes(uid_slot);",
     // 6: what the running guest started from: a boot, the boot snapshot, a snapshot, a resume.
     "ALTER TABLE sandboxes ADD COLUMN started_from TEXT;",
+    // 7: the disk I/O ceiling (JSON of `state::DiskLimit`); NULL: none.
+    "ALTER TABLE sandboxes ADD COLUMN disk_limit TEXT;",
 ];
 
 pub(super) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StateError> {

@@ -137,6 +137,26 @@ pub struct SandboxRow {
     /// How its guest last started: `boot`, `boot-snapshot`, `snapshot:NAME`, `fork:NAME`,
     /// `resume` (`NULL` before migration 6).
     pub started_from: Option<String>,
+    /// Its disk I/O ceiling, all its disks together.
+    pub disk_limit: DiskLimit,
+}
+
+/// A ceiling on a sandbox's disk I/O, all its disks together, enforced by QEMU's block
+/// throttling (so it holds whatever the host's cgroup setup and disk layout); none by default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct DiskLimit {
+    /// Bytes per second, reads and writes together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_per_sec: Option<u64>,
+    /// Operations per second, reads and writes together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iops: Option<u64>,
+}
+
+impl DiskLimit {
+    pub fn is_none(&self) -> bool {
+        self.bytes_per_sec.is_none() && self.iops.is_none()
+    }
 }
 
 /// Creates `dir` (0700) if needed and refuses it if another user owns it or can write it.
@@ -172,7 +192,7 @@ pub struct Db {
 
 const COLUMNS: &str = "name, created_at, state, memory_mib, cpus, disk_mib, network, accel, ssh_port, pid, pid_start, \
                        tag, kernel_sha256, rootfs_sha256, host_key, boot_json, ready_ms, preset, layer_sha256s, \
-                       network_policy, started_from";
+                       network_policy, started_from, disk_limit";
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
     Ok(SandboxRow {
@@ -208,6 +228,11 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
         preset: r.get(17)?,
         layer_sha256s: r.get::<_, String>(18)?.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect(),
         started_from: r.get(20)?,
+        disk_limit: match r.get::<_, Option<String>>(21)? {
+            Some(j) => serde_json::from_str(&j)
+                .map_err(|e| rusqlite::Error::FromSqlConversionFailure(21, rusqlite::types::Type::Text, e.into()))?,
+            None => DiskLimit::default(),
+        },
     })
 }
 
@@ -237,13 +262,14 @@ impl Db {
     /// Inserts a new sandbox; `false` if the name is taken.
     pub fn insert(&self, s: &SandboxRow) -> Result<bool, StateError> {
         let n = self.conn.execute(
-            &format!("INSERT OR IGNORE INTO sandboxes ({COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21)"),
+            &format!("INSERT OR IGNORE INTO sandboxes ({COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22)"),
             params![
                 s.name, s.created_at, s.state, s.memory_mib, s.cpus, s.disk_mib as i64, s.policy.mode.as_str(), s.accel,
                 s.ssh_port, s.pid, s.pid_start.map(|v| v as i64), s.tag, s.kernel_sha256, s.rootfs_sha256,
                 s.host_key, s.boot_json, s.ready_ms.map(|v| v as i64), s.preset, s.layer_sha256s.join(","),
                 PolicyColumn(s.policy.clone()),
-                s.started_from
+                s.started_from,
+                (!s.disk_limit.is_none()).then(|| serde_json::to_string(&s.disk_limit).unwrap_or_default())
             ],
         )?;
         Ok(n == 1)
@@ -418,6 +444,7 @@ mod tests {
             preset: None,
             layer_sha256s: vec![],
             started_from: None,
+            disk_limit: DiskLimit { bytes_per_sec: Some(1 << 20), iops: None },
         }
     }
 

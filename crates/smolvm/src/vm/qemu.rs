@@ -59,6 +59,8 @@ pub struct QemuConfig {
     pub memory: Memory,
     /// Start paused, waiting for a saved state (`-incoming defer`): a restore.
     pub incoming: Option<Incoming>,
+    /// A ceiling on the disks' I/O, shared by all of them (one throttle group).
+    pub disk_limit: crate::state::DiskLimit,
 }
 
 /// The kind of stream a restoring QEMU loads.
@@ -173,9 +175,20 @@ impl QemuConfig {
         // file.drop-cache=off: QEMU's default drops a file's pages from the host's page cache
         // when a restored guest starts (the cache is invalidated for migration), which would
         // evict the base image that every other sandbox is reading.
+        // Every disk in one throttle group: the ceiling is the sandbox's, not each disk's.
+        let mut throttle = String::new();
+        if let Some(b) = self.disk_limit.bytes_per_sec {
+            throttle.push_str(&format!(",throttling.bps-total={b}"));
+        }
+        if let Some(n) = self.disk_limit.iops {
+            throttle.push_str(&format!(",throttling.iops-total={n}"));
+        }
+        if !throttle.is_empty() {
+            throttle.push_str(",throttling.group=disks");
+        }
         let drive = |id: &str, set: usize, ro: bool| {
             format!(
-                "id={id},file=/dev/fdset/{set},format=raw,if=none,cache={},aio=threads,file.drop-cache=off{}",
+                "id={id},file=/dev/fdset/{set},format=raw,if=none,cache={},aio=threads,file.drop-cache=off{}{throttle}",
                 if ro { "unsafe" } else { upper_cache },
                 // A writable drive opens its file read-write at once: with QEMU's default
                 // (auto-read-only), it would first want a read-only descriptor in the set.
@@ -411,6 +424,7 @@ mod tests {
             upper_cache: DiskCache::Writeback,
             memory: Memory::Anonymous,
             incoming: None,
+            disk_limit: crate::state::DiskLimit::default(),
         }
     }
 
@@ -445,6 +459,18 @@ mod tests {
             upper.contains("fdset/2") && !upper.contains("readonly") && upper.contains("cache=writeback"),
             "{upper}"
         );
+        assert!(!a.iter().any(|x| x.contains("throttling")), "no ceiling unless asked");
+        // A disk ceiling: one throttle group for all disks, so it is the sandbox's.
+        let mut limited = cfg(Netdev::Wire);
+        limited.disk_limit = crate::state::DiskLimit { bytes_per_sec: Some(8 << 20), iops: Some(500) };
+        let a = args(&limited);
+        for id in ["id=base", "id=upper", "id=layer0"] {
+            let d = value_of(&a, "-drive", id).unwrap();
+            assert!(
+                d.contains(",throttling.bps-total=8388608,throttling.iops-total=500,throttling.group=disks"),
+                "{d}"
+            );
+        }
         assert_eq!(a.iter().filter(|x| *x == "-add-fd").count(), 3);
         assert_eq!(value_of(&a, "-kernel", ""), Some("/proc/self/fd/6"));
         assert!(!a.iter().any(|x| x.contains("/dir") || x.contains("/base") || x.contains("/k")), "no path: {a:?}");
