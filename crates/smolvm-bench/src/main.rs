@@ -425,6 +425,21 @@ fn exec_and_cp(args: &Args, sm: &Smolvm, work: &Path, report: &mut Report) -> an
     }
     report.add(&format!("cp host -> guest ({} MiB, agent)", args.cp_mib), "MiB/s", &up);
     report.add(&format!("cp guest -> host ({} MiB, agent)", args.cp_mib), "MiB/s", &down);
+    // The same read over agent protocol v4, which has no flow control: what v5's windows cost.
+    let v4 = smolvm::agent::AgentClient::connect_sandbox_speaking("exec", &sm.home().sandboxes().join("exec"), 4)?;
+    anyhow::ensure!(v4.version() == 4, "the v4 client negotiated v{}", v4.version());
+    let mut down = Vec::new();
+    for run in 0..=args.runs.min(3) {
+        let mut got = Vec::with_capacity(data.len());
+        let t = Instant::now();
+        v4.read_file("/root/cp-agent.bin", &mut got)?;
+        let t_down = t.elapsed();
+        anyhow::ensure!(got == data, "agent file read (v4) changed the file");
+        if run > 0 {
+            down.push(args.cp_mib as f64 / t_down.as_secs_f64());
+        }
+    }
+    report.add(&format!("cp guest -> host ({} MiB, agent v4: no flow control)", args.cp_mib), "MiB/s", &down);
     drop(client);
     sm.delete("exec")?;
     Ok(())

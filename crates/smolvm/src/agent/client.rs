@@ -161,9 +161,25 @@ impl AgentClient {
     /// Connects to `socket`, which the proxy of pid `proxy` serves (checked before a byte is
     /// sent), and exchanges Hello.
     pub fn connect(sandbox: &str, socket: &Path, proxy: i32) -> Result<AgentClient, AgentError> {
+        AgentClient::connect_speaking(sandbox, socket, proxy, PROTOCOL_VERSION)
+    }
+
+    /// As [`AgentClient::connect_sandbox`], offering at most protocol `version`: for
+    /// smolvm-bench, which measures what a newer version costs against an older one in the
+    /// same run (v5's flow control against v4).
+    #[doc(hidden)]
+    pub fn connect_sandbox_speaking(sandbox: &str, dir: &Path, version: u32) -> Result<AgentClient, AgentError> {
+        let pid = crate::child::recorded_pid(dir, "agent-proxy").ok_or_else(|| AgentError::Connect {
+            sandbox: sandbox.to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no agent-proxy.pid"),
+        })?;
+        AgentClient::connect_speaking(sandbox, &super::client_socket(dir), pid, version)
+    }
+
+    fn connect_speaking(sandbox: &str, socket: &Path, proxy: i32, version: u32) -> Result<AgentClient, AgentError> {
         let connect_err = |source| AgentError::Connect { sandbox: sandbox.to_string(), source };
         let mut stream = crate::child::connect_served_by(socket, proxy, "agent proxy").map_err(connect_err)?;
-        stream.write_all(&encode(&HostMsg::Hello { version: PROTOCOL_VERSION })).map_err(connect_err)?;
+        stream.write_all(&encode(&HostMsg::Hello { version })).map_err(connect_err)?;
         stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(connect_err)?;
         let reply = read_frame::<GuestMsg>(&mut stream);
         let (version, ready) = match reply.as_ref().ok().and_then(|m| m.as_ref()).and_then(GuestMsg::as_hello) {

@@ -17,6 +17,10 @@ struct Route {
     client: u64,
     local_id: u32,
     out: Arc<Outbox>,
+    /// The client speaks a version without flow control to a guest that has it (v5): the
+    /// proxy grants the guest what it hands to this client's queue, which is bounded itself
+    /// (a client that leaves `CLIENT_QUEUE` unread is dropped).
+    proxy_grants: bool,
 }
 
 /// Output queued for one client that does not read it, before the proxy drops that client
@@ -91,7 +95,7 @@ pub fn run(dir: &Path, vm: UnixStream, owner: u32, ready: impl FnOnce()) -> std:
     let vm_gone = Arc::new(AtomicBool::new(false));
 
     // Guest -> clients.
-    let (r, gone) = (routes.clone(), vm_gone.clone());
+    let (r, gone, grants_out) = (routes.clone(), vm_gone.clone(), vm_out.clone());
     let listener_fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
     std::thread::spawn(move || {
         while let Ok(Some(mut msg)) = read_frame::<GuestMsg>(&mut vm_in) {
@@ -102,6 +106,10 @@ pub fn run(dir: &Path, vm: UnixStream, owner: u32, ready: impl FnOnce()) -> std:
             let Some(route) = routes.by_global.get(&global) else { continue };
             *id = route.local_id;
             let out = route.out.clone();
+            let n = msg.flow_bytes();
+            if route.proxy_grants && n > 0 {
+                let _ = grants_out.push(encode(&HostMsg::Credit { id: global, bytes: n as u32 }));
+            }
             if ends {
                 routes.by_global.remove(&global);
             }
@@ -152,6 +160,8 @@ fn serve_client(
     let Ok(out) = Outbox::start(conn, CLIENT_QUEUE) else { return };
     // This client's ids -> global ids, and which of them are execs (killed if it goes away).
     let mut ids: HashMap<u32, u32> = HashMap::new();
+    // The version this client and the guest share (from its Hello).
+    let mut shared = 1;
     let mut execs: Vec<u32> = Vec::new();
     while let Ok(Some(payload)) = read_payload(&mut input) {
         let mut msg = match decode::<HostMsg>(&payload) {
@@ -168,7 +178,8 @@ fn serve_client(
         if let HostMsg::Hello { version } = msg {
             // Each client gets the answer in the form of the version it and the guest share.
             let (guest, ready) = hello;
-            let _ = out.push(encode(&GuestMsg::hello(version.min(*guest), ready)));
+            shared = version.min(*guest);
+            let _ = out.push(encode(&GuestMsg::hello(shared, ready)));
             continue;
         }
         let opens = msg.opens_request();
@@ -178,7 +189,10 @@ fn serve_client(
             let global = if opens {
                 let g = next_id.fetch_add(1, Ordering::Relaxed);
                 ids.insert(*id, g);
-                lock(routes).by_global.insert(g, Route { client, local_id: *id, out: out.clone() });
+                lock(routes).by_global.insert(
+                    g,
+                    Route { client, local_id: *id, out: out.clone(), proxy_grants: shared < 5 && hello.0 >= 5 },
+                );
                 if is_exec {
                     execs.push(g);
                 }
