@@ -169,14 +169,34 @@ fn parse(mut b: &[u8], ino: &mut Inotify, root: &Path, recursive: bool) -> Vec<F
         } else {
             continue;
         };
+        let mut inside = Vec::new();
         if recursive && op == FsOp::Create && mask & libc::IN_ISDIR != 0 {
             let _ = ino.add_tree(root, &root.join(&rel), true);
+            // What was made in it before its watch was added has no event of its own (a
+            // `mkdir d && touch d/f`): reported as created, once the watch is in place.
+            existing(&root.join(&rel), &rel, &mut inside, 0);
         }
         // A write is reported once per burst: IN_MODIFY and the IN_CLOSE_WRITE after it.
         let dup = events.last().is_some_and(|l: &FsEvent| l.name == rel && l.op == op && op == FsOp::Write);
         if !dup {
             events.push(FsEvent { name: rel, op });
         }
+        events.append(&mut inside);
     }
     events
+}
+
+/// The entries under `dir` (named from `rel`) as Create events, at most 32 levels down.
+fn existing(dir: &Path, rel: &str, out: &mut Vec<FsEvent>, depth: usize) {
+    if depth > 32 {
+        return;
+    }
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = format!("{rel}/{}", e.file_name().to_string_lossy());
+        let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+        out.push(FsEvent { name: name.clone(), op: FsOp::Create });
+        if is_dir {
+            existing(&e.path(), &name, out, depth + 1);
+        }
+    }
 }
