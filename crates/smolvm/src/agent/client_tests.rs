@@ -108,6 +108,18 @@ fn request() -> ExecRequest {
     }
 }
 
+/// Takes a flood's output until the client ends the request: (bytes taken, the error).
+fn drain_until_cut(h: &ExecHandle<'_>) -> (usize, AgentError) {
+    let mut got = 0;
+    loop {
+        match h.next_event() {
+            Ok(ExecEvent::Stdout(d)) => got += d.len(),
+            Ok(other) => panic!("the flood was not cut: {other:?} after {got} bytes"),
+            Err(e) => return (got, e),
+        }
+    }
+}
+
 fn connect(sock: &Path) -> AgentClient {
     AgentClient::connect("t", sock, std::process::id() as i32).unwrap()
 }
@@ -144,14 +156,7 @@ fn a_guest_that_ignores_its_window_has_the_request_ended_not_buffered() {
     let h = c.exec(request()).unwrap();
     // The reader takes nothing while the guest floods.
     std::thread::sleep(Duration::from_millis(500));
-    let mut got = 0;
-    let err = loop {
-        match h.next_event() {
-            Ok(ExecEvent::Stdout(d)) => got += d.len(),
-            Ok(other) => panic!("the flood was not cut: {other:?} after {got} bytes"),
-            Err(e) => break e,
-        }
-    };
+    let (got, err) = drain_until_cut(&h);
     assert!(got <= INITIAL_WINDOW as usize, "held {got} bytes, more than the window");
     assert!(err.to_string().contains("more than"), "{err}");
     drop(h);
@@ -172,14 +177,7 @@ fn a_guest_claiming_an_old_version_is_bounded_all_the_same() {
     assert_eq!(c.version(), 4);
     let h = c.exec(request()).unwrap();
     std::thread::sleep(Duration::from_millis(1500));
-    let mut got = 0;
-    let err = loop {
-        match h.next_event() {
-            Ok(ExecEvent::Stdout(d)) => got += d.len(),
-            Ok(other) => panic!("the flood was not cut: {other:?} after {got} bytes"),
-            Err(e) => break e,
-        }
-    };
+    let (got, err) = drain_until_cut(&h);
     assert!(got <= UNCONTROLLED_QUEUE, "held {got} bytes");
     assert!(err.to_string().contains("more than"), "{err}");
 }
