@@ -21,6 +21,7 @@ pub mod envd;
 pub mod ext;
 pub mod key;
 pub mod limits;
+pub mod listen;
 pub mod mcp;
 pub mod meta;
 pub mod openapi;
@@ -183,17 +184,5 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     tokio::spawn(reap(app.clone()));
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = tx.send(true);
-    });
-    let fired = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|v| *v).await;
-    };
-    let server = axum::serve(listener, router(app)).with_graceful_shutdown(fired(rx.clone()));
-    tokio::select! {
-        r = server => r.map_err(ServeError::Serve),
-        _ = async { fired(rx).await; tokio::time::sleep(SHUTDOWN_GRACE).await } => Ok(()),
-    }
+    listen::run(listener, router(app), shutdown, SHUTDOWN_GRACE).await.map_err(ServeError::Serve)
 }
