@@ -143,7 +143,7 @@ fn main() -> anyhow::Result<()> {
             warm_create_and_lifecycle(&args, &sm, &mut report)?;
             exec_and_cp(&args, &sm, work.path(), &mut report)?;
             disk_durability(&args, &home, &mut report)?;
-            presets(&args, &sm, &mut report)?;
+            presets(&args, &release, &sm, &mut report)?;
             snapshots::figures(args.runs, args.density, &sm, &mut report)?;
             serve::figures(args.runs, &sm, &home, &mut report)?;
             if args.density > 0 {
@@ -486,8 +486,19 @@ fn run_ok(mut cmd: std::process::Command) -> anyhow::Result<()> {
 }
 
 /// Warm start of each preset (its layer cached after the warm-up run): create to ready.
-fn presets(args: &Args, sm: &Smolvm, report: &mut Report) -> anyhow::Result<()> {
+/// A release built with `--no-presets` has no layers: those figures are skipped, said once.
+fn presets(args: &Args, release: &Path, sm: &Smolvm, report: &mut Report) -> anyhow::Result<()> {
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(release.join("manifest.json"))?)?;
+    let has_layer = |name: &str| {
+        manifest["assets"].as_array().is_some_and(|a| a.iter().any(|x| x["preset"].as_str() == Some(name)))
+    };
     for p in smolvm::sandbox::presets::PRESETS {
+        if !has_layer(p.name) {
+            if !args.json {
+                println!("(warm {} start skipped: the release has no layer for it)", p.name);
+            }
+            continue;
+        }
         let mut samples = Vec::new();
         for run in 0..=args.runs {
             let o = CreateOptions { preset: Some(p.name.to_string()), ..opts("preset") };
