@@ -242,7 +242,7 @@ pub(crate) fn kill_helper(dir: &std::path::Path, what: &str, subcommand: &str) -
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
     let ours = args.contains(&subcommand.as_bytes())
-        && args.iter().any(|a| std::path::Path::new(std::ffi::OsStr::from_bytes(a)) == crate::vm::qemu::run_dir(dir));
+        && args.iter().any(|a| std::path::Path::new(std::ffi::OsStr::from_bytes(a)) == crate::paths::run_dir(dir));
     if !ours {
         return None;
     }

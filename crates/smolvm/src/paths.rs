@@ -72,3 +72,25 @@ impl Home {
         self.data.join("release.json")
     }
 }
+
+// A sandbox's directory. The file names are fixed (tests and operators read them), whatever
+// the VMM behind them.
+
+/// The directory that a sandbox's VMM and helpers work in, owned by the sandbox's user: its
+/// sockets, the console and the logs. Everything in it is written by processes that a guest
+/// may have taken over, and is read as such (`crate::text::open_untrusted`).
+pub fn run_dir(dir: &Path) -> PathBuf {
+    dir.join("run")
+}
+/// The guest's serial console, as the agent proxy writes it (capped, rotated).
+pub fn console_log(dir: &Path) -> PathBuf {
+    run_dir(dir).join("console.log")
+}
+/// The VMM's pid and start time, written by smolvm (not by the VMM) in the sandbox directory.
+pub fn vm_pid_file(dir: &Path) -> PathBuf {
+    dir.join("qemu.pid")
+}
+/// The VMM's own output (stderr), relayed through the agent proxy (capped, rotated).
+pub fn vm_log(dir: &Path) -> PathBuf {
+    run_dir(dir).join("qemu.log")
+}

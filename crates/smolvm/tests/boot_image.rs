@@ -109,7 +109,7 @@ fn release_boots_and_serves_strict_ssh() {
     // proxy's job, here a thread that writes the console as the proxy does); QEMU works in
     // `run/` and gets its kernel and disks as descriptors.
     let run = smolvm::sandbox::boot_run_dir(work.path(), None).unwrap();
-    let console = smolvm::vm::qemu::console_log(work.path());
+    let console = smolvm::paths::console_log(work.path());
     let (console_ours, console_qemu) = std::os::unix::net::UnixStream::pair().unwrap();
     let (_agent_ours, agent_qemu) = std::os::unix::net::UnixStream::pair().unwrap();
     let relay_dir = run.clone();

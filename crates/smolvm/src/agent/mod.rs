@@ -32,7 +32,7 @@ pub const PROXY_QEMU_LOG_FD: RawFd = 5;
 
 /// The proxy's socket, for any number of clients.
 pub fn client_socket(dir: &Path) -> PathBuf {
-    crate::vm::qemu::run_dir(dir).join("agent.sock")
+    crate::paths::run_dir(dir).join("agent.sock")
 }
 
 /// A proxy that was started; [`ProxyStart::ready`] waits for its word.
@@ -86,7 +86,7 @@ pub fn spawn_proxy(
     p: ProxyPlumbing,
 ) -> std::io::Result<ProxyStart> {
     let log = std::fs::File::create(dir.join("agent-proxy.log"))?;
-    let run = crate::vm::qemu::run_dir(dir);
+    let run = crate::paths::run_dir(dir);
     let exe = crate::child::Executable::open(helper)?;
     let mut cmd = crate::child::helper_command(&exe, "__agent-proxy", &run, log, log_filter);
     crate::child::Confine {
@@ -99,11 +99,7 @@ pub fn spawn_proxy(
         identity: p.identity,
         cgroup_procs: p.cgroup_procs,
         exe: Some(exe.file.as_raw_fd()),
-        jail: Some(crate::jail::Jail::new(
-            &crate::jail::mount_point(dir, "proxy"),
-            &crate::vm::qemu::run_dir(dir),
-            true,
-        )?),
+        jail: Some(crate::jail::Jail::new(&crate::jail::mount_point(dir, "proxy"), &crate::paths::run_dir(dir), true)?),
         no_namespaces: true,
     }
     .apply(&mut cmd);

@@ -100,7 +100,7 @@ pub fn config_path(dir: &Path) -> PathBuf {
 }
 
 pub fn control_socket(dir: &Path) -> PathBuf {
-    crate::vm::qemu::run_dir(dir).join(CONTROL_SOCKET)
+    crate::paths::run_dir(dir).join(CONTROL_SOCKET)
 }
 
 /// The control socket's name in the process's working directory.
@@ -168,7 +168,7 @@ pub fn spawn(
     let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     let log = std::fs::File::create(process_log(dir)).map_err(io("create netd.log"))?;
     let config = std::fs::File::open(config_path(dir)).map_err(io("open net.json"))?;
-    let run = crate::vm::qemu::run_dir(dir);
+    let run = crate::paths::run_dir(dir);
     let exe = crate::child::Executable::open(program).map_err(io("the smolvm helper"))?;
     let mut cmd = crate::child::helper_command(&exe, "__netd", &run, log, log_filter);
     cmd.stdin(config);

@@ -115,7 +115,7 @@ fn spawn_qemu(
 
 /// The last `max` bytes of QEMU's output, escaped for a terminal.
 pub(super) fn qemu_log_tail(dir: &Path, max: u64) -> String {
-    let log = crate::agent::console::tail_of(&qemu::run_dir(dir), "qemu.log", max);
+    let log = crate::agent::console::tail_of(&crate::paths::run_dir(dir), "qemu.log", max);
     crate::text::escape_controls(String::from_utf8_lossy(&log).trim())
 }
 
@@ -129,7 +129,7 @@ fn socket_pair(what: &str) -> Result<(OwnedFd, OwnedFd), BootError> {
 /// in it), with an empty console log that the booting process opens before any of them runs.
 pub(crate) fn make_run_dir(dir: &Path, identity: Option<Identity>) -> Result<PathBuf, BootError> {
     use std::os::unix::fs::DirBuilderExt;
-    let run = qemu::run_dir(dir);
+    let run = crate::paths::run_dir(dir);
     // The network log and counts outlive a restart (`status`, `logs --network`): read back
     // from the old directory as the untrusted files they are, and written anew.
     let keep: Vec<(&str, Vec<u8>)> = ["network.log.1", "network.log", "network-stats.json"]
@@ -149,7 +149,7 @@ pub(crate) fn make_run_dir(dir: &Path, identity: Option<Identity>) -> Result<Pat
                 .map_err(io_err(format!("chown {}", p.display())))?;
         }
     }
-    let console = qemu::console_log(dir);
+    let console = crate::paths::console_log(dir);
     let f = crate::text::create_private(&console).map_err(io_err(format!("create {}", console.display())))?;
     if let Some(id) = identity {
         let chown = |p: &Path| {
@@ -262,9 +262,9 @@ impl Smolvm {
             forwards: self.db().forwards(&row.name)?,
             dns_hosts,
         };
-        let _ = std::fs::remove_file(qemu::pid_file(&dir));
+        let _ = std::fs::remove_file(crate::paths::vm_pid_file(&dir));
         make_run_dir(&dir, identity)?;
-        let console = qemu::console_log(&dir);
+        let console = crate::paths::console_log(&dir);
         let limits = Limits::for_guest(row.memory_mib, accel);
         let group =
             match cgroup::create(&self.cgroups, &self.cgroup_name(&row.name), &limits, &dir.join(cgroup::RECORD)) {
@@ -387,7 +387,7 @@ impl Smolvm {
         let pid_start = process::start_time(pid);
         // Recorded at once: if this process dies now (Ctrl-C, SIGKILL), `delete` still finds
         // and stops the VM it started (the row, and a pid file that smolvm, not QEMU, writes).
-        let _ = std::fs::write(qemu::pid_file(&dir), format!("{pid} {}", pid_start.unwrap_or(0)));
+        let _ = std::fs::write(crate::paths::vm_pid_file(&dir), format!("{pid} {}", pid_start.unwrap_or(0)));
         row.pid = Some(pid);
         row.pid_start = pid_start;
         self.db().update(row)?;

@@ -181,7 +181,7 @@ impl Smolvm {
             dying.push((pid, row.pid_start));
         }
         // The pid file: "PID START", written by smolvm as soon as QEMU was spawned.
-        let from_file = std::fs::read_to_string(qemu::pid_file(&dir)).ok().and_then(|p| {
+        let from_file = std::fs::read_to_string(crate::paths::vm_pid_file(&dir)).ok().and_then(|p| {
             let mut w = p.split_whitespace();
             Some((w.next()?.parse::<i32>().ok()?, w.next().and_then(|s| s.parse::<u64>().ok()).filter(|s| *s != 0)))
         });

@@ -287,7 +287,7 @@ impl Smolvm {
             disk_limit: row.disk_limit,
             network: row.policy.mode,
             network_policy: row.policy.clone(),
-            network_refusals: crate::net::refusals::read_stats(&crate::vm::qemu::run_dir(&self.dir(&row.name))),
+            network_refusals: crate::net::refusals::read_stats(&crate::paths::run_dir(&self.dir(&row.name))),
             accel: row.accel,
             ssh_port: row.ssh_port.filter(|_| live),
             pid: row.pid.filter(|_| live),
@@ -395,14 +395,14 @@ impl Smolvm {
     /// rotation (at most `agent::console::TOTAL_CAP` are kept). The guest's text, unescaped.
     pub fn console(&self, name: &str, max: u64) -> Result<Vec<u8>, SandboxError> {
         self.row(name)?;
-        Ok(crate::agent::console::tail(&crate::vm::qemu::run_dir(&self.dir(name)), max))
+        Ok(crate::agent::console::tail(&crate::paths::run_dir(&self.dir(name)), max))
     }
 
     /// The network process's log of refused connections (at most 2 MiB: the log and the one
     /// it rotated), the guest's names in it unescaped.
     pub fn network_log(&self, name: &str) -> Result<Vec<u8>, SandboxError> {
         self.row(name)?;
-        let path = crate::net::refusals::log_path(&crate::vm::qemu::run_dir(&self.dir(name)));
+        let path = crate::net::refusals::log_path(&crate::paths::run_dir(&self.dir(name)));
         let mut out = Vec::new();
         for p in [path.with_extension("log.1"), path] {
             out.extend(crate::text::read_untrusted(&p, 1 << 20).unwrap_or_default());

@@ -403,7 +403,7 @@ const DEVICES_FILE: &str = "capture.state";
 /// snapshot image recorded at its restore, else a whole stream.
 fn save_stopped(q: &mut Qmp, row: &SandboxRow, dir: &Path, dest: &Path) -> Result<Captured, SnapshotError> {
     let name = row.name.as_str();
-    let run = qemu::run_dir(dir);
+    let run = crate::paths::run_dir(dir);
     let ram_len = u64::from(row.memory_mib) << 20;
     let mapping = row.pid.map(|pid| guest_ram::RamMapping::find(pid, ram_len));
     if let (Some(Ok(Some(ram))), Some(image)) = (mapping, snapshot::RamImage::read(dir)) {

@@ -113,24 +113,9 @@ pub enum Netdev {
     UnrestrictedUser { ssh_port: u16 },
 }
 
-/// The directory that a sandbox's QEMU and helpers work in, owned by the sandbox's user: its
-/// sockets, the console and the network log. Everything in it is written by processes that a
-/// guest may have taken over, and is read as such (`crate::text::open_untrusted`).
-pub fn run_dir(dir: &Path) -> PathBuf {
-    dir.join("run")
-}
-pub fn console_log(dir: &Path) -> PathBuf {
-    run_dir(dir).join("console.log")
-}
+/// QEMU's control socket, in the sandbox's run directory.
 pub fn qmp_socket(dir: &Path) -> PathBuf {
-    run_dir(dir).join("qmp.sock")
-}
-/// QEMU's pid and start time, written by smolvm (not by QEMU) in the sandbox directory.
-pub fn pid_file(dir: &Path) -> PathBuf {
-    dir.join("qemu.pid")
-}
-pub fn qemu_log(dir: &Path) -> PathBuf {
-    run_dir(dir).join("qemu.log")
+    crate::paths::run_dir(dir).join("qmp.sock")
 }
 
 /// The descriptors a QEMU is started with, besides the files of its [`QemuConfig`].
@@ -343,7 +328,7 @@ impl QemuConfig {
         }
         crate::child::Confine {
             fds,
-            cwd: Some(run_dir(&self.dir)),
+            cwd: Some(crate::paths::run_dir(&self.dir)),
             identity: plumbing.identity,
             cgroup_procs: plumbing.cgroup_procs,
             exe: Some(exe.file.as_raw_fd()),
@@ -352,7 +337,7 @@ impl QemuConfig {
             jail: match self.netdev {
                 Netdev::Wire => Some(crate::jail::Jail::new(
                     &crate::jail::mount_point(&self.dir, "qemu"),
-                    &run_dir(&self.dir),
+                    &crate::paths::run_dir(&self.dir),
                     true,
                 )?),
                 Netdev::UnrestrictedUser { .. } => None,
