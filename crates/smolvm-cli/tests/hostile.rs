@@ -555,7 +555,7 @@ fn a_guests_disk_io_is_held_to_its_ceiling() {
     let status = f.status("io");
     assert_eq!(status["disk_limit"], serde_json::json!({"bytes_per_sec": 4 << 20, "iops": 200}), "{status}");
     let pid = status["pid"].as_i64().unwrap() as i32;
-    let mut qmp = smolvm::vm::qmp::Qmp::connect(&f.dir("io").join("run/qmp.sock"), pid).unwrap();
+    let mut qmp = smolvm::vm::qemu::qmp::Qmp::connect(&f.dir("io").join("run/qmp.sock"), pid).unwrap();
     let blocks = qmp.execute("query-block", None).unwrap();
     let disks: Vec<_> = blocks.as_array().unwrap().iter().filter_map(|b| b.get("inserted")).collect();
     assert!(disks.len() >= 2, "{blocks}");
@@ -567,7 +567,7 @@ fn a_guests_disk_io_is_held_to_its_ceiling() {
     ok(f.cmd().args(["stop", "io"]));
     ok(f.cmd().args(["start", "io"]));
     let pid = f.status("io")["pid"].as_i64().unwrap() as i32;
-    let mut qmp = smolvm::vm::qmp::Qmp::connect(&f.dir("io").join("run/qmp.sock"), pid).unwrap();
+    let mut qmp = smolvm::vm::qemu::qmp::Qmp::connect(&f.dir("io").join("run/qmp.sock"), pid).unwrap();
     let blocks = qmp.execute("query-block", None).unwrap();
     assert!(blocks.as_array().unwrap().iter().filter_map(|b| b.get("inserted")).all(|d| d["bps"] == 4 << 20));
     ok(f.cmd().args(["create", "--name", "free"]));

@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use smolvm::images::{AssetKind, Format};
 use smolvm::vm::accel::{detect, HostFacts};
-use smolvm::vm::qemu::{kernel_cmdline, Netdev, QemuConfig};
+use smolvm::vm::machine::kernel_cmdline;
+use smolvm::vm::qemu::Qemu;
+use smolvm::vm::{DiskCache, MachineSpec, Memory, Netdev, Wiring};
 
 /// Kills QEMU if the test panics before it powers off.
 struct Vm(Child);
@@ -82,12 +84,12 @@ fn release_boots_and_serves_strict_ssh() {
 
     let accel = detect(&HostFacts::probe());
     let port = free_port();
-    // The production command lines (QemuConfig::command, kernel_cmdline) and disk layout: the
+    // The production command lines (Qemu::command, kernel_cmdline) and disk layout: the
     // base read-only under an empty upper disk. The network is QEMU's user-mode one: what is
     // under test here is the image, and nothing untrusted runs.
     let upper = work.path().join("disk.ext4");
     smolvm::sandbox::disk::create_upper(&upper, 512).unwrap();
-    let cfg = QemuConfig {
+    let cfg = MachineSpec {
         name: "smolvm".into(),
         accel: accel.clone(),
         memory_mib: 512,
@@ -99,9 +101,8 @@ fn release_boots_and_serves_strict_ssh() {
         layers: vec![],
         netdev: Netdev::UnrestrictedUser { ssh_port: port },
         dir: work.path().to_path_buf(),
-        qemu: "qemu-system-x86_64".into(),
-        upper_cache: smolvm::vm::qemu::DiskCache::Writeback,
-        memory: smolvm::vm::qemu::Memory::Anonymous,
+        upper_cache: DiskCache::Writeback,
+        memory: Memory::Anonymous,
         incoming: None,
         disk_limit: Default::default(),
     };
@@ -115,7 +116,7 @@ fn release_boots_and_serves_strict_ssh() {
     let relay_dir = run.clone();
     std::thread::spawn(move || smolvm::agent::console::relay(console_ours, &relay_dir));
     let started = Instant::now();
-    let plumbing = smolvm::vm::qemu::Plumbing {
+    let plumbing = Wiring {
         wire: None,
         agent: agent_qemu.into(),
         console: console_qemu.into(),
@@ -124,8 +125,8 @@ fn release_boots_and_serves_strict_ssh() {
         ram: None,
         incoming: None,
     };
-    let child = cfg
-        .spawn(plumbing, std::fs::File::create(work.path().join("qemu.stderr")).unwrap())
+    let child = Qemu::new("qemu-system-x86_64")
+        .spawn(&cfg, plumbing, std::fs::File::create(work.path().join("qemu.stderr")).unwrap())
         .expect("start qemu-system-x86_64 (scripts/install-host-deps.sh installs it)");
     let mut vm = Vm(child);
     let pidfd = smolvm::vm::process::pidfd(vm.0.id() as i32).unwrap();

@@ -19,8 +19,8 @@ use crate::net::{self, Forward, NetConfig, NetError};
 use crate::state::{SandboxRow, SandboxState};
 use crate::vm::accel::Accel;
 use crate::vm::cgroup::{self, Limits};
+use crate::vm::machine::{kernel_cmdline, DiskCache, Incoming, MachineSpec, Memory, Netdev, Wiring};
 use crate::vm::process;
-use crate::vm::qemu::{self, kernel_cmdline, Netdev, QemuConfig};
 use crate::vm::ready::{console_tail, wait_for_ready, WaitError};
 
 /// The images one boot uses, as host paths.
@@ -51,7 +51,7 @@ pub(super) struct Restore {
     pub ram_sha256: Option<String>,
     pub stream: PathBuf,
     /// What `stream` is: a migration stream, or the devices alone (`snapshot::StateForm`).
-    pub incoming: qemu::Incoming,
+    pub incoming: Incoming,
     /// Pages to write over `ram` before the devices load: a paused guest's own
     /// (`snapshot::pages`), its `ram` the image it was restored from.
     pub pages: Option<PathBuf>,
@@ -101,16 +101,18 @@ pub(crate) fn public_key_b64(keys: &Path) -> Result<String, BootError> {
     Ok(base64::engine::general_purpose::STANDARD.encode(pubkey.trim()))
 }
 
-/// Starts QEMU detached: its own session (a Ctrl-C or a closed terminal does not reach it),
+/// Starts the VM detached: its own session (a Ctrl-C or a closed terminal does not reach it),
 /// its output on `log` (the pipe the agent proxy keeps in `run/qemu.log`), confined like its
-/// helpers (`vm::qemu::QemuConfig::spawn`).
-fn spawn_qemu(
-    cfg: &QemuConfig,
-    plumbing: qemu::Plumbing,
+/// helpers (`Vmm::spawn`).
+fn spawn_vm(
+    vmm: &dyn crate::vm::Vmm,
+    spec: &MachineSpec,
+    wiring: Wiring,
     log: std::io::PipeWriter,
 ) -> Result<std::process::Child, BootError> {
     let log = std::fs::File::from(OwnedFd::from(log));
-    cfg.spawn(plumbing, log).map_err(|source| BootError::Spawn { qemu: cfg.qemu.display().to_string(), source })
+    vmm.spawn(spec, wiring, log)
+        .map_err(|source| BootError::Spawn { qemu: vmm.program().display().to_string(), source })
 }
 
 /// The last `max` bytes of QEMU's output, escaped for a terminal.
@@ -162,17 +164,17 @@ pub(crate) fn make_run_dir(dir: &Path, identity: Option<Identity>) -> Result<Pat
 }
 
 impl Smolvm {
-    /// The QEMU that runs `row`'s sandbox (cold: anonymous memory, no `-incoming`).
-    pub(super) fn qemu_config(
+    /// The machine that runs `row`'s sandbox (cold: anonymous memory, no saved state).
+    pub(super) fn machine_spec(
         &self,
         row: &SandboxRow,
         accel: &Accel,
         files: &BootFiles,
         cmdline: String,
         netdev: Netdev,
-    ) -> QemuConfig {
+    ) -> MachineSpec {
         let dir = self.dir(&row.name);
-        QemuConfig {
+        MachineSpec {
             name: row.name.clone(),
             accel: accel.clone(),
             memory_mib: row.memory_mib,
@@ -184,9 +186,8 @@ impl Smolvm {
             layers: files.layers.clone(),
             netdev,
             dir,
-            qemu: self.config().qemu.clone(),
-            upper_cache: if self.unsafe_disk_cache { qemu::DiskCache::Unsafe } else { qemu::DiskCache::Writeback },
-            memory: qemu::Memory::Anonymous,
+            upper_cache: if self.unsafe_disk_cache { DiskCache::Unsafe } else { DiskCache::Writeback },
+            memory: Memory::Anonymous,
             incoming: None,
             disk_limit: row.disk_limit,
         }
@@ -333,7 +334,7 @@ impl Smolvm {
                 return Err(io_err("start the agent proxy")(e));
             }
         };
-        let mut cfg = self.qemu_config(
+        let mut cfg = self.machine_spec(
             row,
             accel,
             files,
@@ -343,7 +344,7 @@ impl Smolvm {
         if let Start::Restore(r) = start {
             cfg.incoming = Some(r.incoming);
             if r.ram.is_some() {
-                cfg.memory = qemu::Memory::SnapshotImage;
+                cfg.memory = Memory::SnapshotImage;
             }
         }
         let (ram, incoming) = match super::restore::open_inputs(start) {
@@ -361,7 +362,7 @@ impl Smolvm {
             Some(w) => (Some(w.pid), Some(w.qemu_end)),
             None => (None, None),
         };
-        let plumbing = qemu::Plumbing {
+        let plumbing = Wiring {
             wire: qemu_end,
             agent: agent_qemu,
             console: console_qemu,
@@ -372,7 +373,7 @@ impl Smolvm {
         };
         // Our copies of QEMU's ends close when `plumbing` is dropped inside, so that the
         // helpers see QEMU's exit.
-        let mut child = match spawn_qemu(&cfg, plumbing, log_qemu) {
+        let mut child = match spawn_vm(self.vmm(), &cfg, plumbing, log_qemu) {
             Ok(c) => c,
             Err(e) => {
                 if let Some(p) = wire_pid {

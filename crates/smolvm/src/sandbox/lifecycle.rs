@@ -7,8 +7,6 @@ use super::boot::BootError;
 use super::{remove_all, SandboxError, Smolvm, Status};
 use crate::state::{SandboxState, StateError};
 use crate::vm::process;
-use crate::vm::qemu;
-use crate::vm::qmp::Qmp;
 
 /// Why a lifecycle operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -93,8 +91,8 @@ impl Smolvm {
             };
             if graceful.is_none() || !wait_exit(pid, row.pid_start, timeout) {
                 tracing::warn!("{name}: no clean power-off within {timeout:?}; terminating the VM");
-                if let Ok(mut q) = Qmp::connect(&qemu::qmp_socket(&self.dir(name)), pid) {
-                    let _ = q.execute("quit", None);
+                if let Ok(mut q) = self.vmm().control(&self.dir(name), pid) {
+                    q.quit();
                 }
                 if !wait_exit(pid, row.pid_start, Duration::from_secs(5)) {
                     let _ = process::signal(pid, libc::SIGKILL);
@@ -186,7 +184,7 @@ impl Smolvm {
             Some((w.next()?.parse::<i32>().ok()?, w.next().and_then(|s| s.parse::<u64>().ok()).filter(|s| *s != 0)))
         });
         if let Some((pid, started)) =
-            from_file.filter(|(p, s)| process::is_alive(*p, *s) && process::is_qemu_of(*p, name))
+            from_file.filter(|(p, s)| process::is_alive(*p, *s) && self.vmm().is_vm_of(*p, name))
         {
             let _ = process::signal(pid, libc::SIGKILL);
             dying.push((pid, started));

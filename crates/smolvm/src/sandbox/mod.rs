@@ -163,6 +163,8 @@ pub struct Smolvm {
     cgroups: crate::vm::cgroup::Support,
     /// Boot with the sandbox disk's flushes ignored (the benchmark's baseline).
     unsafe_disk_cache: bool,
+    /// The VMM that runs the sandboxes (QEMU: `config.qemu`).
+    vmm: std::sync::Arc<dyn crate::vm::Vmm>,
 }
 
 impl Smolvm {
@@ -173,7 +175,8 @@ impl Smolvm {
         let db = Db::open(&config.home.database())?;
         let images = ImageCache::new(config.home.images());
         let cgroups = crate::vm::cgroup::detect();
-        Ok(Smolvm { config, db, images, unrestricted_user_net: false, cgroups, unsafe_disk_cache: false })
+        let vmm = std::sync::Arc::new(crate::vm::qemu::Qemu::new(config.qemu.clone()));
+        Ok(Smolvm { config, db, images, unrestricted_user_net: false, cgroups, unsafe_disk_cache: false, vmm })
     }
 
     /// [`Smolvm::open`] with the defaults for `home` (`config::Config::new`).
@@ -183,6 +186,10 @@ impl Smolvm {
 
     pub fn config(&self) -> &crate::config::Config {
         &self.config
+    }
+
+    pub(crate) fn vmm(&self) -> &dyn crate::vm::Vmm {
+        &*self.vmm
     }
 
     /// Boots sandboxes from this handle on QEMU's stock user-mode network, **which reaches the

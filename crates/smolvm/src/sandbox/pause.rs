@@ -96,10 +96,8 @@ impl Smolvm {
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&tmp);
                 // The guest runs on, unpaused.
-                if let Ok(mut q) =
-                    crate::vm::qmp::Qmp::connect(&crate::vm::qemu::qmp_socket(&dir), row.pid.unwrap_or(0))
-                {
-                    let _ = crate::vm::migrate::cont(&mut q);
+                if let Ok(mut q) = self.vmm().control(&dir, row.pid.unwrap_or(0)) {
+                    let _ = q.cont();
                 }
                 let _ = std::fs::remove_file(dir.join(CAPTURING));
                 return Err(e);
@@ -112,7 +110,7 @@ impl Smolvm {
         row.pid_start = None;
         row.ssh_port = None;
         self.db().update(&row)?;
-        let _ = q.execute("quit", None);
+        q.quit();
         self.kill_vm(name, &old);
         let _ = std::fs::remove_file(dir.join("ssh.ctl"));
         let _ = std::fs::remove_file(dir.join(CAPTURING));

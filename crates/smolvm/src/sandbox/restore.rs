@@ -14,10 +14,10 @@ use std::time::Duration;
 use super::boot::{BootError, Restore, Start};
 use super::Smolvm;
 use crate::state::SandboxRow;
-use crate::vm::{migrate, process, qemu};
+use crate::vm::{process, SaveRam};
 
-/// The RAM image and the stream a restoring QEMU gets as descriptors ([`qemu::RAM_FD`],
-/// [`qemu::INCOMING_FD`]), opened here: QEMU reaches them only through `/proc/self/fd`.
+/// The RAM image and the stream a restoring QEMU gets as descriptors (`Wiring::ram`,
+/// `Wiring::incoming`), opened here: QEMU reaches them only through `/proc/self/fd`.
 pub(super) fn open_inputs(start: &Start) -> Result<(Option<OwnedFd>, Option<OwnedFd>), BootError> {
     let Start::Restore(r) = start else { return Ok((None, None)) };
     let open = |p: &Path| {
@@ -85,17 +85,16 @@ impl Smolvm {
             BootError::Restore { reason, qemu_log: qemu_log_tail(dir) }
         };
         let loaded = (|| {
-            let mut q = migrate::connect_new(&qemu::qmp_socket(dir), Duration::from_secs(30), pid)?;
-            tracing::debug!("{}: QMP connected", row.name);
+            let mut q = self.vmm().control_when_up(dir, pid, Duration::from_secs(30))?;
+            tracing::debug!("{}: VMM control connected", row.name);
             if let Some(pages) = &r.pages {
                 // Before the devices: their load reads the virtqueues in guest memory.
                 write_pages(pid, u64::from(row.memory_mib) << 20, pages)?;
                 tracing::debug!("{}: its pages written", row.name);
             }
-            let uri = format!("file:/proc/self/fd/{}", qemu::INCOMING_FD);
-            migrate::load(&mut q, &uri, r.ram.is_some())?;
+            q.load(if r.ram.is_some() { SaveRam::LeftOut } else { SaveRam::Included })?;
             tracing::debug!("{}: state loaded", row.name);
-            migrate::cont(&mut q)
+            q.cont()
         })();
         loaded.map_err(|e| fail(format!("load the saved state: {e}")))?;
         tracing::debug!("{}: loaded and running", row.name);

@@ -26,8 +26,7 @@ use super::{LifecycleError, Smolvm, Status};
 use crate::snapshot::{self, files, Images, Machine, SnapshotError, SnapshotMeta};
 use crate::state::{SandboxRow, SandboxState};
 use crate::vm::accel::{Accel, AccelKind};
-use crate::vm::qemu::{self, Netdev};
-use crate::vm::{guest_ram, migrate, process, qmp::Qmp};
+use crate::vm::{guest_ram, process, Netdev, SaveRam, VmControl};
 
 /// In the sandbox's directory while a capture may have its guest stopped.
 pub(super) const CAPTURING: &str = "capturing";
@@ -111,11 +110,14 @@ impl Smolvm {
 
     /// The machine a stream of `row`'s guest depends on.
     pub(super) fn machine_of(&self, row: &SandboxRow, files: &BootFiles) -> Result<Machine, SnapshotError> {
-        let cfg = self.qemu_config(row, &Self::accel_of(row), files, String::new(), Netdev::Wire);
+        let spec = self.machine_spec(row, &Self::accel_of(row), files, String::new(), Netdev::Wire);
+        let id = self
+            .vmm()
+            .machine_id(&spec, &self.home().cache.join("qemu-version"))
+            .map_err(snap_io(&row.name, "ask the VMM its version"))?;
         Ok(Machine {
-            qemu_version: snapshot::qemu_version_cached(&cfg.qemu, &self.home().cache.join("qemu-version"))
-                .map_err(snap_io(&row.name, "ask QEMU its version"))?,
-            device_model_sha256: crate::digest::sha256_hex(cfg.device_model().as_bytes()),
+            qemu_version: id.version,
+            device_model_sha256: id.device_model_sha256,
             accel: row.accel,
             memory_mib: row.memory_mib,
             cpus: row.cpus,
@@ -134,24 +136,23 @@ impl Smolvm {
     }
 
     /// Saves running `row`'s guest into `dest` (see [`Captured`]), and its disk into
-    /// `dest/disk.ext4` if `copy_disk`. The caller holds the sandbox's lock. Returns the QMP
-    /// session (the guest stopped with [`After::Stopped`]).
+    /// `dest/disk.ext4` if `copy_disk`. The caller holds the sandbox's lock. Returns the VM's
+    /// control channel (the guest stopped with [`After::Stopped`]).
     pub(super) fn capture(
         &self,
         row: &SandboxRow,
         dest: &Path,
         copy_disk: bool,
         after: After,
-    ) -> Result<(Qmp, Captured), SnapshotError> {
+    ) -> Result<(Box<dyn VmControl>, Captured), SnapshotError> {
         let name = row.name.as_str();
         let dir = self.dir(name);
         let marker = dir.join(CAPTURING);
         std::fs::write(&marker, std::process::id().to_string()).map_err(snap_io(name, "write the capture marker"))?;
-        let mut q = Qmp::connect(&qemu::qmp_socket(&dir), row.pid.unwrap_or(0))
-            .map_err(snap_io(name, "connect to its QEMU"))?;
+        let mut q = self.vmm().control(&dir, row.pid.unwrap_or(0)).map_err(snap_io(name, "connect to its VMM"))?;
         let t = std::time::Instant::now();
-        migrate::stop(&mut q).map_err(snap_io(name, "stop the guest"))?;
-        let saved = save_stopped(&mut q, row, &dir, dest).and_then(|captured| {
+        q.stop().map_err(snap_io(name, "stop the guest"))?;
+        let saved = save_stopped(&mut *q, row, &dir, dest).and_then(|captured| {
             if copy_disk {
                 let src =
                     crate::text::open_untrusted(&dir.join("disk.ext4")).map_err(snap_io(name, "open its disk"))?;
@@ -161,7 +162,7 @@ impl Smolvm {
         });
         tracing::debug!("{name}: saved (and disk copied: {copy_disk}) in {:?}", t.elapsed());
         if saved.is_err() || after == After::Continue {
-            migrate::cont(&mut q).map_err(snap_io(name, "let the guest run again"))?;
+            q.cont().map_err(snap_io(name, "let the guest run again"))?;
             let _ = std::fs::remove_file(&marker);
             tracing::debug!("{name}: running again after {:?}", t.elapsed());
         }
@@ -182,10 +183,10 @@ impl Smolvm {
             SandboxState::Running if alive => {
                 // The pause had not been recorded: it did not happen.
                 let _ = std::fs::remove_dir_all(dir.join(super::pause::PAUSED_DIR));
-                if let Ok(mut q) = Qmp::connect(&qemu::qmp_socket(&dir), row.pid.unwrap_or(0)) {
-                    if migrate::run_state(&mut q).is_ok_and(|s| s != "running") {
+                if let Ok(mut q) = self.vmm().control(&dir, row.pid.unwrap_or(0)) {
+                    if q.is_running().is_ok_and(|r| !r) {
                         tracing::warn!("{name}: an interrupted capture left the guest stopped; it runs again");
-                        let _ = migrate::cont(&mut q);
+                        let _ = q.cont();
                     }
                 }
             }
@@ -333,7 +334,7 @@ impl Smolvm {
     }
 
     /// Seals `dir/memory` (a mapped-ram stream, with `dir/disk.ext4`) into `dir/ram` and
-    /// `dir/state` with a second QEMU (`snapshot::seal`).
+    /// `dir/state` with a second VM (`snapshot::seal`).
     fn seal_stream(
         &self,
         row: &SandboxRow,
@@ -350,10 +351,11 @@ impl Smolvm {
             std::os::unix::fs::fchown(&f, Some(id.uid), Some(id.gid))
                 .map_err(snap_io(snap, "chown the saved state"))?;
         }
-        let mut cfg = self.qemu_config(row, &Self::accel_of(row), files, String::new(), Netdev::Wire);
-        cfg.dir = scratch.clone();
-        cfg.upper = dir.join("disk.ext4");
-        snapshot::seal::seal(&cfg, &dir.join("memory"), identity, dir).map_err(snap_io(snap, "seal it"))?;
+        let mut spec = self.machine_spec(row, &Self::accel_of(row), files, String::new(), Netdev::Wire);
+        spec.dir = scratch.clone();
+        spec.upper = dir.join("disk.ext4");
+        snapshot::seal::seal(self.vmm(), &spec, &dir.join("memory"), identity, dir)
+            .map_err(snap_io(snap, "seal it"))?;
         let _ = std::fs::remove_dir_all(&scratch);
         let _ = std::fs::remove_file(dir.join("memory"));
         Ok(())
@@ -401,7 +403,7 @@ const DEVICES_FILE: &str = "capture.state";
 
 /// Saves stopped `row`'s guest into `dest`: its written pages and devices when its RAM is the
 /// snapshot image recorded at its restore, else a whole stream.
-fn save_stopped(q: &mut Qmp, row: &SandboxRow, dir: &Path, dest: &Path) -> Result<Captured, SnapshotError> {
+fn save_stopped(q: &mut dyn VmControl, row: &SandboxRow, dir: &Path, dest: &Path) -> Result<Captured, SnapshotError> {
     let name = row.name.as_str();
     let run = crate::paths::run_dir(dir);
     let ram_len = u64::from(row.memory_mib) << 20;
@@ -417,13 +419,13 @@ fn save_stopped(q: &mut Qmp, row: &SandboxRow, dir: &Path, dest: &Path) -> Resul
         }
     }
     let _ = std::fs::remove_file(run.join(CAPTURE_FILE));
-    migrate::save(q, CAPTURE_FILE, false).map_err(snap_io(name, "save the guest"))?;
+    q.save(CAPTURE_FILE, SaveRam::Included).map_err(snap_io(name, "save the guest"))?;
     take_file(&run.join(CAPTURE_FILE), &dest.join("memory")).map_err(snap_io(name, "keep the saved state"))?;
     Ok(Captured::Stream)
 }
 
 fn save_pages(
-    q: &mut Qmp,
+    q: &mut dyn VmControl,
     ram: &guest_ram::RamMapping,
     image: &snapshot::RamImage,
     run: &Path,
@@ -437,7 +439,7 @@ fn save_pages(
     let written = ram.written_pages()?;
     snapshot::pages::save(ram, &written, &dest.join("pages"))?;
     let _ = std::fs::remove_file(run.join(DEVICES_FILE));
-    migrate::save_devices(q, DEVICES_FILE)?;
+    q.save_devices(DEVICES_FILE)?;
     take_file(&run.join(DEVICES_FILE), &dest.join("state"))?;
     tracing::debug!("{} written pages and the devices saved in {:?}", written.len(), t.elapsed());
     Ok(base)

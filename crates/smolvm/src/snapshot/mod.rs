@@ -5,7 +5,7 @@
 //! A snapshot is a directory, written under a temporary name and renamed when complete (a
 //! directory whose name starts with `.` is never listed, and is swept once its writer is
 //! gone), holding:
-//! - `ram`: the RAM image (sparse), which clones map copy-on-write (`vm::qemu::Memory`);
+//! - `ram`: the RAM image (sparse), which clones map copy-on-write (`vm::Memory`);
 //! - `state`: the devices' state, a QEMU migration stream without the RAM, or the devices
 //!   alone ([`StateForm`]);
 //! - `disk.ext4`: the sandbox's writable disk as it was; each clone gets a copy;
@@ -36,7 +36,7 @@ pub const FORMAT: u32 = 1;
 pub struct Machine {
     /// `qemu-system-x86_64 -version`'s first line.
     pub qemu_version: String,
-    /// SHA-256 of the machine and devices on QEMU's command line (`QemuConfig::device_model`).
+    /// SHA-256 of the machine and devices on QEMU's command line (`vm::MachineId`).
     pub device_model_sha256: String,
     pub accel: AccelKind,
     pub memory_mib: u32,
@@ -94,10 +94,10 @@ pub enum StateForm {
 }
 
 impl StateForm {
-    pub fn incoming(self) -> crate::vm::qemu::Incoming {
+    pub fn incoming(self) -> crate::vm::Incoming {
         match self {
-            StateForm::Migration => crate::vm::qemu::Incoming::Migration,
-            StateForm::Devices => crate::vm::qemu::Incoming::Devices,
+            StateForm::Migration => crate::vm::Incoming::Migration,
+            StateForm::Devices => crate::vm::Incoming::Devices,
         }
     }
 }
@@ -341,65 +341,6 @@ pub fn write_meta_knowing(
     let mut f = crate::text::create_private(&p).map_err(io(format!("create {}", p.display())))?;
     std::io::Write::write_all(&mut f, json.as_bytes()).map_err(io(format!("write {}", p.display())))?;
     Ok(meta)
-}
-
-/// [`qemu_version`], remembered in `cache` (a file) for the binary as it is (path, inode,
-/// size, mtime): an upgraded QEMU is asked again. Saves an exec per `create`.
-pub fn qemu_version_cached(qemu: &Path, cache: &Path) -> std::io::Result<String> {
-    use std::os::unix::fs::MetadataExt;
-    let resolved = if qemu.is_absolute() {
-        qemu.to_path_buf()
-    } else {
-        // A bare name: where PATH finds it.
-        std::env::split_paths(crate::child::CHILD_PATH)
-            .map(|d| d.join(qemu))
-            .find(|p| p.is_file())
-            .unwrap_or(qemu.to_path_buf())
-    };
-    let Ok(m) = std::fs::metadata(&resolved) else { return qemu_version(qemu) };
-    let key = format!("{} {} {} {}.{}", resolved.display(), m.ino(), m.len(), m.mtime(), m.mtime_nsec());
-    if let Ok(text) = std::fs::read_to_string(cache) {
-        if let Some((k, v)) = text.split_once('\n') {
-            if k == key && !v.trim().is_empty() {
-                return Ok(v.trim().to_string());
-            }
-        }
-    }
-    let v = qemu_version(qemu)?;
-    let tmp = cache.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    if let Ok(mut f) = crate::text::create_private(&tmp) {
-        if std::io::Write::write_all(&mut f, format!("{key}\n{v}\n").as_bytes()).is_ok() {
-            let _ = std::fs::rename(&tmp, cache);
-        }
-    }
-    Ok(v)
-}
-
-/// The first line of `qemu -version`, once per process and binary.
-pub fn qemu_version(qemu: &Path) -> std::io::Result<String> {
-    use std::collections::HashMap;
-    use std::sync::Mutex;
-    static SEEN: Mutex<Option<HashMap<PathBuf, String>>> = Mutex::new(None);
-    if let Some(v) = SEEN.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|m| m.get(qemu)) {
-        return Ok(v.clone());
-    }
-    let out = std::process::Command::new(qemu)
-        .arg("-version")
-        .env_clear()
-        .env("PATH", crate::child::CHILD_PATH)
-        .stdin(std::process::Stdio::null())
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().next().unwrap_or("").trim().to_string();
-    if !out.status.success() || line.is_empty() {
-        return Err(std::io::Error::other(format!("{} -version said nothing useful", qemu.display())));
-    }
-    SEEN.lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get_or_insert_with(HashMap::new)
-        .insert(qemu.to_path_buf(), line.clone());
-    Ok(line)
 }
 
 /// A temporary directory for a snapshot being written, in `parent`: named `.tmp-<pid>-<n>`,

@@ -17,19 +17,25 @@ use std::time::Duration;
 
 use super::files;
 use crate::child::Identity;
-use crate::vm::migrate;
-use crate::vm::qemu::{self, Memory, QemuConfig};
+use crate::vm::{Incoming, MachineSpec, Memory, SaveRam, Vmm, Wiring};
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> std::io::Error {
     let what = what.into();
     move |e| std::io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
-/// Seals `stream` (a mapped-ram stream saved from a guest with `cfg`'s machine and devices)
-/// into `out/ram` and `out/state`. `cfg.dir` is a scratch directory of the caller's (QEMU's
-/// log, its `run/`); `cfg.upper` the disk copy that goes with the stream.
-pub fn seal(cfg: &QemuConfig, stream: &Path, identity: Option<Identity>, out: &Path) -> std::io::Result<()> {
-    let cfg = QemuConfig { memory: Memory::Shared, incoming: Some(qemu::Incoming::Migration), ..cfg.clone() };
+/// Seals `stream` (a stream with its RAM, saved from a guest with `spec`'s machine and
+/// devices) into `out/ram` and `out/state`, with a VM of `vmm`. `spec.dir` is a scratch
+/// directory of the caller's (the VM's log, its `run/`); `spec.upper` the disk copy that goes
+/// with the stream.
+pub fn seal(
+    vmm: &dyn Vmm,
+    spec: &MachineSpec,
+    stream: &Path,
+    identity: Option<Identity>,
+    out: &Path,
+) -> std::io::Result<()> {
+    let cfg = MachineSpec { memory: Memory::Shared, incoming: Some(Incoming::Migration), ..spec.clone() };
     let run = crate::sandbox::boot_run_dir(&cfg.dir, identity).map_err(std::io::Error::other)?;
     let ram = memfd("smolvm-seal")?;
     // SAFETY: ftruncate on a descriptor we own.
@@ -46,7 +52,7 @@ pub fn seal(cfg: &QemuConfig, stream: &Path, identity: Option<Identity>, out: &P
     let (wire_ours, wire_qemu) = std::os::unix::net::UnixStream::pair()?;
     drop(wire_ours);
     let log = std::fs::File::create(cfg.dir.join("qemu.log"))?;
-    let plumbing = qemu::Plumbing {
+    let plumbing = Wiring {
         wire: Some(wire_qemu.into()),
         agent: agent_qemu.into(),
         console: console_qemu.into(),
@@ -55,13 +61,13 @@ pub fn seal(cfg: &QemuConfig, stream: &Path, identity: Option<Identity>, out: &P
         ram: Some(ram.try_clone()?),
         incoming: Some(input.into()),
     };
-    let mut child = cfg.spawn(plumbing, log).map_err(io("start the sealing QEMU"))?;
+    let mut child = vmm.spawn(&cfg, plumbing, log).map_err(io("start the sealing VM"))?;
     let pid = child.id() as i32;
     let result = (|| {
-        let mut q = migrate::connect_new(&qemu::qmp_socket(&cfg.dir), Duration::from_secs(30), pid)?;
-        migrate::load(&mut q, &format!("file:/proc/self/fd/{}", qemu::INCOMING_FD), false)?;
-        migrate::save(&mut q, "state", true)?;
-        let _ = q.execute("quit", None);
+        let mut q = vmm.control_when_up(&cfg.dir, pid, Duration::from_secs(30))?;
+        q.load(SaveRam::Included)?;
+        q.save("state", SaveRam::LeftOut)?;
+        q.quit();
         Ok::<_, std::io::Error>(())
     })();
     if result.is_err() {

@@ -37,13 +37,6 @@ pub fn pidfd(pid: i32) -> io::Result<OwnedFd> {
 }
 
 /// Sends `sig` to `pid`.
-/// Whether `pid` is the QEMU of sandbox `name` (its `-name smolvm-<name>,...` argument).
-pub fn is_qemu_of(pid: i32, name: &str) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
-    let want = format!("smolvm-{name},process=smolvm-{name}");
-    cmdline.split(|b| *b == 0).any(|arg| arg == want.as_bytes())
-}
-
 pub fn signal(pid: i32, sig: libc::c_int) -> io::Result<()> {
     // SAFETY: kill(2) has no memory effects.
     if unsafe { libc::kill(pid, sig) } == 0 {

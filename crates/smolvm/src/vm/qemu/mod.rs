@@ -8,11 +8,19 @@
 //! which QEMU duplicates instead of reopening). So a QEMU taken over by its guest holds its
 //! own disks and nothing else of the host's.
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use super::accel::Accel;
+use super::machine::{DiskCache, Incoming, MachineSpec, Memory, Netdev, Wiring};
+
+mod control;
+pub mod migrate;
+pub mod qmp;
+mod version;
+
+pub use version::{qemu_version, qemu_version_cached};
 
 /// QEMU's end of the agent port's socket pair (the agent proxy holds the other).
 pub const AGENT_FD: RawFd = 4;
@@ -31,119 +39,34 @@ pub const INCOMING_FD: RawFd = 51;
 /// the sandbox's memory ceiling (`cgroup::TCG_CACHE_MIB`).
 pub const TCG_TB_SIZE_MIB: u64 = super::cgroup::TCG_CACHE_MIB;
 
-/// Everything needed to start one guest.
-#[derive(Debug, Clone)]
-pub struct QemuConfig {
-    pub name: String,
-    pub accel: Accel,
-    pub memory_mib: u32,
-    pub cpus: u32,
-    pub kernel: PathBuf,
-    pub cmdline: String,
-    /// The shared base rootfs, attached read-only (`/dev/vda`).
-    pub base: PathBuf,
-    /// The sandbox's writable disk (`/dev/vdb`).
-    pub upper: PathBuf,
-    /// Read-only layers over the base, top first (`/dev/vdc`, ...): a preset's tooling.
-    pub layers: Vec<PathBuf>,
-    /// The guest's network card and what is behind it.
-    pub netdev: Netdev,
-    /// The sandbox directory (QEMU's log); QEMU itself works in its `run/` directory.
-    pub dir: PathBuf,
-    /// The QEMU executable.
-    pub qemu: PathBuf,
-    /// The sandbox disk's cache mode: `writeback` (flushes reach the host's disk) unless a
-    /// benchmark measures the cost of that against `unsafe`.
-    pub upper_cache: DiskCache,
-    /// Where the guest's RAM lives.
-    pub memory: Memory,
-    /// Start paused, waiting for a saved state (`-incoming defer`): a restore.
-    pub incoming: Option<Incoming>,
-    /// A ceiling on the disks' I/O, shared by all of them (one throttle group).
-    pub disk_limit: crate::state::DiskLimit,
-}
-
-/// The kind of stream a restoring QEMU loads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Incoming {
-    /// A migration stream (`migrate`): it begins with the machine's configuration section.
-    Migration,
-    /// The devices alone (`xen-save-devices-state`, `vm::migrate::save_devices`), which has
-    /// no configuration section: QEMU is told not to expect one.
-    Devices,
-}
-
 /// What [`Incoming::Devices`] adds to the command line (left out of the device model: it
 /// concerns the stream, not the machine).
 const NO_CONFIGURATION_SECTION: &str = "migration.send-configuration=off";
-
-/// Where a guest's RAM lives. Every form is the memory backend `ram0`, so that a stream saved
-/// from one loads into another (the RAM block's name is part of the stream).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Memory {
-    /// QEMU's own anonymous memory: a cold boot, a resume.
-    Anonymous,
-    /// A snapshot's RAM image ([`RAM_FD`], opened read-only), mapped copy-on-write
-    /// (`share=off`): every clone of one snapshot reads the same pages of the host's page
-    /// cache, and only what a clone writes becomes its own.
-    SnapshotImage,
-    /// A shared memory file ([`RAM_FD`], `share=on`): the sealing QEMU loads a stream into it,
-    /// which makes the file the RAM image (`snapshot::seal`).
-    Shared,
-}
-
-/// QEMU's cache mode for the sandbox's own disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DiskCache {
-    /// The host's page cache, and the guest's flushes honoured: what sandboxes use.
-    Writeback,
-    /// Flushes ignored: a host crash can tear the guest's file system. Benchmarks only.
-    Unsafe,
-}
-
-/// What the guest's virtio-net device is connected to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Netdev {
-    /// smolvm's network process, which enforces the sandbox's policy (`crate::net`): the wire
-    /// is a socket on descriptor [`crate::net::WIRE_FD`] of the QEMU process.
-    Wire,
-    /// QEMU's stock user-mode network, which lets the guest reach the host's loopback through
-    /// 10.0.2.2 and everything the host reaches. Only for measuring the enforced network
-    /// against it (smolvm-bench) and for booting an image by hand; never for a sandbox.
-    UnrestrictedUser { ssh_port: u16 },
-}
 
 /// QEMU's control socket, in the sandbox's run directory.
 pub fn qmp_socket(dir: &Path) -> PathBuf {
     crate::paths::run_dir(dir).join("qmp.sock")
 }
 
-/// The descriptors a QEMU is started with, besides the files of its [`QemuConfig`].
-#[derive(Debug)]
-pub struct Plumbing {
-    /// The network wire ([`Netdev::Wire`]).
-    pub wire: Option<OwnedFd>,
-    pub agent: OwnedFd,
-    pub console: OwnedFd,
-    /// Run as this user (when we are root).
-    pub identity: Option<crate::child::Identity>,
-    /// `cgroup.procs` descriptors to join.
-    pub cgroup_procs: Vec<RawFd>,
-    /// The RAM file, for [`Memory::SnapshotImage`] and [`Memory::Shared`].
-    pub ram: Option<OwnedFd>,
-    /// The stream to load, with [`QemuConfig::incoming`].
-    pub incoming: Option<OwnedFd>,
+/// The QEMU backend: the program, and where its version is remembered.
+#[derive(Debug, Clone)]
+pub struct Qemu {
+    /// The QEMU executable (a bare name is looked up in `child::CHILD_PATH`).
+    pub program: PathBuf,
 }
 
-impl QemuConfig {
+impl Qemu {
+    pub fn new(program: impl Into<PathBuf>) -> Qemu {
+        Qemu { program: program.into() }
+    }
     /// The full command. The caller detaches it (own session, output to `qemu.log`).
-    pub fn command(&self) -> Command {
-        let mut c = Command::new(&self.qemu);
-        let cpu = match self.accel {
+    pub fn command(&self, spec: &MachineSpec) -> Command {
+        let mut c = Command::new(&self.program);
+        let cpu = match spec.accel {
             Accel::Kvm => "host",
             Accel::Tcg { .. } => "max",
         };
-        let netdev = match self.netdev {
+        let netdev = match spec.netdev {
             Netdev::Wire => {
                 format!("stream,id=net0,server=off,addr.type=fd,addr.str={}", crate::net::WIRE_FD)
             }
@@ -153,7 +76,7 @@ impl QemuConfig {
         // `cache=unsafe` (nothing is written to them); the sandbox's own disk is `writeback`:
         // the host page cache, and the guest's flushes (fsync, journal commits) reach the
         // host's disk, so a host crash does not leave a torn ext4 behind.
-        let upper_cache = match self.upper_cache {
+        let upper_cache = match spec.upper_cache {
             DiskCache::Writeback => "writeback",
             DiskCache::Unsafe => "unsafe",
         };
@@ -162,10 +85,10 @@ impl QemuConfig {
         // evict the base image that every other sandbox is reading.
         // Every disk in one throttle group: the ceiling is the sandbox's, not each disk's.
         let mut throttle = String::new();
-        if let Some(b) = self.disk_limit.bytes_per_sec {
+        if let Some(b) = spec.disk_limit.bytes_per_sec {
             throttle.push_str(&format!(",throttling.bps-total={b}"));
         }
-        if let Some(n) = self.disk_limit.iops {
+        if let Some(n) = spec.disk_limit.iops {
             throttle.push_str(&format!(",throttling.iops-total={n}"));
         }
         if !throttle.is_empty() {
@@ -180,27 +103,27 @@ impl QemuConfig {
                 if ro { ",readonly=on" } else { ",auto-read-only=off" }
             )
         };
-        let accel = match self.accel {
+        let accel = match spec.accel {
             Accel::Kvm => "kvm".to_string(),
             Accel::Tcg { .. } => format!("tcg,tb-size={TCG_TB_SIZE_MIB}"),
         };
-        for i in 0..2 + self.layers.len() {
+        for i in 0..2 + spec.layers.len() {
             c.arg("-add-fd").arg(format!("fd={},set={}", FIRST_DISK_FD + i as RawFd, i + 1));
         }
         c.arg("-name")
-            .arg(format!("smolvm-{},process=smolvm-{}", self.name, self.name))
+            .arg(format!("smolvm-{},process=smolvm-{}", spec.name, spec.name))
             // pic=off: with the legacy 8259 present, an early timer interrupt was sometimes
             // delivered as vector 0 under TCG, a "divide error" in start_kernel that resets the
             // VM (a quarter of boots on the development machine); nothing here needs the PIC.
             .args(["-machine", "microvm,rtc=on,pic=off,memory-backend=ram0", "-accel", &accel, "-cpu", cpu])
-            .args(["-m", &format!("{}M", self.memory_mib), "-smp", &self.cpus.to_string()])
+            .args(["-m", &format!("{}M", spec.memory_mib), "-smp", &spec.cpus.to_string()])
             .arg("-object")
-            .arg(self.memory_object())
+            .arg(Self::memory_object(spec))
             .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
             .arg("-kernel")
             .arg(format!("/proc/self/fd/{KERNEL_FD}"))
             .arg("-append")
-            .arg(&self.cmdline)
+            .arg(&spec.cmdline)
             .arg("-chardev")
             .arg(format!("socket,id=console,fd={CONSOLE_FD}"))
             .args(["-serial", "chardev:console"])
@@ -210,7 +133,7 @@ impl QemuConfig {
             .arg("-drive")
             .arg(drive("upper", 2, false))
             .args(["-device", "virtio-blk-device,drive=upper"]);
-        for i in 0..self.layers.len() {
+        for i in 0..spec.layers.len() {
             c.arg("-drive").arg(drive(&format!("layer{i}"), 3 + i, true));
             c.args(["-device", &format!("virtio-blk-device,drive=layer{i}")]);
         }
@@ -231,7 +154,7 @@ impl QemuConfig {
             // asked to `-daemonize`: that forks after the filter is in place.)
             .args(["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"])
             .stdin(Stdio::null());
-        if let Some(kind) = self.incoming {
+        if let Some(kind) = spec.incoming {
             c.args(["-incoming", "defer"]);
             if kind == Incoming::Devices {
                 c.args(["-global", NO_CONFIGURATION_SECTION]);
@@ -240,10 +163,10 @@ impl QemuConfig {
         c
     }
 
-    fn memory_object(&self) -> String {
-        let size = format!("size={}M", self.memory_mib);
+    fn memory_object(spec: &MachineSpec) -> String {
+        let size = format!("size={}M", spec.memory_mib);
         let path = format!("mem-path=/proc/self/fd/{RAM_FD}");
-        match self.memory {
+        match spec.memory {
             Memory::Anonymous => format!("memory-backend-ram,id=ram0,{size}"),
             // readonly=on,rom=off: the file is opened read-only and mapped private and
             // writable: the guest's writes never reach it.
@@ -256,8 +179,8 @@ impl QemuConfig {
     /// devices, as this command line gives them (without what differs between sandboxes of
     /// one configuration: name, kernel command line, where the RAM is, `-incoming`).
     /// A snapshot records its SHA-256 and a restore compares it.
-    pub fn device_model(&self) -> String {
-        let args: Vec<String> = self.command().get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+    pub fn device_model(&self, spec: &MachineSpec) -> String {
+        let args: Vec<String> = self.command(spec).get_args().map(|a| a.to_string_lossy().into_owned()).collect();
         let mut out = Vec::new();
         let mut i = 0;
         while i < args.len() {
@@ -276,7 +199,12 @@ impl QemuConfig {
     /// Starts QEMU with `plumbing`, confined (`child::Confine`): its working directory the
     /// sandbox's `run/`, its own session, its output in `log`, an empty environment. Opens
     /// the kernel and disks for it.
-    pub fn spawn(&self, plumbing: Plumbing, log: std::fs::File) -> std::io::Result<std::process::Child> {
+    pub fn spawn(
+        &self,
+        spec: &MachineSpec,
+        plumbing: Wiring,
+        log: std::fs::File,
+    ) -> std::io::Result<std::process::Child> {
         use std::os::unix::fs::PermissionsExt;
         let open = |p: &Path, write: bool| {
             std::fs::OpenOptions::new()
@@ -285,7 +213,7 @@ impl QemuConfig {
                 .open(p)
                 .map_err(|e| std::io::Error::new(e.kind(), format!("open {}: {e}", p.display())))
         };
-        let kernel = open(&self.kernel, false)?;
+        let kernel = open(&spec.kernel, false)?;
         // QEMU reopens the kernel through /proc/self/fd as the sandbox's user: the image is
         // made readable by the sandboxes' shared group (0640), never by other users.
         if let Some(id) = plumbing.identity {
@@ -297,15 +225,15 @@ impl QemuConfig {
                 kernel.set_permissions(std::fs::Permissions::from_mode(0o640))?;
             }
         }
-        let mut disks = vec![open(&self.base, false)?, open(&self.upper, true)?];
-        for l in &self.layers {
+        let mut disks = vec![open(&spec.base, false)?, open(&spec.upper, true)?];
+        for l in &spec.layers {
             disks.push(open(l, false)?);
         }
         // Run through its descriptor: the sandbox's uid needs to execute the file, not to
         // reach its directory.
-        let exe = crate::child::Executable::open(&self.qemu)?;
+        let exe = crate::child::Executable::open(&self.program)?;
         let mut cmd = exe.command();
-        cmd.args(self.command().get_args()).stdin(Stdio::null());
+        cmd.args(self.command(spec).get_args()).stdin(Stdio::null());
         // QEMU needs nothing of our environment (host API keys and tokens must not reach it).
         cmd.env_clear().env("PATH", crate::child::CHILD_PATH);
         cmd.stdout(log.try_clone()?).stderr(log);
@@ -328,16 +256,16 @@ impl QemuConfig {
         }
         crate::child::Confine {
             fds,
-            cwd: Some(crate::paths::run_dir(&self.dir)),
+            cwd: Some(crate::paths::run_dir(&spec.dir)),
             identity: plumbing.identity,
             cgroup_procs: plumbing.cgroup_procs,
             exe: Some(exe.file.as_raw_fd()),
             // QEMU's own user-mode network (the benchmark's baseline, never a sandbox's) needs
             // the host's network and resolver configuration: it runs as before, unjailed.
-            jail: match self.netdev {
+            jail: match spec.netdev {
                 Netdev::Wire => Some(crate::jail::Jail::new(
-                    &crate::jail::mount_point(&self.dir, "qemu"),
-                    &crate::paths::run_dir(&self.dir),
+                    &crate::jail::mount_point(&spec.dir, "qemu"),
+                    &crate::paths::run_dir(&spec.dir),
                     true,
                 )?),
                 Netdev::UnrestrictedUser { .. } => None,
@@ -352,48 +280,16 @@ impl QemuConfig {
     }
 }
 
-/// The guest kernel command line. Nothing secret goes here: it is visible in the host's
-/// process list and in the guest's `/proc/cmdline`. The SSH key is a public key.
-pub fn kernel_cmdline(name: &str, accel: &Accel, layers: usize, authorized_key_b64: &str) -> String {
-    use smolvm_protocol::cmdline as k;
-    // The guest always gets its route and resolver: what it may reach is the network
-    // process's decision, made per connection (and recorded when it refuses).
-    let ip =
-        format!("{}::{}:255.255.255.0:{name}:eth0:off:{}", crate::net::GUEST, crate::net::GATEWAY, crate::net::DNS);
-    let mut s = format!(
-        "console=ttyS0 quiet root=/dev/vda ro rootfstype=ext4 init=/init pci=off panic=-1 \
-         {}=/dev/vdb {}={ip} {}={name} {}={authorized_key_b64}",
-        k::UPPER,
-        k::IP,
-        k::HOSTNAME,
-        k::AUTHORIZED_KEY_B64
-    );
-    if layers > 0 {
-        // virtio-blk devices are named in the order they are attached: vda, vdb, then layers.
-        let devs: Vec<String> = (0..layers).map(|i| format!("/dev/vd{}", (b'c' + i as u8) as char)).collect();
-        s.push_str(&format!(" {}={}", k::LAYERS, devs.join(",")));
-    }
-    if let (Accel::Tcg { .. }, Some(khz)) = (accel, tsc_khz()) {
-        // Under emulation the kernel may fail to calibrate the TSC against the emulated PIT
-        // and hang; telling it the frequency avoids that.
-        s.push_str(&format!(" tsc_early_khz={khz}"));
-    }
-    s
-}
-
-/// The host TSC frequency in kHz, from `/proc/cpuinfo`.
-pub fn tsc_khz() -> Option<u64> {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let mhz: f64 = cpuinfo.lines().find(|l| l.starts_with("cpu MHz"))?.split(':').nth(1)?.trim().parse().ok()?;
-    Some((mhz * 1000.0) as u64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn cfg(netdev: Netdev) -> QemuConfig {
-        QemuConfig {
+    fn q() -> Qemu {
+        Qemu::new("/usr/bin/qemu-system-x86_64")
+    }
+
+    fn cfg(netdev: Netdev) -> MachineSpec {
+        MachineSpec {
             name: "t".into(),
             accel: Accel::Kvm,
             memory_mib: 512,
@@ -405,7 +301,6 @@ mod tests {
             layers: vec!["/layer".into()],
             netdev,
             dir: "/dir".into(),
-            qemu: "/usr/bin/qemu-system-x86_64".into(),
             upper_cache: DiskCache::Writeback,
             memory: Memory::Anonymous,
             incoming: None,
@@ -413,8 +308,8 @@ mod tests {
         }
     }
 
-    fn args(c: &QemuConfig) -> Vec<String> {
-        c.command().get_args().map(|a| a.to_string_lossy().into_owned()).collect()
+    fn args(c: &MachineSpec) -> Vec<String> {
+        q().command(c).get_args().map(|a| a.to_string_lossy().into_owned()).collect()
     }
 
     fn value_of<'a>(args: &'a [String], flag: &str, containing: &str) -> Option<&'a str> {
@@ -424,7 +319,7 @@ mod tests {
     #[test]
     fn the_command_line_is_a_microvm_on_our_wire_with_read_only_shared_disks() {
         let c = cfg(Netdev::Wire);
-        assert_eq!(c.command().get_program(), "/usr/bin/qemu-system-x86_64");
+        assert_eq!(q().command(&c).get_program(), "/usr/bin/qemu-system-x86_64");
         let a = args(&c);
         assert!(value_of(&a, "-machine", "microvm").is_some_and(|m| m.contains("pic=off")), "{a:?}");
         assert_eq!(value_of(&a, "-object", ""), Some("memory-backend-ram,id=ram0,size=512M"));
@@ -462,7 +357,7 @@ mod tests {
         // QEMU's own seccomp sandbox stays on.
         assert!(value_of(&a, "-sandbox", "on")
             .is_some_and(|s| s.contains("spawn=deny") && s.contains("elevateprivileges=deny")));
-        let tcg = QemuConfig { accel: Accel::Tcg { reason: "test".into() }, ..c };
+        let tcg = MachineSpec { accel: Accel::Tcg { reason: "test".into() }, ..c };
         assert_eq!(value_of(&args(&tcg), "-cpu", ""), Some("max"));
         assert_eq!(value_of(&args(&tcg), "-accel", ""), Some("tcg,tb-size=256"));
     }
@@ -470,7 +365,7 @@ mod tests {
     #[test]
     fn a_restore_maps_the_snapshot_private_and_read_only_and_keeps_the_device_model() {
         let cold = cfg(Netdev::Wire);
-        let clone = QemuConfig {
+        let clone = MachineSpec {
             memory: Memory::SnapshotImage,
             incoming: Some(Incoming::Migration),
             cmdline: "other".into(),
@@ -484,14 +379,14 @@ mod tests {
         assert_eq!(value_of(&a, "-incoming", ""), Some("defer"));
         assert!(value_of(&a, "-drive", "id=base").is_some_and(|d| d.contains("file.drop-cache=off")));
         // Same devices, whatever the RAM and the command line: a stream of one loads in the other.
-        assert_eq!(cold.device_model(), clone.device_model());
+        assert_eq!(q().device_model(&cold), q().device_model(&clone));
         assert!(!a.iter().any(|x| x == "-global"));
-        let devices = QemuConfig { incoming: Some(Incoming::Devices), ..clone.clone() };
+        let devices = MachineSpec { incoming: Some(Incoming::Devices), ..clone.clone() };
         assert_eq!(value_of(&args(&devices), "-global", ""), Some(NO_CONFIGURATION_SECTION));
-        assert_eq!(cold.device_model(), devices.device_model(), "the stream's kind is not the machine's");
-        assert_ne!(cold.device_model(), QemuConfig { memory_mib: 1024, ..cold.clone() }.device_model());
-        assert_ne!(cold.device_model(), QemuConfig { layers: vec![], ..cold.clone() }.device_model());
-        let shared = QemuConfig { memory: Memory::Shared, ..cold };
+        assert_eq!(q().device_model(&cold), q().device_model(&devices), "the stream's kind is not the machine's");
+        assert_ne!(q().device_model(&cold), q().device_model(&MachineSpec { memory_mib: 1024, ..cold.clone() }));
+        assert_ne!(q().device_model(&cold), q().device_model(&MachineSpec { layers: vec![], ..cold.clone() }));
+        let shared = MachineSpec { memory: Memory::Shared, ..cold };
         assert!(value_of(&args(&shared), "-object", "").is_some_and(|o| o.ends_with("share=on")));
     }
 
@@ -499,15 +394,5 @@ mod tests {
     fn the_unrestricted_baseline_is_only_what_it_says() {
         let a = args(&cfg(Netdev::UnrestrictedUser { ssh_port: 2222 }));
         assert_eq!(value_of(&a, "-netdev", ""), Some("user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22"));
-    }
-
-    #[test]
-    fn the_kernel_command_line_has_the_route_the_resolver_and_no_secret() {
-        let k = kernel_cmdline("box", &Accel::Kvm, 2, "a2V5");
-        assert!(k.contains("ip=10.0.2.15::10.0.2.2:255.255.255.0:box:eth0:off:10.0.2.3"), "{k}");
-        assert!(k.contains("smolvm.layers=/dev/vdc,/dev/vdd"), "{k}");
-        assert!(k.contains("smolvm.authorized_key_b64=a2V5") && k.contains("root=/dev/vda ro"), "{k}");
-        assert!(!k.contains("tsc_early_khz"), "only under TCG: {k}");
-        assert!(!kernel_cmdline("box", &Accel::Kvm, 0, "a2V5").contains("smolvm.layers"));
     }
 }
