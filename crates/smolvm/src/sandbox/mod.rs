@@ -18,6 +18,8 @@ mod network;
 mod pause;
 pub mod presets;
 mod restore;
+#[cfg(test)]
+mod seam_tests;
 pub mod secrets;
 mod snapshots;
 pub mod ssh;
@@ -190,6 +192,13 @@ impl Smolvm {
 
     pub(crate) fn vmm(&self) -> &dyn crate::vm::Vmm {
         &*self.vmm
+    }
+
+    /// This handle with another VMM behind the seam (the unit tests' fake).
+    #[cfg(test)]
+    pub(crate) fn with_vmm(mut self, vmm: std::sync::Arc<dyn crate::vm::Vmm>) -> Smolvm {
+        self.vmm = vmm;
+        self
     }
 
     /// Boots sandboxes from this handle on QEMU's stock user-mode network, **which reaches the

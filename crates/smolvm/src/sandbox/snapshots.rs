@@ -149,8 +149,17 @@ impl Smolvm {
         let dir = self.dir(name);
         let marker = dir.join(CAPTURING);
         std::fs::write(&marker, std::process::id().to_string()).map_err(snap_io(name, "write the capture marker"))?;
-        let mut q = self.vmm().control(&dir, row.pid.unwrap_or(0)).map_err(snap_io(name, "connect to its VMM"))?;
+        let mut q = match self.vmm().control(&dir, row.pid.unwrap_or(0)) {
+            Ok(q) => q,
+            Err(e) => {
+                // Nothing was stopped: no marker for a later command to act on.
+                let _ = std::fs::remove_file(&marker);
+                return Err(snap_io(name, "connect to its VMM")(e));
+            }
+        };
         let t = std::time::Instant::now();
+        // A stop that fails leaves the marker: whether the guest stopped is unknown, and the
+        // next command settles it (`settle_locked` asks the VMM and lets it run).
         q.stop().map_err(snap_io(name, "stop the guest"))?;
         let saved = save_stopped(&mut *q, row, &dir, dest).and_then(|captured| {
             if copy_disk {

@@ -5,6 +5,8 @@
 
 pub mod accel;
 pub mod cgroup;
+#[cfg(test)]
+pub(crate) mod fake;
 pub mod guest_ram;
 pub mod machine;
 pub mod process;
