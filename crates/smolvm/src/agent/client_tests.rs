@@ -6,7 +6,7 @@
 
 use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::mpsc;
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::{Duration, Instant};
 
 use smolvm_protocol::agent::{decode, encode, read_payload, GuestMsg, HostMsg, INITIAL_WINDOW};
