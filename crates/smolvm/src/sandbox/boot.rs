@@ -60,7 +60,7 @@ pub(super) struct Restore {
     /// The SSH host key the guest had when it was saved (what a resume keeps).
     pub host_key: Option<String>,
     /// What the row records it started from (`boot-snapshot`, `snapshot:NAME`, `resume`).
-    pub origin: String,
+    pub origin: crate::state::Origin,
 }
 
 /// Why a boot failed; the console tail is included where it helps.
@@ -420,7 +420,7 @@ impl Smolvm {
         }
         let elapsed = started.elapsed();
         tracing::debug!("{} ready in {elapsed:?}: {:?}", row.name, ready.boot_us);
-        row.started_from = Some("boot".into());
+        row.started_from = Some(crate::state::Origin::Boot);
         self.record_running(row, &dir, pid, pid_start, ssh_port, ready.host_key, Some(ready.boot_us), elapsed)
     }
 
@@ -442,6 +442,7 @@ impl Smolvm {
         row.state = SandboxState::Running;
         row.pid = Some(pid);
         row.pid_start = pid_start;
+        row.host_boot = process::host_boot_id();
         row.ssh_port = Some(ssh_port);
         row.host_key = Some(host_key);
         if boot_us.is_some() {

@@ -65,7 +65,12 @@ impl Smolvm {
             match sound {
                 Ok(m) => {
                     let ram_sha256 = m.file("ram").map(|f| f.sha256_sparse.clone());
-                    return Plan::Restore { dir, origin: "boot-snapshot".into(), form: m.state_form, ram_sha256 };
+                    return Plan::Restore {
+                        dir,
+                        origin: crate::state::Origin::BootSnapshot,
+                        form: m.state_form,
+                        ram_sha256,
+                    };
                 }
                 Err(e) => {
                     on(CreateEvent::Notice(format!("notice: the boot snapshot is unusable and is removed: {e}")));

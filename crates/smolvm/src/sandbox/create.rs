@@ -129,7 +129,7 @@ pub(super) enum Plan {
     Cold(Option<super::boot_snapshot::Slot>),
     /// From a sealed snapshot's directory (verified), as `origin` (for the row); its `state`
     /// is of `form`.
-    Restore { dir: PathBuf, origin: String, form: crate::snapshot::StateForm, ram_sha256: Option<String> },
+    Restore { dir: PathBuf, origin: crate::state::Origin, form: crate::snapshot::StateForm, ram_sha256: Option<String> },
 }
 
 /// The verified images a boot needs.
@@ -248,6 +248,7 @@ impl Smolvm {
             preset: opts.preset.clone(),
             layer_sha256s: images.layers.iter().map(|(_, sha)| sha.clone()).collect(),
             started_from: None,
+            host_boot: None,
         };
         let files = BootFiles {
             kernel: images.kernel.clone(),
@@ -257,7 +258,7 @@ impl Smolvm {
         let plan = if opts.cold { Plan::Cold(None) } else { self.boot_snapshot_plan(&row, &files, on) };
         tracing::debug!("{name}: images and plan ready");
         let boot_snapshot = match &plan {
-            Plan::Restore { dir, origin, .. } if origin == "boot-snapshot" => Some(dir.clone()),
+            Plan::Restore { dir, origin: crate::state::Origin::BootSnapshot, .. } => Some(dir.clone()),
             _ => None,
         };
         match self.create_row(row.clone(), &files, &accel, opts, plan, on) {
@@ -338,7 +339,7 @@ impl Smolvm {
                 Start::Cold
             }
             Plan::Restore { dir: snap, origin, form, ram_sha256 } => {
-                on(CreateEvent::Restoring { from: origin.clone() });
+                on(CreateEvent::Restoring { from: origin.to_string() });
                 Start::Restore(Restore {
                     ram: Some(snap.join("ram")),
                     ram_sha256: ram_sha256.clone(),
@@ -356,7 +357,7 @@ impl Smolvm {
         // snapshot (saved before anything of a user's reached it).
         let no_variables_yet = match &plan {
             Plan::Cold(_) => true,
-            Plan::Restore { origin, .. } => origin == "boot-snapshot",
+            Plan::Restore { origin, .. } => *origin == crate::state::Origin::BootSnapshot,
         };
         // A guest older than the Refresh message (a release from before agent protocol v3)
         // cannot be given a clone's identity: no boot snapshot is made of it.

@@ -38,6 +38,7 @@ impl Smolvm {
             preset: meta.images.preset.clone(),
             layer_sha256s: meta.images.layer_sha256s.clone(),
             started_from: None,
+            host_boot: None,
         }
     }
 
@@ -100,7 +101,7 @@ impl Smolvm {
             opts,
             Plan::Restore {
                 dir,
-                origin: format!("snapshot:{snap}"),
+                origin: crate::state::Origin::Snapshot(snap.to_string()),
                 form: meta.state_form,
                 ram_sha256: ram_sha256(&meta),
             },
@@ -150,7 +151,7 @@ impl Smolvm {
                 let row = Self::row_from_snapshot(n, &meta, &opts);
                 let plan = Plan::Restore {
                     dir: tmp.clone(),
-                    origin: format!("fork:{name}"),
+                    origin: crate::state::Origin::Fork(name.to_string()),
                     form: meta.state_form,
                     ram_sha256: ram_sha256(&meta),
                 };

@@ -120,7 +120,7 @@ impl Smolvm {
             preset: row.preset.clone(),
             boot_us: row.boot_json.as_deref().and_then(|j| serde_json::from_str(j).ok()),
             ready_ms: row.ready_ms,
-            started_from: row.started_from.clone(),
+            started_from: row.started_from.as_ref().map(ToString::to_string),
             forwards: self.db.forwards(&row.name)?,
             host: self.host_side(row, live)?,
             dir: self.dir(&row.name),

@@ -18,6 +18,7 @@ pub mod names;
 mod network;
 mod pause;
 pub mod presets;
+mod reconcile;
 mod restore;
 #[cfg(test)]
 mod seam_tests;
@@ -104,7 +105,9 @@ impl Smolvm {
         let images = ImageCache::new(config.home.images());
         let cgroups = crate::vm::cgroup::detect();
         let vmm = std::sync::Arc::new(crate::vm::qemu::Qemu::new(config.qemu.clone()));
-        Ok(Smolvm { config, db, images, unrestricted_user_net: false, cgroups, unsafe_disk_cache: false, vmm })
+        let sm = Smolvm { config, db, images, unrestricted_user_net: false, cgroups, unsafe_disk_cache: false, vmm };
+        sm.reconcile();
+        Ok(sm)
     }
 
     /// [`Smolvm::open`] with the defaults for `home` (`config::Config::new`).

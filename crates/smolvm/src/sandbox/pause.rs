@@ -22,6 +22,8 @@ use crate::state::SandboxState;
 
 /// The paused state's directory, in the sandbox's.
 pub(super) const PAUSED_DIR: &str = "paused";
+/// Where a pause writes `paused/` before it is complete.
+pub(super) const PAUSED_TMP: &str = ".paused.tmp";
 
 /// What a pause or resume measured.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -46,7 +48,7 @@ impl Smolvm {
         let files = self.files_of(&row)?;
         let machine = self.machine_of(&row, &files)?;
         let dir = self.dir(name);
-        let tmp = dir.join(".paused.tmp");
+        let tmp = dir.join(PAUSED_TMP);
         let _ = std::fs::remove_dir_all(&tmp);
         let _ = std::fs::remove_dir_all(dir.join(PAUSED_DIR));
         std::fs::create_dir(&tmp).map_err(snap_io(name, "make paused/"))?;
@@ -155,7 +157,7 @@ impl Smolvm {
             pages: diff.then(|| paused.join("pages")),
             clone: false,
             host_key: meta.host_key.clone(),
-            origin: "resume".into(),
+            origin: crate::state::Origin::Resume,
         };
         let accel = Self::accel_of(&row);
         self.boot_row(&mut row, &accel, &files, timeout, &Start::Restore(restore))?;

@@ -174,3 +174,46 @@ fn a_stop_that_fails_leaves_the_marker_and_the_next_command_settles_it() {
     assert_eq!(w.vmm.calls().last().map(String::as_str), Some("cont"), "{:?}", w.vmm.calls());
     assert!(!marker.exists());
 }
+
+#[test]
+fn a_running_row_from_another_boot_of_the_host_is_stopped_on_open() {
+    let w = world();
+    let mut row = w.row.clone();
+    row.host_boot = Some("another-boot".into());
+    w.sm.db().update(&row).unwrap();
+    std::fs::create_dir_all(w.sm.dir("box").join(super::pause::PAUSED_TMP)).unwrap();
+    w.sm.reconcile();
+    let now = w.sm.db().get("box").unwrap().unwrap();
+    assert_eq!(now.state, SandboxState::Stopped);
+    assert_eq!((now.pid, now.pid_start, now.ssh_port), (None, None, None), "nothing of that boot is kept");
+    assert!(!w.sm.dir("box").join(super::pause::PAUSED_TMP).exists(), "a half-written pause is removed");
+    // The pid it recorded was not touched: under another boot it names someone else.
+    assert!(process::is_alive(w.pid(), None));
+}
+
+#[test]
+fn a_running_row_of_this_boot_whose_vm_died_shows_as_crashed_not_stopped() {
+    let mut w = world();
+    let mut row = w.row.clone();
+    row.host_boot = process::host_boot_id();
+    w.sm.db().update(&row).unwrap();
+    w.vm.kill().unwrap();
+    w.vm.wait().unwrap();
+    w.sm.reconcile();
+    assert_eq!(w.sm.db().get("box").unwrap().unwrap().state, SandboxState::Running);
+    assert_eq!(w.sm.info("box").unwrap().status, super::Status::Crashed);
+}
+
+#[test]
+fn a_transition_another_process_made_impossible_is_refused_not_written() {
+    let w = world();
+    let mut stopped = w.row.clone();
+    stopped.state = SandboxState::Stopped;
+    w.sm.db().update(&stopped).unwrap();
+    // A pause that read the row as running before the stop was recorded.
+    let mut paused = w.row.clone();
+    paused.state = SandboxState::Paused;
+    let err = w.sm.db().update(&paused).unwrap_err().to_string();
+    assert!(err.contains("is stopped now and cannot become paused"), "{err}");
+    assert_eq!(w.sm.db().get("box").unwrap().unwrap().state, SandboxState::Stopped);
+}

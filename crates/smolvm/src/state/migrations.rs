@@ -53,6 +53,8 @@ const STEPS: &[&str] = &[
     "ALTER TABLE sandboxes ADD COLUMN started_from TEXT;",
     // 7: the disk I/O ceiling (JSON of `state::DiskLimit`); NULL: none.
     "ALTER TABLE sandboxes ADD COLUMN disk_limit TEXT;",
+    // 8: the host's boot id when the sandbox's VM started; NULL: not known (older rows).
+    "ALTER TABLE sandboxes ADD COLUMN host_boot TEXT;",
 ];
 
 pub(super) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StateError> {

@@ -51,6 +51,8 @@ pub enum StateError {
         "state database {path} has schema version {found}, newer than this smolvm knows ({known}); upgrade smolvm"
     )]
     TooNew { path: String, found: i64, known: i64 },
+    #[error("sandbox {name} is {} now and cannot become {} (another command changed it meanwhile?)", from.as_str(), to.as_str())]
+    Transition { name: String, from: SandboxState, to: SandboxState },
 }
 
 /// The state recorded for a sandbox (a dead VMM is reported as crashed by the caller).
@@ -65,6 +67,37 @@ pub enum SandboxState {
 }
 
 impl SandboxState {
+    /// Every recorded transition, in one place (cloud-hypervisor's `VmState::valid_transition`
+    /// is the model). A state may always be written again with other fields changed.
+    ///
+    /// ```text
+    /// creating --boot--> running --stop--> stopped --start--> running
+    ///                    running --pause-> paused  --resume-> running
+    ///                                      paused  --stop---> stopped (its memory forgotten)
+    /// creating --failed--> stopped     (a crashed sandbox is a running row without its VM:
+    ///                                   start boots it again, running -> running)
+    /// ```
+    pub fn valid_transition(self, to: SandboxState) -> bool {
+        use SandboxState::*;
+        self == to
+            || matches!(
+                (self, to),
+                (Creating, Running)
+                    | (Creating, Stopped)
+                    | (Running, Stopped)
+                    | (Running, Paused)
+                    | (Stopped, Running)
+                    | (Paused, Running)
+                    | (Paused, Stopped)
+            )
+    }
+
+    /// The states a row may be in to be written as `to`.
+    pub fn valid_sources(to: SandboxState) -> Vec<SandboxState> {
+        use SandboxState::*;
+        [Creating, Running, Stopped, Paused].into_iter().filter(|from| from.valid_transition(to)).collect()
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             SandboxState::Creating => "creating",
@@ -90,6 +123,68 @@ impl FromSql for SandboxState {
             "paused" => Ok(SandboxState::Paused),
             other => Err(FromSqlError::Other(format!("unknown sandbox state {other:?}").into())),
         }
+    }
+}
+
+/// How a sandbox's guest last started. Stored as text: `boot`, `boot-snapshot`,
+/// `snapshot:NAME`, `fork:NAME`, `resume` (what `status` shows).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// A cold boot of the kernel.
+    Boot,
+    /// `create` restored this home's boot snapshot.
+    BootSnapshot,
+    /// `create --from-snapshot NAME`.
+    Snapshot(String),
+    /// A fork of sandbox NAME.
+    Fork(String),
+    /// `resume` of its own paused state.
+    Resume,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Boot => f.write_str("boot"),
+            Origin::BootSnapshot => f.write_str("boot-snapshot"),
+            Origin::Snapshot(n) => write!(f, "snapshot:{n}"),
+            Origin::Fork(n) => write!(f, "fork:{n}"),
+            Origin::Resume => f.write_str("resume"),
+        }
+    }
+}
+
+impl std::str::FromStr for Origin {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Origin, String> {
+        Ok(match s {
+            "boot" => Origin::Boot,
+            "boot-snapshot" => Origin::BootSnapshot,
+            "resume" => Origin::Resume,
+            _ => match s.split_once(':') {
+                Some(("snapshot", n)) => Origin::Snapshot(n.to_string()),
+                Some(("fork", n)) => Origin::Fork(n.to_string()),
+                _ => return Err(format!("unknown origin {s:?}")),
+            },
+        })
+    }
+}
+
+impl Serialize for Origin {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl ToSql for Origin {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::from(self.to_string()))
+    }
+}
+
+impl FromSql for Origin {
+    fn column_result(v: ValueRef<'_>) -> FromSqlResult<Self> {
+        v.as_str()?.parse().map_err(|e: String| FromSqlError::Other(e.into()))
     }
 }
 
@@ -136,9 +231,12 @@ pub struct SandboxRow {
     pub layer_sha256s: Vec<String>,
     /// How its guest last started: `boot`, `boot-snapshot`, `snapshot:NAME`, `fork:NAME`,
     /// `resume` (`NULL` before migration 6).
-    pub started_from: Option<String>,
+    pub started_from: Option<Origin>,
     /// Its disk I/O ceiling, all its disks together.
     pub disk_limit: DiskLimit,
+    /// The host's boot id (`/proc/sys/kernel/random/boot_id`) when its VM was started: a
+    /// running row from another boot of the host is stopped, not crashed (`Smolvm::open`).
+    pub host_boot: Option<String>,
 }
 
 /// A ceiling on a sandbox's disk I/O, all its disks together, enforced by QEMU's block
@@ -192,7 +290,7 @@ pub struct Db {
 
 const COLUMNS: &str = "name, created_at, state, memory_mib, cpus, disk_mib, network, accel, ssh_port, pid, pid_start, \
                        tag, kernel_sha256, rootfs_sha256, host_key, boot_json, ready_ms, preset, layer_sha256s, \
-                       network_policy, started_from, disk_limit";
+                       network_policy, started_from, disk_limit, host_boot";
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
     Ok(SandboxRow {
@@ -233,6 +331,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
                 .map_err(|e| rusqlite::Error::FromSqlConversionFailure(21, rusqlite::types::Type::Text, e.into()))?,
             None => DiskLimit::default(),
         },
+        host_boot: r.get(22)?,
     })
 }
 
@@ -262,24 +361,31 @@ impl Db {
     /// Inserts a new sandbox; `false` if the name is taken.
     pub fn insert(&self, s: &SandboxRow) -> Result<bool, StateError> {
         let n = self.conn.execute(
-            &format!("INSERT OR IGNORE INTO sandboxes ({COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22)"),
+            &format!("INSERT OR IGNORE INTO sandboxes ({COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22,?23)"),
             params![
                 s.name, s.created_at, s.state, s.memory_mib, s.cpus, s.disk_mib as i64, s.policy.mode.as_str(), s.accel,
                 s.ssh_port, s.pid, s.pid_start.map(|v| v as i64), s.tag, s.kernel_sha256, s.rootfs_sha256,
                 s.host_key, s.boot_json, s.ready_ms.map(|v| v as i64), s.preset, s.layer_sha256s.join(","),
                 PolicyColumn(s.policy.clone()),
                 s.started_from,
-                (!s.disk_limit.is_none()).then(|| serde_json::to_string(&s.disk_limit).unwrap_or_default())
+                (!s.disk_limit.is_none()).then(|| serde_json::to_string(&s.disk_limit).unwrap_or_default()),
+                s.host_boot
             ],
         )?;
         Ok(n == 1)
     }
 
-    /// Overwrites the mutable fields of an existing sandbox.
+    /// Overwrites the mutable fields of an existing sandbox. The state is checked against the
+    /// one recorded, in the same statement ([`SandboxState::valid_transition`]): a transition
+    /// that is not valid from what another process recorded meanwhile is refused, not written.
     pub fn update(&self, s: &SandboxRow) -> Result<(), StateError> {
-        self.conn.execute(
-            "UPDATE sandboxes SET state=?2, ssh_port=?3, pid=?4, pid_start=?5, host_key=?6, boot_json=?7, accel=?8, ready_ms=?9, \
-             started_from=?10 WHERE name=?1",
+        let from: Vec<&str> = SandboxState::valid_sources(s.state).into_iter().map(SandboxState::as_str).collect();
+        let from = from.iter().map(|f| format!("'{f}'")).collect::<Vec<_>>().join(",");
+        let n = self.conn.execute(
+            &format!(
+                "UPDATE sandboxes SET state=?2, ssh_port=?3, pid=?4, pid_start=?5, host_key=?6, boot_json=?7, accel=?8, \
+                 ready_ms=?9, started_from=?10, host_boot=?11 WHERE name=?1 AND state IN ({from})"
+            ),
             params![
                 s.name,
                 s.state,
@@ -290,9 +396,15 @@ impl Db {
                 s.boot_json,
                 s.accel,
                 s.ready_ms.map(|v| v as i64),
-                s.started_from
+                s.started_from,
+                s.host_boot
             ],
         )?;
+        if n == 0 {
+            if let Some(now) = self.get(&s.name)? {
+                return Err(StateError::Transition { name: s.name.clone(), from: now.state, to: s.state });
+            }
+        }
         Ok(())
     }
 
@@ -445,7 +557,47 @@ pub(crate) mod tests {
             layer_sha256s: vec![],
             started_from: None,
             disk_limit: DiskLimit { bytes_per_sec: Some(1 << 20), iops: None },
+            host_boot: None,
         }
+    }
+
+    #[test]
+    fn an_origin_reads_back_as_it_was_written() {
+        for o in [
+            Origin::Boot,
+            Origin::BootSnapshot,
+            Origin::Resume,
+            Origin::Snapshot("s:1".into()),
+            Origin::Fork("box".into()),
+        ] {
+            assert_eq!(o.to_string().parse::<Origin>().unwrap(), o);
+        }
+        assert!("booted".parse::<Origin>().is_err());
+    }
+
+    #[test]
+    fn the_transitions_are_the_lifecycle_and_nothing_else() {
+        use SandboxState::*;
+        let all = [Creating, Running, Stopped, Paused];
+        let valid: Vec<(SandboxState, SandboxState)> = all
+            .iter()
+            .flat_map(|f| all.iter().map(move |t| (*f, *t)))
+            .filter(|(f, t)| f != t && f.valid_transition(*t))
+            .collect();
+        assert_eq!(
+            valid,
+            [
+                (Creating, Running),
+                (Creating, Stopped),
+                (Running, Stopped),
+                (Running, Paused),
+                (Stopped, Running),
+                (Paused, Running),
+                (Paused, Stopped)
+            ]
+        );
+        assert!(all.iter().all(|s| s.valid_transition(*s)), "a row may be rewritten in its state");
+        assert_eq!(SandboxState::valid_sources(Paused), [Running, Paused]);
     }
 
     #[test]

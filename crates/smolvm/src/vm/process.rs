@@ -36,6 +36,15 @@ pub fn pidfd(pid: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// This boot of the host (`/proc/sys/kernel/random/boot_id`): a pid or a start time recorded
+/// under another boot names nothing now.
+pub fn host_boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
 /// Sends `sig` to `pid`.
 pub fn signal(pid: i32, sig: libc::c_int) -> io::Result<()> {
     // SAFETY: kill(2) has no memory effects.
