@@ -330,16 +330,26 @@ fn network_none_expose_crash_and_concurrent_commands() {
 
 /// Processes that belong to sandbox `name` of `home`: its QEMU (by `-name`) and its helpers.
 fn processes_of(home: &Path, name: &str) -> Vec<String> {
+    scan(home, name).into_iter().map(|(_, cmd)| cmd).collect()
+}
+
+/// The pids of [`processes_of`].
+fn pids_of(home: &Path, name: &str) -> Vec<i32> {
+    scan(home, name).into_iter().map(|(pid, _)| pid).collect()
+}
+
+fn scan(home: &Path, name: &str) -> Vec<(i32, String)> {
     let qemu_name = format!("smolvm-{name},process=smolvm-{name}");
     let dir = home.join("sandboxes").join(name).join("run");
     let mut found = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else { continue };
         let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
         let args: Vec<String> = cmd.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
         let helper =
             args.iter().any(|a| a == "__netd" || a == "__agent-proxy") && args.iter().any(|a| Path::new(a) == dir);
         if args.contains(&qemu_name) || helper {
-            found.push(args.join(" "));
+            found.push((pid, args.join(" ")));
         }
     }
     found
@@ -378,4 +388,42 @@ fn a_create_killed_at_any_point_leaves_nothing_after_delete() {
     }
     let listed = json(&ok(f.cmd().args(["list", "--json"])));
     assert_eq!(listed.as_array().unwrap().len(), 0, "{listed}");
+}
+
+/// A power loss of the host, as far as one test can make it: every QEMU, network process and
+/// agent proxy of the home killed at once. (A real restart also changes the host's boot id,
+/// which the reconcile on open turns into "stopped": `sandbox/seam_tests.rs`.)
+#[test]
+#[ignore = "boots the release under QEMU: run scripts/test.sh"]
+fn every_process_of_a_home_killed_at_once_leaves_sandboxes_that_start_and_resume() {
+    let f = fixture();
+    ok(f.cmd().args(["create", "--name", "up"]));
+    ok(f.cmd().args(["create", "--name", "held"]));
+    ok(f.cmd().args(["exec", "up", "--", "sh", "-c", "echo synced > /root/f && sync"]));
+    ok(f.cmd().args(["exec", "held", "--", "sh", "-c", "echo in-memory > /dev/shm/m"]));
+    ok(f.cmd().args(["pause", "held"]));
+    let pids: Vec<i32> = ["up", "held"].iter().flat_map(|n| pids_of(f.home.path(), n)).collect();
+    assert!(pids.len() >= 3, "up's QEMU, network process and agent proxy: {pids:?}");
+    for p in &pids {
+        // SAFETY: kill(2) has no memory effects.
+        unsafe { libc::kill(*p, libc::SIGKILL) };
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while ["up", "held"].iter().any(|n| !pids_of(f.home.path(), n).is_empty()) {
+        assert!(std::time::Instant::now() < deadline, "still alive after SIGKILL");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let listed = json(&ok(f.cmd().args(["list", "--json"])));
+    let status =
+        |n: &str| listed.as_array().unwrap().iter().find(|s| s["name"] == n).map(|s| s["status"].clone()).unwrap();
+    assert_eq!(status("up"), "crashed", "{listed}");
+    assert_eq!(status("held"), "paused", "{listed}");
+    ok(f.cmd().args(["start", "up"]));
+    ok(f.cmd().args(["resume", "held"]));
+    assert_eq!(ok(f.cmd().args(["exec", "up", "--", "cat", "/root/f"])).trim(), "synced");
+    assert_eq!(ok(f.cmd().args(["exec", "held", "--", "cat", "/dev/shm/m"])).trim(), "in-memory");
+    for n in ["up", "held"] {
+        ok(f.cmd().args(["delete", n]));
+        assert!(pids_of(f.home.path(), n).is_empty());
+    }
 }
