@@ -1,9 +1,9 @@
 //! The server's shared state: how to open the library, the API key, the per-sandbox records,
 //! and one long-lived agent connection per sandbox with the processes started through it.
 //!
-//! The library is blocking (threads, a SQLite connection per handle), the HTTP side async:
-//! every library call runs on tokio's blocking pool through [`App::blocking`], on a
-//! [`Smolvm`] handle taken from a small pool (opening one opens the database).
+//! The library is blocking, the HTTP side async: every library call runs on tokio's blocking
+//! pool through [`App::blocking`], on the one [`Smolvm`] handle of the server (it is `Sync`;
+//! opened on first use, since opening reconciles the home and may fail).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -70,7 +70,7 @@ impl Conn {
 pub struct App {
     pub config: ServeConfig,
     pub meta: MetaStore,
-    pool: Mutex<Vec<Smolvm>>,
+    smolvm: Mutex<Option<Arc<Smolvm>>>,
     conns: Mutex<HashMap<String, Arc<Conn>>>,
     /// The polled file system watchers (`CreateWatcher`), by id.
     pub watchers: crate::envd::filesystem::Watchers,
@@ -79,7 +79,7 @@ pub struct App {
 impl App {
     pub fn new(config: ServeConfig) -> Arc<App> {
         let meta = MetaStore::new(config.smolvm.home.data.join("serve").join("sandboxes"));
-        Arc::new(App { config, meta, pool: Mutex::default(), conns: Mutex::default(), watchers: Mutex::default() })
+        Arc::new(App { config, meta, smolvm: Mutex::default(), conns: Mutex::default(), watchers: Mutex::default() })
     }
 
     /// Sandbox `id`'s access token (bound to its creation: `Meta::generation`).
@@ -105,11 +105,14 @@ impl App {
         &self.config.key
     }
 
-    fn take(&self) -> Result<Smolvm, AppError> {
-        if let Some(s) = lock(&self.pool).pop() {
-            return Ok(s);
+    fn smolvm(&self) -> Result<Arc<Smolvm>, AppError> {
+        let mut s = lock(&self.smolvm);
+        if let Some(s) = s.as_ref() {
+            return Ok(s.clone());
         }
-        Ok(Smolvm::open(self.config.smolvm.clone())?)
+        let opened = Arc::new(Smolvm::open(self.config.smolvm.clone())?);
+        *s = Some(opened.clone());
+        Ok(opened)
     }
 
     /// Runs `f` with a library handle on the blocking pool.
@@ -119,13 +122,8 @@ impl App {
     ) -> Result<T, AppError> {
         let app = self.clone();
         tokio::task::spawn_blocking(move || {
-            let s = app.take()?;
-            let out = f(&s);
-            let mut pool = lock(&app.pool);
-            if pool.len() < 8 {
-                pool.push(s);
-            }
-            Ok(out)
+            let s = app.smolvm()?;
+            Ok(f(&s))
         })
         .await
         .map_err(|e| AppError::Join(e.to_string()))?

@@ -469,6 +469,13 @@ pub const DEFAULT_CPUS: u32 = 1;
 /// A sandbox's own writable disk, MiB (the base is shared and read-only).
 pub const DEFAULT_DISK_MIB: u64 = 2048;
 
+// `Smolvm` is shared by threads (the server's blocking pool, a future language binding): it
+// must stay `Send + Sync`. A compile-time check, not a test that could be skipped.
+const _: fn() = || {
+    fn shared<T: Send + Sync>() {}
+    shared::<Smolvm>();
+};
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -522,3 +529,4 @@ mod tests {
         assert_eq!(stray, vec![std::ffi::OsString::from("home")], "only the home was written");
     }
 }
+

@@ -285,7 +285,9 @@ pub fn private_dir(dir: &Path) -> Result<(), StateError> {
 /// The state database.
 #[derive(Debug)]
 pub struct Db {
-    conn: Connection,
+    /// One connection, taken for one statement at a time: `Smolvm` is shared by threads, and
+    /// SQLite serialises writers anyway (processes are kept apart by its file locks).
+    conn: std::sync::Mutex<Connection>,
 }
 
 const COLUMNS: &str = "name, created_at, state, memory_mib, cpus, disk_mib, network, accel, ssh_port, pid, pid_start, \
@@ -353,14 +355,20 @@ impl Db {
         conn.busy_timeout(Duration::from_secs(30)).map_err(open_err)?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
         conn.pragma_update(None, "foreign_keys", "ON").map_err(open_err)?;
-        let mut db = Db { conn };
-        migrations::migrate(&mut db.conn, path)?;
+        let mut conn = conn;
+        migrations::migrate(&mut conn, path)?;
+        let db = Db { conn: std::sync::Mutex::new(conn) };
         Ok(db)
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while it was held leaves the connection as SQLite left it: usable.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Inserts a new sandbox; `false` if the name is taken.
     pub fn insert(&self, s: &SandboxRow) -> Result<bool, StateError> {
-        let n = self.conn.execute(
+        let n = self.conn().execute(
             &format!("INSERT OR IGNORE INTO sandboxes ({COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22,?23)"),
             params![
                 s.name, s.created_at, s.state, s.memory_mib, s.cpus, s.disk_mib as i64, s.policy.mode.as_str(), s.accel,
@@ -381,7 +389,7 @@ impl Db {
     pub fn update(&self, s: &SandboxRow) -> Result<(), StateError> {
         let from: Vec<&str> = SandboxState::valid_sources(s.state).into_iter().map(SandboxState::as_str).collect();
         let from = from.iter().map(|f| format!("'{f}'")).collect::<Vec<_>>().join(",");
-        let n = self.conn.execute(
+        let n = self.conn().execute(
             &format!(
                 "UPDATE sandboxes SET state=?2, ssh_port=?3, pid=?4, pid_start=?5, host_key=?6, boot_json=?7, accel=?8, \
                  ready_ms=?9, started_from=?10, host_boot=?11 WHERE name=?1 AND state IN ({from})"
@@ -409,11 +417,12 @@ impl Db {
     }
 
     pub fn get(&self, name: &str) -> Result<Option<SandboxRow>, StateError> {
-        Ok(self.conn.query_row(&format!("SELECT {COLUMNS} FROM sandboxes WHERE name=?1"), [name], row).optional()?)
+        Ok(self.conn().query_row(&format!("SELECT {COLUMNS} FROM sandboxes WHERE name=?1"), [name], row).optional()?)
     }
 
     pub fn list(&self) -> Result<Vec<SandboxRow>, StateError> {
-        let mut st = self.conn.prepare(&format!("SELECT {COLUMNS} FROM sandboxes ORDER BY created_at, name"))?;
+        let c = self.conn();
+        let mut st = c.prepare(&format!("SELECT {COLUMNS} FROM sandboxes ORDER BY created_at, name"))?;
         let rows = st.query_map([], row)?.collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
     }
@@ -421,7 +430,7 @@ impl Db {
     /// The sandbox's uid slot, given the lowest free one the first time (one statement, so
     /// two sandboxes booting at once cannot get the same; the unique index guards it too).
     pub fn uid_slot(&self, name: &str) -> Result<u32, StateError> {
-        self.conn.execute(
+        self.conn().execute(
             "UPDATE sandboxes SET uid_slot = (
                 SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM sandboxes WHERE uid_slot = 0) THEN 0
                 ELSE (SELECT MIN(a.uid_slot) + 1 FROM sandboxes a WHERE a.uid_slot IS NOT NULL
@@ -429,19 +438,19 @@ impl Db {
              WHERE name = ?1 AND uid_slot IS NULL",
             [name],
         )?;
-        Ok(self.conn.query_row("SELECT uid_slot FROM sandboxes WHERE name=?1", [name], |r| r.get(0))?)
+        Ok(self.conn().query_row("SELECT uid_slot FROM sandboxes WHERE name=?1", [name], |r| r.get(0))?)
     }
 
     /// Moves a sandbox to another uid slot (the host-wide lease gave it another).
     pub fn set_uid_slot(&self, name: &str, slot: u32) -> Result<(), StateError> {
-        self.conn.execute("UPDATE sandboxes SET uid_slot = ?2 WHERE name = ?1", rusqlite::params![name, slot])?;
+        self.conn().execute("UPDATE sandboxes SET uid_slot = ?2 WHERE name = ?1", rusqlite::params![name, slot])?;
         Ok(())
     }
 
     /// Whether another sandbox of this home holds slot `slot`.
     pub fn uid_slot_taken(&self, name: &str, slot: u32) -> Result<bool, StateError> {
         Ok(self
-            .conn
+            .conn()
             .query_row(
                 "SELECT 1 FROM sandboxes WHERE uid_slot = ?2 AND name <> ?1",
                 rusqlite::params![name, slot],
@@ -454,21 +463,22 @@ impl Db {
     /// The slot a sandbox holds, if any (for `status`).
     pub fn uid_slot_of(&self, name: &str) -> Result<Option<u32>, StateError> {
         Ok(self
-            .conn
+            .conn()
             .query_row("SELECT uid_slot FROM sandboxes WHERE name=?1", [name], |r| r.get(0))
             .optional()?
             .flatten())
     }
 
     pub fn delete(&self, name: &str) -> Result<(), StateError> {
-        self.conn.execute("DELETE FROM sandboxes WHERE name=?1", [name])?;
+        self.conn().execute("DELETE FROM sandboxes WHERE name=?1", [name])?;
         Ok(())
     }
 
     /// The SHA-256 of every image some sandbox uses (kept by `image prune`): kernels, base
     /// rootfs and preset layers.
     pub fn images_in_use(&self) -> Result<Vec<String>, StateError> {
-        let mut st = self.conn.prepare("SELECT kernel_sha256, rootfs_sha256, layer_sha256s FROM sandboxes")?;
+        let c = self.conn();
+        let mut st = c.prepare("SELECT kernel_sha256, rootfs_sha256, layer_sha256s FROM sandboxes")?;
         let mut out = Vec::new();
         for r in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))? {
             let (k, b, layers) = r?;
@@ -483,13 +493,14 @@ impl Db {
 
     /// Environment variables set with `smolvm env set`.
     pub fn env(&self, name: &str) -> Result<Vec<(String, String)>, StateError> {
-        let mut st = self.conn.prepare("SELECT key, value FROM env WHERE sandbox=?1 ORDER BY key")?;
+        let c = self.conn();
+        let mut st = c.prepare("SELECT key, value FROM env WHERE sandbox=?1 ORDER BY key")?;
         let rows = st.query_map([name], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
     }
 
     pub fn env_set(&self, name: &str, key: &str, value: &str) -> Result<(), StateError> {
-        self.conn.execute(
+        self.conn().execute(
             "INSERT INTO env (sandbox, key, value) VALUES (?1,?2,?3) ON CONFLICT(sandbox, key) DO UPDATE SET value=excluded.value",
             params![name, key, value],
         )?;
@@ -498,8 +509,8 @@ impl Db {
 
     /// Port forwards added with `smolvm expose`.
     pub fn forwards(&self, name: &str) -> Result<Vec<Forward>, StateError> {
-        let mut st =
-            self.conn.prepare("SELECT guest_port, host_port FROM forwards WHERE sandbox=?1 ORDER BY guest_port")?;
+        let c = self.conn();
+        let mut st = c.prepare("SELECT guest_port, host_port FROM forwards WHERE sandbox=?1 ORDER BY guest_port")?;
         let rows = st
             .query_map([name], |r| Ok(Forward { guest: r.get(0)?, host: r.get(1)? }))?
             .collect::<Result<Vec<_>, _>>()?;
@@ -508,7 +519,7 @@ impl Db {
 
     /// Replaces a sandbox's network policy.
     pub fn set_policy(&self, name: &str, policy: &NetworkPolicy) -> Result<(), StateError> {
-        self.conn.execute(
+        self.conn().execute(
             "UPDATE sandboxes SET network=?2, network_policy=?3 WHERE name=?1",
             params![name, policy.mode.as_str(), PolicyColumn(policy.clone())],
         )?;
@@ -517,7 +528,7 @@ impl Db {
 
     pub fn forward_add(&self, name: &str, f: Forward) -> Result<(), StateError> {
         let (guest_port, host_port) = (f.guest, f.host);
-        self.conn.execute(
+        self.conn().execute(
             "INSERT INTO forwards (sandbox, guest_port, host_port) VALUES (?1,?2,?3) \
              ON CONFLICT(sandbox, guest_port) DO UPDATE SET host_port=excluded.host_port",
             params![name, guest_port, host_port],
@@ -526,7 +537,7 @@ impl Db {
     }
 
     pub fn env_unset(&self, name: &str, key: &str) -> Result<bool, StateError> {
-        Ok(self.conn.execute("DELETE FROM env WHERE sandbox=?1 AND key=?2", params![name, key])? == 1)
+        Ok(self.conn().execute("DELETE FROM env WHERE sandbox=?1 AND key=?2", params![name, key])? == 1)
     }
 }
 
