@@ -44,6 +44,10 @@ pub struct ProxyStart {
 }
 
 impl ProxyStart {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
     /// Returns once the proxy holds the guest's connection and serves clients (it says so on
     /// a pipe), or fails after `timeout`.
     pub fn ready(mut self, timeout: std::time::Duration) -> std::io::Result<()> {

@@ -277,6 +277,8 @@ impl Smolvm {
             };
         let procs = group.as_ref().map(|g| g.procs_fds()).unwrap_or_default();
         let started = Instant::now();
+        // Every process started from here is ended again on any early return.
+        let mut launched = super::launch::Launched::default();
         let (cfg_netdev, wire, ssh_port) = if self.unrestricted_user_net {
             let port = std::net::TcpListener::bind("127.0.0.1:0")
                 .and_then(|l| l.local_addr())
@@ -288,33 +290,20 @@ impl Smolvm {
             let c = self.config();
             let w =
                 net::spawn(&dir, &c.helper, c.helper_log.as_deref(), identity, procs.clone(), Duration::from_secs(10))?;
+            launched.started("network process", w.pid);
             // Its secrets before the guest can make a connection.
-            if let Err(e) = self.send_intercept(&row.name) {
-                let _ = process::signal(w.pid, libc::SIGKILL);
-                return Err(e.into());
-            }
+            self.send_intercept(&row.name)?;
             let port = w.ssh_port;
             (Netdev::Wire, Some(w), port)
         };
         tracing::debug!("{}: network helper up", row.name);
-        let kill_netd = |wire: &Option<net::Started>| {
-            if let Some(w) = wire {
-                let _ = process::signal(w.pid, libc::SIGKILL);
-            }
-        };
         // The agent proxy starts before QEMU, holding its ends of the agent and console pairs
         // and of QEMU's output pipe.
         let pairs = socket_pair("the agent port").and_then(|a| {
             let log = std::io::pipe().map_err(io_err("a pipe for QEMU's output"))?;
             Ok((a, socket_pair("the console")?, log))
         });
-        let ((agent_ours, agent_qemu), (console_ours, console_qemu), (log_ours, log_qemu)) = match pairs {
-            Ok(p) => p,
-            Err(e) => {
-                kill_netd(&wire);
-                return Err(e);
-            }
-        };
+        let ((agent_ours, agent_qemu), (console_ours, console_qemu), (log_ours, log_qemu)) = pairs?;
         let proxy = crate::agent::spawn_proxy(
             &dir,
             &self.config().helper,
@@ -327,13 +316,8 @@ impl Smolvm {
                 cgroup_procs: procs.clone(),
             },
         );
-        let proxy = match proxy {
-            Ok(p) => p,
-            Err(e) => {
-                kill_netd(&wire);
-                return Err(io_err("start the agent proxy")(e));
-            }
-        };
+        let proxy = proxy.map_err(io_err("start the agent proxy"))?;
+        launched.started("agent proxy", proxy.pid());
         let mut cfg = self.machine_spec(
             row,
             accel,
@@ -347,21 +331,9 @@ impl Smolvm {
                 cfg.memory = Memory::SnapshotImage;
             }
         }
-        let (ram, incoming) = match super::restore::open_inputs(start) {
-            Ok(x) => x,
-            Err(e) => {
-                kill_netd(&wire);
-                return Err(e);
-            }
-        };
-        if let Err(e) = super::restore::record_ram_image(&dir, start, ram.as_ref()) {
-            kill_netd(&wire);
-            return Err(e);
-        }
-        let (wire_pid, qemu_end) = match wire {
-            Some(w) => (Some(w.pid), Some(w.qemu_end)),
-            None => (None, None),
-        };
+        let (ram, incoming) = super::restore::open_inputs(start)?;
+        super::restore::record_ram_image(&dir, start, ram.as_ref())?;
+        let qemu_end = wire.map(|w| w.qemu_end);
         let plumbing = Wiring {
             wire: qemu_end,
             agent: agent_qemu,
@@ -373,17 +345,10 @@ impl Smolvm {
         };
         // Our copies of QEMU's ends close when `plumbing` is dropped inside, so that the
         // helpers see QEMU's exit.
-        let mut child = match spawn_vm(self.vmm(), &cfg, plumbing, log_qemu) {
-            Ok(c) => c,
-            Err(e) => {
-                if let Some(p) = wire_pid {
-                    let _ = process::signal(p, libc::SIGKILL);
-                }
-                return Err(e);
-            }
-        };
+        let mut child = spawn_vm(self.vmm(), &cfg, plumbing, log_qemu)?;
         drop(group);
         let pid = child.id() as i32;
+        launched.started("VM", pid);
         tracing::debug!("{}: QEMU spawned", row.name);
         let pid_start = process::start_time(pid);
         // Recorded at once: if this process dies now (Ctrl-C, SIGKILL), `delete` still finds
@@ -395,7 +360,6 @@ impl Smolvm {
         let mut fail = |cause: WaitError| {
             // How QEMU ended, if it did (before we kill it).
             let status = child.try_wait().ok().flatten().map(|s| format!(" (QEMU {s})")).unwrap_or_default();
-            let _ = process::signal(pid, libc::SIGKILL);
             let tail =
                 format!("{}\n--- qemu.log{status} ---\n{}", console_tail(&console, 30), qemu_log_tail(&dir, 16 * 1024));
             BootError::NotReady { cause, console: console.display().to_string(), tail }
@@ -404,7 +368,9 @@ impl Smolvm {
             let host_key = self.finish_restore(row, &dir, pid, &key_b64, r, proxy, timeout)?;
             row.started_from = Some(r.origin.clone());
             let elapsed = started.elapsed();
-            return self.record_running(row, &dir, pid, pid_start, ssh_port, host_key, None, elapsed);
+            self.record_running(row, &dir, pid, pid_start, ssh_port, host_key, None, elapsed)?;
+            launched.commit();
+            return Ok(());
         }
         let pidfd = process::pidfd(pid).map_err(|e| fail(WaitError::Io(e)))?;
         let ready: Ready = wait_for_ready(&console, &pidfd, timeout).map_err(&mut fail)?;
@@ -414,14 +380,13 @@ impl Smolvm {
             .ready(timeout)
             .map_err(|e| e.to_string())
             .and_then(|()| crate::agent::AgentClient::connect_sandbox(&row.name, &dir).map_err(|e| e.to_string()));
-        if let Err(e) = agent {
-            let _ = process::signal(pid, libc::SIGKILL);
-            return Err(BootError::Agent(e));
-        }
+        agent.map_err(BootError::Agent)?;
         let elapsed = started.elapsed();
         tracing::debug!("{} ready in {elapsed:?}: {:?}", row.name, ready.boot_us);
         row.started_from = Some(crate::state::Origin::Boot);
-        self.record_running(row, &dir, pid, pid_start, ssh_port, ready.host_key, Some(ready.boot_us), elapsed)
+        self.record_running(row, &dir, pid, pid_start, ssh_port, ready.host_key, Some(ready.boot_us), elapsed)?;
+        launched.commit();
+        Ok(())
     }
 
     /// The guest is ready: its host key pinned, its row says running.

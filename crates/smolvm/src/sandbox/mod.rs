@@ -13,6 +13,7 @@ pub mod disk;
 mod files;
 mod fork;
 mod info;
+mod launch;
 mod lifecycle;
 pub mod names;
 mod network;
@@ -529,4 +530,3 @@ mod tests {
         assert_eq!(stray, vec![std::ffi::OsString::from("home")], "only the home was written");
     }
 }
-
