@@ -82,9 +82,10 @@ fn hint(e: &(dyn std::error::Error + 'static)) -> Option<String> {
             AgentError::Unsupported { .. } => Some(
                 "the sandbox's image is older than this smolvm: recreate it from a newer release to use this".into(),
             ),
-            AgentError::Guest { sandbox, message } if message.contains("is paused, not running") => {
-                Some(format!("smolvm resume {sandbox} first"))
-            }
+            AgentError::Sandbox(e) => hint(e.as_ref()),
+            AgentError::Guest { errno: Some(libc::ENOSPC | libc::EDQUOT), sandbox, .. } => Some(format!(
+                "the sandbox's disk is full: free space in it, or recreate it with a larger --disk ({sandbox})"
+            )),
             _ => None,
         };
     }

@@ -53,7 +53,7 @@ pub struct ReadyV1 {
 }
 
 /// The protocol version this crate speaks (the newest).
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 /// The oldest version this crate still speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 /// The virtio-serial port's name (`/sys/class/virtio-ports/*/name` in the guest).
@@ -467,6 +467,15 @@ pub enum GuestMsg {
         id: u32,
         json: String,
     },
+    /// v6: the request `id` failed as [`GuestMsg::Error`], with the guest's `errno` (0 when
+    /// the failure was not a system call's), so that the host tells "no such file" or "disk
+    /// full" from other failures without reading the text. A peer below v6 gets `Error`
+    /// ([`GuestMsg::for_version`]).
+    Failed {
+        id: u32,
+        message: String,
+        errno: i32,
+    },
 }
 
 impl HostMsg {
@@ -552,7 +561,27 @@ impl GuestMsg {
             GuestMsg::HelloV2 { .. } => 2,
             GuestMsg::Refreshed { .. } => 3,
             GuestMsg::FsResult { .. } | GuestMsg::FsEvents { .. } => 4,
+            GuestMsg::Failed { .. } => 6,
             _ => 1,
+        }
+    }
+
+    /// This message as a peer that speaks `version` can read it: a v6 `Failed` becomes the
+    /// `Error` it refines. (The guest sends `Failed` only to a v6 host; the agent proxy
+    /// passes it on to each client in the form of the version the two share.)
+    pub fn for_version(self, version: u32) -> GuestMsg {
+        match self {
+            GuestMsg::Failed { id, message, .. } if version < 6 => GuestMsg::Error { id, message },
+            m => m,
+        }
+    }
+
+    /// A failure's text and errno (`Error` has none), or `None` for every other message.
+    pub fn as_failure(&self) -> Option<(&str, Option<i32>)> {
+        match self {
+            GuestMsg::Error { message, .. } => Some((message, None)),
+            GuestMsg::Failed { message, errno, .. } => Some((message, Some(*errno).filter(|e| *e != 0))),
+            _ => None,
         }
     }
 
@@ -591,7 +620,8 @@ impl GuestMsg {
             | GuestMsg::Refreshed { id, .. }
             | GuestMsg::FsResult { id, .. }
             | GuestMsg::FsEvents { id, .. }
-            | GuestMsg::Error { id, .. } => Some(id),
+            | GuestMsg::Error { id, .. }
+            | GuestMsg::Failed { id, .. } => Some(id),
         }
     }
 
@@ -617,6 +647,7 @@ impl GuestMsg {
                 | GuestMsg::Refreshed { .. }
                 | GuestMsg::FsResult { .. }
                 | GuestMsg::Error { .. }
+                | GuestMsg::Failed { .. }
         )
     }
 }
@@ -701,6 +732,18 @@ pub fn frame_id(payload: &[u8]) -> Option<(u32, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failure_with_an_errno_reaches_an_older_peer_as_the_error_it_refines() {
+        let f = GuestMsg::Failed { id: 3, message: "write /x: No space left on device".into(), errno: 28 };
+        assert_eq!(f.as_failure(), Some(("write /x: No space left on device", Some(28))));
+        assert_eq!(f.clone().for_version(6), f);
+        let old = f.for_version(5);
+        assert_eq!(old, GuestMsg::Error { id: 3, message: "write /x: No space left on device".into() });
+        assert_eq!(old.as_failure(), Some(("write /x: No space left on device", None)));
+        let none = GuestMsg::Failed { id: 3, message: "empty argv".into(), errno: 0 };
+        assert_eq!(none.as_failure(), Some(("empty argv", None)), "0 is no errno");
+    }
 
     #[test]
     fn a_refresh_identity_grows_compatibly_and_hides_its_host_key() {

@@ -76,6 +76,7 @@ fn guest_samples() -> Vec<(&'static str, GuestMsg)> {
         ("refreshed", GuestMsg::Refreshed { id: 6, json: "{}".into() }),
         ("fs_result", GuestMsg::FsResult { id: 8, json: "{}".into() }),
         ("fs_events", GuestMsg::FsEvents { id: 9, json: "[]".into() }),
+        ("failed", GuestMsg::Failed { id: 4, message: "no".into(), errno: 28 }),
     ]
 }
 

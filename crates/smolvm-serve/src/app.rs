@@ -139,7 +139,7 @@ impl App {
         let client = self
             .blocking(move |s| s.agent(&n))
             .await
-            .map_err(|e| smolvm::agent::AgentError::Guest { sandbox: name.into(), message: e.to_string() })??;
+            .map_err(|e| smolvm::agent::AgentError::Lost { sandbox: name.into(), reason: e.to_string() })??;
         let conn = Arc::new(Conn {
             name: name.to_string(),
             client,

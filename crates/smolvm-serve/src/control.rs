@@ -54,39 +54,48 @@ impl From<crate::app::AppError> for ApiError {
     }
 }
 
+/// The one mapping of the library's error kinds to the control plane's statuses.
+fn status_of(kind: smolvm::error::ErrorKind) -> StatusCode {
+    use smolvm::error::ErrorKind as K;
+    match kind {
+        K::NotFound => StatusCode::NOT_FOUND,
+        K::Conflict => StatusCode::CONFLICT,
+        K::InvalidInput => StatusCode::BAD_REQUEST,
+        K::PermissionDenied => StatusCode::FORBIDDEN,
+        K::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        K::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        K::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn by_kind(e: impl smolvm::error::Kind + std::fmt::Display) -> ApiError {
+    ApiError::new(status_of(e.kind()), e.to_string())
+}
+
 fn sandbox_error(id: &str, e: SandboxError) -> ApiError {
     match e {
+        // E2B's shape of the message, which its SDKs show.
         SandboxError::NotFound(_) => ApiError::not_found(id),
-        SandboxError::BadName(_) => ApiError::new(StatusCode::BAD_REQUEST, e.to_string()),
-        SandboxError::NotRunning { .. } => ApiError::new(StatusCode::CONFLICT, e.to_string()),
-        other => ApiError::internal(other),
+        other => by_kind(other),
     }
 }
 
 fn lifecycle_error(id: &str, e: LifecycleError) -> ApiError {
     match e {
         LifecycleError::Sandbox(s) => sandbox_error(id, s),
-        LifecycleError::NotPaused { .. } => ApiError::new(StatusCode::CONFLICT, e.to_string()),
-        LifecycleError::VarName { .. } | LifecycleError::Policy { .. } => {
-            ApiError::new(StatusCode::BAD_REQUEST, e.to_string())
-        }
-        other => ApiError::internal(other),
+        other => by_kind(other),
     }
 }
 
 fn create_error(e: CreateError) -> ApiError {
     match e {
+        // An unknown template is E2B's 404, though to the library it is a bad option.
         CreateError::NoPreset(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
-        CreateError::Exists(_) => ApiError::new(StatusCode::CONFLICT, e.to_string()),
-        CreateError::Name(_)
-        | CreateError::Memory(_)
-        | CreateError::Cpus(_)
-        | CreateError::DiskSize(_)
-        | CreateError::Network(_) => ApiError::new(StatusCode::BAD_REQUEST, e.to_string()),
+        // A snapshot that cannot be used here is the request's fault, whatever the reason.
         CreateError::Snapshot(_) | CreateError::SnapshotImage { .. } => {
             ApiError::new(StatusCode::BAD_REQUEST, e.to_string())
         }
-        other => ApiError::internal(other),
+        other => by_kind(other),
     }
 }
 

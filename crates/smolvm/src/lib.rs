@@ -13,6 +13,7 @@ pub mod agent;
 pub mod child;
 pub mod config;
 pub mod digest;
+pub mod error;
 pub mod images;
 pub mod jail;
 pub mod lock;

@@ -72,7 +72,7 @@ pub fn start(s: &mut Session, id: u32, req: ExecRequest) {
                 Command::Argv(a) => a[0].clone(),
                 Command::Shell(_) => "/bin/sh".into(),
             };
-            return s.out.error(id, format!("cannot run {what}: {e}"));
+            return s.out.io_error(id, format!("cannot run {what}: {e}"), &e);
         }
     };
     let pid = child.id() as i32;

@@ -32,7 +32,7 @@ pub fn write_start(s: &mut Session, id: u32, meta: WriteFile) {
         Ok(file) => {
             s.writes.insert(id, PendingWrite { file, tmp, meta });
         }
-        Err(e) => s.out.error(id, format!("create {}: {e}", tmp.display())),
+        Err(e) => s.out.io_error(id, format!("create {}: {e}", tmp.display()), &e),
     }
 }
 
@@ -49,7 +49,7 @@ pub fn write_data(s: &mut Session, id: u32, data: &[u8]) {
         let w = s.writes.remove(&id);
         if let Some(w) = w {
             let _ = fs::remove_file(&w.tmp);
-            s.out.error(id, format!("write {}: {e}", w.meta.path));
+            s.out.io_error(id, format!("write {}: {e}", w.meta.path), &e);
         }
     }
 }
@@ -69,7 +69,7 @@ pub fn write_end(s: &mut Session, id: u32) {
         }
         Err(e) => {
             let _ = fs::remove_file(&w.tmp);
-            s.out.error(id, format!("finish {}: {e}", w.meta.path));
+            s.out.io_error(id, format!("finish {}: {e}", w.meta.path), &e);
         }
     }
 }
@@ -93,11 +93,15 @@ fn read_window(out: &super::Writer, id: u32, path: &str, window: &super::flow::W
         // Non-blocking: opening a FIFO would otherwise wait for a writer.
         let mut f = match fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path) {
             Ok(f) => f,
-            Err(e) => return out.error(id, format!("open {path}: {e}")),
+            Err(e) => return out.io_error(id, format!("open {path}: {e}"), &e),
         };
         let Ok(m) = f.metadata() else { return out.error(id, format!("stat {path}: vanished")) };
         if m.is_dir() {
-            return out.error(id, format!("{path} is a directory"));
+            return out.io_error(
+                id,
+                format!("{path} is a directory"),
+                &std::io::Error::from_raw_os_error(libc::EISDIR),
+            );
         }
         if !m.is_file() {
             return out.error(id, format!("{path} is not a regular file (a device, FIFO or socket is not read)"));
@@ -118,7 +122,7 @@ fn read_window(out: &super::Writer, id: u32, path: &str, window: &super::flow::W
                         return;
                     }
                 }
-                Err(e) => return out.error(id, format!("read {path}: {e}")),
+                Err(e) => return out.io_error(id, format!("read {path}: {e}"), &e),
             }
         }
         out.send(&GuestMsg::FileEnd { id, stat: st });

@@ -50,7 +50,7 @@ fn wait_ready() -> Ready {
 
 /// Sends frames to the host; shared by every thread of a session.
 #[derive(Clone)]
-pub struct Writer(Arc<Mutex<File>>);
+pub struct Writer(Arc<Mutex<File>>, Arc<std::sync::atomic::AtomicU32>);
 
 impl Writer {
     pub fn send(&self, msg: &GuestMsg) -> bool {
@@ -59,8 +59,20 @@ impl Writer {
         f.write_all(&frame).is_ok()
     }
 
+    /// The version agreed at Hello, for what is sent from other threads.
+    pub fn set_version(&self, v: u32) {
+        self.1.store(v, Ordering::Relaxed);
+    }
+
     pub fn error(&self, id: u32, message: impl Into<String>) {
         self.send(&GuestMsg::Error { id, message: message.into() });
+    }
+
+    /// A failure of a system call: its errno travels with the text (v6 `Failed`).
+    pub fn io_error(&self, id: u32, message: impl Into<String>, e: &std::io::Error) {
+        let version = self.1.load(Ordering::Relaxed);
+        let msg = GuestMsg::Failed { id, message: message.into(), errno: e.raw_os_error().unwrap_or(0) };
+        self.send(&msg.for_version(version));
     }
 }
 
@@ -122,7 +134,7 @@ fn serve(port: PathBuf) {
     };
     loop {
         let writer = match file.try_clone() {
-            Ok(w) => Writer(Arc::new(Mutex::new(w))),
+            Ok(w) => Writer(Arc::new(Mutex::new(w)), Arc::new(std::sync::atomic::AtomicU32::new(1))),
             Err(e) => {
                 log::error!("agent: {e}");
                 return;
@@ -192,6 +204,7 @@ fn handle(s: &mut Session, msg: HostMsg) {
             // ready from this answer.
             let ready = wait_ready();
             s.version = version.min(PROTOCOL_VERSION);
+            s.out.set_version(s.version);
             s.out.send(&GuestMsg::hello(s.version, &ready));
         }
         HostMsg::Exec { id, request } => exec::start(s, id, request),
@@ -211,7 +224,8 @@ fn handle(s: &mut Session, msg: HostMsg) {
             match files::write_profile_env(&s.env) {
                 Ok(()) => s.out.send(&GuestMsg::Done { id }),
                 Err(e) => {
-                    s.out.send(&GuestMsg::Error { id, message: format!("write /etc/profile.d/smolvm-env.sh: {e}") })
+                    s.out.io_error(id, format!("write /etc/profile.d/smolvm-env.sh: {e}"), &e);
+                    true
                 }
             };
         }

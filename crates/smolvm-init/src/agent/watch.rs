@@ -88,7 +88,7 @@ pub fn start(out: Writer, id: u32, json: &str, cancel: Arc<AtomicBool>) {
         return out.error(id, format!("{}: need an absolute path", req.path));
     }
     if let Err(e) = ino.add_tree(&root, &root, req.recursive) {
-        return out.error(id, format!("watch {}: {e}", req.path));
+        return out.io_error(id, format!("watch {}: {e}", req.path), &e);
     }
     let spawned = std::thread::Builder::new().name(format!("watch-{id}")).spawn(move || {
         run(&out, id, &root, req.recursive, &mut ino, &cancel);

@@ -44,7 +44,8 @@ fn rpc_to_http(e: RpcError) -> Response {
         Code::Unauthenticated => StatusCode::UNAUTHORIZED,
         Code::PermissionDenied => StatusCode::FORBIDDEN,
         Code::Unavailable => StatusCode::BAD_GATEWAY,
-        _ if e.message.contains("No space left") => StatusCode::INSUFFICIENT_STORAGE,
+        // From the guest's errno (a full disk, a quota): E2B's answer for a full disk.
+        Code::ResourceExhausted => StatusCode::INSUFFICIENT_STORAGE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error(status, e.message)
@@ -186,13 +187,8 @@ async fn write_one(
     match writer.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
-            let msg = e.to_string();
-            let status = if msg.contains("No space left") {
-                StatusCode::INSUFFICIENT_STORAGE
-            } else {
-                StatusCode::INTERNAL_SERVER_ERROR
-            };
-            return Err(error(status, format!("write {path}: {msg}")));
+            let rpc = super::agent_error(e);
+            return Err(rpc_to_http(RpcError::new(rpc.code, format!("write {path}: {}", rpc.message))));
         }
         Err(e) => return Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
     }

@@ -141,13 +141,24 @@ pub async fn target(
 }
 
 /// An agent failure as an RPC error.
+/// The one place a library error's kind becomes a Connect code (`/files` then maps codes to
+/// HTTP statuses).
 pub fn agent_error(e: smolvm::agent::AgentError) -> RpcError {
     use smolvm::agent::AgentError as E;
-    match e {
-        E::Unsupported { .. } => RpcError::new(Code::Unimplemented, e.to_string()),
-        E::Guest { .. } => RpcError::new(Code::Internal, e.to_string()),
-        E::Connect { .. } | E::Lost { .. } | E::Io(_) => RpcError::new(Code::Unavailable, e.to_string()),
-    }
+    use smolvm::error::{ErrorKind as K, Kind};
+    let code = match (&e, e.kind()) {
+        (E::Unsupported { .. }, _) => Code::Unimplemented,
+        // A sandbox that is paused or stopped: its envd does not answer, as E2B's would not.
+        (E::Sandbox(_), K::Conflict) => Code::Unavailable,
+        (_, K::NotFound) => Code::NotFound,
+        (_, K::Conflict) => Code::AlreadyExists,
+        (_, K::InvalidInput) => Code::InvalidArgument,
+        (_, K::PermissionDenied) => Code::PermissionDenied,
+        (_, K::ResourceExhausted) => Code::ResourceExhausted,
+        (_, K::Unavailable) => Code::Unavailable,
+        (_, K::Internal) => Code::Internal,
+    };
+    RpcError::new(code, e.to_string())
 }
 
 /// The answer to a caller the sandbox does not admit: the same whether or not a sandbox of

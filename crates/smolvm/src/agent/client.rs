@@ -24,8 +24,12 @@ pub enum AgentError {
     Connect { sandbox: String, source: std::io::Error },
     #[error("lost the agent connection of sandbox {sandbox}: {reason}")]
     Lost { sandbox: String, reason: String },
+    /// The guest refused or failed the request; `errno` is the guest's (protocol v6).
     #[error("sandbox {sandbox}: {message}")]
-    Guest { sandbox: String, message: String },
+    Guest { sandbox: String, message: String, errno: Option<i32> },
+    /// The sandbox is not in a state to answer (not found, paused, stopped).
+    #[error(transparent)]
+    Sandbox(Box<crate::sandbox::SandboxError>),
     #[error("sandbox {sandbox}: its guest speaks agent protocol v{guest}, and {message} needs v{needs}")]
     Unsupported { sandbox: String, message: &'static str, needs: u32, guest: u32 },
     #[error("{0}")]
@@ -227,8 +231,8 @@ impl AgentClient {
             }
             self.send(&HostMsg::FileData { id, data: buf[..n].to_vec() })?;
             // An early error (no such directory) ends the request: stop sending.
-            if let Some(GuestMsg::Error { message, .. }) = rx.try_recv() {
-                return Err(AgentError::Guest { sandbox: self.sandbox.clone(), message });
+            if let Some(e) = rx.try_recv().and_then(|m| self.failure(&m)) {
+                return Err(e);
             }
         }
         self.send(&HostMsg::FileEnd { id })?;
@@ -305,13 +309,22 @@ impl AgentClient {
 
     fn reply_within(&self, rx: &Inbox<'_>, timeout: Duration) -> Result<GuestMsg, AgentError> {
         match rx.recv_timeout(timeout) {
-            Ok(GuestMsg::Error { message, .. }) => Err(AgentError::Guest { sandbox: self.sandbox.clone(), message }),
-            Ok(msg) => Ok(msg),
+            Ok(msg) => self.failure(&msg).map_or(Ok(msg), Err),
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 Err(self.lost(format!("the guest did not answer within {}s", timeout.as_secs())))
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => Err(rx.gone("the guest answered")),
         }
+    }
+
+    /// The guest's failure (`Error`, or v6 `Failed` with its errno) as an error; `None` for
+    /// any other message.
+    fn failure(&self, msg: &GuestMsg) -> Option<AgentError> {
+        msg.as_failure().map(|(message, errno)| AgentError::Guest {
+            sandbox: self.sandbox.clone(),
+            message: message.to_string(),
+            errno,
+        })
     }
 
     fn unexpected(&self, msg: GuestMsg) -> AgentError {
@@ -436,10 +449,7 @@ impl WatchHandle<'_> {
                 serde_json::from_str(&json).map(Some).map_err(|e| self.client.lost(format!("unreadable FsEvents: {e}")))
             }
             Ok(GuestMsg::Done { .. }) => Err(self.client.lost("the watch ended")),
-            Ok(GuestMsg::Error { message, .. }) => {
-                Err(AgentError::Guest { sandbox: self.client.sandbox.clone(), message })
-            }
-            Ok(other) => Err(self.client.unexpected(other)),
+            Ok(other) => Err(self.client.failure(&other).unwrap_or_else(|| self.client.unexpected(other))),
             Err(mpsc::RecvTimeoutError::Timeout) => Ok(None),
             Err(mpsc::RecvTimeoutError::Disconnected) => Err(self.rx.gone("the watch ended")),
         }
@@ -503,10 +513,7 @@ impl ExecHandle<'_> {
             Some(GuestMsg::Stdout { data, .. }) => Ok(ExecEvent::Stdout(data)),
             Some(GuestMsg::Stderr { data, .. }) => Ok(ExecEvent::Stderr(data)),
             Some(GuestMsg::Exit { status, timed_out, .. }) => Ok(ExecEvent::Exit { status, timed_out }),
-            Some(GuestMsg::Error { message, .. }) => {
-                Err(AgentError::Guest { sandbox: self.client.sandbox.clone(), message })
-            }
-            Some(other) => Err(self.client.lost(format!("unexpected reply {other:?}"))),
+            Some(other) => Err(self.client.failure(&other).unwrap_or_else(|| self.client.unexpected(other))),
             None => Err(self.rx.gone("the command finished")),
         }
     }

@@ -266,8 +266,7 @@ impl Smolvm {
     /// replaced: the sandbox needs a stop and start.
     pub fn agent(&self, name: &str) -> Result<crate::agent::AgentClient, crate::agent::AgentError> {
         self.settle(name);
-        self.running(name)
-            .map_err(|e| crate::agent::AgentError::Guest { sandbox: name.into(), message: e.to_string() })?;
+        self.running(name).map_err(|e| crate::agent::AgentError::Sandbox(Box::new(e)))?;
         crate::agent::AgentClient::connect_sandbox(name, &self.dir(name))
     }
 
@@ -280,9 +279,7 @@ impl Smolvm {
         timeout: Option<Duration>,
     ) -> Result<crate::agent::ExecOutput, crate::agent::AgentError> {
         let client = self.agent(name)?;
-        let env = self
-            .guest_env(name)
-            .map_err(|e| crate::agent::AgentError::Guest { sandbox: name.into(), message: e.to_string() })?;
+        let env = self.guest_env(name).map_err(|e| crate::agent::AgentError::Sandbox(Box::new(e)))?;
         let h = client.exec(crate::agent::client::ExecRequest {
             command: crate::agent::client::Command::Argv(argv.to_vec()),
             env,

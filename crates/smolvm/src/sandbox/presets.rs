@@ -137,6 +137,7 @@ impl super::Smolvm {
                     out.code(),
                     crate::text::escape_controls(String::from_utf8_lossy(&out.stderr).trim())
                 ),
+                errno: None,
             });
         }
         Ok(())

@@ -403,6 +403,7 @@ impl Smolvm {
                 source: crate::agent::AgentError::Guest {
                     sandbox: name.into(),
                     message: format!("installing the sandbox's CA failed: {}", String::from_utf8_lossy(&out.stderr)),
+                    errno: None,
                 },
             });
         }
