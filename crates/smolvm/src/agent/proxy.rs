@@ -21,6 +21,9 @@ struct Route {
     /// proxy grants the guest what it hands to this client's queue, which is bounded itself
     /// (a client that leaves `CLIENT_QUEUE` unread is dropped).
     proxy_grants: bool,
+    /// The version this client and the guest share: what the guest sends is passed on in
+    /// the form this client reads (`GuestMsg::for_version`).
+    version: u32,
 }
 
 /// Output queued for one client that does not read it, before the proxy drops that client
@@ -106,6 +109,7 @@ pub fn run(dir: &Path, vm: UnixStream, owner: u32, ready: impl FnOnce()) -> std:
             let Some(route) = routes.by_global.get(&global) else { continue };
             *id = route.local_id;
             let out = route.out.clone();
+            let version = route.version;
             let n = msg.flow_bytes();
             if route.proxy_grants && n > 0 {
                 let _ = grants_out.push(encode(&HostMsg::Credit { id: global, bytes: n as u32 }));
@@ -114,7 +118,7 @@ pub fn run(dir: &Path, vm: UnixStream, owner: u32, ready: impl FnOnce()) -> std:
                 routes.by_global.remove(&global);
             }
             drop(routes);
-            if out.push(encode(&msg)).is_err() && !out.is_closed() {
+            if out.push(encode(&msg.for_version(version))).is_err() && !out.is_closed() {
                 tracing::warn!("a client did not read {CLIENT_QUEUE} bytes of its output: dropped");
                 out.close();
             }
@@ -191,7 +195,13 @@ fn serve_client(
                 ids.insert(*id, g);
                 lock(routes).by_global.insert(
                     g,
-                    Route { client, local_id: *id, out: out.clone(), proxy_grants: shared < 5 && hello.0 >= 5 },
+                    Route {
+                        client,
+                        local_id: *id,
+                        out: out.clone(),
+                        proxy_grants: shared < 5 && hello.0 >= 5,
+                        version: shared,
+                    },
                 );
                 if is_exec {
                     execs.push(g);
@@ -370,5 +380,53 @@ mod tests {
         );
         proxy.join().unwrap().unwrap();
         assert!(!sock.exists());
+    }
+
+    /// A v6 guest whose every exec fails with ENOSPC.
+    fn failing_guest(mut s: UnixStream) {
+        std::thread::spawn(move || {
+            while let Ok(Some(p)) = read_payload(&mut s) {
+                let reply = match decode::<HostMsg>(&p).unwrap() {
+                    HostMsg::Hello { version } => {
+                        let ready = Ready { v: 1, host_key: "k".into(), boot_us: BootPhases::default() };
+                        GuestMsg::hello(version.min(6), &ready)
+                    }
+                    HostMsg::Exec { id, .. } => GuestMsg::Failed { id, message: "write /x: full".into(), errno: 28 },
+                    _ => continue,
+                };
+                if s.write_all(&encode(&reply)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
+    #[test]
+    fn a_guests_errno_reaches_clients_that_read_it_and_older_ones_get_the_plain_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        failing_guest(theirs);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let d = dir.path().to_path_buf();
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        std::thread::spawn(move || run(&d, ours, me, move || tx.send(()).unwrap()));
+        rx.recv().unwrap();
+        let sock = dir.path().join("agent.sock");
+        let ask = |version: u32| {
+            let mut c = UnixStream::connect(&sock).unwrap();
+            c.write_all(&encode(&HostMsg::Hello { version })).unwrap();
+            let _hello: GuestMsg = read_frame(&mut c).unwrap().unwrap();
+            c.write_all(&encode(&HostMsg::Exec { id: 1, request: exec("x") })).unwrap();
+            read_frame::<GuestMsg>(&mut c).unwrap().unwrap()
+        };
+        assert_eq!(ask(6), GuestMsg::Failed { id: 1, message: "write /x: full".into(), errno: 28 });
+        assert_eq!(ask(5), GuestMsg::Error { id: 1, message: "write /x: full".into() });
+        // And the library's client turns it into a kind.
+        let me = std::process::id() as i32;
+        let client = AgentClient::connect("t", &sock, me).unwrap();
+        let err = client.exec_output(exec("x"), None).unwrap_err();
+        use crate::error::Kind;
+        assert_eq!((err.kind(), err.guest_errno()), (crate::error::ErrorKind::ResourceExhausted, Some(28)));
     }
 }
