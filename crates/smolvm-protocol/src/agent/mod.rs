@@ -43,6 +43,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::ready::{BootPhases, Ready};
 
+mod fs;
+mod refresh;
+pub use fs::*;
+pub use refresh::*;
+
 /// The readiness facts as version 1 of the protocol carries them, inside the postcard Hello:
 /// frozen, field for field (postcard fields are positional). Newer facts travel as JSON.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -209,174 +214,6 @@ pub enum HostMsg {
         id: u32,
         bytes: u32,
     },
-}
-
-/// A file system operation of [`HostMsg::Fs`]. Paths are absolute.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-pub enum FsRequest {
-    /// The entry itself (`lstat`: a symlink is reported as one, with its target).
-    Stat { path: String },
-    /// The entries under a directory, `depth` levels down (1 = its children).
-    ListDir { path: String, depth: u32 },
-    /// `mkdir -p`; a directory that exists already is the `AlreadyExists` failure.
-    MakeDir { path: String },
-    /// `rename(2)`, or a copy and remove across file systems.
-    Move { source: String, destination: String },
-    /// `rm -rf` (a missing path is `NotFound`).
-    Remove { path: String },
-}
-
-/// The answer to an [`FsRequest`]: entries (one for Stat, MakeDir and Move; the listing for
-/// ListDir; none for Remove), or a failure.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct FsReply {
-    #[serde(default)]
-    pub entries: Vec<FsEntry>,
-    #[serde(default)]
-    pub error: Option<FsFailure>,
-    /// A listing that stopped early (a frame holds 1 MiB): what is here is its beginning.
-    #[serde(default)]
-    pub truncated: bool,
-}
-
-/// Why an [`FsRequest`] failed, in a kind the host can map (to HTTP statuses, say).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FsFailure {
-    pub kind: FsErrorKind,
-    pub message: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FsErrorKind {
-    NotFound,
-    AlreadyExists,
-    NotADirectory,
-    IsADirectory,
-    PermissionDenied,
-    Invalid,
-    Other,
-}
-
-/// What a directory entry is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EntryKind {
-    File,
-    Dir,
-    Symlink,
-    Other,
-}
-
-/// One file system entry (as `lstat` sees it).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FsEntry {
-    pub name: String,
-    /// Absolute.
-    pub path: String,
-    pub kind: EntryKind,
-    pub size: u64,
-    /// `st_mode`: type and permission bits.
-    pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
-    /// The user and group names (from the guest's `/etc/passwd`, `/etc/group`), else the ids.
-    pub owner: String,
-    pub group: String,
-    /// Modification time, nanoseconds since the epoch.
-    pub mtime_ns: i64,
-    #[serde(default)]
-    pub symlink_target: Option<String>,
-}
-
-/// What [`HostMsg::Watch`] watches.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WatchRequest {
-    pub path: String,
-    /// Subdirectories too (and those created later).
-    pub recursive: bool,
-}
-
-/// A change seen by a watch.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FsEvent {
-    /// The path relative to the watched directory.
-    pub name: String,
-    pub op: FsOp,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FsOp {
-    Create,
-    Write,
-    Remove,
-    Rename,
-    Chmod,
-}
-
-/// What [`HostMsg::Refresh`] asks of the guest (travels as JSON).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Refresh {
-    /// Random bytes from the host, hex: mixed into the kernel's pool, which is then reseeded,
-    /// so that two guests restored from one snapshot never produce the same random bytes.
-    pub seed_hex: String,
-    /// The host's wall clock (ns since the epoch): the guest's clock is stepped to it.
-    pub unix_ns: u64,
-    /// A new identity, for a guest that is a clone (not for a resume).
-    pub identity: Option<Identity>,
-}
-
-/// A clone's own identity.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Identity {
-    pub hostname: String,
-    /// Base64 of root's `authorized_keys` (the key of the home that restores the snapshot).
-    pub authorized_key_b64: String,
-    /// The clone's new SSH host key, made by the host. Absent from older hosts: the guest
-    /// then makes one itself, which costs ~0.2 s of a restore under emulation (the curve
-    /// arithmetic runs on a cold translation cache). A guest that predates the field ignores
-    /// it and reports the key it made.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub host_key: Option<HostKey>,
-}
-
-/// An SSH host key pair, both halves in OpenSSH's formats (ed25519). The public half travels
-/// too so that the guest does no curve arithmetic at all: it writes both as given (deriving
-/// the public key from the private one, which parsing the private key does, costs what
-/// making one costs).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HostKey {
-    /// `-----BEGIN OPENSSH PRIVATE KEY-----` ...
-    pub private: PrivateText,
-    /// `ssh-ed25519 AAAA...`
-    pub public: String,
-}
-
-/// Text that is a secret (a private key): travels like a `String` but never shows in a
-/// `Debug` rendering, so that no log line carries it.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct PrivateText(pub String);
-
-impl std::fmt::Debug for PrivateText {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PrivateText(<{} bytes, not shown>)", self.0.len())
-    }
-}
-
-/// The guest's answer to a [`Refresh`] (as JSON).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct Refreshed {
-    /// The new SSH host public key, when an identity was asked for.
-    pub host_key: Option<String>,
-    /// Steps that failed, each a line (the others were done).
-    pub errors: Vec<String>,
-    /// How long each step took in the guest, µs, in order (absent from older guests): what
-    /// a restore spends where, for `status` and the bench.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub steps_us: Vec<(String, u64)>,
 }
 
 /// How a process ended.
