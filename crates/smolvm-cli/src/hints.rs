@@ -12,6 +12,15 @@ pub fn for_chain<'a>(chain: impl Iterator<Item = &'a (dyn std::error::Error + 's
 }
 
 fn hint(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    if let Some(e) = e.downcast_ref::<smolvm::state::StateError>() {
+        use smolvm::error::{ErrorKind, Kind};
+        if e.kind() == ErrorKind::ResourceExhausted {
+            return Some(
+                "the disk that holds SMOLVM_HOME is full: free space there (smolvm image prune, smolvm snapshot delete)"
+                    .into(),
+            );
+        }
+    }
     if let Some(e) = e.downcast_ref::<CreateError>() {
         return Some(match e {
             CreateError::Exists(n) => format!("smolvm delete {n}, or choose another --name"),
@@ -30,6 +39,7 @@ fn hint(e: &(dyn std::error::Error + 'static)) -> Option<String> {
             CreateError::Network(p) => return hint(p),
             CreateError::Secret(s) => return hint(s),
             CreateError::Setup(l) => return hint(l.as_ref()),
+            CreateError::State(s) => return hint(s),
             CreateError::Snapshot(e) => return snapshot_hint(e),
             CreateError::SnapshotImage { .. } => {
                 "smolvm image pull (or image import) of the release the snapshot was taken with".into()
@@ -71,6 +81,7 @@ fn hint(e: &(dyn std::error::Error + 'static)) -> Option<String> {
                 Status::Paused => format!("smolvm resume {name} first"),
                 _ => format!("smolvm start {name} first"),
             }),
+            SandboxError::State(s) => hint(s),
             _ => None,
         };
     }
@@ -123,6 +134,7 @@ fn hint(e: &(dyn std::error::Error + 'static)) -> Option<String> {
                 Some(format!("smolvm delete {name} stops it (and removes the sandbox)"))
             }
             LifecycleError::Sandbox(s) => hint(s),
+            LifecycleError::State(s) => hint(s),
             LifecycleError::Boot(b) => hint(b),
             LifecycleError::Policy { source, .. } => hint(source),
             LifecycleError::Env { source, .. } => hint(source),

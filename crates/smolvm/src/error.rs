@@ -72,6 +72,9 @@ impl Kind for StateError {
             StateError::SharedHome { .. } | StateError::ForeignHome { .. } => ErrorKind::PermissionDenied,
             StateError::TooNew { .. } => ErrorKind::InvalidInput,
             StateError::Lock { source, .. } | StateError::Home { source, .. } => io_kind(source),
+            StateError::Query(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::DiskFull => {
+                ErrorKind::ResourceExhausted
+            }
             StateError::Open { .. } | StateError::Query(_) => ErrorKind::Internal,
         }
     }
