@@ -117,3 +117,115 @@ fn a_full_disk_fails_snapshot_pause_and_create_cleanly_and_harms_nothing() {
     ok(home.cmd().args(["resume", "src"]));
     assert_eq!(ok(home.cmd().args(["exec", "src", "--", "cat", "/root/kept"])).trim(), "before");
 }
+
+/// A home on an ordinary temporary directory, with `smolvm serve` on it.
+struct Served {
+    home: tempfile::TempDir,
+    release: PathBuf,
+    server: Server,
+    serve: std::process::Child,
+    url: String,
+    key: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.serve.kill();
+        let _ = self.serve.wait();
+        common::cleanup(self.home.path());
+    }
+}
+
+impl Served {
+    fn cmd(&self) -> Command {
+        smolvm(self.home.path(), &self.server.url, &self.release)
+    }
+}
+
+/// Every process of `home` (a QEMU, a network process, an agent proxy), by the sandboxes
+/// directory in its arguments or its `-name`.
+fn processes_of_home(home: &Path, names: &[String]) -> Vec<String> {
+    let sandboxes = home.join("sandboxes");
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let args: Vec<String> = cmd.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        let helper = args.iter().any(|a| Path::new(a).starts_with(&sandboxes));
+        let qemu = names.iter().any(|n| args.contains(&format!("smolvm-{n},process=smolvm-{n}")));
+        if helper || qemu {
+            found.push(args.join(" "));
+        }
+    }
+    found
+}
+
+#[test]
+#[ignore = "boots the release under QEMU: run scripts/test.sh"]
+fn twenty_creates_and_deletes_at_once_through_serve_and_the_cli() {
+    let release = release_dir();
+    let home = tempfile::tempdir().unwrap();
+    let server = Server::start(release.parent().unwrap().to_path_buf()).unwrap();
+    let (serve, url, key) = common::start_serve(smolvm(home.path(), &server.url, &release));
+    let s = Served { home, release, server, serve, url, key };
+    // The first create makes the boot snapshot; the twenty restore it.
+    ok(s.cmd().args(["create", "--name", "first"]));
+    ok(s.cmd().args(["delete", "first"]));
+
+    let api_names = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|t| {
+        for i in 0..10 {
+            let s = &s;
+            t.spawn(move || ok(s.cmd().args(["create", "--name", &format!("cli{i}")])));
+            let api_names = &api_names;
+            t.spawn(move || {
+                let (status, body) = common::http(
+                    &s.url,
+                    "POST",
+                    "/v2/sandboxes",
+                    Some(r#"{"templateID":"base","timeout":600}"#),
+                    Some(&s.key),
+                );
+                assert_eq!(status, 201, "{body}");
+                api_names.lock().unwrap().push(body["sandboxID"].as_str().unwrap().to_string());
+            });
+        }
+    });
+    let api_names = api_names.into_inner().unwrap();
+    let mut names: Vec<String> = (0..10).map(|i| format!("cli{i}")).chain(api_names.iter().cloned()).collect();
+    names.sort();
+    let listed: serde_json::Value = serde_json::from_str(&ok(s.cmd().args(["list", "--json"]))).unwrap();
+    let rows = listed.as_array().unwrap();
+    let mut listed_names: Vec<String> = rows.iter().map(|r| r["name"].as_str().unwrap().to_string()).collect();
+    listed_names.sort();
+    assert_eq!(listed_names, names, "no row lost, none extra");
+    assert!(rows.iter().all(|r| r["status"] == "running"), "{listed}");
+    let unique = |field: &dyn Fn(&serde_json::Value) -> serde_json::Value| {
+        let mut v: Vec<String> = rows.iter().map(|r| field(r).to_string()).collect();
+        v.sort();
+        v.dedup();
+        v.len()
+    };
+    assert_eq!(unique(&|r| r["ssh_port"].clone()), 20, "ports unique: {listed}");
+    assert_eq!(unique(&|r| r["pid"].clone()), 20, "one VM each: {listed}");
+    if rows[0]["host"]["uid"].is_number() {
+        assert_eq!(unique(&|r| r["host"]["uid"].clone()), 20, "uids unique: {listed}");
+    }
+
+    std::thread::scope(|t| {
+        for (i, n) in names.iter().enumerate() {
+            let s = &s;
+            if i % 2 == 0 {
+                t.spawn(move || ok(s.cmd().args(["delete", n])));
+            } else {
+                t.spawn(move || {
+                    let (status, body) = common::http(&s.url, "DELETE", &format!("/sandboxes/{n}"), None, Some(&s.key));
+                    assert!(status == 204 || status == 200, "DELETE {n}: {status} {body}");
+                });
+            }
+        }
+    });
+    let listed: serde_json::Value = serde_json::from_str(&ok(s.cmd().args(["list", "--json"]))).unwrap();
+    assert!(listed.as_array().unwrap().is_empty(), "{listed}");
+    let left = processes_of_home(s.home.path(), &names);
+    assert!(left.is_empty(), "processes left: {left:#?}");
+}

@@ -12,7 +12,7 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use common::{ok, release_dir, smolvm};
@@ -67,16 +67,8 @@ impl Fixture {
 
     /// Starts `smolvm serve` on a free loopback port; its first line of output says where.
     fn start_serve(&mut self) {
-        let mut c = self.cmd();
-        c.args(["serve", "--listen", "127.0.0.1:0", "--json"]).stdout(Stdio::piped()).stderr(Stdio::inherit());
-        let mut child = c.spawn().unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let v: serde_json::Value =
-            serde_json::from_str(&line).unwrap_or_else(|e| panic!("serve printed {line:?}: {e}"));
-        self.url = v["url"].as_str().unwrap().to_string();
-        self.key = v["env"]["E2B_API_KEY"].as_str().unwrap().to_string();
-        assert_eq!(v["env"]["E2B_SANDBOX_URL"], v["env"]["E2B_API_URL"]);
+        let (child, url, key) = common::start_serve(self.cmd());
+        (self.url, self.key) = (url, key);
         self.serve = Some(child);
     }
 
@@ -101,41 +93,8 @@ impl Fixture {
 
     /// One HTTP/1.1 request to the server: (status, body as JSON or null).
     fn http(&self, method: &str, path: &str, body: Option<&str>, key: Option<&str>) -> (u16, serde_json::Value) {
-        let addr = self.url.trim_start_matches("http://");
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
-        let body = body.unwrap_or("");
-        let auth = key.map(|k| format!("X-API-Key: {k}\r\n")).unwrap_or_default();
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
-        let (head, rest) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
-        let rest = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-            dechunk(rest)
-        } else {
-            rest.to_string()
-        };
-        (status, serde_json::from_str(&rest).unwrap_or(serde_json::Value::Null))
+        common::http(&self.url, method, path, body, key)
     }
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = &rest[n + 2..];
-    }
-    out
 }
 
 /// Runs a client script, echoing its output; asserts it ended well and printed each check.
@@ -420,7 +379,7 @@ fn an_api_caller_can_neither_make_the_server_hold_output_nor_learn_what_exists()
     let mut got = 0u64;
     let mut body = Vec::new();
     r.read_to_end(&mut body).unwrap();
-    let text = dechunk(&String::from_utf8_lossy(&body));
+    let text = common::dechunk(&String::from_utf8_lossy(&body));
     let mut b = text.as_bytes();
     while b.len() >= 5 {
         let n = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;

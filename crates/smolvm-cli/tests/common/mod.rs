@@ -99,3 +99,56 @@ impl Drop for Cleanup {
         cleanup(&self.0);
     }
 }
+
+/// One HTTP/1.1 request to `smolvm serve` at `url`: (status, body as JSON or null).
+pub fn http(url: &str, method: &str, path: &str, body: Option<&str>, key: Option<&str>) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let addr = url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(300))).unwrap();
+    let body = body.unwrap_or("");
+    let auth = key.map(|k| format!("X-API-Key: {k}\r\n")).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let (head, rest) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    let rest =
+        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(rest) } else { rest.to_string() };
+    (status, serde_json::from_str(&rest).unwrap_or(serde_json::Value::Null))
+}
+
+pub fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+    out
+}
+
+/// Starts `smolvm serve` on a free loopback port of `cmd`'s home: (the child, its URL, its
+/// API key), from the first line it prints.
+pub fn start_serve(mut cmd: Command) -> (std::process::Child, String, String) {
+    use std::io::BufRead;
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit());
+    let mut child = cmd.spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("serve printed {line:?}: {e}"));
+    let url = v["url"].as_str().unwrap().to_string();
+    let key = v["env"]["E2B_API_KEY"].as_str().unwrap().to_string();
+    assert_eq!(v["env"]["E2B_SANDBOX_URL"], v["env"]["E2B_API_URL"]);
+    (child, url, key)
+}

@@ -205,6 +205,11 @@ impl Smolvm {
         users.identity(slot).map(Some).ok_or(BootError::NoFreeUid { count: users.count })
     }
 
+    /// Who holds a sandbox's uid lease: its home's database and its name.
+    pub(super) fn lease_holder(&self, name: &str) -> String {
+        format!("{}/{name}", self.home().database().display())
+    }
+
     /// [`Smolvm::identity_of`] for a boot: the uid leased host-wide first (`uids.rs`), the
     /// sandbox moved to another slot if another home's sandbox holds its uid.
     fn lease_identity(&self, name: &str) -> Result<Option<Identity>, BootError> {
@@ -213,30 +218,28 @@ impl Smolvm {
             return Ok(None);
         }
         let users = self.config().vm_users.ok_or(BootError::NoVmUsers)?;
-        let slot = self.db().uid_slot(name)?;
         // This home's slot, if no other home's sandbox (or any process) has its uid now.
-        let holder = format!("{}/{name}", self.home().database().display());
+        let holder = self.lease_holder(name);
         let db = self.db();
         // Its own last processes (a QEMU still quitting after a pause) do not make its uid busy.
         let dir = self.dir(name);
         let own: Vec<i32> =
             ["qemu", "netd", "agent-proxy"].iter().filter_map(|what| crate::child::recorded_pid(&dir, what)).collect();
-        let leased = super::uids::lease(
-            &self.config().uid_leases,
-            &users,
-            slot,
-            &own,
-            |s| db.uid_slot_taken(name, s).unwrap_or(true),
-            &holder,
-        )
-        .map_err(|source| BootError::Io {
-            what: format!("lease a uid in {}", self.config().uid_leases.display()),
-            source,
-        })?
+        let leases = &self.config().uid_leases;
+        let io = |source| BootError::Io { what: format!("lease a uid in {}", leases.display()), source };
+        // The slot this home records and the lease are chosen as one step for the whole host.
+        let leased = super::uids::locked(leases, || -> Result<Option<u32>, BootError> {
+            let slot = db.uid_slot(name)?;
+            let leased =
+                super::uids::lease(leases, &users, slot, &own, |s| db.uid_slot_taken(name, s).unwrap_or(true), &holder)
+                    .map_err(io)?;
+            if let Some(l) = leased.filter(|l| *l != slot) {
+                db.set_uid_slot(name, l)?;
+            }
+            Ok(leased)
+        })
+        .map_err(io)??
         .ok_or(BootError::NoFreeUid { count: users.count })?;
-        if leased != slot {
-            db.set_uid_slot(name, leased)?;
-        }
         users.identity(leased).map(Some).ok_or(BootError::NoFreeUid { count: users.count })
     }
 

@@ -151,6 +151,7 @@ impl Smolvm {
         self.kill_vm(name, &row);
         tracing::debug!("{name}: its processes ended after {:?}", t.elapsed());
         super::throw_away(&self.dir(name));
+        self.release_uid(name);
         self.db().delete(name)?;
         tracing::debug!("{name}: deleted after {:?}", t.elapsed());
         // The lock file stays (empty): removing it would let a command waiting on the old file
@@ -164,7 +165,16 @@ impl Smolvm {
             self.kill_vm(name, &row);
         }
         remove_all(&self.dir(name));
+        self.release_uid(name);
         let _ = self.db().delete(name);
+    }
+
+    /// Gives up the host-wide lease of a sandbox's uid (its processes are gone).
+    fn release_uid(&self, name: &str) {
+        let (Some(users), Ok(Some(slot))) = (self.config().vm_users, self.db().uid_slot_of(name)) else { return };
+        if let Some(id) = users.identity(slot) {
+            let _ = super::uids::release(&self.config().uid_leases, id.uid, &self.lease_holder(name));
+        }
     }
 
     /// Kills the sandbox's VM if one runs: the pid the row recorded (its start time checked),

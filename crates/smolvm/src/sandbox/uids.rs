@@ -24,6 +24,9 @@ pub const LEASE_FRESH: Duration = Duration::from_secs(120);
 /// if no process runs as its uid (but its own last ones, `own`: a QEMU still quitting after a
 /// pause) and no fresh lease of another holds it, else the lowest such slot that `taken`
 /// (other sandboxes of this home) does not name. `None`: every slot is busy.
+/// Must run under [`locked`], together with recording the slot chosen: the choice and the
+/// record are one step for every process on the host (20 creates at once through the server
+/// and the CLI found them apart: one process recorded a slot another had just been given).
 pub fn lease(
     dir: &Path,
     users: &VmUsers,
@@ -32,8 +35,6 @@ pub fn lease(
     taken: impl Fn(u32) -> bool,
     holder: &str,
 ) -> std::io::Result<Option<u32>> {
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-    let _lock = crate::lock::FileLock::exclusive(&dir.join(".lock"))?;
     let busy = uids_with_processes(own);
     let candidates = std::iter::once(want).chain((0..users.count).filter(|s| *s != want && !taken(*s)));
     for slot in candidates {
@@ -60,6 +61,25 @@ pub fn lease(
         return Ok(Some(slot));
     }
     Ok(None)
+}
+
+/// Runs `f` holding the host-wide lock of the leases in `dir` (made if missing).
+pub fn locked<T>(dir: &Path, f: impl FnOnce() -> T) -> std::io::Result<T> {
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let _lock = crate::lock::FileLock::exclusive(&dir.join(".lock"))?;
+    Ok(f())
+}
+
+/// Gives up `uid`'s lease if `holder` holds it (a deleted sandbox): the uid is free at once
+/// rather than after [`LEASE_FRESH`] (a long-lived holder, `smolvm serve`, keeps leases fresh).
+pub fn release(dir: &Path, uid: u32, holder: &str) -> std::io::Result<()> {
+    locked(dir, || {
+        let path = dir.join(uid.to_string());
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        if text.split_once('\n').is_some_and(|(_, h)| h.trim() == holder) {
+            let _ = std::fs::remove_file(&path);
+        }
+    })
 }
 
 /// The holder of the lease at `path`, if it is fresh: its taker still runs and it is recent.
@@ -124,5 +144,20 @@ mod tests {
         // A lease whose taker is gone (no such pid).
         std::fs::write(dir.path().join("4000000000"), "2147483646\nhome-x/gone\n").unwrap();
         assert_eq!(lease(dir.path(), &u, 0, &[], |_| false, "home-y/new").unwrap(), Some(0));
+    }
+
+    #[test]
+    fn a_lease_is_released_by_its_holder_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let u = users(4_000_000_100);
+        assert_eq!(lease(dir.path(), &u, 0, &[], |_| false, "home-a/box").unwrap(), Some(0));
+        let file = dir.path().join("4000000100");
+        release(dir.path(), 4_000_000_100, "home-b/box").unwrap();
+        assert!(file.exists(), "another holder's release leaves it");
+        // Fresh (this process runs): another holder would not get it now.
+        assert_eq!(lease(dir.path(), &u, 0, &[], |_| false, "home-b/box").unwrap(), Some(1));
+        release(dir.path(), 4_000_000_100, "home-a/box").unwrap();
+        assert!(!file.exists());
+        assert_eq!(lease(dir.path(), &u, 0, &[], |_| false, "home-c/box").unwrap(), Some(0), "free at once");
     }
 }
