@@ -85,6 +85,7 @@ fn no_partial_snapshot(home: &SmallHome) {
 #[test]
 #[ignore = "boots the release under QEMU on a tmpfs home (root): run scripts/test.sh"]
 fn a_full_disk_fails_snapshot_pause_and_create_cleanly_and_harms_nothing() {
+    let _serial = serial();
     let home = SmallHome::new("3g");
     ok(home.cmd().args(["create", "--name", "src"]));
     ok(home.cmd().args(["exec", "src", "--", "sh", "-c", "echo before > /root/kept && sync"]));
@@ -162,6 +163,7 @@ fn processes_of_home(home: &Path, names: &[String]) -> Vec<String> {
 #[test]
 #[ignore = "boots the release under QEMU: run scripts/test.sh"]
 fn twenty_creates_and_deletes_at_once_through_serve_and_the_cli() {
+    let _serial = serial();
     let release = release_dir();
     let home = tempfile::tempdir().unwrap();
     let server = Server::start(release.parent().unwrap().to_path_buf()).unwrap();
@@ -228,4 +230,135 @@ fn twenty_creates_and_deletes_at_once_through_serve_and_the_cli() {
     assert!(listed.as_array().unwrap().is_empty(), "{listed}");
     let left = processes_of_home(s.home.path(), &names);
     assert!(left.is_empty(), "processes left: {left:#?}");
+}
+
+/// The phase a command needs its sandbox in.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Need {
+    Running,
+    Stopped,
+    Paused,
+}
+
+/// Sandbox names in the arguments of a process of `home`: a helper's `run/` directory, a
+/// QEMU's `-name smolvm-NAME,process=smolvm-NAME` (for the names in `names` only: other
+/// tests' QEMUs run beside this one).
+fn sandbox_of(args: &[String], home: &Path, names: &[&str]) -> Option<String> {
+    let sandboxes = home.join("sandboxes");
+    for a in args {
+        if let Ok(rest) = Path::new(a).strip_prefix(&sandboxes) {
+            return rest.components().next().map(|c| c.as_os_str().to_string_lossy().into_owned());
+        }
+        if let Some(n) = names.iter().find(|n| *a == format!("smolvm-{n},process=smolvm-{n}")) {
+            return Some(n.to_string());
+        }
+    }
+    None
+}
+
+#[test]
+#[ignore = "boots the release under QEMU: run scripts/test.sh"]
+fn every_lifecycle_command_killed_at_any_moment_leaves_a_phase_the_next_command_names() {
+    let _serial = serial();
+    let release = release_dir();
+    let home = tempfile::tempdir().unwrap();
+    let _cleanup = common::Cleanup(home.path().to_path_buf());
+    let server = Server::start(release.parent().unwrap().to_path_buf()).unwrap();
+    let cmd = || smolvm(home.path(), &server.url, &release);
+    // Names of this run only: a QEMU is told from other runs' by its name.
+    let (boxn, clonen) = (format!("kb{}", std::process::id()), format!("kc{}", std::process::id()));
+    let (box_, clone_) = (boxn.as_str(), clonen.as_str());
+    let names = [box_, clone_];
+    let status = || -> serde_json::Value { serde_json::from_str(&ok(cmd().args(["list", "--json"]))).unwrap() };
+    let status_of = |n: &str| status().as_array().unwrap().iter().find(|r| r["name"] == n).map(|r| r["status"].clone());
+    let bring = |need: Need| {
+        for _ in 0..4 {
+            let st = status_of(box_).unwrap();
+            let st = st.as_str().unwrap();
+            let step: &[&str] = match (st, need) {
+                ("running", Need::Running) | ("stopped", Need::Stopped) | ("paused", Need::Paused) => return,
+                ("paused", Need::Running) => &["resume", box_],
+                ("stopped" | "crashed", Need::Running | Need::Paused) => &["start", box_],
+                ("running" | "crashed" | "paused", Need::Stopped) => &["stop", box_],
+                ("running", Need::Paused) => &["pause", box_],
+                other => panic!("kbox is {other:?}"),
+            };
+            ok(cmd().args(step));
+        }
+        panic!("kbox never became {need:?}");
+    };
+    // After each kill: the next command (list, which opens the home) names a phase; nothing
+    // runs that no running row owns; only complete snapshots are listed.
+    let check = |what: &str| {
+        let listed = status();
+        let rows = listed.as_array().unwrap();
+        for r in rows {
+            let st = r["status"].as_str().unwrap();
+            assert!(["running", "stopped", "paused", "crashed", "creating"].contains(&st), "{what}: {r}");
+        }
+        let running: Vec<&str> =
+            rows.iter().filter(|r| r["status"] == "running").map(|r| r["name"].as_str().unwrap()).collect();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else { continue };
+            let args: Vec<String> =
+                cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+            if let Some(n) = sandbox_of(&args, home.path(), &names) {
+                assert!(
+                    running.contains(&n.as_str()),
+                    "{what}: a process of {n}, which is not running: {args:?}\n{listed}"
+                );
+            }
+        }
+        let snaps: serde_json::Value = serde_json::from_str(&ok(cmd().args(["snapshot", "list", "--json"]))).unwrap();
+        for s in snaps.as_array().unwrap() {
+            assert_eq!(s["name"], "ks", "{what}: {snaps}");
+        }
+    };
+    ok(cmd().args(["create", "--name", box_]));
+    let ops: [(&str, &[&str], Need); 6] = [
+        ("stop", &["stop", box_], Need::Running),
+        ("start", &["start", box_], Need::Stopped),
+        ("pause", &["pause", box_], Need::Running),
+        ("resume", &["resume", box_], Need::Paused),
+        ("snapshot", &["snapshot", box_, "--name", "ks"], Need::Running),
+        ("fork", &["fork", box_, "--name", clone_], Need::Running),
+    ];
+    for delay_ms in [5u64, 40, 150, 400] {
+        for (what, args, need) in ops {
+            bring(need);
+            let _ = cmd().args(["delete", "--force", clone_]).output();
+            let _ = cmd().args(["snapshot", "delete", "ks"]).output();
+            let mut child = cmd()
+                .args(args)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+            check(&format!("{what} killed after {delay_ms} ms"));
+        }
+    }
+    // Delete, killed too; then a delete cleans it all.
+    let mut child = cmd().args(["delete", box_]).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    for n in names {
+        let _ = cmd().args(["delete", "--force", n]).output();
+    }
+    check("after delete");
+    assert!(status().as_array().unwrap().is_empty());
+    let left: Vec<_> = std::fs::read_dir(home.path().join("sandboxes"))
+        .map(|d| d.flatten().map(|e| e.file_name()).filter(|n| !n.to_string_lossy().starts_with('.')).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "directories left: {left:?}");
+}
+
+/// The tests of this file one at a time: each starts many VMs, and two at once under
+/// emulation on a small machine only measure the machine.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }

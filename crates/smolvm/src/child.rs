@@ -47,6 +47,10 @@ pub(crate) struct Confine {
     pub jail: Option<crate::jail::Jail>,
     /// The seccomp filter that refuses new namespaces.
     pub no_namespaces: bool,
+    /// Killed when the thread that started it ends (`PR_SET_PDEATHSIG`): for a process that
+    /// serves one command only (the sealing QEMU), which a killed command must not leave
+    /// behind. Never for a sandbox's own processes, which outlive the command that starts them.
+    pub dies_with_caller: bool,
 }
 
 /// Where the child finds its program: the command's path is `/proc/self/fd/EXE_FD`.
@@ -117,13 +121,16 @@ impl Confine {
         // SAFETY: geteuid has no preconditions.
         let jail = self.jail.filter(|_| unsafe { libc::geteuid() } == 0);
         let filter = self.no_namespaces.then(crate::jail::no_namespaces_filter);
+        let dies_with_caller = self.dies_with_caller;
+        // SAFETY: getpid has no preconditions.
+        let caller = unsafe { libc::getpid() };
         let mut procs = [-1; 4];
         for (i, fd) in self.cgroup_procs.iter().take(4).enumerate() {
             procs[i] = *fd;
         }
         // SAFETY: only async-signal-safe system calls (setsid, write, fcntl, dup2, chdir,
         // unshare, mount, mkdir, symlink, open, close, pivot_root, umount2, prctl, umask,
-        // setgroups, setresgid, setresuid) run between fork and exec, on values prepared
+        // setgroups, setresgid, setresuid, getppid) run between fork and exec, on values prepared
         // before the fork.
         unsafe {
             cmd.pre_exec(move || {
@@ -166,6 +173,14 @@ impl Confine {
                         check(libc::setgroups(1, groups.as_ptr()))?;
                         check(libc::setresgid(id.gid, id.gid, id.gid))?;
                         check(libc::setresuid(id.uid, id.uid, id.uid))?;
+                    }
+                }
+                // After the change of uid, which clears it.
+                if dies_with_caller {
+                    check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
+                    if libc::getppid() != caller {
+                        // The caller died before the signal was armed.
+                        return Err(std::io::Error::other("the starting process is gone"));
                     }
                 }
                 Ok(())

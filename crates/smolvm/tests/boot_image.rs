@@ -124,6 +124,7 @@ fn release_boots_and_serves_strict_ssh() {
         cgroup_procs: vec![],
         ram: None,
         incoming: None,
+        ends_with_caller: false,
     };
     let child = Qemu::new("qemu-system-x86_64")
         .spawn(&cfg, plumbing, std::fs::File::create(work.path().join("qemu.stderr")).unwrap())

@@ -105,6 +105,8 @@ pub fn spawn_proxy(
         exe: Some(exe.file.as_raw_fd()),
         jail: Some(crate::jail::Jail::new(&crate::jail::mount_point(dir, "proxy"), &crate::paths::run_dir(dir), true)?),
         no_namespaces: true,
+        // It outlives the command that starts it, as the sandbox does.
+        dies_with_caller: false,
     }
     .apply(&mut cmd);
     let mut child = cmd.spawn()?;

@@ -182,6 +182,8 @@ pub fn spawn(
         // host's resolver configuration).
         jail: None,
         no_namespaces: true,
+        // It outlives the command that starts it, as the sandbox does.
+        dies_with_caller: false,
     }
     .apply(&mut cmd);
     let mut child = cmd.spawn().map_err(io(format!("start {} __netd", program.display())))?;

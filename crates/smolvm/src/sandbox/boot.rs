@@ -345,6 +345,7 @@ impl Smolvm {
             cgroup_procs: procs,
             ram,
             incoming,
+            ends_with_caller: false,
         };
         // Our copies of QEMU's ends close when `plumbing` is dropped inside, so that the
         // helpers see QEMU's exit.

@@ -217,3 +217,16 @@ fn a_transition_another_process_made_impossible_is_refused_not_written() {
     assert!(err.contains("is stopped now and cannot become paused"), "{err}");
     assert_eq!(w.sm.db().get("box").unwrap().unwrap().state, SandboxState::Stopped);
 }
+
+#[test]
+fn a_vm_left_by_a_killed_boot_is_ended_on_open_and_the_row_keeps_its_phase() {
+    let mut w = world();
+    // A start killed after it spawned the VM and recorded its pid, before "running".
+    let mut row = w.row.clone();
+    row.state = SandboxState::Stopped;
+    w.sm.db().update(&row).unwrap();
+    w.sm.reconcile();
+    assert!(w.vm_ends(), "the VM no command owns is ended");
+    let now = w.sm.db().get("box").unwrap().unwrap();
+    assert_eq!((now.state, now.pid), (SandboxState::Stopped, None));
+}

@@ -60,6 +60,8 @@ pub fn seal(
         cgroup_procs: vec![],
         ram: Some(ram.try_clone()?),
         incoming: Some(input.into()),
+        // A command killed mid-seal must not leave this QEMU waiting for a load for ever.
+        ends_with_caller: true,
     };
     let mut child = vmm.spawn(&cfg, plumbing, log).map_err(io("start the sealing VM"))?;
     let pid = child.id() as i32;

@@ -103,6 +103,9 @@ pub struct Wiring {
     pub ram: Option<OwnedFd>,
     /// The saved state to load, with [`MachineSpec::incoming`].
     pub incoming: Option<OwnedFd>,
+    /// The VM serves the starting command only (the sealing VM): it is killed if that
+    /// command dies. A sandbox's VM outlives the command that starts it.
+    pub ends_with_caller: bool,
 }
 
 /// The guest kernel command line. Nothing secret goes here: it is visible in the host's

@@ -50,6 +50,8 @@ impl VmControl for QmpControl {
     }
 
     fn cont(&mut self) -> std::io::Result<()> {
+        // The guest cannot run while a save of a killed command goes on in QEMU.
+        migrate::end_stale_migration(&mut self.0)?;
         migrate::cont(&mut self.0)
     }
 

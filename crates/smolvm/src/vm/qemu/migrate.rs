@@ -47,9 +47,41 @@ pub fn cont(q: &mut Qmp) -> std::io::Result<()> {
     q.execute("cont", None).map(|_| ())
 }
 
+/// Ends a migration a killed smolvm process left running in QEMU (it goes on without its
+/// client), and waits until QEMU says it is over: a new save, or a `cont`, meets a QEMU that
+/// is not mid-way through another.
+pub fn end_stale_migration(q: &mut Qmp) -> std::io::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut cancelled = false;
+    loop {
+        let status = q.execute("query-migrate", None)?["status"].as_str().unwrap_or("").to_string();
+        if !matches!(status.as_str(), "setup" | "active" | "pre-switchover" | "device" | "cancelling" | "wait-unplug") {
+            return Ok(());
+        }
+        if !cancelled {
+            tracing::warn!("QEMU was still saving for a command that is gone ({status}): cancelled");
+            let _ = q.execute("migrate_cancel", None);
+            cancelled = true;
+        }
+        if Instant::now() > deadline {
+            return Err(std::io::Error::other(format!("a stale save would not end (QEMU says {status})")));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Saves the stopped guest to `path` (relative to QEMU's working directory) as a mapped-ram
 /// stream, or devices only when `devices_only` (the RAM must be a shared file then).
 pub fn save(q: &mut Qmp, path: &str, devices_only: bool) -> std::io::Result<()> {
+    end_stale_migration(q)?;
+    // A save completed for a command that was killed before it let the guest run leaves QEMU
+    // in `postmigrate`, from which it refuses to save again ("paused due to previous
+    // migration"): a `cont` and `stop` make it an ordinary stopped guest. Nothing was saved
+    // of this capture yet, so the moment it is of is unchanged.
+    if run_state(q)? == "postmigrate" {
+        cont(q)?;
+        stop(q)?;
+    }
     set_capabilities(q, &[("x-ignore-shared", devices_only), ("mapped-ram", !devices_only)])?;
     q.execute("migrate-set-parameters", Some(json!({ "max-bandwidth": 100u64 << 30 })))?;
     q.execute("migrate", Some(json!({ "uri": format!("file:{path}") })))?;

@@ -271,6 +271,7 @@ impl Qemu {
                 Netdev::UnrestrictedUser { .. } => None,
             },
             no_namespaces: true,
+            dies_with_caller: plumbing.ends_with_caller,
         }
         .apply(&mut cmd);
         tracing::debug!("starting {cmd:?}");
