@@ -342,10 +342,7 @@ fn scan(home: &Path, name: &str) -> Vec<(i32, String)> {
     let qemu_name = format!("smolvm-{name},process=smolvm-{name}");
     let dir = home.join("sandboxes").join(name).join("run");
     let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else { continue };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
-        let args: Vec<String> = cmd.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    for (pid, args) in common::processes() {
         let helper =
             args.iter().any(|a| a == "__netd" || a == "__agent-proxy") && args.iter().any(|a| Path::new(a) == dir);
         if args.contains(&qemu_name) || helper {

@@ -156,9 +156,7 @@ impl Served {
 fn processes_of_home(home: &Path, names: &[String]) -> Vec<String> {
     let sandboxes = home.join("sandboxes");
     let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
-        let args: Vec<String> = cmd.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    for (_, args) in common::processes() {
         let helper = args.iter().any(|a| Path::new(a).starts_with(&sandboxes));
         let qemu = names.iter().any(|n| args.contains(&format!("smolvm-{n},process=smolvm-{n}")));
         if helper || qemu {
@@ -306,10 +304,7 @@ fn every_lifecycle_command_killed_at_any_moment_leaves_a_phase_the_next_command_
         }
         let running: Vec<&str> =
             rows.iter().filter(|r| r["status"] == "running").map(|r| r["name"].as_str().unwrap()).collect();
-        for e in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else { continue };
-            let args: Vec<String> =
-                cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        for (_, args) in common::processes() {
             if let Some(n) = sandbox_of(&args, home.path(), &names) {
                 assert!(
                     running.contains(&n.as_str()),
